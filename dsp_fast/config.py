@@ -1,0 +1,306 @@
+"""Typed configuration: dataclasses with one docstring per field, validation in `__post_init__`, YAML presets.
+
+Every deviation from the authors' script listed in shared/DSP_METHOD.md is a field here, so both behaviours stay
+reproducible. `load_config(path, overrides)` rejects unknown keys and bad values with the dotted field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DATASETS = ("gta5", "synthia", "cityscapes", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A config file or override that names an unknown field or gives a bad value."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {msg}")
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    _check(isinstance(value, (list, tuple)) and len(value) == 2, name, f"expected [width, height], got {value!r}")
+    _check(all(isinstance(v, int) and v > 0 for v in value), name, f"expected two positive integers, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """Labelled source domain: 'gta5', 'synthia' or 'synthetic' (the built-in generated scenes)."""
+    source_root: str = ""
+    """Folder of the source dataset in its official layout ('' with source 'synthetic': generated under synthetic_root)."""
+    target: str = "cityscapes"
+    """Unlabelled target domain: always 'cityscapes' (the synthetic target is written in the Cityscapes layout)."""
+    target_root: str = ""
+    """Folder of Cityscapes (leftImg8bit/, gtFine/); '' with source 'synthetic': generated under synthetic_root."""
+    synthetic_root: str = "data/synthetic"
+    """Where the built-in synthetic domain-shift dataset lives; generated there when absent."""
+    synthetic_seed: int = 0
+    """Seed of the synthetic generator (same seed, same images)."""
+    source_size: tuple[int, int] = (1280, 720)
+    """[width, height] every source image is resized to before cropping (GTA5 1280x720, SYNTHIA 1280x760)."""
+    target_size: tuple[int, int] = (1024, 512)
+    """[width, height] every target image is resized to before cropping (Cityscapes 1024x512)."""
+    crop_size: tuple[int, int] = (512, 512)
+    """[width, height] of the random training crops."""
+    eval_size: tuple[int, int] = (1024, 512)
+    """[width, height] target validation images are evaluated at (single scale)."""
+    batch_size: int = 2
+    """Images per domain per step (source, template and target batches each hold this many)."""
+    num_workers: int = 4
+    """DataLoader worker processes per loader (0: load in the training process)."""
+    eval_split: str = "val"
+    """Cityscapes split used for evaluation."""
+    max_eval_images: int = 0
+    """Evaluate on at most this many target images (0: all)."""
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("gta5", "synthia", "synthetic"), "data.source", f"unknown dataset {self.source!r}")
+        _check(self.target == "cityscapes", "data.target", f"only 'cityscapes' is supported, got {self.target!r}")
+        if self.source != "synthetic":
+            _check(bool(self.source_root), "data.source_root", f"required for source {self.source!r}")
+            _check(bool(self.target_root), "data.target_root", "required for a real source dataset")
+        for name in ("source_size", "target_size", "crop_size", "eval_size"):
+            setattr(self, name, _pair(getattr(self, name), f"data.{name}"))
+        cw, ch = self.crop_size
+        for name in ("source_size", "target_size"):
+            w, h = getattr(self, name)
+            _check(w >= cw and h >= ch, f"data.{name}", f"{w}x{h} is smaller than data.crop_size {cw}x{ch}")
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.max_eval_images >= 0, "data.max_eval_images", f"must be >= 0, got {self.max_eval_images}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deeplabv2_r101"
+    """'deeplabv2_r101' (the paper's model) or 'tiny' (same structure, narrow and shallow: CPU runs and tests)."""
+    num_classes: int = 19
+    """Output classes: 19 for GTA5 -> Cityscapes, 16 for SYNTHIA -> Cityscapes."""
+    pretrained: str = ""
+    """Local file of initial ResNet-101 weights (torchvision-style or DeepLab-style keys); '' = random init."""
+    freeze_bn: bool = False
+    """False (authors): BN uses batch statistics in every forward. True: running statistics (frozen BN)."""
+    aspp_two_branch_bug: bool = False
+    """True restores the authors' ASPP that sums only the rates 6 and 12 (an early return in their code)."""
+    mmd_dim: int = 256
+    """Channels of the MMD feature projection h (a 1x1 conv on layer4)."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ("deeplabv2_r101", "tiny"), "model.arch", f"unknown architecture {self.arch!r}")
+        _check(self.num_classes >= 2, "model.num_classes", f"must be >= 2, got {self.num_classes}")
+        _check(self.mmd_dim >= 1, "model.mmd_dim", f"must be >= 1, got {self.mmd_dim}")
+        if self.pretrained:
+            _check(os.path.isfile(self.pretrained), "model.pretrained", f"no such file: {self.pretrained}")
+
+
+@dataclass
+class DSPConfig:
+    enabled: bool = True
+    """False trains source-only (L_src alone): the baseline adaptation is compared against."""
+    lam: float = 0.9
+    """Fusion weight of the soft paste (0.9 for GTA5, 0.8 for SYNTHIA)."""
+    conf_threshold: float = 0.968
+    """Pseudo-label confidence threshold for the target pixel weight q."""
+    long_tail_classes: list[int] = field(default_factory=lambda: [12, 15, 16, 17, 18])
+    """Train ids of the long-tail classes (GTA5: rider, bus, train, motorcycle, bicycle)."""
+    num_long_tail: int = 2
+    """Long-tail classes hard-pasted onto the template per step."""
+    drop_target_soft_term: bool = False
+    """True restores the authors' script, which computes the (1-lam) target term and throws it away."""
+    train_mmd_projection: bool = True
+    """False restores the authors' script, where the MMD projection is never given to the optimizer."""
+    mmd_weight: float = 1e-4
+    """Weight c of the MMD loss."""
+    mmd_kernel_mul: float = 2.0
+    """Ratio between successive Gaussian bandwidths of the MMD."""
+    mmd_kernel_num: int = 5
+    """Number of Gaussian kernels of the MMD."""
+    ema_max: float = 0.99
+    """Cap of the teacher's EMA coefficient alpha_t = min(1 - 1/(t+1), ema_max)."""
+    jitter_p: float = 0.8
+    """Probability of colour jitter on each mixed image."""
+    jitter_strength: float = 0.25
+    """Brightness, contrast, saturation and hue jitter amplitude."""
+    blur_p: float = 0.5
+    """Probability of Gaussian blur on each mixed image."""
+    share_first_mask: bool = False
+    """True restores the authors' indexing bug: every image of the batch is pasted with image 0's mask."""
+    paste_ignore_label: bool = False
+    """True restores the authors' script, where the ignore label can be drawn as a pasted class."""
+    long_tail_search: str = "around_class"
+    """'around_class': one crop drawn around a pixel of the class; 'retry': the authors' up to 1000 random crops."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
+        _check(0.0 <= self.conf_threshold <= 1.0, "dsp.conf_threshold", f"must be in [0, 1], got {self.conf_threshold}")
+        _check(all(isinstance(c, int) and 0 <= c < 255 for c in self.long_tail_classes), "dsp.long_tail_classes",
+               f"must be train ids in [0, 255), got {self.long_tail_classes!r}")
+        _check(0 <= self.num_long_tail <= len(self.long_tail_classes), "dsp.num_long_tail",
+               f"must be in [0, {len(self.long_tail_classes)}] (the long-tail list's length), got {self.num_long_tail}")
+        _check(self.mmd_weight >= 0, "dsp.mmd_weight", f"must be >= 0, got {self.mmd_weight}")
+        _check(self.mmd_kernel_num >= 1, "dsp.mmd_kernel_num", f"must be >= 1, got {self.mmd_kernel_num}")
+        _check(0.0 <= self.ema_max < 1.0, "dsp.ema_max", f"must be in [0, 1), got {self.ema_max}")
+        for name in ("jitter_p", "blur_p"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"dsp.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+        _check(0.0 <= self.jitter_strength <= 0.5, "dsp.jitter_strength", f"must be in [0, 0.5], got {self.jitter_strength}")
+        _check(self.long_tail_search in ("around_class", "retry"), "dsp.long_tail_search",
+               f"must be 'around_class' or 'retry', got {self.long_tail_search!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.5e-4
+    """Base learning rate of the backbone (SGD)."""
+    head_lr_mult: float = 10.0
+    """Learning-rate multiplier of the classifier head (ASPP) and the MMD projection."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    poly_power: float = 0.9
+    """Poly decay: lr * (1 - step / max_steps) ** poly_power."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.poly_power >= 0, "optim.poly_power", f"must be >= 0, got {self.poly_power}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 250_000
+    """Training steps (also the length of the poly schedule)."""
+    seed: int = 0
+    """Seed of every random choice (data order, crops, class selection, augmentation, init)."""
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu' or 'cuda'."""
+    out_dir: str = "runs/default"
+    """Run folder: resolved config, metrics JSONL, checkpoints."""
+    log_every: int = 50
+    """Print a progress line and write metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate on the target every this many steps (0: only at the end)."""
+    checkpoint_every: int = 5000
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    compare_source_only: bool = False
+    """Also train a source-only model with the same steps and print its target mIoU beside the adapted one."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dsp: DSPConfig = field(default_factory=DSPConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.dsp.long_tail_classes if c >= self.model.num_classes]
+        _check(not bad, "dsp.long_tail_classes", f"{bad} not below model.num_classes={self.model.num_classes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """Type-check one value against the field's default; ints are accepted where floats are expected."""
+    if isinstance(default, bool):
+        _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
+    elif isinstance(default, float):
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        return float(value)
+    elif isinstance(default, int):
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
+    elif isinstance(default, str):
+        _check(isinstance(value, str), name, f"expected a string, got {value!r}")
+    elif isinstance(default, (list, tuple)):
+        _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
+        return list(value) if isinstance(default, list) else tuple(value)
+    return value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, naming any unknown section or field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        _check(section in _SECTION_TYPES, section, f"unknown section (known: {', '.join(_SECTION_TYPES)})")
+        _check(isinstance(values, dict), section, "expected a mapping of fields")
+        cls = _SECTION_TYPES[section]
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            _check(key in known, f"{section}.{key}", f"unknown field (known: {', '.join(sorted(known))})")
+            kwargs[key] = _coerce(value, getattr(defaults, key), f"{section}.{key}")
+        sections[section] = cls(**kwargs)
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.max_steps=100' -> (['train', 'max_steps'], 100); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    return parts, yaml.safe_load(value)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (or the defaults when path is None) and apply `section.field=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        _check(isinstance(raw[section], dict), section, "expected a mapping of fields")
+        raw[section][key] = value
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config (tuples as lists) so a run folder says exactly what ran."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    with open(path, "w") as f:
+        yaml.safe_dump(plain(cfg.to_dict()), f, sort_keys=False)

@@ -1,0 +1,22 @@
+"""dsp_fast: a fast, faithful trainer for DSP (Dual Soft-Paste) domain adaptation.
+
+`kernels/` and `pipelines/` sit at the top of the repository (the design card's layout) but install as
+`dsp_fast.kernels` and `dsp_fast.pipelines`: bare top-level names `kernels` / `pipelines` collide with
+existing PyPI packages.
+"""
+
+from setuptools import setup
+
+setup(
+    name="dsp_fast",
+    version="0.1.0",
+    description="Fast, faithful DSP (Dual Soft-Paste) unsupervised domain adaptation for semantic segmentation",
+    python_requires=">=3.10",
+    packages=["dsp_fast", "dsp_fast.data", "dsp_fast.models", "dsp_fast.kernels", "dsp_fast.pipelines"],
+    package_dir={"dsp_fast.kernels": "kernels", "dsp_fast.pipelines": "pipelines"},
+    install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=10", "pyyaml>=6", "tqdm>=4.60"],
+    extras_require={
+        "gpu": ["triton>=3.0", "nvidia-dali-cuda130>=1.40"],
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+)
