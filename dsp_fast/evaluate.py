@@ -1,0 +1,161 @@
+"""Evaluation: confusion matrix, per-class IoU, mIoU (19, 16 and 13-class variants) and the eval loop.
+
+`python -m dsp_fast.evaluate --checkpoint RUN/last.pt --config configs/gta2cs.yaml` prints the IoU table.
+Images are evaluated single scale at `data.eval_size`; labels are resized to the same size with nearest
+neighbour (ids are never interpolated), as the authors' evaluation does at 1024x512.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dsp_fast.config import Config, ConfigError, load_config
+from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, class_names, resize_image, resize_label
+from dsp_fast.data.build import target_dataset
+from dsp_fast.models import build_model, normalize_input
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction; ignored pixels dropped.
+
+    Any other label outside [0, num_classes) is an error (a silent drop would hide a label-mapping bug).
+    """
+    pred, label = torch.as_tensor(pred), torch.as_tensor(label)
+    if pred.shape != label.shape:
+        raise ValueError(f"confusion_matrix: pred shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")
+    label = label.reshape(-1).long()
+    pred = pred.reshape(-1).long()
+    keep = label != ignore_index
+    label, pred = label[keep], pred[keep]
+    if label.numel() and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(f"confusion_matrix: label ids outside [0, {num_classes}) other than {ignore_index}")
+    if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f"confusion_matrix: predicted ids outside [0, {num_classes})")
+    flat = label * num_classes + pred
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU = TP / (TP + FP + FN) as float64; NaN for a class absent from both labels and predictions."""
+    conf = torch.as_tensor(conf).double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = tp / union
+    iou[union == 0] = math.nan
+    return iou
+
+
+def mean_iou(iou: torch.Tensor, indices: list[int] | None = None) -> float:
+    """mIoU over the given classes (all by default), ignoring NaN (classes never seen nor predicted)."""
+    values = iou if indices is None else iou[list(indices)]
+    values = values[~torch.isnan(values)]
+    return float(values.mean()) if values.numel() else math.nan
+
+
+def miou_variants(iou: torch.Tensor) -> dict[str, float]:
+    """The figures papers report: mIoU over all classes, plus the 13-class mIoU* for a 16-class SYNTHIA model."""
+    out = {f"mIoU{len(iou)}": mean_iou(iou)}
+    if len(iou) == 16:
+        out["mIoU13"] = mean_iou(iou, SYNTHIA13_INDICES)
+    return out
+
+
+def format_iou_table(iou: torch.Tensor) -> str:
+    """A per-class IoU table with the mIoU variants at the bottom, in percent."""
+    names = class_names(len(iou))
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'class':<{width}}IoU"]
+    for name, value in zip(names, iou.tolist()):
+        lines.append(f"{name:<{width}}{'  n/a' if math.isnan(value) else f'{100 * value:5.1f}'}")
+    for key, value in miou_variants(iou).items():
+        lines.append(f"{key:<{width}}{100 * value:5.1f}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image_uint8_HWC: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Single-scale prediction (H, W) at the image's own size."""
+    x = torch.from_numpy(image_uint8_HWC).permute(2, 0, 1)[None].float().div(255).to(device)
+    logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
+    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+    return logits.argmax(1)[0]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_classes: int,
+             device: torch.device, max_images: int = 0) -> torch.Tensor:
+    """Confusion matrix of `model` over `dataset` at eval_size (width, height). BN runs in eval mode here."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    count = len(dataset) if max_images == 0 else min(max_images, len(dataset))
+    try:
+        for i in range(count):
+            image, label = dataset[i]
+            pred = predict(model, resize_image(image, eval_size), device).cpu()
+            conf += confusion_matrix(pred, torch.from_numpy(resize_label(label, eval_size)), num_classes)
+    finally:
+        model.train(was_training)
+    return conf
+
+
+def load_checkpoint_model(cfg: Config, path: str, which: str, device: torch.device) -> torch.nn.Module:
+    """Build the configured model and load the student or teacher weights of a checkpoint (weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
+        raise SystemExit(f"checkpoint {path} could not be read: {e}") from None
+    if which not in ckpt:
+        raise SystemExit(f"checkpoint {path} has no '{which}' weights (keys: {', '.join(ckpt)})")
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt[which])
+    except RuntimeError as e:
+        raise SystemExit(f"checkpoint {path} does not match model.arch={cfg.model.arch!r}: {e}") from None
+    model.input_kind = ckpt.get("input_kind", "torchvision")
+    return model.to(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsp_fast.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by a dsp_fast trainer")
+    parser.add_argument("--config", default=None, help="YAML preset (default: the config saved in the checkpoint)")
+    parser.add_argument("--which", default="student", choices=["student", "teacher"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", default=None, help="also write the IoU figures to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model = load_checkpoint_model(cfg, args.checkpoint, args.which, device)
+    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
+    t0 = time.time()
+    iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
+                                      cfg.data.max_eval_images))
+    print(format_iou_table(iou))
+    print(f"evaluated {len(dataset) if not cfg.data.max_eval_images else cfg.data.max_eval_images} images "
+          f"in {time.time() - t0:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"iou": iou.tolist(), **miou_variants(iou)}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

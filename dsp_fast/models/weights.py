@@ -1,0 +1,165 @@
+"""Initial weights from a local file (never a download) and the input normalisation those weights expect.
+
+Two key styles share the backbone names (conv1, bn1, layer1..layer4): torchvision ResNet files add an ImageNet
+`fc.*` head and expect RGB normalised by the ImageNet mean/std; DeepLab-v2 files (the AdaptSegNet / DACS init
+`DeepLab_resnet_pretrained_init`, keys prefixed `Scale.`, or DACS / DSP training checkpoints) add the ASPP
+`layer5.*` and expect Caffe's BGR 0..255 input minus a mean, with no division.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dsp_fast.models.deeplabv2 import BACKBONE_ROOTS, CLASSIFIER_ROOT, PROJECTION_ROOT
+
+log = logging.getLogger(__name__)
+
+KINDS = ("torchvision", "deeplab")
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+DEEPLAB_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+# Wrappers that prefix every key: DataParallel/DDP, torch.compile, and the Caffe-converted DeepLab init file.
+_PREFIXES = ("module.", "_orig_mod.", "Scale.")
+_SHOW = 4  # keys listed in an error message
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable, or does not fit the model; the message names the file."""
+
+
+def _read_state_dict(path: str) -> tuple[dict[str, Tensor], str | None, bool]:
+    """-> (state dict with prefixes stripped, kind declared in the file or None, whether a `Scale.` prefix was seen)."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        # weights_only: a checkpoint is data; never run the arbitrary code a pickle can carry.
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOFError) for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightsError(
+            f"{path}: not a torch checkpoint loadable with weights_only=True ({type(e).__name__}: {first[:200]})"
+        ) from e
+    declared = None
+    if isinstance(obj, Mapping):
+        if obj.get("input_kind") in KINDS:
+            declared = obj["input_kind"]
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict (or one under 'state_dict' / 'model'), got {type(obj).__name__}")
+    state: dict[str, Tensor] = {}
+    saw_scale = False
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    saw_scale |= prefix == "Scale."
+                    key, stripped = key[len(prefix):], True
+        state[key] = value
+    if not state:
+        raise WeightsError(f"{path}: holds no tensors under string keys: not a model state dict")
+    return state, declared, saw_scale
+
+
+def _detect_kind(state: Mapping[str, Tensor], declared: str | None, saw_scale: bool, path: str) -> str:
+    if declared is not None:
+        return declared
+    roots = {k.split(".", 1)[0] for k in state}
+    if saw_scale or CLASSIFIER_ROOT in roots:
+        return "deeplab"
+    if "fc" in roots:
+        return "torchvision"
+    # Backbone-only files carry no trace of the input convention, and a wrong guess trains silently worse.
+    raise WeightsError(
+        f"{path}: cannot tell the weights kind (no 'fc.*' head of torchvision, no 'layer5.*' / 'Scale.' of DeepLab); "
+        f"pass kind='torchvision' or 'deeplab', or save the file with an 'input_kind' entry beside 'state_dict'"
+    )
+
+
+def _fmt(keys: list[str]) -> str:
+    more = f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str:
+    """Copy the weights in `path` into `model`; return and set `model.input_kind` ('deeplab' or 'torchvision').
+
+    The backbone must match completely (shapes included), else WeightsError. The classifier (`layer5`) and the
+    projection (`c1`) are copied as whole modules when the file has them with the model's shapes, and otherwise
+    keep their initialisation (a different class count is normal: ImageNet 1000, COCO/VOC 21). What was skipped
+    is logged and kept in `model.weights_notes`. `kind` overrides the detected key style.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    state, declared, saw_scale = _read_state_dict(path)
+    kind = kind or _detect_kind(state, declared, saw_scale, path)
+    target = model.state_dict()
+
+    backbone = [k for k in target if k.split(".", 1)[0] in BACKBONE_ROOTS and not k.endswith("num_batches_tracked")]
+    missing = [k for k in backbone if k not in state]
+    wrong = [f"{k} file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+             for k in backbone if k in state and state[k].shape != target[k].shape]
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} backbone keys missing ({_fmt(missing)})")
+        if wrong:
+            parts.append(f"{len(wrong)} backbone tensors with wrong shapes ({_fmt(wrong)})")
+        raise WeightsError(f"{path}: does not fit this model ({type(model).__name__}): " + "; ".join(parts))
+
+    to_load = {k: state[k] for k in target if k.split(".", 1)[0] in BACKBONE_ROOTS and k in state
+               and state[k].shape == target[k].shape}
+    notes: list[str] = []
+    for root, what in ((CLASSIFIER_ROOT, "classifier"), (PROJECTION_ROOT, "MMD projection")):
+        keys = [k for k in target if k.split(".", 1)[0] == root]
+        if not any(k in state for k in keys):
+            notes.append(f"{what} ({root}.*) not in the file: kept its initialisation")
+        elif all(k in state and state[k].shape == target[k].shape for k in keys):
+            to_load.update({k: state[k] for k in keys})
+        else:
+            found = [f"{k} {tuple(state[k].shape)}" for k in keys if k in state]
+            notes.append(f"{what} ({root}.*) ignored, shapes do not fit the model ({_fmt(found)}): kept its "
+                         f"initialisation")
+    if any(k.startswith("fc.") for k in state):
+        notes.append("torchvision ImageNet head (fc.*) ignored")
+    others = sorted(k for k in state if k not in target and not k.startswith("fc."))
+    if others:
+        notes.append(f"{len(others)} keys unknown to the model ignored ({_fmt(others)})")
+
+    # strict=False because the head may be skipped; completeness of the backbone was checked above.
+    model.load_state_dict(to_load, strict=False)
+    model.input_kind = kind
+    model.weights_notes = notes
+    log.info("loaded %s weights from %s (%d tensors)", kind, path, len(to_load))
+    for note in notes:
+        log.info("weights %s: %s", path, note)
+    return kind
+
+
+def normalize_input(x_BCHW: Tensor, kind: str) -> Tensor:
+    """Map float RGB images in 0..1 to what the weights of `kind` expect.
+
+    'torchvision': (x - ImageNet mean) / std, RGB. 'deeplab': BGR, x * 255 - DEEPLAB_MEAN_BGR, no division.
+    """
+    if x_BCHW.dim() != 4 or x_BCHW.shape[1] != 3:
+        raise ValueError(f"expected an RGB batch of shape (B, 3, H, W), got {tuple(x_BCHW.shape)}")
+    if kind == "torchvision":
+        mean = x_BCHW.new_tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1)
+        std = x_BCHW.new_tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1)
+        return (x_BCHW - mean) / std
+    if kind == "deeplab":
+        mean = x_BCHW.new_tensor(DEEPLAB_MEAN_BGR).view(1, 3, 1, 1)
+        return x_BCHW.flip(1) * 255.0 - mean
+    raise ValueError(f"unknown input kind {kind!r} (known: {', '.join(KINDS)})")

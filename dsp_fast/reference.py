@@ -1,0 +1,348 @@
+"""The naive DSP reference trainer: plain eager PyTorch (fp32, NCHW, a PIL DataLoader), to be read beside the paper.
+
+It is the correctness oracle of the fast trainer and the baseline of the throughput comparison: correct, not
+deliberately slow, and independent of the fast path (it uses only the kernels' plain-PyTorch twins).
+Step numbers in comments refer to shared/DSP_METHOD.md.
+
+    python -m dsp_fast.reference --config configs/synthetic.yaml [section.field=value ...]
+
+Image tensors are RGB floats in 0..1 until `normalize_input` right before the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from dsp_fast.augment import StrongAug, draw_strong_aug, strong_augment
+from dsp_fast.config import Config, ConfigError, load_config
+from dsp_fast.data import IGNORE_LABEL, load_or_build_class_index, resize_image, resize_label
+from dsp_fast.data.build import source_dataset, target_dataset
+from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
+from dsp_fast.kernels.reference import weighted_mmd
+from dsp_fast.models import build_model, normalize_input, param_groups, set_bn_mode
+from dsp_fast.run_io import RunLog, resolve_device, save_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------- data
+def random_window(height: int, width: int, crop_w: int, crop_h: int, gen: torch.Generator | None = None
+                  ) -> tuple[int, int]:
+    """Top-left corner (y0, x0) of a uniformly random crop window."""
+    y0 = int(torch.randint(0, height - crop_h + 1, (1,), generator=gen))
+    x0 = int(torch.randint(0, width - crop_w + 1, (1,), generator=gen))
+    return y0, x0
+
+
+def to_tensor(image_uint8_HWC: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image_uint8_HWC)).permute(2, 0, 1).float().div(255)
+
+
+class RandomCrops(Dataset):
+    """Resize to the domain's base size (as the authors do), then one random crop; labels never interpolated."""
+
+    def __init__(self, dataset, base_size: tuple[int, int], crop_size: tuple[int, int]):
+        self.dataset, self.base_size, self.crop_size = dataset, base_size, crop_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        image = resize_image(image, self.base_size)
+        (cw, ch), (w, h) = self.crop_size, self.base_size
+        y0, x0 = random_window(h, w, cw, ch)
+        crop = to_tensor(image[y0:y0 + ch, x0:x0 + cw])
+        if label is None:
+            return crop
+        label = resize_label(label, self.base_size)
+        return crop, torch.from_numpy(label[y0:y0 + ch, x0:x0 + cw].astype(np.int64))
+
+
+def forever(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def long_tail_crop(dataset, index: int, cls: int, base_size: tuple[int, int], crop_size: tuple[int, int],
+                   mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Step 3: a crop of source image `index` that contains class `cls`.
+
+    'around_class' draws one pixel of the class, then a window uniformly among those that hold that pixel.
+    'retry' is the authors' loop: up to 1000 uniformly random windows until one holds the class (None if none).
+    """
+    image, label = dataset[index]
+    image, label = resize_image(image, base_size), resize_label(label, base_size)
+    (cw, ch), (w, h) = crop_size, base_size
+    if mode == "around_class":
+        ys, xs = np.nonzero(label == cls)
+        if len(ys) == 0:
+            return None
+        k = int(torch.randint(0, len(ys), (1,), generator=gen))
+        py, px = int(ys[k]), int(xs[k])
+        y_lo, y_hi = max(0, py - ch + 1), min(h - ch, py)
+        x_lo, x_hi = max(0, px - cw + 1), min(w - cw, px)
+        y0 = int(torch.randint(y_lo, y_hi + 1, (1,), generator=gen))
+        x0 = int(torch.randint(x_lo, x_hi + 1, (1,), generator=gen))
+    else:
+        for _ in range(1000):
+            y0, x0 = random_window(h, w, cw, ch, gen)
+            if (label[y0:y0 + ch, x0:x0 + cw] == cls).any():
+                break
+        else:
+            return None
+    crop_label = torch.from_numpy(label[y0:y0 + ch, x0:x0 + cw].astype(np.int64))
+    return to_tensor(image[y0:y0 + ch, x0:x0 + cw]), crop_label
+
+
+# ----------------------------------------------------------------------------------------------- random choices
+@dataclasses.dataclass
+class StepChoices:
+    """Every random decision of one DSP step, drawn before the step so two implementations can share them."""
+
+    class_sel: torch.Tensor  # (B, K+1) bool: classes chosen per template image; column K is the ignore label
+    long_tail: list[tuple[int, torch.Tensor, torch.Tensor]]  # (class, image 3xHxW, label HxW) crops to hard-paste
+    aug_src: StrongAug  # strong augmentation of the mixed source images
+    aug_tgt: StrongAug  # strong augmentation of the mixed target images
+
+
+def select_classes(y_m: torch.Tensor, num_classes: int, paste_ignore_label: bool, gen: torch.Generator) -> torch.Tensor:
+    """Step 2 (ClassMix): per template image, half (rounded up) of the classes present, chosen at random."""
+    sel = torch.zeros(len(y_m), num_classes + 1, dtype=torch.bool)
+    for i, labels in enumerate(y_m):
+        classes = torch.unique(labels)
+        if not paste_ignore_label:
+            classes = classes[classes != IGNORE_LABEL]
+        chosen = classes[torch.randperm(len(classes), generator=gen)[: (len(classes) + 1) // 2]]
+        chosen[chosen == IGNORE_LABEL] = num_classes  # the ignore label's own column
+        sel[i, chosen] = True
+    return sel
+
+
+def draw_choices(cfg: Config, y_m: torch.Tensor, source, class_index: list[list[int]], gen: torch.Generator
+                 ) -> StepChoices:
+    d = cfg.dsp
+    class_sel = select_classes(y_m, cfg.model.num_classes, d.paste_ignore_label, gen)
+    long_tail = []
+    candidates = [c for c in d.long_tail_classes if class_index[c]]  # a class no source image holds is skipped
+    picks = torch.randperm(len(candidates), generator=gen)[: d.num_long_tail].tolist()
+    for cls in (candidates[p] for p in picks):
+        images = class_index[cls]
+        index = images[int(torch.randint(0, len(images), (1,), generator=gen))]
+        crop = long_tail_crop(source, index, cls, cfg.data.source_size, cfg.data.crop_size, d.long_tail_search, gen)
+        if crop is not None:
+            long_tail.append((cls, *crop))
+    b, (cw, ch) = len(y_m), cfg.data.crop_size
+    aug = [draw_strong_aug(b, ch, d.jitter_p, d.jitter_strength, d.blur_p, gen) for _ in range(2)]
+    return StepChoices(class_sel, long_tail, aug[0], aug[1])
+
+
+# ----------------------------------------------------------------------------------------------- the DSP step
+def seg_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits upsampled to the input size (bilinear, align_corners=True as DeepLab), and the stride-8 MMD features."""
+    logits, feat = model(normalize_input(x, model.input_kind))
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True), feat
+
+
+def ema_alpha(step: int, ema_max: float) -> float:
+    """Step 7: alpha_t = min(1 - 1/(t+1), ema_max); t starts at 0, so the first update copies the student."""
+    return min(1.0 - 1.0 / (step + 1), ema_max)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """g = alpha*g + (1-alpha)*f on parameters only (BN buffers are not averaged, as in the authors' code)."""
+    for g, f in zip(teacher.parameters(), student.parameters()):
+        g.mul_(alpha).add_(f, alpha=1 - alpha)
+
+
+def paste_long_tail(x_m, y_m, class_sel, long_tail):
+    """Step 3: hard-paste each crop's class pixels onto every template image; the class joins the chosen set,
+    so its pixels join M."""
+    x_m, y_m, class_sel = x_m.clone(), y_m.clone(), class_sel.clone()
+    for cls, lt_img, lt_label in long_tail:
+        hit = lt_label == cls
+        x_m = torch.where(hit, lt_img, x_m)
+        y_m = torch.where(hit, lt_label, y_m)
+        class_sel[:, cls] = True
+    return x_m, y_m, class_sel
+
+
+def soft_paste(cfg: Config, x_s, y_s, x_m, y_m, x_t, yhat_t, class_sel):
+    """Step 4: the same mask M pastes the template softly onto the source and the target images."""
+    lam = cfg.dsp.lam
+    k = cfg.model.num_classes
+    # M_i = y_m[i] in chosen classes; the ignore label is its own column k of class_sel
+    mask = torch.stack([class_sel[i][torch.where(y_m[i] == IGNORE_LABEL, k, y_m[i])] for i in range(len(y_m))])
+    if cfg.dsp.share_first_mask:  # the authors' indexing bug: every image pasted with image 0's mask
+        mask = mask[:1].expand_as(mask)
+    m = mask[:, None].float()
+    xs_mix = lam * m * x_m + (1 - lam * m) * x_s
+    xt_mix = lam * m * x_m + (1 - lam * m) * x_t
+    ys_mix = torch.where(mask, y_m, y_s)
+    yt_mix = torch.where(mask, y_m, yhat_t)
+    return xs_mix, ys_mix, xt_mix, yt_mix, mask
+
+
+def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: StepChoices
+               ) -> dict[str, torch.Tensor]:
+    """Steps 1-6 of one DSP step; returns every loss term (L is their sum) and the pseudo-label rate q."""
+    d, lam = cfg.dsp, cfg.dsp.lam
+    ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="none")
+    logits_s, _ = seg_forward(student, x_s)
+    l_src = F.cross_entropy(logits_s, y_s, ignore_index=IGNORE_LABEL)
+    if not d.enabled:
+        return {"loss": l_src, "src": l_src}
+    # 1. pseudo-labels from the teacher
+    with torch.no_grad():
+        prob = torch.softmax(seg_forward(teacher, x_t)[0], dim=1)
+        conf, yhat_t = prob.max(dim=1)
+        q = (conf >= d.conf_threshold).float().mean()
+    x_m, y_m, class_sel = paste_long_tail(x_m, y_m, choices.class_sel, choices.long_tail)
+    # 4. dual soft paste + strong augmentation
+    xs_mix, ys_mix, xt_mix, yt_mix, mask = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat_t, class_sel)
+    xs_mix = strong_augment(xs_mix, choices.aug_src)
+    xt_mix = strong_augment(xt_mix, choices.aug_tgt)
+    # 5. student forwards (separate calls: BN batch statistics differ per call)
+    logits_sm, feat_sm = seg_forward(student, xs_mix)
+    logits_tm, feat_tm = seg_forward(student, xt_mix)
+    # 6. losses; an ignored pixel contributes 0 but still counts in the mean over B*H*W
+    l_srcmix = (lam * ce(logits_sm, ys_mix) + (1 - lam) * ce(logits_sm, y_s)).mean()
+    weight = torch.where(mask, torch.ones_like(conf), q)
+    tgt_terms = lam * weight * ce(logits_tm, yt_mix)
+    if not d.drop_target_soft_term:
+        tgt_terms = tgt_terms + (1 - lam) * weight * ce(logits_tm, yhat_t)
+    l_tgtmix = tgt_terms.mean()
+    l_mmd = d.mmd_weight * weighted_mmd(feat_sm, feat_tm, mask, tuple(x_s.shape[-2:]))
+    loss = l_src + l_srcmix + l_tgtmix + l_mmd
+    return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": q}
+
+
+def poly_lr(cfg: Config, step: int) -> float:
+    return cfg.optim.lr * (1 - step / cfg.train.max_steps) ** cfg.optim.poly_power
+
+
+def train_step(cfg: Config, student, teacher, optimizer, step: int, batch, choices: StepChoices) -> dict[str, float]:
+    """One SGD step on L, then the EMA teacher update. Returns the loss terms as floats (research-code style)."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(cfg, step) * group["lr_mult"]
+    optimizer.zero_grad(set_to_none=True)
+    losses = dsp_losses(cfg, student, teacher, *batch, choices)
+    losses["loss"].backward()
+    optimizer.step()
+    ema_update(teacher, student, ema_alpha(step, cfg.dsp.ema_max))
+    return {k: float(v) for k, v in losses.items()}
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def build_models(cfg: Config, device: torch.device):
+    student = build_model(cfg.model).to(device)
+    student.train()
+    set_bn_mode(student, cfg.model.freeze_bn)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The whole reference run; returns (student, teacher)."""
+    torch.manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    device = resolve_device(cfg.train.device)
+    source = source_dataset(cfg)
+    target = target_dataset(cfg, "train", labels=False)
+    class_index = load_or_build_class_index(source, cfg.model.num_classes)
+    d = cfg.data
+
+    def loader(dataset, base_size, seed):
+        return forever(DataLoader(RandomCrops(dataset, base_size, d.crop_size), batch_size=d.batch_size,
+                                  shuffle=True, drop_last=True, num_workers=d.num_workers,
+                                  generator=torch.Generator().manual_seed(seed)))
+
+    src_iter = loader(source, d.source_size, cfg.train.seed + 10)
+    tmpl_iter = loader(source, d.source_size, cfg.train.seed + 20)  # a second, independently shuffled source stream
+    tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
+    student, teacher = build_models(cfg, device)
+    optimizer = torch.optim.SGD(param_groups(student, cfg.optim.lr, cfg.optim.head_lr_mult,
+                                             cfg.dsp.train_mmd_projection),
+                                lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    log.start(cfg.train.max_steps, images_per_step=3 * d.batch_size)
+    for step in range(cfg.train.max_steps):
+        t_data = time.perf_counter()
+        (x_s, y_s), (x_m, y_m), x_t = next(src_iter), next(tmpl_iter), next(tgt_iter)
+        choices = draw_choices(cfg, y_m, source, class_index, gen)
+        if device.type != "cpu":
+            choices.long_tail = [(c, i.to(device), lb.to(device)) for c, i, lb in choices.long_tail]
+            choices.class_sel = choices.class_sel.to(device)
+        batch = [t.to(device) for t in (x_s, y_s, x_m, y_m, x_t)]
+        data_s = time.perf_counter() - t_data
+        losses = train_step(cfg, student, teacher, optimizer, step, batch, choices)
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(f"reference trainer: non-finite loss {losses} at step {step}")
+        log.step(step + 1, losses, data_s=data_s)
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
+            run_eval(cfg, student, log, step + 1)
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+            save_checkpoint(log.path("last.pt"), student, teacher, optimizer, step + 1, cfg)
+    save_checkpoint(log.path("last.pt"), student, teacher, optimizer, cfg.train.max_steps, cfg)
+    return student, teacher
+
+
+def run_eval(cfg: Config, model: torch.nn.Module, log: RunLog, step: int) -> torch.Tensor:
+    """Target IoU of `model`, logged and returned."""
+    device = next(model.parameters()).device
+    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
+    iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
+                                      cfg.data.max_eval_images))
+    log.metrics(step, {"eval/mIoU": mean_iou(iou)})
+    return iou
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Train (and, with train.compare_source_only, a source-only twin run), evaluate, print the table."""
+    runs = [("adapted (DSP)", cfg)]
+    if cfg.train.compare_source_only and cfg.dsp.enabled:
+        src_only = dataclasses.replace(cfg, dsp=dataclasses.replace(cfg.dsp, enabled=False))
+        runs.insert(0, ("source-only", src_only))
+    results = {}
+    t0 = time.time()
+    for name, run_cfg in runs:
+        sub = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
+        log = RunLog(run_cfg, sub, title=f"reference {name}")
+        student, _ = train(run_cfg, log)
+        iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps)
+        print(f"\n[{name}] target IoU after {run_cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n")
+        results[name] = mean_iou(iou)
+        log.close()
+    print(f"{'model':<16}target mIoU")
+    for name, value in results.items():
+        print(f"{name:<16}{100 * value:5.1f}")
+    print(f"total time {time.time() - t0:.0f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsp_fast.reference", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/synthetic.yaml", help="YAML preset")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

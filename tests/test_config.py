@@ -1,0 +1,65 @@
+"""Config: presets load, unknown keys and bad values are rejected naming the field, overrides apply."""
+
+import pytest
+
+from dsp_fast.config import ConfigError, load_config, save_config
+
+
+@pytest.mark.parametrize("preset", ["configs/synthetic.yaml", "configs/gta2cs.yaml", "configs/synthia2cs.yaml"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.data.crop_size[0] <= cfg.data.source_size[0]
+
+
+def test_paper_settings():
+    gta = load_config("configs/gta2cs.yaml")
+    assert (gta.dsp.lam, gta.model.num_classes, gta.data.source_size) == (0.9, 19, (1280, 720))
+    assert gta.dsp.long_tail_classes == [12, 15, 16, 17, 18]
+    syn = load_config("configs/synthia2cs.yaml")
+    assert (syn.dsp.lam, syn.model.num_classes, syn.data.source_size) == (0.8, 16, (1280, 760))
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("data:\n  sauce: gta5\n", "data.sauce"),
+    ("dataa:\n  source: gta5\n", "dataa"),
+    ("dsp:\n  lam: 1.5\n", "dsp.lam"),
+    ("dsp:\n  lam: high\n", "dsp.lam"),
+    ("train:\n  max_steps: 0\n", "train.max_steps"),
+    ("train:\n  max_steps: 1.5\n", "train.max_steps"),
+    ("model:\n  arch: resnet9000\n", "model.arch"),
+    ("model:\n  pretrained: /nonexistent/weights.pth\n", "model.pretrained"),
+    ("data:\n  crop_size: [512]\n", "data.crop_size"),
+    ("data:\n  crop_size: [2048, 2048]\n", "data.source_size"),
+    ("data:\n  source: gta5\n", "data.source_root"),
+    ("model:\n  num_classes: 10\n", "dsp.long_tail_classes"),
+    ("dsp:\n  long_tail_search: sometimes\n", "dsp.long_tail_search"),
+    ("model:\n  freeze_bn: 1\n", "model.freeze_bn"),
+])
+def test_bad_values_name_the_field(tmp_path, text, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(_write(tmp_path, "data: [unclosed\n"))
+
+
+def test_overrides_and_roundtrip(tmp_path):
+    cfg = load_config("configs/synthetic.yaml", ["train.max_steps=7", "dsp.lam=0.5", "data.crop_size=[64, 64]"])
+    assert (cfg.train.max_steps, cfg.dsp.lam, cfg.data.crop_size) == (7, 0.5, (64, 64))
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(None, ["max_steps=3"])
+    path = str(tmp_path / "resolved.yaml")
+    save_config(cfg, path)
+    assert load_config(path) == cfg
