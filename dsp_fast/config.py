@@ -36,7 +36,7 @@ class DataConfig:
     source: str = "synthetic"
     """Labelled source domain: 'gta5', 'synthia' or 'synthetic' (the built-in generated scenes)."""
     source_root: str = ""
-    """Folder of the source dataset in its official layout ('' with source 'synthetic': generated under synthetic_root)."""
+    """Folder of the source dataset in its official layout (unused with source 'synthetic')."""
     target: str = "cityscapes"
     """Unlabelled target domain: always 'cityscapes' (the synthetic target is written in the Cityscapes layout)."""
     target_root: str = ""
@@ -87,6 +87,8 @@ class ModelConfig:
     """Output classes: 19 for GTA5 -> Cityscapes, 16 for SYNTHIA -> Cityscapes."""
     pretrained: str = ""
     """Local file of initial ResNet-101 weights (torchvision-style or DeepLab-style keys); '' = random init."""
+    pretrained_kind: str = "auto"
+    """'auto' (from the file's keys), 'deeplab' or 'torchvision': the weights' kind, which sets input normalisation."""
     freeze_bn: bool = False
     """False (authors): BN uses batch statistics in every forward. True: running statistics (frozen BN)."""
     aspp_two_branch_bug: bool = False
@@ -97,6 +99,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.arch in ("deeplabv2_r101", "tiny"), "model.arch", f"unknown architecture {self.arch!r}")
         _check(self.num_classes >= 2, "model.num_classes", f"must be >= 2, got {self.num_classes}")
+        _check(self.pretrained_kind in ("auto", "deeplab", "torchvision"), "model.pretrained_kind",
+               f"must be auto, deeplab or torchvision, got {self.pretrained_kind!r}")
         _check(self.mmd_dim >= 1, "model.mmd_dim", f"must be >= 1, got {self.mmd_dim}")
         if self.pretrained:
             _check(os.path.isfile(self.pretrained), "model.pretrained", f"no such file: {self.pretrained}")
@@ -151,7 +155,8 @@ class DSPConfig:
         _check(0.0 <= self.ema_max < 1.0, "dsp.ema_max", f"must be in [0, 1), got {self.ema_max}")
         for name in ("jitter_p", "blur_p"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"dsp.{name}", f"must be in [0, 1], got {getattr(self, name)}")
-        _check(0.0 <= self.jitter_strength <= 0.5, "dsp.jitter_strength", f"must be in [0, 0.5], got {self.jitter_strength}")
+        _check(0.0 <= self.jitter_strength <= 0.5, "dsp.jitter_strength",
+               f"must be in [0, 0.5], got {self.jitter_strength}")
         _check(self.long_tail_search in ("around_class", "retry"), "dsp.long_tail_search",
                f"must be 'around_class' or 'retry', got {self.long_tail_search!r}")
 
@@ -198,7 +203,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
-        _check(self.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device",
+               f"must be auto, cpu or cuda, got {self.device!r}")
         for name in ("log_every", "eval_every", "checkpoint_every"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
 
@@ -219,7 +225,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "optim": OptimConfig, "train": TrainConfig}
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "optim": OptimConfig,
+                  "train": TrainConfig}
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:
@@ -227,7 +234,8 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
     if isinstance(default, bool):
         _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
     elif isinstance(default, float):
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"expected a number, got {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+               f"expected a number, got {value!r}")
         return float(value)
     elif isinstance(default, int):
         _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsp_fast.config import Config, ConfigError, load_config
+from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, class_names, resize_image, resize_label
 from dsp_fast.data.build import target_dataset
 from dsp_fast.models import build_model, normalize_input
+from dsp_fast.run_io import resolve_device
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
@@ -108,14 +109,18 @@ def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_cl
     return conf
 
 
-def load_checkpoint_model(cfg: Config, path: str, which: str, device: torch.device) -> torch.nn.Module:
-    """Build the configured model and load the student or teacher weights of a checkpoint (weights_only)."""
+def read_checkpoint(path: str) -> dict:
+    """A trainer checkpoint, read with weights_only=True; a missing or unreadable file is a clear error."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"checkpoint not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
         raise SystemExit(f"checkpoint {path} could not be read: {e}") from None
+
+
+def load_checkpoint_model(cfg: Config, ckpt: dict, path: str, which: str, device: torch.device) -> torch.nn.Module:
+    """Build the configured model and load the student or teacher weights of a checkpoint."""
     if which not in ckpt:
         raise SystemExit(f"checkpoint {path} has no '{which}' weights (keys: {', '.join(ckpt)})")
     model = build_model(cfg.model)
@@ -136,14 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the IoU figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     args = parser.parse_args(argv)
+    ckpt = read_checkpoint(args.checkpoint)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.config is None and "config" in ckpt:
+            raw = ckpt["config"]
+            raw["model"]["pretrained"] = ""  # the checkpoint holds the weights; the init file may be gone
+            for text in args.overrides:
+                (section, key), value = parse_override(text)
+                raw.setdefault(section, {})[key] = value
+            cfg = config_from_dict(raw)
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    model = load_checkpoint_model(cfg, args.checkpoint, args.which, device)
+    device = resolve_device(args.device)
+    model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.which, device)
     dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
     t0 = time.time()
     iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,

@@ -140,7 +140,7 @@ def draw_choices(cfg: Config, y_m: torch.Tensor, source, class_index: list[list[
         crop = long_tail_crop(source, index, cls, cfg.data.source_size, cfg.data.crop_size, d.long_tail_search, gen)
         if crop is not None:
             long_tail.append((cls, *crop))
-    b, (cw, ch) = len(y_m), cfg.data.crop_size
+    b, ch = len(y_m), cfg.data.crop_size[1]
     aug = [draw_strong_aug(b, ch, d.jitter_p, d.jitter_strength, d.blur_p, gen) for _ in range(2)]
     return StepChoices(class_sel, long_tail, aug[0], aug[1])
 

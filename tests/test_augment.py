@@ -2,8 +2,15 @@
 
 import torch
 
-from dsp_fast.augment import (blur_kernel_size, color_jitter, draw_strong_aug, gaussian_blur, hsv_to_rgb, rgb_to_hsv,
-                              strong_augment)
+from dsp_fast.augment import (
+    blur_kernel_size,
+    color_jitter,
+    draw_strong_aug,
+    gaussian_blur,
+    hsv_to_rgb,
+    rgb_to_hsv,
+    strong_augment,
+)
 
 
 def test_hsv_roundtrip_and_known_colours():

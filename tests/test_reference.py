@@ -4,12 +4,20 @@ import math
 
 import pytest
 import torch
+from dsp_fast.kernels.reference import mmd_rbf
 
 from dsp_fast.augment import draw_strong_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig
-from dsp_fast.kernels.reference import mmd_rbf
-from dsp_fast.reference import (StepChoices, dsp_losses, ema_alpha, ema_update, long_tail_crop, paste_long_tail,
-                                select_classes, soft_paste)
+from dsp_fast.reference import (
+    StepChoices,
+    dsp_losses,
+    ema_alpha,
+    ema_update,
+    long_tail_crop,
+    paste_long_tail,
+    select_classes,
+    soft_paste,
+)
 
 
 def small_cfg(**dsp) -> Config:

@@ -41,7 +41,7 @@ def build_model(cfg: ModelConfig) -> DeepLabV2:
     model = DeepLabV2.from_arch(cfg.arch, num_classes=cfg.num_classes, mmd_dim=cfg.mmd_dim,
                                 aspp_two_branch_bug=cfg.aspp_two_branch_bug, freeze_bn=cfg.freeze_bn)
     if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+        load_pretrained(model, cfg.pretrained, kind=None if cfg.pretrained_kind == "auto" else cfg.pretrained_kind)
     set_bn_mode(model, cfg.freeze_bn)
     return model
 

@@ -11,7 +11,6 @@ names are also torchvision's ResNet names.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -114,6 +113,7 @@ class DeepLabV2(nn.Module):
         self.arch = "custom"
         self.num_classes = num_classes
         self.input_kind = "torchvision"
+        self.weights_notes: list[str] = []  # what load_pretrained skipped
         self.freeze_bn = freeze_bn
         self._inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)

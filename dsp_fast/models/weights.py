@@ -54,7 +54,8 @@ def _read_state_dict(path: str) -> tuple[dict[str, Tensor], str | None, bool]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path}: expected a state dict (or one under 'state_dict' / 'model'), got {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a state dict (or one under 'state_dict' / 'model'), "
+                           f"got {type(obj).__name__}")
     state: dict[str, Tensor] = {}
     saw_scale = False
     for key, value in obj.items():
@@ -104,7 +105,6 @@ def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     state, declared, saw_scale = _read_state_dict(path)
-    kind = kind or _detect_kind(state, declared, saw_scale, path)
     target = model.state_dict()
 
     backbone = [k for k in target if k.split(".", 1)[0] in BACKBONE_ROOTS and not k.endswith("num_batches_tracked")]
@@ -118,6 +118,7 @@ def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str
         if wrong:
             parts.append(f"{len(wrong)} backbone tensors with wrong shapes ({_fmt(wrong)})")
         raise WeightsError(f"{path}: does not fit this model ({type(model).__name__}): " + "; ".join(parts))
+    kind = kind or _detect_kind(state, declared, saw_scale, path)
 
     to_load = {k: state[k] for k in target if k.split(".", 1)[0] in BACKBONE_ROOTS and k in state
                and state[k].shape == target[k].shape}
