@@ -1,0 +1,31 @@
+"""dsp_fast.kernels: Triton kernels of the DSP step, each with a plain-PyTorch twin in `reference`.
+
+A leaf package: it imports torch and (optionally) triton, nothing of dsp_fast. Dispatch: CUDA tensors run the
+Triton kernels; CPU tensors run the twins, unless TRITON_INTERPRET=1 asks for the kernels in the interpreter (the
+tests). Without triton installed (no `gpu` extra) everything still imports and every call goes to the twin.
+
+    dual_soft_paste       fused DSP step 4 (soft_paste.py)
+    pixel_weight          W = 1 on the mask, q elsewhere, q on the device (weight_map.py)
+    masked_upsample_pool  mean of mask * bilinear_upsample(feat) without the upsampled tensor (upsample_pool.py)
+    mmd_rbf               multi-bandwidth Gaussian MMD (mmd.py)
+    weighted_mmd          DSP's global + masked MMD of upsampled features (mmd.py)
+"""
+
+from . import reference
+from ._common import HAS_TRITON, IGNORE_LABEL, set_value_checks
+from .mmd import mmd_rbf, weighted_mmd
+from .soft_paste import dual_soft_paste
+from .upsample_pool import masked_upsample_pool
+from .weight_map import pixel_weight
+
+__all__ = [
+    "HAS_TRITON",
+    "IGNORE_LABEL",
+    "dual_soft_paste",
+    "masked_upsample_pool",
+    "mmd_rbf",
+    "pixel_weight",
+    "reference",
+    "set_value_checks",
+    "weighted_mmd",
+]

@@ -1,0 +1,104 @@
+"""Plain-PyTorch twins of the kernels: the naive formulation, same signatures, written to be read beside the paper.
+
+Shapes: B batch, C channels, H x W full crop size, h x w feature size (stride 8), K number of classes,
+N / M rows of the two MMD samples. The twins are the oracle of the kernel tests and what the reference trainer
+runs; they are not meant to be fast (a per-image loop with `isin`, a full-resolution upsampled feature map).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    IGNORE_LABEL,
+    check_label_values,
+    check_mmd,
+    check_pixel_weight,
+    check_soft_paste,
+    check_upsample_pool,
+    check_weighted_mmd,
+)
+
+
+def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
+                    src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
+                    tgt_pseudo: torch.Tensor, lam: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DSP step 4: M = tmpl_label in the chosen classes; the same M pastes the template onto both destinations.
+
+    Returns (src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW).
+    """
+    check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam)
+    num_classes = class_sel.shape[1]
+    check_label_values({"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo}, num_classes)
+    mask_BHW = torch.stack([
+        torch.isin(tmpl_label[b], class_sel[b].nonzero().flatten().to(tmpl_label.dtype))  # never holds 255
+        for b in range(tmpl_label.shape[0])
+    ])
+    m_B1HW = mask_BHW[:, None].to(tmpl_img.dtype)
+    src_mix_img = lam * m_B1HW * tmpl_img + (1 - lam * m_B1HW) * src_img
+    tgt_mix_img = lam * m_B1HW * tmpl_img + (1 - lam * m_B1HW) * tgt_img
+    src_mix_label = torch.where(mask_BHW, tmpl_label, src_label)
+    tgt_mix_label = torch.where(mask_BHW, tmpl_label, tgt_pseudo)
+    return src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW
+
+
+def pixel_weight(mask: torch.Tensor, conf: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DSP step 6 weight map: W = 1 on the pasted pixels, q elsewhere; q = fraction of confident target pixels.
+
+    Returns (W_BHW float32, q as a 0-d float32 tensor on the device: no host sync).
+    """
+    check_pixel_weight(mask, conf, threshold)
+    q = (conf >= threshold).float().mean()
+    weight_BHW = torch.where(mask, torch.ones_like(conf, dtype=torch.float32), q)
+    return weight_BHW, q
+
+
+def masked_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int],
+                         align_corners: bool = True) -> torch.Tensor:
+    """mean over the H*W pixels of mask * bilinear_upsample(feat, size): (B, C). mask=None means all ones."""
+    size = check_upsample_pool(feat, mask, size)
+    up_BCHW = F.interpolate(feat, size=size, mode="bilinear", align_corners=align_corners)
+    if mask is not None:
+        up_BCHW = up_BCHW * mask[:, None].to(up_BCHW.dtype)
+    return up_BCHW.mean(dim=(2, 3))
+
+
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
+    """Biased multi-bandwidth Gaussian MMD between the rows of x (N, C) and y (M, C), as the authors' code computes it.
+
+    Computed in float32 whatever the input dtype (the inputs are tiny; exp(-d2/bw) in half precision is not).
+    The bandwidth beta is the mean off-diagonal squared distance, detached (no gradient through it). One deviation:
+    when every row is identical beta is 0 and the authors' formula gives NaN; here beta becomes 1 in that case,
+    which gives 0 (the MMD of identical samples under any bandwidth) and a zero gradient.
+    """
+    check_mmd(x, y, kernel_mul, kernel_num)
+    n_x = x.shape[0]
+    total_NC = torch.cat([x, y], dim=0).float()
+    n = total_NC.shape[0]
+    d2_NN = ((total_NC.unsqueeze(0) - total_NC.unsqueeze(1)) ** 2).sum(2)
+    beta = d2_NN.detach().sum() / (n * n - n)  # n >= 2: x and y have a row each
+    beta = torch.where(beta > 0, beta, torch.ones_like(beta))
+    bandwidths = [beta * kernel_mul ** (j - kernel_num // 2) for j in range(kernel_num)]
+    k_NN = sum(torch.exp(-d2_NN / bw) for bw in bandwidths)
+    xx, yy = k_NN[:n_x, :n_x], k_NN[n_x:, n_x:]
+    xy, yx = k_NN[:n_x, n_x:], k_NN[n_x:, :n_x]
+    return xx.mean() + yy.mean() - xy.mean() - yx.mean()
+
+
+def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
+                 kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
+    """DSP's MMD term (before the factor c): MMD of the global pools + MMD of the mask-weighted pools of the
+    upsampled features (bilinear, align_corners=True, as the authors' nn.Upsample)."""
+    size = check_weighted_mmd(feat_s, feat_t, mask, size)
+    # as the authors: upsample once per feature map, pool it as is and multiplied by M
+    up_s_BCHW = F.interpolate(feat_s, size=size, mode="bilinear", align_corners=True)
+    up_t_BCHW = F.interpolate(feat_t, size=size, mode="bilinear", align_corners=True)
+    m_B1HW = mask[:, None].to(up_s_BCHW.dtype)
+    global_mmd = mmd_rbf(up_s_BCHW.mean(dim=(2, 3)), up_t_BCHW.mean(dim=(2, 3)), kernel_mul, kernel_num)
+    masked_mmd = mmd_rbf((m_B1HW * up_s_BCHW).mean(dim=(2, 3)), (m_B1HW * up_t_BCHW).mean(dim=(2, 3)),
+                         kernel_mul, kernel_num)
+    return global_mmd + masked_mmd
+
+__all__ = ["IGNORE_LABEL", "dual_soft_paste", "pixel_weight", "masked_upsample_pool", "mmd_rbf", "weighted_mmd"]
