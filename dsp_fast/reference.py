@@ -239,7 +239,7 @@ def train_step(cfg: Config, student, teacher, optimizer, step: int, batch, choic
     losses["loss"].backward()
     optimizer.step()
     ema_update(teacher, student, ema_alpha(step, cfg.dsp.ema_max))
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}
 
 
 # ----------------------------------------------------------------------------------------------- the run

@@ -1,0 +1,141 @@
+"""The DSP math of the fast path: on the device, fixed shapes, no host sync, fused kernels.
+
+Everything here can run inside a CUDA graph: random choices arrive as tensors (uniform draws, long-tail crops
+and their classes), class selection is a sort over a fixed (B, K) table instead of `unique`, the teacher update is
+one `_foreach_lerp_`, and the losses read the mask and q directly. Step numbers refer to shared/DSP_METHOD.md;
+`dsp_fast.reference` is the readable oracle this module is tested against.
+
+Shapes: B batch, K classes, L long-tail crops per step, H x W crop, h x w stride-8 features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from dsp_fast.augment import color_jitter, gaussian_blur
+from dsp_fast.kernels import dual_soft_paste, weighted_mmd
+
+IGNORE_LABEL = 255
+
+
+@dataclasses.dataclass
+class DeviceChoices:
+    """One step's random choices as device tensors of fixed shape (graph-capturable inputs)."""
+
+    class_u: torch.Tensor  # (B, K) uniform draws ranking the present classes (step 2)
+    lt_img: torch.Tensor  # (L, 3, H, W) long-tail crops (step 3)
+    lt_label: torch.Tensor  # (L, H, W) their labels
+    lt_cls: torch.Tensor  # (L,) int64 the class each crop is pasted for; -1: no crop this step
+    aug_src: torch.Tensor  # (B, 7) jitter coin, 4 jitter factors, blur coin, blur sigma (mixed source images)
+    aug_tgt: torch.Tensor  # (B, 7) the same for the mixed target images
+
+
+def present_classes(y_BHW: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, K) bool: class k occurs in image b (the ignore label excluded), by a scatter into a fixed table."""
+    b = y_BHW.shape[0]
+    ids = y_BHW.reshape(b, -1).long()
+    ids = torch.where(ids == IGNORE_LABEL, num_classes, ids)  # a spare column soaks up the ignore label
+    table = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=y_BHW.device)
+    table.scatter_(1, ids, True)
+    return table[:, :num_classes]
+
+
+def select_classes(y_m_BHW: torch.Tensor, class_u_BK: torch.Tensor) -> torch.Tensor:
+    """Step 2: per image, half (rounded up) of the present classes, chosen uniformly: the ceil(n/2) present classes
+    with the smallest uniform draws. Fixed shapes, no host sync."""
+    present = present_classes(y_m_BHW, class_u_BK.shape[1])
+    scores = torch.where(present, class_u_BK, torch.full_like(class_u_BK, 2.0))  # absent classes rank last
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    n_chosen = (present.sum(dim=1, keepdim=True) + 1) // 2
+    return rank < n_chosen
+
+
+def paste_long_tail(x_m: torch.Tensor, y_m: torch.Tensor, class_sel_BK: torch.Tensor, lt_img: torch.Tensor,
+                    lt_label: torch.Tensor, lt_cls: torch.Tensor):
+    """Step 3: hard-paste each crop's class pixels onto every template image; the class joins the chosen set."""
+    num_classes = class_sel_BK.shape[1]
+    for i in range(lt_cls.shape[0]):  # L is fixed (cfg.dsp.num_long_tail): an unrolled loop, graph-friendly
+        cls = lt_cls[i]
+        hit_HW = lt_label[i] == cls  # never true for cls = -1
+        x_m = torch.where(hit_HW, lt_img[i].to(x_m.dtype), x_m)
+        y_m = torch.where(hit_HW, lt_label[i].to(y_m.dtype), y_m)
+        class_sel_BK = class_sel_BK | (torch.arange(num_classes, device=cls.device) == cls)
+    return x_m, y_m, class_sel_BK
+
+
+def strong_augment(x_B3HW: torch.Tensor, aug_B7: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Step 4's colour jitter and blur, computed for every image and selected per image by its coin: no
+    data-dependent branch, so it can be captured."""
+    jit = aug_B7[:, 0].bool().view(-1, 1, 1, 1)
+    x = torch.where(jit, color_jitter(x_B3HW, aug_B7[:, 1:5]), x_B3HW)
+    blur = aug_B7[:, 5].bool().view(-1, 1, 1, 1)
+    return torch.where(blur, gaussian_blur(x, aug_B7[:, 6], kernel_size), x)
+
+
+def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, feat = model(normalize(x))
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True), feat
+
+
+def nll(logp_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tensor:
+    """Per-pixel cross-entropy from log-probabilities; 0 on ignored pixels (one log_softmax serves two labels)."""
+    valid = label_BHW != IGNORE_LABEL
+    idx = torch.where(valid, label_BHW, 0).long().unsqueeze(1)
+    return -logp_BKHW.gather(1, idx).squeeze(1) * valid
+
+
+@dataclasses.dataclass
+class LossSettings:
+    num_classes: int
+    lam: float
+    conf_threshold: float
+    mmd_weight: float
+    mmd_kernel_mul: float
+    mmd_kernel_num: int
+    drop_target_soft_term: bool
+    enabled: bool
+    blur_kernel: int
+
+
+def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices
+               ) -> dict[str, torch.Tensor]:
+    """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
+    logits_s, _ = seg_forward(student, x_s, normalize)
+    l_src = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL)
+    if not s.enabled:
+        return {"loss": l_src, "src": l_src}
+    with torch.no_grad():
+        prob = torch.softmax(seg_forward(teacher, x_t, normalize)[0].float(), dim=1)
+        conf, yhat_t = prob.max(dim=1)
+        q = (conf >= s.conf_threshold).float().mean()
+    class_sel = select_classes(y_m, ch.class_u)
+    x_m, y_m, class_sel = paste_long_tail(x_m, y_m, class_sel, ch.lt_img, ch.lt_label, ch.lt_cls)
+    xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m, y_m, class_sel, x_s, y_s, x_t, yhat_t, s.lam)
+    xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel)
+    xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel)
+    logits_sm, feat_sm = seg_forward(student, xs_mix, normalize)
+    logits_tm, feat_tm = seg_forward(student, xt_mix, normalize)
+    logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
+    logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
+    lam = s.lam
+    l_srcmix = (lam * nll(logp_sm, ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
+    weight = torch.where(mask, 1.0, q)
+    tgt = lam * nll(logp_tm, yt_mix)
+    if not s.drop_target_soft_term:
+        tgt = tgt + (1 - lam) * nll(logp_tm, yhat_t)
+    l_tgtmix = (weight * tgt).mean()
+    l_mmd = s.mmd_weight * weighted_mmd(feat_sm.float(), feat_tm.float(), mask, tuple(x_s.shape[-2:]),
+                                        s.mmd_kernel_mul, s.mmd_kernel_num)
+    loss = l_src + l_srcmix + l_tgtmix + l_mmd
+    return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": q}
+
+
+@torch.no_grad()
+def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], step_t: torch.Tensor,
+               ema_max: float) -> None:
+    """Step 7 with the step as a device tensor: g += (1 - alpha_t) * (f - g), alpha_t = min(1 - 1/(t+1), ema_max)."""
+    alpha = torch.clamp(1.0 - 1.0 / (step_t.float() + 1.0), max=ema_max)
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)

@@ -1,0 +1,118 @@
+"""The fast path's DSP math (dsp_fast.method, Triton kernels in the interpreter) against the reference step:
+same weights, same batch, same random choices -> same losses and the same updated student and teacher.
+
+Tolerance: fp32 everywhere; the two paths differ only in summation order (fused log-softmax gather vs
+cross_entropy, the adjoint pool vs the upsampled mean), so 1e-5 relative on losses and 1e-6 absolute on weights
+after one SGD step at lr 1e-2.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from dsp_fast import method, reference
+from dsp_fast.augment import draw_strong_aug
+from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig, OptimConfig
+from dsp_fast.models import build_model, normalize_input, param_groups
+
+B, H, W, K = 2, 32, 32, 19
+
+
+def make_cfg(**dsp) -> Config:
+    data = DataConfig(source_size=(W, H), target_size=(W, H), crop_size=(W, H), eval_size=(W, H), batch_size=B)
+    return Config(data=data, model=ModelConfig(arch="tiny", num_classes=K), dsp=DSPConfig(**dsp),
+                  optim=OptimConfig(lr=1e-2))
+
+
+def make_batch(gen):
+    def labels():
+        y = torch.randint(0, 6, (B, H, W), generator=gen)
+        y[:, :3] = 255
+        y[:, 10:14, 10:14] = 12  # a long-tail class present in the template
+        return y
+
+    x_s, x_m, x_t = (torch.rand(B, 3, H, W, generator=gen) for _ in range(3))
+    return x_s, labels(), x_m, labels(), x_t
+
+
+def make_choices(cfg, y_m, gen):
+    sel = reference.select_classes(y_m, K, paste_ignore_label=False, gen=gen)
+    lt = []
+    for cls in (15, 18):
+        lab = torch.full((H, W), 255)
+        lab[5:9, 20:30] = cls
+        lab[20:22, :] = 3  # other classes in the crop must not be pasted
+        lt.append((cls, torch.rand(3, H, W, generator=gen), lab))
+    augs = [draw_strong_aug(B, H, 0.8, 0.25, 0.5, gen) for _ in range(2)]
+    for a in augs:  # make sure both branches of each coin are exercised
+        a.jitter[:] = torch.tensor([True, False])
+        a.blur[:] = torch.tensor([False, True])
+    return reference.StepChoices(sel, lt, augs[0], augs[1])
+
+
+def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
+    sel = ch.class_sel[:, :K]
+    class_u = torch.where(sel, 0.1, 0.9)  # the chosen classes rank first among the present ones
+
+    def aug_tensor(a):
+        return torch.cat([a.jitter[:, None].float(), a.factors, a.blur[:, None].float(), a.sigma[:, None]], 1)
+
+    return method.DeviceChoices(
+        class_u=class_u,
+        lt_img=torch.stack([img for _, img, _ in ch.long_tail]),
+        lt_label=torch.stack([lab for _, _, lab in ch.long_tail]),
+        lt_cls=torch.tensor([c for c, _, _ in ch.long_tail]),
+        aug_src=aug_tensor(ch.aug_src), aug_tgt=aug_tensor(ch.aug_tgt))
+
+
+def settings(cfg: Config, kernel_size: int) -> method.LossSettings:
+    d = cfg.dsp
+    return method.LossSettings(K, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul, d.mmd_kernel_num,
+                               d.drop_target_soft_term, d.enabled, kernel_size)
+
+
+def test_select_classes_counts_and_uniformity():
+    y = torch.tensor([[[0, 1, 2], [3, 4, 255]], [[5, 5, 5], [5, 5, 5]]])
+    counts = torch.zeros(2, K)
+    for _ in range(400):
+        sel = method.select_classes(y, torch.rand(2, K))
+        assert sel[0].sum() == 3 and sel[0, :5].sum() == 3 and sel[1].sum() == 1 and sel[1, 5]
+        counts += sel
+    assert (counts[0, :5] / 400 - 0.6).abs().max() < 0.1  # each of 5 classes chosen with probability 3/5
+
+
+@pytest.mark.parametrize("dsp", [{}, {"drop_target_soft_term": True, "lam": 0.8}, {"enabled": False}])
+def test_fast_step_matches_reference(dsp):
+    cfg = make_cfg(**dsp)
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(gen)
+    choices = make_choices(cfg, batch[3], gen)
+    torch.manual_seed(0)
+    student = build_model(cfg.model)
+    teacher = copy.deepcopy(student)
+    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+
+    def sgd(model):
+        groups = param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.dsp.train_mmd_projection)
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=5e-4)
+
+    ref_losses = reference.train_step(cfg, student, teacher, sgd(student), 3, batch, choices)
+
+    opt = sgd(fast_student)
+    for g in opt.param_groups:
+        g["lr"] = reference.poly_lr(cfg, 3) * g["lr_mult"]
+    losses = method.dsp_losses(settings(cfg, choices.aug_src.kernel_size), fast_student, fast_teacher,
+                               lambda x: normalize_input(x, "torchvision"), *batch, to_device_choices(choices))
+    losses["loss"].backward()
+    opt.step()
+    method.ema_update(list(fast_teacher.parameters()), list(fast_student.parameters()), torch.tensor(3),
+                      cfg.dsp.ema_max)
+
+    assert set(losses) == set(ref_losses)
+    for k, v in ref_losses.items():
+        assert float(losses[k]) == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for a, b in zip(student.state_dict().items(), fast_student.state_dict().items()):
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6, msg=a[0])
+    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
