@@ -1,0 +1,41 @@
+"""Data: dataset readers in the official layouts, label maps, resizing, the class -> images index and the
+built-in synthetic domain shift. Imports nothing of dsp_fast beyond this package."""
+
+from dsp_fast.data.class_index import load_or_build_class_index
+from dsp_fast.data.datasets import GTA5, SYNTHIA, Cityscapes, SegmentationDataset
+from dsp_fast.data.errors import DatasetError
+from dsp_fast.data.labels import (
+    CITYSCAPES_CLASSES,
+    IGNORE_LABEL,
+    SYNTHIA13_INDICES,
+    SYNTHIA16_CLASSES,
+    class_names,
+)
+from dsp_fast.data.transforms import resize_image, resize_label
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "GTA5",
+    "IGNORE_LABEL",
+    "SYNTHIA",
+    "SYNTHIA13_INDICES",
+    "SYNTHIA16_CLASSES",
+    "Cityscapes",
+    "DatasetError",
+    "SegmentationDataset",
+    "class_names",
+    "ensure_synthetic",
+    "load_or_build_class_index",
+    "resize_image",
+    "resize_label",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: an eager import would make `python -m dsp_fast.data.synthetic` warn that the module
+    # is already in sys.modules before it runs as __main__.
+    if name == "ensure_synthetic":
+        from dsp_fast.data.synthetic import ensure_synthetic
+
+        return ensure_synthetic
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
