@@ -1,0 +1,256 @@
+"""Data throughput: the reference's PIL DataLoader over the original PNGs vs the prepared data (torch and DALI).
+
+    python -m bench.data_throughput [--quick] [--threads 1 2] [--device cpu|cuda]
+
+Generates GTA5-like (1914x1052 PNG, palette labels) and Cityscapes-like (2048x1024 PNG) scenes in a temp folder
+(nothing is downloaded), prepares them with `dsp_fast.prepare` (JPEG q95), then times, with the same thread count:
+
+- per stream (B crops of 512x512 per batch; source = image + label, target = image only):
+  `reference-png`  the reference trainer's RandomCrops DataLoader: PIL decode of the PNG, resize, crop;
+  `torch-<fmt>`    the `torch` backend over prepared data (PIL decode + crop in DataLoader workers);
+  `dali-<fmt>`     the `dali` backend (CPU operators on a CPU device, GPU decode with --device cuda);
+- per training step (3B crops + K long-tail crops): the reference's three loaders plus its long-tail crops
+  (decoded on the main thread) vs `build_loaders` with each backend.
+images/s counts 512x512 crops delivered; threads = DataLoader workers or DALI threads per stream.
+Results go to bench/results/data_throughput_<date>.json with the device, git sha and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from dsp_fast.pipelines import build_loaders
+from dsp_fast.pipelines.plan import CropPlan, ShardedSampler, random_window
+from dsp_fast.pipelines.prepared import load_prepared
+from PIL import Image
+
+from dsp_fast import prepare
+from dsp_fast.data import GTA5, Cityscapes, load_or_build_class_index
+from dsp_fast.reference import RandomCrops, long_tail_crop
+
+GTA5_SIZE, CITYSCAPES_SIZE = (1914, 1052), (2048, 1024)
+SOURCE_BASE, TARGET_BASE, CROP = (1280, 720), (1024, 512), (512, 512)
+LONG_TAIL = (12, 15, 16, 17, 18)
+_IDS = (7, 8, 11, 21, 23, 24, 26, 25, 28, 32, 33)  # Cityscapes ids: road ... car, rider, bus, motorcycle, bicycle
+
+
+# ----------------------------------------------------------------------------------------------- synthetic data
+def scene(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB image, label ids): sky / building / road bands, objects as rectangles, shading and sensor noise,
+    so that PNG compresses about as a rendered frame does (neither flat nor pure noise)."""
+    ids = np.full((h, w), 23, np.uint8)
+    ids[h // 3:] = 11
+    ids[3 * h // 5:] = 7
+    ids[3 * h // 5:, : w // 6] = 8
+    for _ in range(12):
+        rw, rh = int(rng.integers(w // 40, w // 6)), int(rng.integers(h // 30, h // 5))
+        x, y = int(rng.integers(0, w - rw)), int(rng.integers(h // 3, h - rh))
+        ids[y:y + rh, x:x + rw] = rng.choice(_IDS[5:])
+    colours = rng.integers(30, 225, (256, 3)).astype(np.float32)
+    shade = np.linspace(0.8, 1.2, w, dtype=np.float32)[None, :, None]
+    img = colours[ids] * shade + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8), ids
+
+
+def make_data(root: str, n_source: int, n_target: int, seed: int = 0) -> tuple[str, str]:
+    rng = np.random.default_rng(seed)
+    gta, cs = os.path.join(root, "gta5"), os.path.join(root, "cityscapes")
+    for sub in ("images", "labels"):
+        os.makedirs(os.path.join(gta, sub), exist_ok=True)
+    for i in range(n_source):
+        img, ids = scene(rng, *GTA5_SIZE)
+        Image.fromarray(img).save(os.path.join(gta, "images", f"{i:05d}.png"))
+        pal = Image.fromarray(ids, mode="P")
+        pal.putpalette(rng.integers(0, 256, 768).tolist())
+        pal.save(os.path.join(gta, "labels", f"{i:05d}.png"))
+    city = os.path.join(cs, "leftImg8bit", "train", "benchcity")
+    os.makedirs(city, exist_ok=True)
+    for i in range(n_target):
+        img, _ = scene(rng, *CITYSCAPES_SIZE)
+        Image.fromarray(img).save(os.path.join(city, f"benchcity_{i:06d}_000019_leftImg8bit.png"))
+    return gta, cs
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def timed(it: Iterator, warmup: int, batches: int, per_batch: int) -> dict[str, float]:
+    """Images/s over `batches` after `warmup` (worker start-up and pipeline build are not counted)."""
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"images_per_s": round(batches * per_batch / seconds, 2), "ms_per_batch": round(1e3 * seconds / batches, 2)}
+
+
+def reference_stream(dataset, base: tuple[int, int], batch: int, threads: int) -> Iterator:
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)  # no epoch restarts
+    loader = torch.utils.data.DataLoader(RandomCrops(dataset, base, CROP), batch_size=batch, sampler=sampler,
+                                         num_workers=threads, persistent_workers=threads > 0, drop_last=True)
+    return iter(loader)
+
+
+def prepared_stream(backend: str, root: str, labels: bool, batch: int, threads: int, device: torch.device):
+    ds = load_prepared(root)
+    sampler, seed = ShardedSampler(len(ds), seed=1), 1
+
+    def plan(step: int) -> CropPlan:
+        rng = np.random.default_rng([seed, step])
+        return CropPlan(sampler.take(step * batch, batch), [random_window(rng, ds.size, CROP) for _ in range(batch)],
+                        [False] * batch, [])
+
+    if backend == "dali":
+        from dsp_fast.pipelines.dali_backend import DaliCropStream
+
+        return DaliCropStream(ds, plan, CROP, labels, device, max(1, threads))
+    from dsp_fast.pipelines.torch_backend import TorchCropStream
+
+    return TorchCropStream(ds, plan, CROP, labels, device, threads, gpu_decode=backend == "torchvision")
+
+
+def reference_steps(gta: str, cs: str, batch: int, threads: int) -> Iterator:
+    """The reference trainer's data per step: three loaders, then the long-tail crops on the main thread."""
+    source, target = GTA5(gta), Cityscapes(cs, "train", labels=False)
+    index = load_or_build_class_index(source, 19)
+    streams = [reference_stream(source, SOURCE_BASE, batch, threads), reference_stream(source, SOURCE_BASE, batch,
+               threads), reference_stream(target, TARGET_BASE, batch, threads)]
+    gen = torch.Generator().manual_seed(0)
+    candidates = [c for c in LONG_TAIL if index[c]]
+    while True:
+        out = [next(s) for s in streams]
+        for p in torch.randperm(len(candidates), generator=gen)[:2].tolist():
+            images = index[candidates[p]]
+            i = images[int(torch.randint(0, len(images), (1,), generator=gen))]
+            out.append(long_tail_crop(source, i, candidates[p], SOURCE_BASE, CROP, "around_class", gen))
+        yield out
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def backends(device: torch.device) -> list[str]:
+    names = ["torch"]
+    try:
+        import nvidia.dali  # noqa: F401
+
+        names.append("dali")
+    except ImportError:
+        print("DALI not installed: skipping the dali rows", file=sys.stderr)
+    if device.type == "cuda":
+        try:
+            import torchvision.io  # noqa: F401
+
+            names.append("torchvision")
+        except ImportError:
+            pass
+    return names
+
+
+def run(args: argparse.Namespace, work: str) -> dict:
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    gta, cs = make_data(work, args.source_images, args.target_images)
+    info: dict = {"generate_s": round(time.perf_counter() - t0, 1)}
+    src_dir, tgt_dir = os.path.join(work, "prep_gta5"), os.path.join(work, "prep_cs")
+    for name, root, out, extra in (("gta5", gta, src_dir, []), ("cityscapes", cs, tgt_dir, ["--split", "train",
+                                                                                            "--no-labels"])):
+        t0 = time.perf_counter()
+        prepare.main(["--dataset", name, "--root", root, "--out", out, "--no-progress", "--workers",
+                      str(os.cpu_count()), *extra])
+        info[f"prepare_{name}_s"] = round(time.perf_counter() - t0, 1)
+    tgt_dir = os.path.join(tgt_dir, "train")
+    info["bytes_per_image"] = {
+        "gta5_png": os.path.getsize(os.path.join(gta, "images", "00000.png")),
+        "gta5_prepared_jpeg": os.path.getsize(os.path.join(src_dir, "images", "00000.jpg")),
+        "cityscapes_png": os.path.getsize(os.path.join(cs, "leftImg8bit", "train", "benchcity",
+                                                       "benchcity_000000_000019_leftImg8bit.png")),
+        "cityscapes_prepared_jpeg": os.path.getsize(os.path.join(tgt_dir, "images", "benchcity_000000_000019.jpg"))}
+    rows = []
+    w, n, b = args.warmup, args.batches, args.batch_size
+
+    def row(kind: str, stream: str, backend: str, threads: int, make: Callable[[], Iterator], per: int) -> None:
+        it = make()
+        r = {"kind": kind, "stream": stream, "backend": backend, "threads": threads, "batch": per,
+             "device": str(device), **timed(it, w, n, per)}
+        close = getattr(it, "close", None)
+        if close:
+            close()
+        rows.append(r)
+        print(f"{kind:6s} {stream:7s} {backend:14s} threads={threads}  {r['images_per_s']:8.2f} img/s  "
+              f"{r['ms_per_batch']:8.1f} ms/batch", flush=True)
+
+    for t in args.threads:
+        row("stream", "source", "reference-png", t, lambda: reference_stream(GTA5(gta), SOURCE_BASE, b, t), b)
+        row("stream", "target", "reference-png", t,
+            lambda: reference_stream(Cityscapes(cs, "train", labels=False), TARGET_BASE, b, t), b)
+        for be in backends(device):
+            row("stream", "source", f"{be}-jpeg", t, lambda: prepared_stream(be, src_dir, True, b, t, device), b)
+            row("stream", "target", f"{be}-jpeg", t, lambda: prepared_stream(be, tgt_dir, False, b, t, device), b)
+        row("step", "all", "reference-png", t, lambda: reference_steps(gta, cs, b, t), 3 * b + 2)
+        for be in backends(device):
+            row("step", "all", f"{be}-jpeg", t, lambda: build_loaders(
+                src_dir, tgt_dir, batch_size=b, backend=be, device=device, num_threads=t,
+                long_tail_classes=LONG_TAIL, num_long_tail=2), 3 * b + 2)
+    return {"info": info, "rows": rows}
+
+
+def environment() -> dict:
+    def version(mod: str) -> str | None:
+        try:
+            return importlib.import_module(mod).__version__
+        except ImportError:
+            return None
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        sha = ""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    import PIL
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": sha, "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "dali": version("nvidia.dali"),
+            "pillow": PIL.__version__, "numpy": np.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.data_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: few images and batches, one thread count")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--source-images", type=int, default=24)
+    p.add_argument("--target-images", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.threads, args.source_images, args.target_images, args.warmup, args.batches = [1], 4, 2, 1, 3
+    with tempfile.TemporaryDirectory(prefix="dsp_data_bench_") as work:
+        result = {"env": environment(), "args": vars(args), **run(args, work)}
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    path = os.path.join(args.out, f"data_throughput_{stamp}{'_quick' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

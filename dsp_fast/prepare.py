@@ -1,0 +1,278 @@
+"""One-time conversion of GTA5, SYNTHIA or Cityscapes to the training format the fast loaders read.
+
+    python -m dsp_fast.prepare --dataset gta5 --root /data/GTA5 --out /data/prepared/gta5
+    python -m dsp_fast.prepare --dataset cityscapes --root /data/cityscapes --out /data/prepared/cityscapes
+
+Why: the originals are 1914x1052 (GTA5) or 2048x1024 (Cityscapes) PNGs, which DALI can only decode on CPU
+threads (about 30 ms each), and GTA5's palette labels lose their ids in DALI. Each image is resized once to the
+dataset's base size exactly as the reference trainer does (PIL bilinear / nearest), written as a baseline JPEG
+(decoded by nvJPEG on the GPU) or a lossless PNG, with its label as an 8-bit train-id PNG. The layout and the
+manifest are described in `dsp_fast.pipelines.prepared`.
+
+Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
+done, so a rerun after an interruption skips finished images. A file that cannot be read is listed with its error
+in rejects.txt and the manifest, printed at the end, and makes the exit code 1 (0: everything converted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import io
+import json
+import os
+import sys
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError, resize_image, resize_label
+from dsp_fast.pipelines import prepared
+
+BASE_SIZES = {"gta5": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
+"""(width, height) each dataset is resized to before cropping (DSP paper and the authors' script)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything that decides the bytes written; a resumed run must use the same (checked)."""
+
+    dataset: str
+    split: str | None
+    source_root: str
+    size: tuple[int, int]
+    format: str
+    quality: int
+    num_classes: int
+    labels: bool
+    num_points: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+
+@dataclasses.dataclass
+class Summary:
+    """What one run did; `rejects` are dicts with the stem, the file's path and the error."""
+
+    out: str
+    total: int
+    converted: int
+    skipped: int
+    rejects: list[dict[str, str]]
+    bytes: int
+    seconds: float
+
+    def report(self) -> str:
+        lines = [f"{self.out}: {self.total - len(self.rejects)} images ready ({self.converted} converted now, "
+                 f"{self.skipped} already done), {len(self.rejects)} rejected; {_human(self.bytes)} on disk; "
+                 f"{self.seconds:.1f} s"]
+        lines += [f"  REJECTED {r['path']}: {r['error']}" for r in self.rejects]
+        return "\n".join(lines)
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def open_dataset(name: str, root: str, split: str | None, num_classes: int, labels: bool):
+    if name == "gta5":
+        return GTA5(root)
+    if name == "synthia":
+        return SYNTHIA(root)
+    return Cityscapes(root, split or "train", num_classes=num_classes, labels=labels)
+
+
+def stems_of(image_paths: list[str]) -> list[str]:
+    """Output names: the file name without extension (and Cityscapes' `_leftImg8bit`); the relative path if clashing."""
+    names = [os.path.splitext(os.path.basename(p))[0].removesuffix("_leftImg8bit") for p in image_paths]
+    if len(set(names)) == len(names):
+        return names
+    base = os.path.commonpath(image_paths)
+    return [os.path.splitext(os.path.relpath(p, base))[0].replace(os.sep, "__") for p in image_paths]
+
+
+def encode_image(image_HWC: np.ndarray, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        # Baseline (not progressive) 4:4:4: nvJPEG decodes it on the GPU, and full-resolution chroma keeps the
+        # colour edges of thin long-tail objects (poles, bicycles) that get pasted.
+        Image.fromarray(image_HWC).save(buf, format="JPEG", quality=quality, subsampling=0, progressive=False)
+    else:
+        Image.fromarray(image_HWC).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_label(label_HW: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label_HW.astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- one image
+_STATE: dict[str, Any] = {}  # per worker process: the dataset, the output folder, the options and the stems
+
+
+def _init(dataset, out: str, options: Options, stems: list[str]) -> None:
+    _STATE.update(dataset=dataset, out=out, options=options, stems=stems)
+
+
+def _reject(ds, i: int, stem: str, err: Exception) -> dict[str, str]:
+    """The record of a rejected image; the path is the file the error names (the image if it names none)."""
+    paths = [ds.image_paths[i]] + ([ds.label_paths[i]] if ds.label_paths else [])
+    path = next((p for p in reversed(paths) if p in str(err)), paths[0])
+    return {"stem": stem, "path": path, "error": str(err)}
+
+
+def convert_one(i: int) -> tuple[str, dict[str, Any]]:
+    """Convert image i: ('ok', sidecar) or ('reject', record). Only unreadable input files become rejects."""
+    ds, out, opt, stem = _STATE["dataset"], _STATE["out"], _STATE["options"], _STATE["stems"][i]
+    try:
+        image, label = ds[i]
+    except (DatasetError, OSError) as e:
+        return "reject", _reject(ds, i, stem, e)
+    h, w = image.shape[:2]
+    image = resize_image(image, opt.size)
+    data = encode_image(image, opt.format, opt.quality)
+    prepared.write_atomic(prepared.image_path(out, stem, opt.format), data)
+    nbytes = len(data)
+    if label is not None:
+        label = resize_label(label, opt.size).astype(np.uint8)
+        data = encode_label(label)
+        prepared.write_atomic(prepared.label_path(out, stem), data)
+        nbytes += len(data)
+    seed = zlib.crc32(stem.encode()) ^ opt.seed  # the same points whether converted now or in a resumed run
+    side = {"stem": stem, "source_size": [w, h], "bytes": nbytes,
+            **prepared.image_stats(label, opt.num_classes, opt.num_points, seed)}
+    prepared.write_atomic(prepared.stats_path(out, stem), json.dumps(side).encode())
+    return "ok", side
+
+
+# ---------------------------------------------------------------------------------------------- one folder
+def _check_options(out: str, options: Options) -> None:
+    """A resumed run must write the same bytes as the first; otherwise the folder would mix two preparations."""
+    path = os.path.join(out, prepared.OPTIONS)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in options.to_dict().items() if old.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise SystemExit(f"{out} was prepared with other options ({changes}); use a new --out or delete it")
+    prepared.write_atomic(path, json.dumps(options.to_dict()).encode())
+
+
+def _is_done(out: str, stem: str, options: Options) -> bool:
+    paths = [prepared.stats_path(out, stem), prepared.image_path(out, stem, options.format)]
+    paths += [prepared.label_path(out, stem)] if options.labels else []
+    return all(os.path.isfile(p) for p in paths)
+
+
+def _results(todo: list[int], workers: int, init_args: tuple):
+    """(status, payload) per image in `todo`, from `workers` processes (inline below 2: easy to debug)."""
+    if workers < 2:
+        _init(*init_args)
+        for i in todo:
+            yield convert_one(i)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_init, initargs=init_args)
+    try:
+        yield from pool.map(convert_one, todo, chunksize=4)
+    except BaseException:  # Ctrl-C: drop the queued images instead of converting them all before exiting
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress: bool = True) -> Summary:
+    """Convert one dataset (or one Cityscapes split) into `out`, resuming a previous run there."""
+    start = time.perf_counter()
+    for sub in ("images", "labels", "stats"):
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+        for tmp in glob.glob(os.path.join(out, sub, "*.tmp-*")):  # left by an interrupted run
+            os.remove(tmp)
+    _check_options(out, options)
+    stems = stems_of(dataset.image_paths)
+    todo = [i for i, s in enumerate(stems) if not _is_done(out, s, options)]
+    rejects: list[dict[str, str]] = []
+    bar = tqdm(total=len(stems), initial=len(stems) - len(todo), desc=f"prepare {os.path.basename(out)}",
+               unit="img", disable=not progress, file=sys.stderr)
+    with bar:
+        for status, payload in _results(todo, workers, (dataset, out, options, stems)):
+            if status == "reject":
+                rejects.append(payload)
+                bar.write(f"rejected {payload['path']}: {payload['error']}", file=sys.stderr)
+            bar.update(1)
+    rejected = {r["stem"] for r in rejects}
+    done = [s for s in stems if s not in rejected]
+    prepared.build_manifest(out, options.to_dict(), done, rejects)
+    nbytes = 0
+    for s in done:
+        with open(prepared.stats_path(out, s)) as f:
+            nbytes += json.load(f)["bytes"]
+    return Summary(out, len(stems), len(todo) - len(rejects), len(stems) - len(todo), rejects, nbytes,
+                   time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dsp_fast.prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=sorted(BASE_SIZES))
+    p.add_argument("--root", required=True, help="the dataset in its official layout")
+    p.add_argument("--out", required=True, help="output folder (Cityscapes: one subfolder per split)")
+    p.add_argument("--format", choices=("jpeg", "png"), default="jpeg",
+                   help="jpeg: decoded on the GPU by DALI (default); png: lossless, decoded on CPU threads")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 (default 95)")
+    p.add_argument("--split", nargs="+", default=None, help="Cityscapes splits (default: train val)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), help="override the dataset's base size")
+    p.add_argument("--num-classes", type=int, default=None, help="Cityscapes: 19 (default) or 16 (SYNTHIA model)")
+    p.add_argument("--no-labels", action="store_true", help="Cityscapes: images only (no gtFine)")
+    p.add_argument("--points", type=int, default=8, help="stored pixels per (image, class) for long-tail crops")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.dataset != "cityscapes" and (args.split or args.num_classes or args.no_labels):
+        p.error("--split, --num-classes and --no-labels apply to --dataset cityscapes only")
+    if not 1 <= args.quality <= 100:
+        p.error(f"--quality must be in 1..100, got {args.quality}")
+    if args.size and min(args.size) < 1:
+        p.error(f"--size must be positive, got {args.size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    splits = (args.split or ["train", "val"]) if args.dataset == "cityscapes" else [None]
+    default_classes = {"gta5": 19, "synthia": 16, "cityscapes": 19}[args.dataset]
+    rejected = 0
+    for split in splits:
+        labels = not args.no_labels
+        try:
+            ds = open_dataset(args.dataset, args.root, split, args.num_classes or default_classes, labels)
+        except DatasetError as e:
+            hint = " (images only: --no-labels)" if args.dataset == "cityscapes" and labels else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+            return 2
+        options = Options(args.dataset, split, os.path.abspath(args.root), tuple(args.size or BASE_SIZES[args.dataset]),
+                          args.format, args.quality, ds.num_classes, labels, args.points, args.seed)
+        out = os.path.join(args.out, split) if split else args.out
+        summary = prepare_set(ds, out, options, args.workers, progress=not args.no_progress)
+        print(summary.report())
+        rejected += len(summary.rejects)
+    if rejected:
+        print(f"{rejected} input files rejected (listed above and in rejects.txt); the rest is ready", file=sys.stderr)
+    return 1 if rejected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

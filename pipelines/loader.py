@@ -1,0 +1,99 @@
+"""`build_loaders`: the per-step data of the fast trainer, from prepared folders, with a switchable backend.
+
+Legend: B = batch_size (per domain), K = long-tail crops per step, H, W = crop height and width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .plan import Planner
+from .prepared import load_prepared
+
+BACKENDS = ("dali", "torch", "torchvision")
+"""dali: DALI (GPU decode with `mixed` on CUDA, CPU operators otherwise); torch: PIL in DataLoader workers;
+torchvision: bytes read by DataLoader workers, JPEGs decoded on the device by torchvision.io.decode_jpeg."""
+
+STEP_KEYS = ("src_img", "src_label", "tmpl_img", "tmpl_label", "lt_img", "lt_label", "lt_class", "tgt_img")
+
+
+def _nchw(images_NHWC: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) -> (N, 3, H, W) channels_last: a view for DALI and torch outputs (already NHWC in memory)."""
+    return images_NHWC.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+class StepLoader:
+    """Endless iterator over training steps. `next(loader)` returns a dict of tensors on `device`:
+
+        src_img, tmpl_img  (B, 3, H, W) uint8, channels_last    source batch and template batch
+        src_label, tmpl_label (B, H, W) uint8                  train ids, 255 = ignore
+        lt_img (K, 3, H, W) uint8, lt_label (K, H, W) uint8    long-tail crops, crop k contains class lt_class[k]
+        lt_class (K,) int64                                    K = min(num_long_tail, classes present), fixed
+        tgt_img (B, 3, H, W) uint8, channels_last              target batch
+
+    Everything random (images, windows, flips, long-tail classes) is planned on the host from (seed, rank, step)
+    and prefetched by the backend, so the choice never waits on the GPU and a run resumed at `start_step`
+    continues the same sequence. Images stay uint8: the trainer converts and normalises on the device.
+    """
+
+    def __init__(self, planner: Planner, source, target, device: torch.device, start_step: int) -> None:
+        self.planner, self.source, self.target, self.device = planner, source, target, device
+        self.step = start_step
+
+    def __iter__(self) -> StepLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        s_img, s_label, s_plan = next(self.source)
+        t_img, _, _ = next(self.target)
+        s_img, b = _nchw(s_img), self.planner.batch_size
+        classes = torch.tensor(s_plan.classes, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.step += 1
+        return {"src_img": s_img[:b], "src_label": s_label[:b], "tmpl_img": s_img[b:2 * b],
+                "tmpl_label": s_label[b:2 * b], "lt_img": s_img[2 * b:], "lt_label": s_label[2 * b:],
+                "lt_class": classes, "tgt_img": _nchw(t_img)}
+
+    def close(self) -> None:
+        self.source.close()
+        self.target.close()
+
+
+def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int] = (512, 512), batch_size: int = 2,
+                  backend: str = "dali", device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                  seed: int = 0, num_threads: int = 4, long_tail_classes: Sequence[int] = (), num_long_tail: int = 0,
+                  flip: bool = False, start_step: int = 0, prefetch: int = 2) -> StepLoader:
+    """The step loader over prepared folders (`python -m dsp_fast.prepare`).
+
+    source_dir: a prepared GTA5 / SYNTHIA folder (with labels); target_dir: a prepared Cityscapes split folder.
+    crop_size: (width, height). batch_size: images per domain per step, per rank.
+    backend: one of BACKENDS. device: where the tensors land ('cuda' makes DALI decode JPEGs on the GPU).
+    rank, world_size: DDP sharding (each rank its own part of every epoch, reshuffled per epoch; see plan.py).
+    num_threads: DALI CPU threads, or DataLoader workers, per stream (source side and target side each).
+    long_tail_classes, num_long_tail: the classes long-tail crops are drawn from, and how many per step.
+    flip: random horizontal flips (False: the reference trainer does none). start_step: resume point.
+    prefetch: steps prepared ahead (DALI's queue depth; the DataLoader's prefetch_factor per worker).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    if batch_size < 1 or num_threads < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_threads >= 0, got {batch_size} and {num_threads}")
+    source, target = load_prepared(source_dir), load_prepared(target_dir)
+    crop = (int(crop_size[0]), int(crop_size[1]))
+    planner = Planner(source, target, crop, batch_size, rank, world_size, seed, tuple(long_tail_classes),
+                      num_long_tail, flip)
+    if backend == "dali":
+        from .dali_backend import DaliCropStream as Stream
+
+        kwargs = {"num_threads": max(1, num_threads)}
+    else:
+        from .torch_backend import TorchCropStream as Stream
+
+        kwargs = {"num_threads": num_threads, "gpu_decode": backend == "torchvision"}
+    src = Stream(source, planner.source_plan, crop, True, device, start_step=start_step, prefetch=prefetch, **kwargs)
+    tgt = Stream(target, planner.target_plan, crop, False, device, start_step=start_step, prefetch=prefetch, **kwargs)
+    return StepLoader(planner, src, tgt, device, start_step)

@@ -1,0 +1,136 @@
+"""Host-side planning of every random choice of the data streams: which images, which crop windows, which flips,
+which long-tail classes. Pure numpy, shared by all backends: the same (seed, rank, step) gives the same plan, so
+the DALI and torch backends produce the same crops, and a resumed run continues the same sequence.
+
+Sharding: each stream walks an endless sequence of per-epoch permutations (seed + stream + epoch). Position g of
+that global sequence goes to rank g % world_size, so within every epoch each sample goes to exactly one rank,
+once: nothing is duplicated or dropped. When world_size does not divide the dataset, the ranks' epoch boundaries
+are offset by one sample at most (the tail of one epoch and the head of the next meet inside a step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .prepared import PreparedSet
+
+STREAM_SOURCE, STREAM_TEMPLATE, STREAM_TARGET = 0, 1, 2
+
+
+class ShardedSampler:
+    """Sample indices of one stream for one rank: `at(k)` is the rank's k-th sample (O(1), so resuming is free)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, stream: int = 0) -> None:
+        if n < 1:
+            raise ValueError(f"cannot sample from an empty dataset (n={n})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.n, self.rank, self.world_size, self.seed, self.stream = n, rank, world_size, seed, stream
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a step spans at most two epochs
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def at(self, k: int) -> int:
+        g = k * self.world_size + self.rank
+        return int(self.permutation(g // self.n)[g % self.n])
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [self.at(k) for k in range(start, start + count)]
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's share of `epoch` (the global positions epoch*n .. epoch*n+n-1 that fall to this rank)."""
+        g = np.arange(epoch * self.n, (epoch + 1) * self.n)
+        return self.permutation(epoch)[(g % self.n)[g % self.world_size == self.rank]]
+
+
+def random_window(rng: np.random.Generator, size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+    """Top-left (x0, y0) of a uniformly random crop window (the reference's RandomCrops)."""
+    (w, h), (cw, ch) = size, crop
+    return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+
+
+def window_around(rng: np.random.Generator, size: tuple[int, int], crop: tuple[int, int], y: int, x: int
+                  ) -> tuple[int, int]:
+    """Top-left (x0, y0) of a window drawn uniformly among those holding pixel (y, x) (reference 'around_class')."""
+    (w, h), (cw, ch) = size, crop
+    x0 = int(rng.integers(max(0, x - cw + 1), min(w - cw, x) + 1))
+    y0 = int(rng.integers(max(0, y - ch + 1), min(h - ch, y) + 1))
+    return x0, y0
+
+
+@dataclasses.dataclass
+class CropPlan:
+    """The crops one pipeline produces in one step: image index, window top-left (x0, y0) and flip per crop."""
+
+    indices: list[int]
+    windows: list[tuple[int, int]]
+    flips: list[bool]
+    classes: list[int]  # long-tail class of each crop (source plan only; the last len(classes) crops)
+
+
+class Planner:
+    """Plans for every step of the source side (source + template + long-tail crops) and the target side."""
+
+    def __init__(self, source: PreparedSet, target: PreparedSet, crop: tuple[int, int], batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, long_tail_classes: tuple[int, ...] = (),
+                 num_long_tail: int = 0, flip: bool = False) -> None:
+        for s in (source, target):
+            if crop[0] > s.size[0] or crop[1] > s.size[1]:
+                raise ValueError(f"crop {crop[0]}x{crop[1]} is larger than {s.root} ({s.size[0]}x{s.size[1]})")
+        if not source.has_labels:
+            raise ValueError(f"{source.root}: the source set was prepared without labels")
+        self.source, self.target, self.crop, self.batch_size = source, target, tuple(crop), batch_size
+        self.rank, self.seed, self.flip = rank, seed, flip
+        streams = ((source, STREAM_SOURCE), (source, STREAM_TEMPLATE), (target, STREAM_TARGET))
+        self.samplers = [ShardedSampler(len(ds), rank, world_size, seed, stream) for ds, stream in streams]
+        bad = [c for c in long_tail_classes if not 0 <= c < source.num_classes]
+        if bad:
+            raise ValueError(f"long-tail classes {bad} are not train ids of {source.root} "
+                             f"(0..{source.num_classes - 1})")
+        # As the reference: a class no source image holds is skipped, so every step has the same crop count.
+        self.candidates = [c for c in long_tail_classes if source.class_images[c]]
+        self.num_long_tail = min(num_long_tail, len(self.candidates))
+
+    def _rng(self, step: int, side: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.rank, step, side])
+
+    def _flips(self, rng: np.random.Generator, n: int) -> list[bool]:
+        return [bool(f) for f in rng.integers(0, 2, n)] if self.flip else [False] * n
+
+    def long_tail(self, rng: np.random.Generator) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """(classes, images, windows): distinct random classes, a random image holding each, a window around one
+        of its stored class pixels, so the crop contains the class by construction."""
+        picks = rng.permutation(len(self.candidates))[: self.num_long_tail]
+        classes, images, windows = [], [], []
+        for cls in (self.candidates[p] for p in picks):
+            holders = self.source.class_images[cls]
+            i = holders[int(rng.integers(len(holders)))]
+            pts = self.source.points[i, cls]
+            pts = pts[pts[:, 0] >= 0]
+            y, x = (int(v) for v in pts[int(rng.integers(len(pts)))])
+            classes.append(cls)
+            images.append(i)
+            windows.append(window_around(rng, self.source.size, self.crop, y, x))
+        return classes, images, windows
+
+    def source_plan(self, step: int) -> CropPlan:
+        """Crops 0..B-1: source batch; B..2B-1: template batch; then the long-tail crops."""
+        b, rng = self.batch_size, self._rng(step, 0)
+        indices = self.samplers[0].take(step * b, b) + self.samplers[1].take(step * b, b)
+        windows = [random_window(rng, self.source.size, self.crop) for _ in indices]
+        classes, lt_images, lt_windows = self.long_tail(rng)
+        flips = self._flips(rng, len(indices) + len(classes))
+        return CropPlan(indices + lt_images, windows + lt_windows, flips, classes)
+
+    def target_plan(self, step: int) -> CropPlan:
+        b, rng = self.batch_size, self._rng(step, 1)
+        indices = self.samplers[2].take(step * b, b)
+        windows = [random_window(rng, self.target.size, self.crop) for _ in indices]
+        return CropPlan(indices, windows, self._flips(rng, b), [])

@@ -1,0 +1,221 @@
+"""The prepared training format: what `python -m dsp_fast.prepare` writes and the loaders read.
+
+One prepared set (a dataset, or one Cityscapes split) is a folder:
+
+    images/<stem>.jpg | .png   RGB at the dataset's base size (JPEG: GPU-decodable baseline; PNG: lossless)
+    labels/<stem>.png          8-bit grayscale train ids, 255 = ignore (never a palette: DALI expands palettes)
+    stats/<stem>.json          per-image sidecar, written last: its presence marks the image as done (resume)
+    manifest.json              the set: stems in order, sizes, per-class pixel counts, class -> images, rejects
+    index.npz                  counts (N, C) int32 pixels per class; points (N, C, P, 2) int16 (y, x) of up to P
+                               random pixels of each class, -1 padded: a long-tail crop window is drawn around
+                               one of them on the host, without decoding the label
+    rejects.txt                input files that could not be read, one per line with the error
+
+The manifest is rebuilt from the sidecars at the end of every run, so an interrupted run loses no finished image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Any
+
+import numpy as np
+
+from dsp_fast.data.errors import DatasetError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.npz"
+REJECTS = "rejects.txt"
+OPTIONS = "prepare_options.json"  # the options an output folder was started with; a resume must match them
+IMAGE_EXT = {"jpeg": ".jpg", "png": ".png"}
+
+
+def image_path(root: str, stem: str, fmt: str) -> str:
+    return os.path.join(root, "images", stem + IMAGE_EXT[fmt])
+
+
+def label_path(root: str, stem: str) -> str:
+    return os.path.join(root, "labels", stem + ".png")
+
+
+def stats_path(root: str, stem: str) -> str:
+    return os.path.join(root, "stats", stem + ".json")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a temp name beside `path`, then rename: a crash leaves the old file or none, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def image_stats(label_HW: np.ndarray | None, num_classes: int, num_points: int, seed: int) -> dict[str, Any]:
+    """Per-class pixel counts and up to `num_points` random (y, x) pixels of each present class."""
+    if label_HW is None:
+        return {"counts": [], "points": {}}
+    counts = np.bincount(label_HW.ravel(), minlength=256)[:num_classes]
+    rng = np.random.default_rng(seed)
+    points: dict[str, list[list[int]]] = {}
+    flat = label_HW.ravel()
+    for c in np.flatnonzero(counts):
+        where = np.flatnonzero(flat == c)
+        pick = rng.choice(where, size=min(num_points, len(where)), replace=False)
+        ys, xs = np.divmod(pick, label_HW.shape[1])
+        points[str(int(c))] = [[int(y), int(x)] for y, x in zip(ys, xs)]
+    return {"counts": counts.astype(int).tolist(), "points": points}
+
+
+def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects: list[dict[str, str]]) -> dict:
+    """Gather the finished images' sidecars (in `stems` order) into manifest.json + index.npz; return the manifest."""
+    num_classes, num_points = options["num_classes"], options["num_points"]
+    has_labels = options["labels"]
+    counts = np.zeros((len(stems), num_classes), dtype=np.int32)
+    points = np.full((len(stems), num_classes, num_points, 2), -1, dtype=np.int16)
+    source_sizes = []
+    for i, stem in enumerate(stems):
+        with open(stats_path(root, stem)) as f:
+            side = json.load(f)
+        source_sizes.append(side["source_size"])
+        if has_labels:
+            counts[i] = side["counts"]
+            for c, pts in side["points"].items():
+                points[i, int(c), : len(pts)] = pts
+    manifest = {
+        **options,
+        "format_version": FORMAT_VERSION,
+        "image_ext": IMAGE_EXT[options["format"]],
+        "stems": stems,
+        "source_sizes": source_sizes,
+        "class_pixels": counts.sum(0, dtype=np.int64).tolist(),
+        "class_images": [np.flatnonzero(counts[:, c]).tolist() for c in range(num_classes)] if has_labels else [],
+        "rejects": rejects,
+    }
+    buf_path = os.path.join(root, INDEX)
+    with open(f"{buf_path}.tmp-{os.getpid()}", "wb") as f:
+        np.savez_compressed(f, counts=counts, points=points)
+    os.replace(f"{buf_path}.tmp-{os.getpid()}", buf_path)
+    write_atomic(os.path.join(root, MANIFEST), json.dumps(manifest).encode())
+    lines = [f"{r['path']}\t{r['error']}" for r in rejects]
+    write_atomic(os.path.join(root, REJECTS), ("\n".join(lines) + "\n" if lines else "").encode())
+    return manifest
+
+
+@dataclasses.dataclass
+class PreparedSet:
+    """A prepared folder, read back: what the loaders need to plan crops on the host."""
+
+    root: str
+    dataset: str
+    size: tuple[int, int]  # (width, height) of every image and label
+    format: str  # 'jpeg' or 'png'
+    num_classes: int
+    stems: list[str]
+    has_labels: bool
+    class_images: list[list[int]]  # class -> indices of the images that contain it
+    points: np.ndarray  # (N, C, P, 2) int16 (y, x), -1 padded
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def image_path(self, i: int) -> str:
+        return image_path(self.root, self.stems[i], self.format)
+
+    def label_path(self, i: int) -> str:
+        return label_path(self.root, self.stems[i])
+
+
+def load_prepared(root: str) -> PreparedSet:
+    """Read a prepared folder; a missing or foreign folder raises DatasetError naming what is wrong and the fix."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no manifest; prepare the data first (python -m dsp_fast.prepare --help)")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable manifest ({e}); rerun python -m dsp_fast.prepare") from None
+    if m.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format version {m.get('format_version')}, this code reads {FORMAT_VERSION}; "
+                           "rerun python -m dsp_fast.prepare into a new folder")
+    if not m["stems"]:
+        raise DatasetError(f"{path}: the prepared set holds no images")
+    index_file = os.path.join(root, INDEX)
+    try:
+        with np.load(index_file) as z:
+            points = z["points"]
+    except (OSError, KeyError, ValueError) as e:
+        raise DatasetError(f"{index_file}: unreadable class index ({e}); rerun python -m dsp_fast.prepare") from None
+    return PreparedSet(root=os.path.abspath(root), dataset=m["dataset"], size=tuple(m["size"]), format=m["format"],
+                       num_classes=m["num_classes"], stems=m["stems"], has_labels=m["labels"],
+                       class_images=m["class_images"], points=points)
+
+
+# --------------------------------------------------------------------------------------------- encoded sizes
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic variants) carry the size.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def encoded_size(data: bytes | np.ndarray, path: str) -> tuple[int, int]:
+    """(width, height) read from a PNG or JPEG header without decoding; DatasetError naming `path` if unreadable.
+
+    The loaders call it on every file they read, so a foreign, truncated-header or wrongly sized file is named
+    on the host before a decoder (DALI's error messages do not know file names) ever sees it.
+    """
+    buf = memoryview(data)  # no copy of a whole file to read its header
+    head = bytes(buf[:26])
+    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+        return int(w), int(h)
+    if head[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 9 < len(buf):
+            if buf[pos] != 0xFF:
+                break
+            marker = buf[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            seg_len = struct.unpack(">H", buf[pos + 2:pos + 4])[0]
+            if marker in _SOF:
+                h, w = struct.unpack(">HH", buf[pos + 5:pos + 9])
+                return int(w), int(h)
+            pos += 2 + seg_len
+        raise DatasetError(f"{path}: corrupt JPEG (no frame header found)")
+    raise DatasetError(f"{path}: not a PNG or JPEG file (corrupt or foreign)")
+
+
+def check_size(data: bytes | np.ndarray, path: str, expected: tuple[int, int]) -> None:
+    """DatasetError naming `path` unless its header says `expected` (width, height)."""
+    got = encoded_size(data, path)
+    if got != tuple(expected):
+        raise DatasetError(f"{path}: {got[0]}x{got[1]} but the prepared set's size is {expected[0]}x{expected[1]} "
+                           "(width x height); the file was replaced or the folder mixes two preparations")
+
+
+def check_gray8(data: bytes | np.ndarray, path: str) -> None:
+    """DatasetError naming `path` unless it is an 8-bit grayscale PNG: a palette or colour label decodes to colours
+    in DALI (the palette indices, i.e. the class ids, would be lost)."""
+    head = bytes(memoryview(data)[:26])
+    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[24] != 8 or head[25] != 0:
+        raise DatasetError(f"{path}: not an 8-bit grayscale PNG label (prepared labels are 'L' train-id PNGs)")
+
+
+def read_checked(path: str, size: tuple[int, int], gray8: bool = False) -> np.ndarray:
+    """A prepared file's bytes, after checking its header (size, and 8-bit gray for labels): DatasetError naming
+    the path otherwise. Both backends read through here, so they reject the same files the same way."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found (the prepared folder is incomplete: rerun prepare)") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
+    check_size(data, path, size)
+    if gray8:
+        check_gray8(data, path)
+    return data

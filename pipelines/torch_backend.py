@@ -1,0 +1,146 @@
+"""torch crop streams over prepared data: the reference's PIL DataLoader path, and an optional GPU JPEG decode.
+
+`torch`: DataLoader worker processes decode with PIL and crop the planned windows (the same plan as DALI, so the
+crops are the same pixels). `torchvision`: the workers only read and check the bytes (and decode the small PNG
+label crops); the main process decodes the JPEG batch on the GPU with `torchvision.io.decode_jpeg` - a GPU data
+path for a machine without DALI. Errors raised in a worker reach the training process as the same exception
+type (DataLoader re-raises it), naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dsp_fast.data.errors import DatasetError
+
+from . import prepared
+from .plan import CropPlan
+
+# What PIL raises on a corrupt or truncated file.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def decode(data: np.ndarray, path: str, gray: bool) -> np.ndarray:
+    """PIL decode of checked bytes: uint8 HxW (gray) or HxWx3 RGB; DatasetError naming `path` if corrupt."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return np.asarray(im if gray else im.convert("RGB"))
+    except _DECODE_ERRORS as e:
+        raise DatasetError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def crop_flip(x: np.ndarray, window: tuple[int, int], crop: tuple[int, int], flip: bool) -> np.ndarray:
+    (x0, y0), (cw, ch) = window, crop
+    x = x[y0:y0 + ch, x0:x0 + cw]
+    return x[:, ::-1] if flip else x
+
+
+class _CropSteps(Dataset):
+    """Item `step`: the crops of that step's plan, as (images, labels or None, plan)."""
+
+    def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
+                 with_labels: bool, decode_images: bool) -> None:
+        self.ds, self.plan_fn, self.crop = ds, plan_fn, crop
+        self.with_labels, self.decode_images = with_labels, decode_images
+
+    def __len__(self) -> int:
+        raise TypeError("an endless stream of steps has no length")
+
+    def __getitem__(self, step: int):
+        plan = self.plan_fn(step)
+        cw, ch = self.crop
+        images: list = []
+        labels = np.empty((len(plan.indices), ch, cw), dtype=np.uint8) if self.with_labels else None
+        for j, (i, window, flip) in enumerate(zip(plan.indices, plan.windows, plan.flips)):
+            path = self.ds.image_path(i)
+            data = prepared.read_checked(path, self.ds.size)
+            if self.decode_images:
+                images.append(crop_flip(decode(data, path, gray=False), window, self.crop, flip))
+            else:
+                images.append(torch.from_numpy(data))
+            if labels is not None:
+                path = self.ds.label_path(i)
+                data = prepared.read_checked(path, self.ds.size, gray8=True)
+                labels[j] = crop_flip(decode(data, path, gray=True), window, self.crop, flip)
+        if self.decode_images:
+            images = torch.from_numpy(np.stack(images))
+        return images, None if labels is None else torch.from_numpy(labels), plan
+
+
+class TorchCropStream:
+    """Yields (img_NHWC uint8, label_NHW uint8 or None, plan) per step on `device`, like DaliCropStream.
+
+    num_threads: DataLoader worker processes (0: decode in the calling process).
+    gpu_decode: decode the JPEGs with torchvision on `device` (the `torchvision` backend).
+    """
+
+    def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
+                 with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,
+                 prefetch: int = 2, gpu_decode: bool = False) -> None:
+        if gpu_decode:
+            self._decode_jpeg = import_decode_jpeg()
+            if ds.format != "jpeg":
+                raise ValueError(f"{ds.root}: the torchvision backend decodes JPEG only; prepare with --format jpeg")
+        self.ds, self.device, self.crop, self.gpu_decode = ds, device, crop, gpu_decode
+        steps = _CropSteps(ds, plan_fn, crop, with_labels, decode_images=not gpu_decode)
+        loader = DataLoader(steps, batch_size=None, sampler=itertools.count(start_step), num_workers=num_threads,
+                            pin_memory=device.type == "cuda", prefetch_factor=prefetch if num_threads else None)
+        self._it, self._workers = iter(loader), num_threads
+
+    def __iter__(self) -> TorchCropStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None, CropPlan]:
+        if self._it is None:
+            raise StopIteration
+        try:
+            images, labels, plan = next(self._it)
+        except Exception as e:
+            if not self._workers:
+                raise
+            # Stop the workers now: the traceback holds the DataLoader iterator in a cycle, and its shutdown, left
+            # to a later GC pass, stalls there (about 5 s). The worker's traceback is in the message already.
+            self._it = None
+            raise e.with_traceback(None) from None
+        if self.gpu_decode:
+            images = self._decode_crop(images, plan)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        if labels is not None:
+            labels = labels.to(self.device, non_blocking=True)
+        return images, labels, plan
+
+    def _decode_crop(self, encoded: list[torch.Tensor], plan: CropPlan) -> torch.Tensor:
+        """Batch-decode on the device, then crop and flip there: (N, H, W, 3) uint8."""
+        try:
+            decoded = self._decode_jpeg(encoded, device=self.device)
+        except RuntimeError as e:  # the GPU decoder's message does not know file names: find the file with PIL
+            for i, data in zip(plan.indices, encoded):
+                decode(data.numpy(), self.ds.image_path(i), gray=False)
+            raise RuntimeError(f"GPU JPEG decode failed on {[self.ds.image_path(i) for i in plan.indices]}") from e
+        crops: list[torch.Tensor] = []
+        for img_CHW, window, flip in zip(decoded, plan.windows, plan.flips):
+            (x0, y0), (cw, ch) = window, self.crop
+            c = img_CHW[:, y0:y0 + ch, x0:x0 + cw]
+            crops.append(c.flip(-1) if flip else c)
+        return torch.stack(crops).permute(0, 2, 3, 1)
+
+    def close(self) -> None:
+        self._it = None
+
+
+def import_decode_jpeg():
+    """torchvision.io.decode_jpeg, or an ImportError saying what the backend needs."""
+    try:
+        from torchvision.io import decode_jpeg
+    except ImportError as e:
+        raise ImportError(f"the 'torchvision' data backend needs torchvision with GPU JPEG decoding ({e}); "
+                          "use --data-backend dali or torch") from None
+    return decode_jpeg

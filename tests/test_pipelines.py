@@ -1,0 +1,236 @@
+"""dsp_fast.pipelines on CPU: DALI (device_id=None) and torch backends agree crop for crop, labels stay aligned and
+valid, long-tail crops hold their class, DDP shards cover an epoch once, bad files are named."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from dsp_fast.pipelines import build_loaders, prepared
+from dsp_fast.pipelines.loader import _nchw
+from dsp_fast.pipelines.plan import Planner, ShardedSampler
+from PIL import Image
+from test_prepare import make_cityscapes, make_gta5, run_prepare
+
+from dsp_fast.data import DatasetError
+
+CROP = (32, 24)  # (width, height); the prepared source is 64x40, the target 48x32
+LONG_TAIL = (12, 17, 18)  # rider, motorcycle (absent from the fixtures: skipped), bicycle
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("pipelines")
+    gta5 = make_gta5(str(base / "gta5"), 8, (80, 48))
+    cs = make_cityscapes(str(base / "cs"), {"train": 5}, (48, 32), seed=1)
+    out = {fmt: str(base / f"src_{fmt}") for fmt in ("png", "jpeg")}
+    for fmt, path in out.items():
+        assert run_prepare(gta5, path, "--size", "64", "40", "--format", fmt) == 0
+    assert run_prepare(cs, str(base / "tgt"), "--size", "48", "32", "--split", "train", dataset="cityscapes") == 0
+    out["tgt"] = str(base / "tgt" / "train")
+    return out
+
+
+def make_loader(sets, backend: str, fmt: str = "png", source: str | None = None, **kw):
+    args = {"crop_size": CROP, "batch_size": 2, "device": "cpu", "num_threads": 1 if backend == "dali" else 0,
+            "seed": 3, "long_tail_classes": LONG_TAIL, "num_long_tail": 2, "flip": True, **kw}
+    return build_loaders(source or sets[fmt], sets["tgt"], backend=backend, **args)
+
+
+def read(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB") if im.mode != "L" else im)
+
+
+def expected_crops(ds: prepared.PreparedSet, plan, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The planned windows cut straight out of the prepared files with numpy: the oracle of both backends."""
+    (cw, ch), imgs, labs = CROP, [], []
+    for i, (x0, y0), flip in zip(plan.indices, plan.windows, plan.flips):
+        sl = (slice(y0, y0 + ch), slice(x0, x0 + cw, None))
+        img, lab = read(ds.image_path(i))[sl], read(ds.label_path(i))[sl] if labels else None
+        imgs.append(img[:, ::-1] if flip else img)
+        labs.append(None if lab is None else (lab[:, ::-1] if flip else lab))
+    return np.stack(imgs), (np.stack(labs) if labels else None)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_dali_and_torch_give_the_planned_crops_pixel_for_pixel(sets, fmt):
+    dali, ref = make_loader(sets, "dali", fmt), make_loader(sets, "torch", fmt)
+    src, tgt = dali.planner.source, dali.planner.target
+    flips = 0
+    for step in range(3):
+        a, b = next(dali), next(ref)
+        assert set(a) == set(b) and a["lt_class"].tolist() == b["lt_class"].tolist()
+        for key in a:  # CPU DALI and PIL both decode JPEG with libjpeg-turbo: tolerance 0 (a GPU decoder may differ)
+            assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), (step, key)
+        plan = dali.planner.source_plan(step)
+        img, lab = expected_crops(src, plan, labels=True)
+        got = torch.cat([a["src_img"], a["tmpl_img"], a["lt_img"]]).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(got, img)
+        np.testing.assert_array_equal(torch.cat([a["src_label"], a["tmpl_label"], a["lt_label"]]).numpy(), lab)
+        img, _ = expected_crops(tgt, dali.planner.target_plan(step), labels=False)
+        np.testing.assert_array_equal(a["tgt_img"].permute(0, 2, 3, 1).numpy(), img)
+        flips += sum(plan.flips)
+    assert flips > 0  # the flip path ran
+
+
+def test_outputs_are_channels_last_uint8_and_labels_hold_only_train_ids(sets):
+    batch = next(make_loader(sets, "dali"))
+    for key in ("src_img", "tmpl_img", "lt_img", "tgt_img"):
+        x = batch[key]
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, CROP[1], CROP[0])
+        assert x.is_contiguous(memory_format=torch.channels_last), key
+    assert batch["src_img"].shape[0] == batch["tgt_img"].shape[0] == 2 and batch["lt_img"].shape[0] == 2
+    labels = torch.cat([batch["src_label"], batch["tmpl_label"], batch["lt_label"]])
+    assert labels.dtype == torch.uint8 and labels.shape[1:] == (CROP[1], CROP[0])
+    assert set(labels.unique().tolist()) <= set(range(19)) | {255}
+    nhwc = torch.zeros(2, 5, 7, 3, dtype=torch.uint8)
+    assert _nchw(nhwc).data_ptr() == nhwc.data_ptr()  # NHWC -> channels_last NCHW is a view, no copy
+
+
+def test_a_dropped_dali_loader_stops_its_pipelines_at_once(sets):
+    loader = make_loader(sets, "dali")
+    next(loader)
+    refs = [weakref.ref(loader.source.pipe), weakref.ref(loader.target.pipe)]
+    gc.disable()  # no reference cycle: freed by refcount, never later by a GC pass in a forked child
+    try:
+        del loader
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_a_forked_child_never_destroys_the_parents_pipelines(sets):
+    """A DataLoader worker forked while a DALI loader lives must not run the pipeline's destructor: it joins
+    threads that exist only in the parent and hangs. Made worse by a reference cycle, forced here."""
+    loader = make_loader(sets, "dali")
+    next(loader)
+    loader.source.pipe._cycle = loader.source.pipe  # only a GC pass can free it now
+    del loader
+    pid = os.fork()
+    if pid == 0:
+        gc.collect()
+        os._exit(0)
+    for _ in range(200):  # 20 s at most; the collection takes milliseconds
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung destroying an inherited DALI pipeline")
+    assert status == 0
+    gc.collect()  # free the parent's copy too
+
+
+def test_long_tail_crops_contain_their_class(sets):
+    loader, seen = make_loader(sets, "dali", "jpeg"), set()
+    assert loader.planner.candidates == [12, 18]  # motorcycle is in no image: skipped
+    for _ in range(8):
+        batch = next(loader)
+        classes = batch["lt_class"].tolist()
+        assert len(set(classes)) == 2
+        for label, cls in zip(batch["lt_label"], classes):
+            assert (label == cls).any(), cls
+        seen.update(classes)
+    assert seen == {12, 18}
+
+
+def test_two_ranks_cover_every_epoch_exactly_once():
+    n, world = 7, 2
+    ranks = [ShardedSampler(n, r, world, seed=5) for r in range(world)]
+    orders = []
+    for epoch in range(4):
+        parts = [s.epoch_indices(epoch) for s in ranks]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n)), epoch
+        assert {len(p) for p in parts} <= {n // world, n // world + 1}
+        orders.append(ranks[0].permutation(epoch).tolist())
+    assert len({tuple(o) for o in orders}) == 4  # reshuffled every epoch
+    for s in ranks:  # the per-step stream is the concatenation of the rank's epoch shares
+        np.testing.assert_array_equal(s.take(0, 4 * n // world - 1), np.concatenate(
+            [s.epoch_indices(e) for e in range(4)])[: 4 * n // world - 1])
+    with pytest.raises(ValueError, match="rank"):
+        ShardedSampler(n, 2, world)
+
+
+def test_two_ranks_of_the_loader_split_one_epoch(sets):
+    src, tgt = prepared.load_prepared(sets["png"]), prepared.load_prepared(sets["tgt"])
+    planners = [Planner(src, tgt, CROP, 2, rank, 2, seed=9) for rank in range(2)]
+    seen = [i for p in planners for step in range(2) for i in p.source_plan(step).indices[:2]]
+    assert sorted(seen) == list(range(8))  # 2 ranks x 2 steps x batch 2 = one epoch of 8 source images
+
+
+def test_resume_at_a_step_continues_the_same_sequence(sets):
+    fresh, resumed = make_loader(sets, "dali"), make_loader(sets, "dali", start_step=2)
+    next(fresh), next(fresh)
+    a, b = next(fresh), next(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, str]:
+    """A copy of the prepared source with one bad file in the first step's plan; (loader, its path)."""
+    src = str(tmp_path / "src")
+    shutil.copytree(sets[fmt], src)
+    ds = prepared.load_prepared(src)
+    planner = Planner(ds, prepared.load_prepared(sets["tgt"]), CROP, 2, seed=3, long_tail_classes=LONG_TAIL,
+                      num_long_tail=2, flip=True)  # make_loader's plan, before a worker can read a file
+    i = planner.source_plan(0).indices[0]
+    path = ds.label_path(i) if what in ("missing label", "label size") else ds.image_path(i)
+    if what == "truncated":  # header intact, entropy-coded data cut: only the decoder can notice
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: data.index(b"\xff\xda") + 40])
+    elif what == "garbage":
+        open(path, "wb").write(os.urandom(500))
+    elif what == "missing label":
+        os.remove(path)
+    else:
+        Image.fromarray(np.zeros((40, 63), np.uint8), mode="L").save(path)
+    return make_loader(sets, backend, fmt, source=src, num_threads=1), path
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("what", ["truncated", "garbage", "missing label", "label size"])
+def test_bad_file_raises_an_error_naming_it(sets, tmp_path, backend, what):
+    loader, path = _plant(sets, tmp_path, "jpeg", what, backend)
+    try:
+        with pytest.raises(DatasetError, match=path):
+            next(loader)
+    finally:
+        loader.close()
+
+
+def test_dali_absent_names_the_gpu_extra(sets, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ImportError, match=r"\[gpu\]"):
+        make_loader(sets, "dali")
+
+
+def test_torchvision_backend_crops_like_torch(sets, monkeypatch):
+    from dsp_fast.pipelines import torch_backend
+
+    def fake_decode_jpeg(encoded, device):  # stands in for the GPU decoder: same interface, PIL underneath
+        return [torch.from_numpy(np.array(torch_backend.decode(e.numpy(), "x", gray=False))).permute(2, 0, 1).to(device)
+                for e in encoded]
+
+    monkeypatch.setattr(torch_backend, "import_decode_jpeg", lambda: fake_decode_jpeg)
+    a, b = next(make_loader(sets, "torchvision", "jpeg")), next(make_loader(sets, "torch", "jpeg"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["src_img"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unprepared_folder_and_bad_arguments_are_named(sets, tmp_path):
+    with pytest.raises(DatasetError, match="no manifest; prepare the data first"):
+        build_loaders(str(tmp_path), sets["tgt"], backend="torch")
+    with pytest.raises(ValueError, match="data backend must be one of"):
+        build_loaders(sets["png"], sets["tgt"], backend="pil")
+    with pytest.raises(ValueError, match="crop 512x512 is larger"):
+        build_loaders(sets["png"], sets["tgt"], backend="torch", crop_size=(512, 512))

@@ -1,0 +1,193 @@
+"""dsp_fast.prepare: palette labels keep their ids, the manifest describes the data, resume, rejects."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from dsp_fast.pipelines import prepared
+from PIL import Image
+
+from dsp_fast import prepare
+from dsp_fast.data import GTA5, resize_image, resize_label
+from dsp_fast.data.labels import CITYSCAPES_ID_TO_TRAIN_ID
+
+# Cityscapes label ids drawn into the fixtures (road, building, sky, car, rider, bicycle, an ignored id).
+_IDS = (7, 11, 23, 26, 25, 33, 0)
+
+
+def _palette() -> list[int]:
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, 768).tolist()  # colours unrelated to the ids: only the indices may be read
+
+
+def make_label_ids(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Label ids: a road / building / sky layout plus a few small rectangles of rarer classes."""
+    ids = np.full((h, w), 23, dtype=np.uint8)
+    ids[h // 3:] = 11
+    ids[2 * h // 3:] = 7
+    for cls in rng.choice(_IDS[3:], size=3):
+        rw, rh = int(rng.integers(2, w // 4)), int(rng.integers(2, h // 4))
+        x, y = int(rng.integers(0, w - rw)), int(rng.integers(0, h - rh))
+        ids[y:y + rh, x:x + rw] = cls
+    return ids
+
+
+def make_image(rng: np.random.Generator, ids: np.ndarray) -> np.ndarray:
+    """A smooth image whose colours follow the label, plus noise (so crops of different windows differ)."""
+    base = rng.integers(0, 256, (256, 3)).astype(np.float32)[ids]
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_gta5(root: str, n: int, size: tuple[int, int], seed: int = 0) -> str:
+    """A GTA5-layout folder: RGB PNGs and palette ('P') label PNGs of Cityscapes label ids."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
+    for i in range(n):
+        ids = make_label_ids(rng, *size)
+        Image.fromarray(make_image(rng, ids)).save(os.path.join(root, "images", f"{i:05d}.png"))
+        pal = Image.fromarray(ids, mode="P")
+        pal.putpalette(_palette())
+        pal.save(os.path.join(root, "labels", f"{i:05d}.png"))
+    return root
+
+
+def make_cityscapes(root: str, counts: dict[str, int], size: tuple[int, int], seed: int = 0) -> str:
+    """A Cityscapes-layout folder with two cities per split and labelIds PNGs."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for i in range(n):
+            city = f"city{i % 2}"
+            name = f"{city}_{i:06d}_000019"
+            for sub in ("leftImg8bit", "gtFine"):
+                os.makedirs(os.path.join(root, sub, split, city), exist_ok=True)
+            ids = make_label_ids(rng, *size)
+            Image.fromarray(make_image(rng, ids)).save(
+                os.path.join(root, "leftImg8bit", split, city, f"{name}_leftImg8bit.png"))
+            label = os.path.join(root, "gtFine", split, city, f"{name}_gtFine_labelIds.png")
+            Image.fromarray(ids, mode="L").save(label)
+    return root
+
+
+def run_prepare(root: str, out: str, *extra: str, dataset: str = "gta5") -> int:
+    return prepare.main(["--dataset", dataset, "--root", root, "--out", out, "--workers", "0", "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def gta5_root(tmp_path_factory) -> str:
+    return make_gta5(str(tmp_path_factory.mktemp("gta5")), 6, (60, 36))
+
+
+def test_palette_labels_keep_their_ids_and_manifest_counts_them(gta5_root, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_prepare(gta5_root, out, "--size", "40", "24", "--format", "png", "--workers", "2") == 0
+    m = json.load(open(os.path.join(out, prepared.MANIFEST)))
+    ds = GTA5(gta5_root)
+    assert m["stems"] == [f"{i:05d}" for i in range(6)] and m["size"] == [40, 24] and m["source_sizes"][0] == [60, 36]
+    index = np.load(os.path.join(out, prepared.INDEX))
+    for i, stem in enumerate(m["stems"]):
+        with Image.open(os.path.join(gta5_root, "labels", stem + ".png")) as im:
+            raw = np.asarray(im)  # palette indices = label ids
+        expected = resize_label(CITYSCAPES_ID_TO_TRAIN_ID[raw], (40, 24))
+        with Image.open(prepared.label_path(out, stem)) as im:
+            assert im.mode == "L"
+            got = np.asarray(im)
+        np.testing.assert_array_equal(got, expected)
+        with Image.open(prepared.image_path(out, stem, "png")) as im:  # lossless: exactly the reference's resize
+            np.testing.assert_array_equal(np.asarray(im), resize_image(ds.read_image(i), (40, 24)))
+        counts = np.bincount(got.ravel(), minlength=256)[:19]
+        np.testing.assert_array_equal(index["counts"][i], counts)
+        for c in np.flatnonzero(counts):
+            assert i in m["class_images"][c]
+            pts = index["points"][i, c]
+            pts = pts[pts[:, 0] >= 0]
+            assert 1 <= len(pts) <= 8 and (got[pts[:, 0], pts[:, 1]] == c).all()
+    assert {12, 18} & {c for c in range(19) if m["class_images"][c]}  # rider / bicycle drawn: long-tail material
+    assert set(np.unique(np.concatenate([np.asarray(Image.open(prepared.label_path(out, s))).ravel()
+                                         for s in m["stems"]]))) <= set(range(19)) | {255}
+
+
+def test_resume_after_interruption_redoes_nothing_finished(gta5_root, tmp_path, monkeypatch):
+    fresh, resumed = str(tmp_path / "fresh"), str(tmp_path / "resumed")
+    assert run_prepare(gta5_root, fresh, "--size", "40", "24") == 0
+    real, calls = prepare.convert_one, []
+
+    def interrupted(i):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(i)
+        return real(i)
+
+    monkeypatch.setattr(prepare, "convert_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(gta5_root, resumed, "--size", "40", "24")
+    assert not os.path.exists(os.path.join(resumed, prepared.MANIFEST))
+    # An interruption between the image and its sidecar: a temp file and an image with no sidecar are left.
+    open(os.path.join(resumed, "images", "00004.jpg.tmp-1"), "wb").write(b"half")
+    open(prepared.image_path(resumed, "00003", "jpeg"), "wb").write(b"half")
+    monkeypatch.setattr(prepare, "convert_one", real)
+    ds = GTA5(gta5_root)
+    opts = prepare.Options("gta5", None, os.path.abspath(gta5_root), (40, 24), "jpeg", 95, 19, True, 8, 0)
+    summary = prepare.prepare_set(ds, resumed, opts, progress=False)
+    assert (summary.converted, summary.skipped, summary.rejects) == (3, 3, [])
+    assert not os.path.exists(os.path.join(resumed, "images", "00004.jpg.tmp-1"))
+    for name in (prepared.MANIFEST, "images/00003.jpg", "labels/00005.png"):
+        assert open(os.path.join(resumed, name), "rb").read() == open(os.path.join(fresh, name), "rb").read(), name
+    a, b = np.load(os.path.join(fresh, prepared.INDEX)), np.load(os.path.join(resumed, prepared.INDEX))
+    np.testing.assert_array_equal(a["points"], b["points"])
+    assert "6 images ready (3 converted now, 3 already done)" in summary.report()
+
+
+def test_corrupt_input_is_reported_by_path_and_skipped(gta5_root, tmp_path, capsys):
+    root = make_gta5(str(tmp_path / "gta5"), 3, (40, 24))
+    bad = os.path.join(root, "images", "00001.png")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2])  # truncated PNG
+    out = str(tmp_path / "out")
+    assert run_prepare(root, out, "--size", "40", "24") == 1
+    captured = capsys.readouterr()
+    assert f"REJECTED {bad}" in captured.out and "rejected" in captured.err
+    m = json.load(open(os.path.join(out, prepared.MANIFEST)))
+    assert m["stems"] == ["00000", "00002"] and [r["path"] for r in m["rejects"]] == [bad]
+    assert open(os.path.join(out, prepared.REJECTS)).read().startswith(bad + "\t")
+    # Fixed input: the rerun converts only the rejected image and reports a clean run.
+    make_gta5(root, 3, (40, 24))
+    assert run_prepare(root, out, "--size", "40", "24") == 0
+    assert "3 images ready (1 converted now, 2 already done), 0 rejected" in capsys.readouterr().out
+
+
+def test_rerun_with_other_options_is_refused(gta5_root, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_prepare(gta5_root, out, "--size", "40", "24") == 0
+    with pytest.raises(SystemExit, match="quality: 95 -> 80"):
+        run_prepare(gta5_root, out, "--size", "40", "24", "--quality", "80")
+
+
+def test_cityscapes_splits_keep_labels_and_jpeg_decodes_to_the_same_size(tmp_path):
+    root = make_cityscapes(str(tmp_path / "cs"), {"train": 3, "val": 2}, (48, 24))
+    out = str(tmp_path / "out")
+    assert run_prepare(root, out, "--size", "32", "16", dataset="cityscapes") == 0
+    for split, n in (("train", 3), ("val", 2)):
+        m = json.load(open(os.path.join(out, split, prepared.MANIFEST)))
+        assert m["split"] == split and len(m["stems"]) == n and m["labels"] and m["format"] == "jpeg"
+        assert m["stems"][0] == "city0_000000_000019"
+        with Image.open(prepared.image_path(os.path.join(out, split), m["stems"][0], "jpeg")) as im:
+            assert im.size == (32, 16) and im.format == "JPEG" and not im.info.get("progressive")
+    assert run_prepare(root, str(tmp_path / "o2"), "--split", "val", "--no-labels", dataset="cityscapes") == 0
+    assert not json.load(open(tmp_path / "o2" / "val" / prepared.MANIFEST))["labels"]
+
+
+def test_encoded_size_reads_png_and_jpeg_headers_and_names_bad_files(tmp_path):
+    img = np.zeros((7, 13, 3), np.uint8)
+    jpg = prepare.encode_image(img, "jpeg", 90)
+    assert prepared.encoded_size(jpg, "a.jpg") == (13, 7)
+    assert prepared.encoded_size(prepare.encode_image(img, "png", 0), "a.png") == (13, 7)
+    with pytest.raises(ValueError, match="b.jpg: corrupt JPEG"):
+        prepared.encoded_size(jpg[:4] + b"\x00" * 40, "b.jpg")
+    with pytest.raises(ValueError, match="c.png: not a PNG or JPEG"):
+        prepared.encoded_size(b"hello", "c.png")
+    with pytest.raises(ValueError, match="d.png: not an 8-bit grayscale"):
+        prepared.check_gray8(prepare.encode_image(img, "png", 0), "d.png")
