@@ -31,13 +31,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from dsp_fast.pipelines import build_loaders
-from dsp_fast.pipelines.plan import CropPlan, ShardedSampler, random_window
-from dsp_fast.pipelines.prepared import load_prepared
 from PIL import Image
 
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, Cityscapes, load_or_build_class_index
+from dsp_fast.pipelines import build_loaders
+from dsp_fast.pipelines.plan import CropPlan, ShardedSampler, random_window
+from dsp_fast.pipelines.prepared import load_prepared
 from dsp_fast.reference import RandomCrops, long_tail_crop
 
 GTA5_SIZE, CITYSCAPES_SIZE = (1914, 1052), (2048, 1024)

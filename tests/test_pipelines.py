@@ -13,13 +13,13 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from dsp_fast.pipelines import build_loaders, prepared
-from dsp_fast.pipelines.loader import _nchw
-from dsp_fast.pipelines.plan import Planner, ShardedSampler
 from PIL import Image
 from test_prepare import make_cityscapes, make_gta5, run_prepare
 
 from dsp_fast.data import DatasetError
+from dsp_fast.pipelines import build_loaders, prepared
+from dsp_fast.pipelines.loader import _nchw
+from dsp_fast.pipelines.plan import Planner, ShardedSampler
 
 CROP = (32, 24)  # (width, height); the prepared source is 64x40, the target 48x32
 LONG_TAIL = (12, 17, 18)  # rider, motorcycle (absent from the fixtures: skipped), bicycle

@@ -7,12 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from dsp_fast.pipelines import prepared
 from PIL import Image
 
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, resize_image, resize_label
 from dsp_fast.data.labels import CITYSCAPES_ID_TO_TRAIN_ID
+from dsp_fast.pipelines import prepared
 
 # Cityscapes label ids drawn into the fixtures (road, building, sky, car, rider, bicycle, an ignored id).
 _IDS = (7, 11, 23, 26, 25, 33, 0)
