@@ -111,7 +111,7 @@ def test_fast_step_matches_reference(dsp):
 
     assert set(losses) == set(ref_losses)
     for k, v in ref_losses.items():
-        assert float(losses[k]) == pytest.approx(v, rel=1e-5, abs=1e-7), k
+        assert float(losses[k].detach()) == pytest.approx(v, rel=1e-5, abs=1e-7), k
     for a, b in zip(student.state_dict().items(), fast_student.state_dict().items()):
         torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6, msg=a[0])
     for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
