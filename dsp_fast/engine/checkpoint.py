@@ -1,0 +1,136 @@
+"""Checkpoints of the fast trainer: everything an exact resume needs, written atomically, the last K kept.
+
+A checkpoint `ckpt_<step>.pt` holds the student, the teacher, the optimizer (momentum buffers), the GradScaler,
+the step (the loader is step-indexed, so the step is the data position), the skipped-step counters, the best
+eval mIoU, and the RNG states of every rank (CPU, CUDA, and the device generator of the random choices), all as
+tensors and plain values so that it loads with `weights_only=True`. It also carries `config` and `input_kind`,
+so `python -m dsp_fast.evaluate --checkpoint` reads it like a reference checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+from typing import Any
+
+import torch
+
+from dsp_fast.run_io import atomic_torch_save
+
+FORMAT = "dsp_fast.train/1"
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+BEST = "best.pt"
+
+
+class ResumeError(ValueError):
+    """A --resume target that does not exist, holds no checkpoint, or does not fit this run."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the periodic checkpoints in `run_dir`, oldest first (temp files of a killed write skipped)."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(run_dir, n)) for n in os.listdir(run_dir) if (m := _NAME.match(n))]
+    return sorted(found)
+
+
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    """This rank's RNG states as tensors (weights_only-loadable): the CPU generator, the CUDA generator of the
+    choice generator's GPU (only that one: asking for every GPU's would open a context on each), and the
+    choice generator. Python's and numpy's global generators are not used by the training path."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state(), "choices": gen.get_state()}
+    if gen.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(gen.device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["cpu"])
+    gen.set_state(state["choices"])
+    if "cuda" in state and gen.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], gen.device)
+
+
+def save(run_dir: str, payload: dict[str, Any], keep_last: int) -> str:
+    """Write `payload` as ckpt_<step>.pt (atomically), then delete all but the newest `keep_last`."""
+    path = os.path.join(run_dir, checkpoint_name(payload["step"]))
+    atomic_torch_save(payload, path)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def save_best(run_dir: str, payload: dict[str, Any]) -> None:
+    atomic_torch_save(payload, os.path.join(run_dir, BEST))
+
+
+def clean_stale(run_dir: str) -> None:
+    """Remove temp files left by a write that was killed (atomic_torch_save names them <path>.tmp.<pid>)."""
+    for tmp in glob.glob(os.path.join(run_dir, "*.pt.tmp.*")):
+        os.remove(tmp)
+
+
+def set_aside(run_dir: str) -> str | None:
+    """A fresh run in a folder holding another run's checkpoints: move them into a subfolder (nothing is lost,
+    and `--resume auto` can never mix the two runs). Returns the subfolder, or None when there was nothing."""
+    old = [p for _, p in list_checkpoints(run_dir)] + glob.glob(os.path.join(run_dir, BEST))
+    if not old:
+        return None
+    dest = os.path.join(run_dir, time.strftime("superseded_%Y%m%d_%H%M%S"))
+    os.makedirs(dest, exist_ok=True)
+    for p in old:
+        os.replace(p, os.path.join(dest, os.path.basename(p)))
+    return dest
+
+
+def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
+    """The checkpoint file to resume from: spec '' -> none; 'auto' -> the newest in run_dir (none: a fresh start);
+    a folder -> its newest (in <folder>/<sub> when that exists); a file -> that file."""
+    if not spec:
+        return None
+    if spec == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    if os.path.isfile(spec):
+        if sub:
+            raise ResumeError(f"--resume {spec}: this run trains several models (train.compare_source_only); "
+                              "pass the run folder or 'auto' instead of one file")
+        return spec
+    if os.path.isdir(spec):
+        folder = os.path.join(spec, sub) if sub and os.path.isdir(os.path.join(spec, sub)) else spec
+        found = list_checkpoints(folder)
+        if not found:
+            raise ResumeError(f"--resume {spec}: no checkpoint (ckpt_<step>.pt) in {folder}")
+        return found[-1][1]
+    hint = " (an override after a bare --resume is read as its PATH: write --resume auto)" if "=" in spec else ""
+    raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder{hint}")
+
+
+def load(path: str) -> dict[str, Any]:
+    """A checkpoint of this trainer, read with weights_only=True; anything else is a ResumeError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ResumeError(f"--resume: checkpoint not found: {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
+        raise ResumeError(f"--resume: {path} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ResumeError(f"--resume: {path} was not written by dsp_fast.train (format {FORMAT}); a reference "
+                          "checkpoint has no optimizer RNG or data position to continue from exactly")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], path: str, cfg_dict: dict[str, Any]) -> None:
+    """A checkpoint continues only the run it came from: same model, same schedule length, same DSP switch."""
+    saved = ckpt.get("config", {})
+    for section, key in (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("train", "max_steps"),
+                         ("data", "batch_size"), ("data", "crop_size")):
+        a, b = saved.get(section, {}).get(key), cfg_dict[section][key]
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            raise ResumeError(f"--resume: {path} was trained with {section}.{key}={a!r}, this run has {b!r}")

@@ -1,0 +1,112 @@
+"""Features applied to the models and the optimizer, one function each, in the order `loop.setup` calls them:
+channels_last, the optimizer (fused SGD with a device lr), the GradScaler, DDP, and the input normalisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dsp_fast.config import Config
+from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.options import FastOptions
+from dsp_fast.models import build_model, param_groups, set_bn_mode
+from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+
+
+def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Student and teacher, initialised exactly as the reference trainer does (seed, then build)."""
+    torch.manual_seed(cfg.train.seed)
+    student = build_model(cfg.model).to(device)
+    student.train()
+    set_bn_mode(student, cfg.model.freeze_bn)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def apply_channels_last(*models: nn.Module) -> None:
+    for m in models:
+        m.to(memory_format=torch.channels_last)
+
+
+def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: torch.device
+                    ) -> tuple[torch.optim.Optimizer, bool]:
+    """SGD over the model's parameter groups; returns (optimizer, device_skip).
+
+    device_skip: the optimizer reads `optimizer.found_inf` on the device (torch fused SGD), so a non-finite step is
+    skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in place each step (a
+    CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch 2.13) and a float lr.
+    """
+    o = cfg.optim
+    groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection)
+    if opts.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedSGD  # NOT YET RUN: apex is not installable on the CPU machine
+        except ImportError as e:
+            raise SystemExit(f"--optimizer apex: NVIDIA apex does not import ({e}); use --optimizer fused") from None
+        return FusedSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay), False
+    fused = opts.optimizer in ("auto", "fused")
+    if fused and device.type == "cuda":
+        for g in groups:
+            g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=device)
+    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused or None,
+                          foreach=True if not fused else None)
+    if o.momentum:
+        # Fused SGD leaves the momentum buffers uninitialised when its first step is skipped (FACTS.md); zeros give
+        # the same first update as the lazy clone (0 * momentum + grad).
+        for g in opt.param_groups:
+            for p in g["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt, fused
+
+
+def build_grad_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
+    """Enabled for fp16 only; bf16 and fp32 need no loss scaling (a disabled scaler is a pass-through)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def apply_ddp(model: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
+    """Wrap the student (never the teacher) in DDP. The three student forwards of a DSP step meet one backward:
+    every parameter's gradient hook fires once, so the default reducer works. BN buffers are not broadcast: BN
+    uses batch statistics in training, and rank 0's running statistics are the ones evaluated and saved.
+    find_unused: source-only training never uses the MMD projection."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # torch >= 2.13 renames broadcast_buffers (the old name warns); both keep the sync at construction
+    params = inspect.signature(DDP).parameters
+    sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    kwargs = {sync_kw: False, "find_unused_parameters": find_unused}
+    if info.device.type != "cuda":
+        return DDP(model, **kwargs)
+    # NOT YET RUN ON A GPU: DDP built on a side stream, as full-backward CUDA graph capture requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ddp = DDP(model, device_ids=[info.device.index], output_device=info.device.index, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    return ddp
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def make_normalize(kind: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`models.normalize_input` with its constants made once on the device: the same arithmetic (same bits), but
+    no host-to-device copy per call, which a CUDA graph capture forbids."""
+    if kind == "torchvision":
+        mean = torch.tensor(IMAGENET_MEAN_RGB, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD_RGB, device=device).view(1, 3, 1, 1)
+        return lambda x: (x - mean) / std
+    if kind == "deeplab":
+        mean_bgr = torch.tensor(DEEPLAB_MEAN_BGR, device=device).view(1, 3, 1, 1)
+        return lambda x: x.flip(1) * 255.0 - mean_bgr
+    raise ValueError(f"unknown input kind {kind!r}")

@@ -1,0 +1,80 @@
+"""CUDA-graph capture of the training step. NOT YET RUN ON A GPU: written from the PyTorch CUDA-graph notes and
+shared/FACTS.md, checked on CPU only as far as the eager path goes; `tests/test_train_step.py` holds the
+eager-vs-graphed test that a GPU run must pass before graphs are trusted.
+
+Recipe: the first `warmup` steps run eagerly on a side stream (real training steps, not throw-away ones: they
+let cuDNN pick algorithms, allocate the gradients and, under DDP, rebuild its buckets, which takes about 11
+iterations); the next call captures the step once and replays it, and every later call only replays. The
+captured step reads its inputs from the static buffers and the lr / step / flag tensors, which the caller
+fills in place before each call. A capture that fails (an op that syncs, an unsupported collective) is reported
+and the run continues eagerly: correctness never depends on the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class GraphedStep:
+    """Call it like the step function it wraps; `fn` takes no arguments (a closure over the static buffers)."""
+
+    def __init__(self, fn: Callable[[], None], warmup: int, on_fallback: Callable[[str], None] = print) -> None:
+        self.fn, self.warmup, self.on_fallback = fn, warmup, on_fallback
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_only = False
+        self._side = torch.cuda.Stream()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager_only or self.calls <= self.warmup:
+            self._eager()
+        elif self._capture():
+            self.graph.replay()  # capture records without running: this step still has to happen
+        else:
+            self._eager()
+
+    def _eager(self) -> None:
+        self._side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side):
+            self.fn()
+        torch.cuda.current_stream().wait_stream(self._side)
+
+    def _capture(self) -> bool:
+        torch.cuda.synchronize()
+        graph, reason = torch.cuda.CUDAGraph(), ""
+        try:
+            # thread_local: DALI's worker threads may call CUDA during the capture (FACTS.md)
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.fn()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: keep training eagerly, say why
+            reason = f"{type(e).__name__}: {e}"
+            torch.cuda.synchronize()
+        if not _all_ranks_agree(not reason):  # one rank replaying collectives while another runs eagerly would hang
+            self.eager_only = True
+            self.on_fallback(f"CUDA graph capture failed ({reason or 'on another rank'}); continuing eagerly")
+            return False
+        self.graph = graph
+        return True
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank (once, at capture time: the host read is harmless there)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device="cuda")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def make_step_runner(fn: Callable[[], None], use_graphs: bool, warmup: int,
+                     on_fallback: Callable[[str], None] = print) -> Callable[[], None]:
+    """The step as run by the loop: graphed on CUDA when asked, the plain function otherwise."""
+    if not use_graphs:
+        return fn
+    return GraphedStep(fn, warmup, on_fallback)

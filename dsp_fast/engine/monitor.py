@@ -1,0 +1,125 @@
+"""What the trainer shows: the progress line and metrics JSONL (run_io.RunLog, rank 0 only), optional TensorBoard
+scalars, and an image grid PNG of one step (template, mask, both mixed images, pseudo-label, prediction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from dsp_fast.config import Config
+from dsp_fast.engine.features import unwrap
+from dsp_fast.kernels import dual_soft_paste
+from dsp_fast.method import paste_long_tail, seg_forward, select_classes, strong_augment
+from dsp_fast.run_io import RunLog
+
+# Cityscapes colours of the 19 train ids (the ignore label and anything else: black).
+PALETTE = np.zeros((256, 3), dtype=np.uint8)
+PALETTE[:19] = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+
+
+class FastRunLog(RunLog):
+    """RunLog that can start at a resumed step (img/s and ETA count from there) and mirrors scalars to
+    TensorBoard when `torch.utils.tensorboard` imports."""
+
+    _said_no_tensorboard = False
+
+    def __init__(self, cfg: Config, sub: str, title: str, tensorboard: bool) -> None:
+        super().__init__(cfg, sub, title)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the tensorboard package is optional: say so once per process
+                if not FastRunLog._said_no_tensorboard:
+                    print(f"[{title}] TensorBoard off: the tensorboard package is not installed", flush=True)
+                    FastRunLog._said_no_tensorboard = True
+            else:
+                self._tb = SummaryWriter(self.dir)
+
+    def start(self, total_steps: int, images_per_step: int, start_step: int = 0) -> None:
+        super().start(total_steps, images_per_step)
+        self._steps_at_last = start_step  # RunLog.start has no start step yet (see the report on run_io)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        super().close()
+
+
+class NullLog:
+    """The log of ranks other than 0: they print and write nothing."""
+
+    def start(self, *args: Any, **kwargs: Any) -> None: ...
+    def step(self, *args: Any, **kwargs: Any) -> None: ...
+    def metrics(self, *args: Any, **kwargs: Any) -> None: ...
+    def scalars(self, *args: Any, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def memory_figures(device: torch.device) -> dict[str, float]:
+    """Peak host memory on CPU runs (RunLog itself prints the CUDA peak when a GPU is present)."""
+    if device.type == "cuda":
+        return {}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+@contextlib.contextmanager
+def preserved_buffers(*models: nn.Module) -> Iterator[None]:
+    """A training-mode forward updates BN running statistics; put them back (in place: a CUDA graph holds their
+    addresses) so that drawing a picture never changes the run."""
+    saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
+def _rgb(x_3HW: torch.Tensor) -> np.ndarray:
+    return (x_3HW.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _colour(label_HW: torch.Tensor) -> np.ndarray:
+    return PALETTE[label_HW.clamp(0, 255).byte().cpu().numpy()]
+
+
+@torch.no_grad()
+def save_image_grid(path: str, ctx, buf) -> None:
+    """One row per image of the step held in `buf`: template (with long-tail pastes), mask M, mixed source, mixed
+    target, teacher pseudo-label, student prediction on the mixed target. Drawn after the step's update."""
+    s, ch = ctx.settings, buf.choices
+    student = unwrap(ctx.student)  # the module itself: no DDP hooks for a picture
+    with preserved_buffers(student, ctx.teacher):
+        yhat = seg_forward(ctx.teacher, buf.x_t, ctx.normalize)[0].argmax(1)
+        sel = select_classes(buf.y_m, ch.class_u)
+        x_m, y_m, sel = paste_long_tail(buf.x_m, buf.y_m, sel, ch.lt_img, ch.lt_label, ch.lt_cls)
+        xs_mix, _, xt_mix, _, mask = dual_soft_paste(x_m, y_m, sel, buf.x_s, buf.y_s, buf.x_t, yhat, s.lam)
+        xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel)
+        xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel)
+        pred = seg_forward(student, xt_mix, ctx.normalize)[0].argmax(1)
+    rows = []
+    for b in range(buf.x_s.shape[0]):
+        m = mask[b].byte().cpu().numpy()[..., None].repeat(3, axis=2) * 255
+        tiles = [_rgb(x_m[b]), m, _rgb(xs_mix[b]), _rgb(xt_mix[b]), _colour(yhat[b]), _colour(pred[b])]
+        rows.append(np.concatenate(tiles, axis=1))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,191 @@
+"""The DSP training step as a plain function over static buffers: `train_step(ctx, buf)`.
+
+Nothing in it reads a device value on the host (except the foreach/apex fallback's skip), so it can be captured in
+a CUDA graph and replayed: the batch is copied into the same buffers every step, the random choices are drawn
+into them in place from a device generator, and the lr and the step number live in device tensors filled before
+the call. A non-finite loss or gradient sets `found_inf` on the device: the optimizer (fused SGD reads the flag)
+and the EMA (its weight is multiplied by 1 - found_inf) then leave every weight as it was, and the step is
+counted. Step numbers in comments refer to shared/DSP_METHOD.md.
+
+Shapes: B batch, K classes, L long-tail crops, H x W crop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsp_fast.config import DSPConfig
+from dsp_fast.method import DeviceChoices, LossSettings, dsp_losses
+
+LOSS_KEYS_DSP = ("loss", "src", "srcmix", "tgtmix", "mmd", "q")
+LOSS_KEYS_SOURCE_ONLY = ("loss", "src")
+
+
+@dataclasses.dataclass
+class StepBuffers:
+    """The step's inputs, at fixed addresses: images float RGB 0..1 (B, 3, H, W), labels int64 (B, H, W)."""
+
+    x_s: torch.Tensor
+    y_s: torch.Tensor
+    x_m: torch.Tensor
+    y_m: torch.Tensor
+    x_t: torch.Tensor
+    choices: DeviceChoices
+
+    @classmethod
+    def like(cls, batch: dict[str, torch.Tensor], num_classes: int, channels_last: bool) -> StepBuffers:
+        """Buffers shaped after one loader batch (the loader's shapes are fixed for a run)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        b, _, h, w = batch["src_img"].shape
+        lt = batch["lt_img"].shape[0]
+        dev = batch["src_img"].device
+
+        def img(n: int) -> torch.Tensor:
+            return torch.zeros(n, 3, h, w, device=dev).contiguous(memory_format=fmt)
+
+        def lab(n: int) -> torch.Tensor:
+            return torch.zeros(n, h, w, dtype=torch.int64, device=dev)
+
+        choices = DeviceChoices(class_u=torch.zeros(b, num_classes, device=dev), lt_img=img(lt), lt_label=lab(lt),
+                                lt_cls=torch.full((lt,), -1, dtype=torch.int64, device=dev),
+                                aug_src=torch.zeros(b, 7, device=dev), aug_tgt=torch.zeros(b, 7, device=dev))
+        return cls(img(b), lab(b), img(b), lab(b), img(b), choices)
+
+    def load_(self, batch: dict[str, torch.Tensor]) -> None:
+        """Copy a loader batch (uint8 images and labels) in place; images / 255 as the reference's to_tensor."""
+        pairs = ((self.x_s, "src_img"), (self.x_m, "tmpl_img"), (self.x_t, "tgt_img"), (self.choices.lt_img, "lt_img"))
+        for dst, key in pairs:
+            dst.copy_(batch[key], non_blocking=True)
+            dst.div_(255)
+        self.y_s.copy_(batch["src_label"], non_blocking=True)
+        self.y_m.copy_(batch["tmpl_label"], non_blocking=True)
+        self.choices.lt_label.copy_(batch["lt_label"], non_blocking=True)
+        self.choices.lt_cls.copy_(batch["lt_class"], non_blocking=True)
+
+
+def draw_choices_(ch: DeviceChoices, gen: torch.Generator, d: DSPConfig) -> None:
+    """Steps 2 and 4's random choices, drawn in place on the device (the distributions of augment.draw_strong_aug):
+    class ranks U(0,1); per image [jitter coin, brightness, contrast, saturation in 1 +- s, hue in +- s, blur coin,
+    sigma in U(0.15, 1.15)]. Long-tail crops come from the loader."""
+    ch.class_u.uniform_(generator=gen)
+    s = d.jitter_strength
+    for aug in (ch.aug_src, ch.aug_tgt):
+        aug.uniform_(generator=gen)
+        aug[:, 0] = aug[:, 0] < d.jitter_p
+        aug[:, 1:4].mul_(2 * s).add_(1 - s)
+        aug[:, 4].mul_(2 * s).sub_(s)
+        aug[:, 5] = aug[:, 5] < d.blur_p
+        aug[:, 6].add_(0.15)
+
+
+@dataclasses.dataclass
+class StepContext:
+    """Everything `train_step` touches besides the buffers. Device tensors here keep fixed addresses."""
+
+    settings: LossSettings
+    student: nn.Module  # the DDP wrapper when distributed: its forward and backward sync the gradients
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+    ema_max: float
+    device_skip: bool  # the optimizer reads found_inf on the device (torch fused SGD)
+    sync_flag: bool  # all-reduce found_inf so every rank skips the same steps
+    autocast_cache: bool = True  # off under CUDA graph capture (a cached cast would outlive the capture)
+    # made by __post_init__, on the teacher's device
+    step_t: torch.Tensor = dataclasses.field(init=False)  # int64 0-d: the step number (EMA alpha)
+    found_inf: torch.Tensor = dataclasses.field(init=False)  # float 0-d: 1 when this step is skipped
+    sums: dict[str, torch.Tensor] = dataclasses.field(init=False)  # loss terms summed over good steps
+    counts: torch.Tensor = dataclasses.field(init=False)  # [good steps, skipped steps, current skipped run]
+    teacher_params: list[torch.Tensor] = dataclasses.field(init=False)
+    student_params: list[torch.Tensor] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        dev = next(self.teacher.parameters()).device
+        self.step_t = torch.zeros((), dtype=torch.int64, device=dev)
+        self.found_inf = torch.zeros((), device=dev)
+        keys = LOSS_KEYS_DSP if self.settings.enabled else LOSS_KEYS_SOURCE_ONLY
+        self.sums = {k: torch.zeros((), device=dev) for k in keys}
+        self.counts = torch.zeros(3, device=dev)
+        self.teacher_params = list(self.teacher.parameters())
+        self.student_params = list(self.student.parameters())
+        if self.device_skip and not self.scaler.is_enabled():  # fp16: the scaler hands fused SGD its own flag
+            self.optimizer.found_inf = self.found_inf  # fused SGD skips its update where found_inf != 0
+
+    def set_schedule_(self, step: int, lr: float) -> None:
+        """Before the step, outside any graph: the step number and each group's lr (in place when a tensor)."""
+        self.step_t.fill_(step)
+        for g in self.optimizer.param_groups:
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr * g["lr_mult"])
+            else:
+                g["lr"] = lr * g["lr_mult"]
+
+
+def train_step(ctx: StepContext, buf: StepBuffers) -> None:
+    """One DSP step (steps 1-7): losses, one backward, a finite check, SGD, EMA; the terms accumulate in ctx.sums."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(buf.x_s.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype != torch.float32,
+                        cache_enabled=ctx.autocast_cache):
+        losses = dsp_losses(ctx.settings, ctx.student, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m,
+                            buf.y_m, buf.x_t, buf.choices)
+    ctx.scaler.scale(losses["loss"]).backward()
+    found = _check_finite_(ctx, losses["loss"])
+    if ctx.scaler.is_enabled():  # fp16: the scaler skips (and backs off) on overflowing gradients itself
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    elif ctx.device_skip:
+        ctx.optimizer.step()
+    elif not bool(found):  # foreach / apex: one host read per step (their update cannot read a device flag)
+        ctx.optimizer.step()
+    _gated_ema_(ctx, found)
+    keep = found == 0
+    for k, total in ctx.sums.items():
+        total.add_(torch.where(keep, losses[k].detach().float(), 0.0))
+    ctx.counts[0].add_(1 - found)
+    ctx.counts[1].add_(found)
+    ctx.counts[2].add_(found).mul_(found)  # consecutive skipped steps: reset by any good step
+
+
+def _check_finite_(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
+    """found_inf = 1 if the loss or any gradient is not finite (gradients after DDP's all-reduce, so ranks agree)."""
+    ctx.found_inf.copy_(~torch.isfinite(loss.detach()))
+    if not ctx.scaler.is_enabled():
+        grads = [p.grad for g in ctx.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # multiplying by exactly 1.0 leaves the gradients' bits unchanged; only the flag is wanted
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, ctx.found_inf, torch.ones_like(ctx.found_inf))
+    if ctx.sync_flag:
+        dist.all_reduce(ctx.found_inf, op=dist.ReduceOp.MAX)
+    return ctx.found_inf
+
+
+@torch.no_grad()
+def _gated_ema_(ctx: StepContext, found: torch.Tensor) -> None:
+    """Step 7, as method.ema_update (same bits on a good step), with the weight zeroed on a skipped step:
+    lerp with weight 0 returns the teacher unchanged."""
+    alpha = torch.clamp(1.0 - 1.0 / (ctx.step_t.float() + 1.0), max=ctx.ema_max)
+    torch._foreach_lerp_(ctx.teacher_params, ctx.student_params, (1.0 - alpha) * (1.0 - found))
+
+
+def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
+    """lr * (1 - step / max_steps) ** power, as the reference trainer's schedule."""
+    return base_lr * (1 - step / max_steps) ** power
+
+
+def read_stats(ctx: StepContext) -> tuple[dict[str, float], int, int]:
+    """The means of the terms over the good steps since the last read, the skipped steps since then, and the
+    current run of consecutive skipped steps; then reset. One host sync (call it on log steps only)."""
+    values = torch.cat([torch.stack(list(ctx.sums.values())), ctx.counts]).tolist()
+    n = len(ctx.sums)
+    good, skipped, run = values[n:]
+    means = {k: v / good for k, v in zip(ctx.sums, values[:n])} if good else {}
+    for t in ctx.sums.values():
+        t.zero_()
+    ctx.counts[:2].zero_()  # the consecutive run carries over
+    return means, int(skipped), int(run)

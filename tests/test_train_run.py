@@ -1,0 +1,129 @@
+"""The fast trainer end to end on the synthetic shift (tiny model, 32x32 crops, a few steps, CPU): two gloo ranks
+stay identical and exit cleanly, a run killed with SIGKILL and resumed ends bit for bit where an uninterrupted
+run ends, checkpoints are pruned to the last K, a bad --resume is a clear error, and a run of non-finite steps
+stops the run with a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dsp_fast import train
+from dsp_fast.config import load_config
+from dsp_fast.engine.checkpoint import list_checkpoints
+from dsp_fast.engine.data import prepare_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> str:
+    """The synthetic shift, generated and prepared once for the module (about 6 s), so runs only train."""
+    root = str(tmp_path_factory.getbasetemp() / "synthetic")
+    prepare_synthetic(load_config(os.path.join(REPO, "configs/synthetic.yaml"), [f"data.synthetic_root={root}"]))
+    return root
+
+
+def tiny_args(root: str, out: str, steps: int, *extra: str) -> list[str]:
+    return ["--config", os.path.join(REPO, "configs/synthetic.yaml"), f"data.synthetic_root={root}",
+            f"train.out_dir={out}", f"train.max_steps={steps}", "data.crop_size=[32,32]", "data.eval_size=[64,32]",
+            "data.max_eval_images=2", "train.compare_source_only=false", "train.log_every=4", *extra]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.pop("TRITON_INTERPRET", None)  # the kernels' twins: the same results, without the interpreter's cost
+    return e
+
+
+def read(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for key in ("student", "teacher"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name} differs"
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), f"momentum {i}"
+    assert torch.equal(a["rng"][0]["choices"], b["rng"][0]["choices"]) and a["step"] == b["step"]
+
+
+def test_two_gloo_ranks_keep_identical_weights_and_exit_cleanly(synthetic_root, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dsp_fast.train",
+           *tiny_args(synthetic_root, out, 4)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    with open(os.path.join(out, "rank_weights.json")) as f:
+        digests = json.load(f)
+    assert digests["identical"] and len(digests["sha256"]) == 2
+    ckpt = read(os.path.join(out, "ckpt_00000004.pt"))
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["choices"], ckpt["rng"][1]["choices"])  # each rank its own choices
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(synthetic_root, tmp_path):
+    steps, extra = 40, ("train.checkpoint_every=4", "--keep-last", "2")
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "dsp_fast.train"]
+    proc = subprocess.run(cmd + tiny_args(synthetic_root, full, steps, *extra), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(full)] == [36, 40]  # keep-last-K
+
+    victim = subprocess.Popen(cmd + tiny_args(synthetic_root, killed, steps, *extra), cwd=REPO, env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not list_checkpoints(killed) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    written = [s for s, _ in list_checkpoints(killed)]
+    assert written and written[-1] < steps, f"the run was not killed mid-training (checkpoints {written})"
+
+    proc = subprocess.run(cmd + tiny_args(synthetic_root, killed, steps, *extra, "--resume", "auto"), cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"at step {written[-1]}" in proc.stdout
+    assert_same_state(read(os.path.join(full, "ckpt_00000040.pt")), read(os.path.join(killed, "ckpt_00000040.pt")))
+
+
+def test_bad_resume_target_is_a_clear_error(tmp_path, capsys):
+    args = tiny_args(str(tmp_path / "unused"), str(tmp_path / "run"), 2)
+    assert train.main(args + ["--resume", str(tmp_path / "missing.pt")]) == 2
+    assert "no such checkpoint file or run folder" in capsys.readouterr().err
+    foreign = tmp_path / "reference_last.pt"
+    torch.save({"student": {}, "step": 3}, foreign)
+    assert train.main(args + ["--resume", str(foreign)]) == 2
+    assert "was not written by dsp_fast.train" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train.main(args + ["--resume", str(tmp_path / "empty")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "unused").exists()  # rejected before any data was generated
+
+
+def test_non_finite_streak_stops_with_a_checkpoint(synthetic_root, tmp_path, capsys):
+    out = str(tmp_path / "nan")
+    # lr 1e30: the first update overflows the weights, every later loss is NaN and every step is skipped
+    code = train.main(tiny_args(synthetic_root, out, 30, "optim.lr=1.0e+30", "train.log_every=0",
+                                "--max-bad-steps", "3"))
+    assert code == 3
+    assert "consecutive steps had a non-finite loss" in capsys.readouterr().err
+    (step, path), = list_checkpoints(out)
+    ckpt = read(path)
+    assert step < 30 and 3 <= ckpt["consecutive_skipped"] <= ckpt["skipped_steps"]
+
+
+def test_reference_only_switches_are_refused(tmp_path, capsys):
+    args = tiny_args(str(tmp_path / "unused"), str(tmp_path / "run"), 2)
+    assert train.main(args + ["dsp.paste_ignore_label=true"]) == 2
+    assert "dsp.paste_ignore_label: not implemented by the fast trainer" in capsys.readouterr().err
