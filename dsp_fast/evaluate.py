@@ -85,7 +85,7 @@ def format_iou_table(iou: torch.Tensor) -> str:
 @torch.no_grad()
 def predict(model: torch.nn.Module, image_uint8_HWC: np.ndarray, device: torch.device) -> torch.Tensor:
     """Single-scale prediction (H, W) at the image's own size."""
-    x = torch.from_numpy(image_uint8_HWC).permute(2, 0, 1)[None].float().div(255).to(device)
+    x = torch.from_numpy(np.array(image_uint8_HWC)).permute(2, 0, 1)[None].float().div(255).to(device)
     logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
     logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
     return logits.argmax(1)[0]
@@ -103,7 +103,7 @@ def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_cl
         for i in range(count):
             image, label = dataset[i]
             pred = predict(model, resize_image(image, eval_size), device).cpu()
-            conf += confusion_matrix(pred, torch.from_numpy(resize_label(label, eval_size)), num_classes)
+            conf += confusion_matrix(pred, torch.from_numpy(np.array(resize_label(label, eval_size))), num_classes)
     finally:
         model.train(was_training)
     return conf

@@ -135,7 +135,11 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
 
 @torch.no_grad()
 def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Tensor], step_t: torch.Tensor,
-               ema_max: float) -> None:
-    """Step 7 with the step as a device tensor: g += (1 - alpha_t) * (f - g), alpha_t = min(1 - 1/(t+1), ema_max)."""
+               ema_max: float, skip: torch.Tensor | None = None) -> None:
+    """Step 7 with the step as a device tensor: g += (1 - alpha_t) * (f - g), alpha_t = min(1 - 1/(t+1), ema_max).
+
+    `skip` (0-d, 1.0 on a skipped step) zeroes the weight on the device: lerp with weight 0 leaves the teacher as
+    it was, with no host branch."""
     alpha = torch.clamp(1.0 - 1.0 / (step_t.float() + 1.0), max=ema_max)
-    torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)
+    weight = 1.0 - alpha if skip is None else (1.0 - alpha) * (1.0 - skip)
+    torch._foreach_lerp_(teacher_params, student_params, weight)

@@ -15,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -316,7 +317,9 @@ def run(cfg: Config) -> dict[str, float]:
     results = {}
     t0 = time.time()
     for name, run_cfg in runs:
-        sub = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
+        # under <out_dir>/reference: the fast trainer owns <out_dir> itself
+        leaf = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
+        sub = os.path.join("reference", leaf)
         log = RunLog(run_cfg, sub, title=f"reference {name}")
         student, _ = train(run_cfg, log)
         iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps)

@@ -57,10 +57,11 @@ class RunLog:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def start(self, total_steps: int, images_per_step: int) -> None:
+    def start(self, total_steps: int, images_per_step: int, start_step: int = 0) -> None:
+        """Begin timing; a resumed run passes the step it continues from, so img/s and ETA stay right."""
         self.total, self.images_per_step = total_steps, images_per_step
         self._t_start = self._t_last = time.perf_counter()
-        self._steps_at_last = 0
+        self._steps_at_last = start_step
 
     def step(self, step: int, losses: dict[str, float], data_s: float = 0.0) -> None:
         """Accumulate one step; every `log_every` steps (and at the last) print and write the averages."""

@@ -8,8 +8,9 @@ from dsp_fast import evaluate, reference
 
 
 def test_reference_then_evaluate(tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--config", "configs/synthetic.yaml", f"train.out_dir={out}", f"data.synthetic_root={tmp_path / 'syn'}",
+    out = tmp_path / "run" / "reference"
+    args = ["--config", "configs/synthetic.yaml", f"train.out_dir={out.parent}",
+            f"data.synthetic_root={tmp_path / 'syn'}",
             "train.max_steps=3", "train.log_every=1", "data.max_eval_images=3", "train.compare_source_only=true",
             "data.crop_size=[64, 64]"]
     assert reference.main(args) == 0

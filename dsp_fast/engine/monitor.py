@@ -47,10 +47,6 @@ class FastRunLog(RunLog):
             else:
                 self._tb = SummaryWriter(self.dir)
 
-    def start(self, total_steps: int, images_per_step: int, start_step: int = 0) -> None:
-        super().start(total_steps, images_per_step)
-        self._steps_at_last = start_step  # RunLog.start has no start step yet (see the report on run_io)
-
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._tb is not None:
             for k, v in values.items():

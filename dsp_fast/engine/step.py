@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsp_fast.config import DSPConfig
-from dsp_fast.method import DeviceChoices, LossSettings, dsp_losses
+from dsp_fast.method import DeviceChoices, LossSettings, dsp_losses, ema_update
 
 LOSS_KEYS_DSP = ("loss", "src", "srcmix", "tgtmix", "mmd", "q")
 LOSS_KEYS_SOURCE_ONLY = ("loss", "src")
@@ -144,7 +144,7 @@ def train_step(ctx: StepContext, buf: StepBuffers) -> None:
         ctx.optimizer.step()
     elif not bool(found):  # foreach / apex: one host read per step (their update cannot read a device flag)
         ctx.optimizer.step()
-    _gated_ema_(ctx, found)
+    ema_update(ctx.teacher_params, ctx.student_params, ctx.step_t, ctx.ema_max, skip=found)
     keep = found == 0
     for k, total in ctx.sums.items():
         total.add_(torch.where(keep, losses[k].detach().float(), 0.0))
@@ -166,13 +166,6 @@ def _check_finite_(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _gated_ema_(ctx: StepContext, found: torch.Tensor) -> None:
-    """Step 7, as method.ema_update (same bits on a good step), with the weight zeroed on a skipped step:
-    lerp with weight 0 returns the teacher unchanged."""
-    alpha = torch.clamp(1.0 - 1.0 / (ctx.step_t.float() + 1.0), max=ctx.ema_max)
-    torch._foreach_lerp_(ctx.teacher_params, ctx.student_params, (1.0 - alpha) * (1.0 - found))
-
-
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
     """lr * (1 - step / max_steps) ** power, as the reference trainer's schedule."""
     return base_lr * (1 - step / max_steps) ** power
