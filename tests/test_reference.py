@@ -141,21 +141,21 @@ def test_losses_by_hand(drop, threshold):
     out = dsp_losses(cfg, model, model, *batch(), choices_for(torch.tensor([[False, True, False]])))
     # teacher confidence 3/4: q = 0 under 0.968 (W = 1 on M's 8 pixels, 0 elsewhere), q = 1 under 0.5
     q = 1.0 if threshold < 0.75 else 0.0
-    assert float(out["q"]) == q
-    assert float(out["src"]) == pytest.approx(A)  # 12 valid pixels, all class 0
+    assert float(out["q"].detach()) == q
+    assert float(out["src"].detach()) == pytest.approx(A)  # 12 valid pixels, all class 0
     # ys_mix: 8 pasted pixels of class 1, 6 of class 0, 2 ignored; y_s: 12 of class 0
-    assert float(out["srcmix"]) == pytest.approx((lam * (8 * B + 6 * A) + (1 - lam) * 12 * A) / 16)
+    assert float(out["srcmix"].detach()) == pytest.approx((lam * (8 * B + 6 * A) + (1 - lam) * 12 * A) / 16)
     # yt_mix = yhat = 1 everywhere; weights 1 on the 8 pixels of M, q on the other 8
     per_pixel = lam * B + (0 if drop else (1 - lam) * B)
-    assert float(out["tgtmix"]) == pytest.approx((8 + 8 * q) * per_pixel / 16)
+    assert float(out["tgtmix"].detach()) == pytest.approx((8 + 8 * q) * per_pixel / 16)
     total = out["src"] + out["srcmix"] + out["tgtmix"] + out["mmd"]
-    assert float(out["loss"]) == pytest.approx(float(total))
+    assert float(out["loss"].detach()) == pytest.approx(float(total))
 
 
 def test_source_only_is_plain_ce():
     cfg = small_cfg(enabled=False)
     out = dsp_losses(cfg, ConstantModel(), ConstantModel(), *batch(), choices_for(torch.zeros(1, 3, dtype=bool)))
-    assert set(out) == {"loss", "src"} and float(out["loss"]) == pytest.approx(A)
+    assert set(out) == {"loss", "src"} and float(out["loss"].detach()) == pytest.approx(A)
 
 
 def test_mmd_by_hand():
