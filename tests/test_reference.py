@@ -149,7 +149,7 @@ def test_losses_by_hand(drop, threshold):
     per_pixel = lam * B + (0 if drop else (1 - lam) * B)
     assert float(out["tgtmix"].detach()) == pytest.approx((8 + 8 * q) * per_pixel / 16)
     total = out["src"] + out["srcmix"] + out["tgtmix"] + out["mmd"]
-    assert float(out["loss"].detach()) == pytest.approx(float(total))
+    assert float(out["loss"].detach()) == pytest.approx(float(total.detach()))
 
 
 def test_source_only_is_plain_ce():
