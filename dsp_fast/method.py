@@ -100,13 +100,22 @@ class LossSettings:
     blur_kernel: int
 
 
-def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices
-               ) -> dict[str, torch.Tensor]:
-    """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
-    logits_s, _ = seg_forward(student, x_s, normalize)
-    l_src = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL)
-    if not s.enabled:
-        return {"loss": l_src, "src": l_src}
+@dataclasses.dataclass
+class Mixed:
+    """Steps 1-4's results: what the student trains on, and what an image grid shows."""
+
+    x_m: torch.Tensor  # template after the long-tail pastes (B, 3, H, W)
+    mask: torch.Tensor  # M (B, H, W) bool
+    xs_mix: torch.Tensor  # strongly augmented mixed source images
+    ys_mix: torch.Tensor
+    xt_mix: torch.Tensor  # strongly augmented mixed target images
+    yt_mix: torch.Tensor
+    yhat_t: torch.Tensor  # teacher pseudo-labels (B, H, W)
+    q: torch.Tensor  # 0-d fraction of confident target pixels
+
+
+def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices) -> Mixed:
+    """Steps 1-4 on the device: pseudo-labels, class selection, long-tail paste, dual soft paste, augmentation."""
     with torch.no_grad():
         prob = torch.softmax(seg_forward(teacher, x_t, normalize)[0].float(), dim=1)
         conf, yhat_t = prob.max(dim=1)
@@ -116,21 +125,32 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
     xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m, y_m, class_sel, x_s, y_s, x_t, yhat_t, s.lam)
     xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel)
     xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel)
-    logits_sm, feat_sm = seg_forward(student, xs_mix, normalize)
-    logits_tm, feat_tm = seg_forward(student, xt_mix, normalize)
+    return Mixed(x_m, mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
+
+
+def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices
+               ) -> dict[str, torch.Tensor]:
+    """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
+    logits_s, _ = seg_forward(student, x_s, normalize)
+    l_src = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL)
+    if not s.enabled:
+        return {"loss": l_src, "src": l_src}
+    mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
+    logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
+    logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
     logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
     logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
     lam = s.lam
-    l_srcmix = (lam * nll(logp_sm, ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
-    weight = torch.where(mask, 1.0, q)
-    tgt = lam * nll(logp_tm, yt_mix)
+    l_srcmix = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
+    weight = torch.where(mix.mask, 1.0, mix.q)
+    tgt = lam * nll(logp_tm, mix.yt_mix)
     if not s.drop_target_soft_term:
-        tgt = tgt + (1 - lam) * nll(logp_tm, yhat_t)
+        tgt = tgt + (1 - lam) * nll(logp_tm, mix.yhat_t)
     l_tgtmix = (weight * tgt).mean()
-    l_mmd = s.mmd_weight * weighted_mmd(feat_sm.float(), feat_tm.float(), mask, tuple(x_s.shape[-2:]),
+    l_mmd = s.mmd_weight * weighted_mmd(feat_sm.float(), feat_tm.float(), mix.mask, tuple(x_s.shape[-2:]),
                                         s.mmd_kernel_mul, s.mmd_kernel_num)
     loss = l_src + l_srcmix + l_tgtmix + l_mmd
-    return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": q}
+    return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": mix.q}
 
 
 @torch.no_grad()

@@ -180,3 +180,27 @@ def test_graphed_step_matches_eager_step():
         assert a == pytest.approx(b, rel=1e-6)
     for a, b in zip(eager_w, graph_w):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_image_grid_shows_the_soft_paste(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_method_equivalence import B
+
+    from dsp_fast.engine.monitor import save_image_grid
+
+    cfg = make_cfg()
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(gen)
+    choices = make_choices(cfg, batch[3], gen)
+    student, teacher = build_models(cfg, CPU)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    path = tmp_path / "grids" / "step_1.png"
+    save_image_grid(str(path), fast_context(cfg, student, teacher), buffers(batch, to_device_choices(choices)))
+    grid = np.array(Image.open(path))
+    assert grid.shape == (B * H, 6 * W, 3)  # one row per image: template, mask, two mixes, pseudo-label, prediction
+    mask_tile = grid[:H, W:2 * W, 0]
+    assert (mask_tile[5:9, 20:30] == 255).all()  # the long-tail crop's class pixels were pasted (make_choices)
+    assert set(np.unique(mask_tile)) <= {0, 255}
+    for k, v in student.state_dict().items():  # drawing a picture changes no weight and no BN statistic
+        assert torch.equal(v, before[k]), k

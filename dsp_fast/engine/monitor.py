@@ -17,8 +17,7 @@ from torch import nn
 
 from dsp_fast.config import Config
 from dsp_fast.engine.features import unwrap
-from dsp_fast.kernels import dual_soft_paste
-from dsp_fast.method import paste_long_tail, seg_forward, select_classes, strong_augment
+from dsp_fast.method import dsp_mix, seg_forward
 from dsp_fast.run_io import RunLog
 
 # Cityscapes colours of the 19 train ids (the ignore label and anything else: black).
@@ -100,20 +99,16 @@ def _colour(label_HW: torch.Tensor) -> np.ndarray:
 def save_image_grid(path: str, ctx, buf) -> None:
     """One row per image of the step held in `buf`: template (with long-tail pastes), mask M, mixed source, mixed
     target, teacher pseudo-label, student prediction on the mixed target. Drawn after the step's update."""
-    s, ch = ctx.settings, buf.choices
     student = unwrap(ctx.student)  # the module itself: no DDP hooks for a picture
     with preserved_buffers(student, ctx.teacher):
-        yhat = seg_forward(ctx.teacher, buf.x_t, ctx.normalize)[0].argmax(1)
-        sel = select_classes(buf.y_m, ch.class_u)
-        x_m, y_m, sel = paste_long_tail(buf.x_m, buf.y_m, sel, ch.lt_img, ch.lt_label, ch.lt_cls)
-        xs_mix, _, xt_mix, _, mask = dual_soft_paste(x_m, y_m, sel, buf.x_s, buf.y_s, buf.x_t, yhat, s.lam)
-        xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel)
-        xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel)
-        pred = seg_forward(student, xt_mix, ctx.normalize)[0].argmax(1)
+        mix = dsp_mix(ctx.settings, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t,
+                      buf.choices)
+        pred = seg_forward(student, mix.xt_mix, ctx.normalize)[0].argmax(1)
     rows = []
     for b in range(buf.x_s.shape[0]):
-        m = mask[b].byte().cpu().numpy()[..., None].repeat(3, axis=2) * 255
-        tiles = [_rgb(x_m[b]), m, _rgb(xs_mix[b]), _rgb(xt_mix[b]), _colour(yhat[b]), _colour(pred[b])]
+        m = mix.mask[b].byte().cpu().numpy()[..., None].repeat(3, axis=2) * 255
+        tiles = [_rgb(mix.x_m[b]), m, _rgb(mix.xs_mix[b]), _rgb(mix.xt_mix[b]), _colour(mix.yhat_t[b]),
+                 _colour(pred[b])]
         rows.append(np.concatenate(tiles, axis=1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.png"
