@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from test_method_equivalence import H, K, W, make_batch, make_cfg, make_choices, to_device_choices
+from PIL import Image
+from test_method_equivalence import B, H, K, W, make_batch, make_cfg, make_choices, to_device_choices
 
 from dsp_fast import reference
 from dsp_fast.config import DSPConfig
@@ -25,6 +27,7 @@ from dsp_fast.engine.features import (
     make_normalize,
 )
 from dsp_fast.engine.loop import loss_settings
+from dsp_fast.engine.monitor import save_image_grid
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, poly_lr, read_stats, train_step
 from dsp_fast.method import DeviceChoices
@@ -183,12 +186,6 @@ def test_graphed_step_matches_eager_step():
 
 
 def test_image_grid_shows_the_soft_paste(tmp_path):
-    import numpy as np
-    from PIL import Image
-    from test_method_equivalence import B
-
-    from dsp_fast.engine.monitor import save_image_grid
-
     cfg = make_cfg()
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
