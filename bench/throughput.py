@@ -1,0 +1,269 @@
+"""Throughput of the fast trainer against the naive reference trainer: same config, data and device, one process.
+
+    python -m bench.throughput                                   # CPU: configs/synthetic.yaml, tiny model
+    python -m bench.throughput --config configs/gta2cs.yaml --data paper --data-backend torch   # GPU, paper config
+    python -m bench.throughput --smoke --out /tmp/x              # CI-sized: 2 warm-up + 2 timed steps, 1 round
+
+Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput_trainers.py).
+After each trainer's warm-up (the fast one's also covers the CUDA-graph warm-up and capture), `--rounds` rounds
+each time `--steps` steps of one trainer then of the other (the order swaps every round), so a drifting machine
+load hits both; figures are medians over rounds and the headline is the median of the per-round ratios fast /
+reference. Each region is timed between device synchronizes; data wait is the time blocked on the loader (the
+span each trainer's own loop logs as data time), compute the rest. images/s counts 3 x B crops per DSP step.
+MFU = counted FLOPs per step / step time / the device's measured matmul rate (bf16 on CUDA, fp32 on CPU).
+
+Ablation: the fast trainer with one optimisation off at a time (DALI, fused kernels, channels_last, AMP, CUDA
+graphs), each alternated round by round with the full fast trainer; an optimisation the fast trainer does not use
+on this device is reported as n/a with the reason, not measured. Scaling: the fast trainer on 1 and on N processes
+(torchrun, gloo on CPU, NCCL on >= N GPUs), efficiency = img/s(N) / (N x img/s(1)).
+Writes bench/results/throughput_<device>_<date>.json and .png (see --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.throughput_report import print_summary, write_chart
+from bench.throughput_scaling import run_scaling
+from bench.throughput_setup import (
+    build_config,
+    device_tag,
+    fast_data_dirs,
+    matrix_rate,
+    paper_data,
+    paper_overrides,
+    provenance,
+    step_flops,
+)
+from bench.throughput_trainers import FastTrainer, ReferenceTrainer, threads_note, time_steps, warm_up
+from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.options import FastOptions
+from dsp_fast.kernels._common import HAS_TRITON, interpreting
+from dsp_fast.run_io import resolve_device
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ABLATIONS = ("dali", "kernels", "channels_last", "amp", "graphs")
+
+
+@dataclasses.dataclass
+class Variant:
+    key: str
+    label: str
+    opts: dict
+    twins: bool = False
+
+
+def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
+    """The variant with `key` turned off, or why it is n/a here (the fast trainer does not use it on this device)."""
+    dev, o = fast.info.device, fast.opts
+    where = "on CPU" if dev.type == "cpu" else f"on {dev}"
+    if key == "dali":
+        if fast.backend != "dali":
+            return f"n/a {where}: the fast trainer reads with the {fast.backend!r} backend here"
+        return Variant(key, "DALI off (torch backend)", {"data_backend": "torch"})
+    if key == "kernels":
+        if not (HAS_TRITON and (dev.type == "cuda" or interpreting())):
+            return f"n/a {where}: the kernels already dispatch to their twins (Triton runs on CUDA tensors only)"
+        return Variant(key, "fused kernels off (twins)", {}, twins=True)
+    if key == "channels_last":
+        if not o.channels_last:
+            return "n/a: the fast trainer runs NCHW"
+        return Variant(key, "channels_last off (NCHW)", {"channels_last": False})
+    if key == "amp":
+        if o.amp_dtype(dev) == torch.float32:
+            return f"n/a {where}: the fast trainer computes in fp32 here (autocast off)"
+        return Variant(key, "AMP off (fp32)", {"amp": "fp32"})
+    if key == "graphs":
+        if not fast.graphs:
+            return f"n/a {where}: CUDA graphs need CUDA (and fused SGD)"
+        return Variant(key, "CUDA graphs off (eager)", {"cuda_graphs": False})
+    if key == "dali_on":  # the other direction: DALI where auto picked the torch backend (CPU operators on CPU)
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "n/a: DALI does not import here"
+        if fast.backend == "dali":
+            return "n/a: the fast trainer already reads with DALI"
+        return Variant(key, "DALI on instead of torch", {"data_backend": "dali"})
+    raise ValueError(f"unknown ablation {key!r}")
+
+
+def median_rows(rows: list[dict]) -> dict:
+    keys = rows[0].keys()
+    return {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None) for k in keys}
+
+
+def alternate(a, b, rounds: int, steps: int, say) -> tuple[list[dict], list[dict]]:
+    """`rounds` rounds of `steps` steps of a then b (b then a on odd rounds); per-round figures of each."""
+    out_a, out_b = [], []
+    for r in range(rounds):
+        order = (a, b) if r % 2 == 0 else (b, a)
+        got = {t.name: time_steps(t, steps).row(t.images_per_step) for t in order}
+        out_a.append(got[a.name])
+        out_b.append(got[b.name])
+        say(f"  round {r + 1}/{rounds}: {a.name} {got[a.name]['images_per_s']:.2f} img/s, "
+            f"{b.name} {got[b.name]['images_per_s']:.2f} img/s")
+    return out_a, out_b
+
+
+def summarise(rows: list[dict], flops: float, rate: float) -> dict:
+    med = median_rows(rows)
+    med["mfu"] = flops / (med["ms_per_step"] / 1e3) / rate
+    med["data_wait_fraction"] = med["data_ms"] / med["ms_per_step"]
+    return {**med, "rounds": rows}
+
+
+def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: float, rate: float,
+                  say) -> list[dict]:
+    out = []
+    for key in keys:
+        v = ablation_variant(key, fast)
+        if isinstance(v, str):
+            out.append({"key": key, "status": "n/a", "reason": v})
+            say(f"[ablation] {key}: {v}")
+            continue
+        say(f"[ablation] {v.label}: build, warm up, {args.rounds} rounds alternating with the full fast trainer")
+        variant = make_fast(v)
+        try:
+            warm_up(variant, args.warmup + variant.extra_warmup)
+            var_rows, fast_rows = alternate(variant, fast, args.rounds, args.steps, say)
+        finally:
+            variant.close()
+            del variant
+            gc.collect()
+        ratios = [f["images_per_s"] / r["images_per_s"] for r, f in zip(var_rows, fast_rows)]
+        out.append({"key": key, "status": "measured", "label": v.label, "options": v.opts, "kernel_twins": v.twins,
+                    "variant": summarise(var_rows, flops, rate), "fast_same_rounds": summarise(fast_rows, flops, rate),
+                    "fast_over_variant": statistics.median(ratios)})
+    return out
+
+
+def share_of_gain(ablation: list[dict], headline: float) -> None:
+    """Each optimisation's share of the (log) speed-up over the reference: log(fast/variant) / log(fast/ref).
+    Shares need not add up to 1: optimisations interact, and what no flag turns off (prepared data, no per-step
+    host sync, fused SGD, foreach EMA) is the remainder."""
+    for a in ablation:
+        if a["status"] == "measured" and a["key"] in ABLATIONS:  # not for dali_on, which turns something on
+            r = a["fast_over_variant"]
+            a["share_of_log_gain"] = (math.log(r) / math.log(headline)) if headline > 1 and r > 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/synthetic.yaml", help="YAML preset shared by both trainers")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides for both trainers")
+    p.add_argument("--arch", default=None, help="model.arch override (tiny, deeplabv2_r101)")
+    p.add_argument("--crop", type=int, default=None, help="square crop size override")
+    p.add_argument("--data", choices=("config", "paper"), default="config",
+                   help="config: the config's data; paper: generated scenes of GTA5 / Cityscapes file sizes")
+    p.add_argument("--paper-images", type=int, nargs=2, default=(12, 6), metavar=("SOURCE", "TARGET"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-backend", default="auto", choices=("auto", "dali", "torch"), help="fast trainer loader")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per trainer per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer (plus the graph warm-up)")
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help=f"of {ABLATIONS} (+ dali_on); none: -")
+    p.add_argument("--scaling", type=int, default=2, help="processes for the scaling run (0 or 1: skip)")
+    p.add_argument("--scaling-timeout", type=int, default=600)
+    p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
+    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps, args.warmup = 1, 2, 2
+    args.ablations = [a for a in args.ablations if a != "-"]
+    device = resolve_device(args.device)
+    with contextlib.ExitStack() as stack:
+        overrides, opts = list(args.overrides), FastOptions(data_backend=args.data_backend, image_every=0,
+                                                             tensorboard=False)
+        if args.data == "paper":
+            root, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
+            overrides = [*paper_overrides(root), *overrides]
+            opts = dataclasses.replace(opts, prepared_source=src, prepared_target=tgt)
+        cfg = build_config(args.config, overrides, args.arch, args.crop, str(device))
+        result = measure(args, cfg, opts, device)
+    path = write_results(result, args.out, device, args.tag or ("smoke" if args.smoke else ""))
+    print_summary(result)
+    print(f"wrote {path} and {path[:-5]}.png")
+    return 0
+
+
+def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.device) -> dict:
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    info = DistInfo(device=device)
+    load_start = os.getloadavg()  # other jobs share this machine: recorded beside the figures
+    dirs = fast_data_dirs(cfg, opts, info)
+    say(f"config: {cfg.model.arch}, crop {cfg.data.crop_size}, batch {cfg.data.batch_size}, {device}, "
+        f"{threads_note()}; counting FLOPs and measuring the matmul rate")
+    flops, rate = step_flops(cfg, device), matrix_rate(device)
+    f_step, r = float(flops["step"]), float(rate["flops_per_s"])
+    t0 = time.perf_counter()
+    ref = ReferenceTrainer(cfg, device)
+    fast = FastTrainer(cfg, opts, info, dirs, say=say)
+
+    def make_fast(v):
+        return FastTrainer(cfg, dataclasses.replace(opts, **v.opts), info, dirs, name=f"fast-{v.key}", twins=v.twins,
+                           say=say)
+
+    say(f"built both trainers in {time.perf_counter() - t0:.1f} s (fast: {fast.backend} backend, "
+        f"amp {opts.amp_dtype(device)}, channels_last {opts.channels_last}, graphs {fast.graphs}); warming up")
+    warm_up(ref, args.warmup)
+    warm_up(fast, args.warmup + fast.extra_warmup)
+    say(f"{args.rounds} rounds of {args.steps} steps, alternating")
+    ref_rows, fast_rows = alternate(ref, fast, args.rounds, args.steps, say)
+    ref.close()
+    del ref  # frees the reference's memory before the ablation variants are built
+    gc.collect()
+    ratios = [f["images_per_s"] / q["images_per_s"] for q, f in zip(ref_rows, fast_rows)]
+    headline = statistics.median(ratios)
+    ablation = run_ablations(args.ablations, fast, make_fast, args, f_step, r, say)
+    fast.close()
+    share_of_gain(ablation, headline)
+    scaling = run_scaling(args, cfg, opts, dirs, device, say) if args.scaling > 1 else {"status": "skipped"}
+    return {
+        "env": {**provenance(device), "load_average_1_5_15_start": load_start,
+                "load_average_1_5_15_end": os.getloadavg()},
+        "config": {"config_file": args.config, "data": args.data, "arch": cfg.model.arch,
+                   "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size, "dsp": cfg.dsp.enabled,
+                   "source_size": list(cfg.data.source_size), "target_size": list(cfg.data.target_size),
+                   "num_workers": cfg.data.num_workers, "fast_backend": opts.data_backend,
+                   "fast_options": dataclasses.asdict(opts), "resolved": cfg.to_dict()},
+        "method": {"rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
+                   "images_per_step": "3 x batch (source, template, target crops; long-tail crops not counted)",
+                   "data_wait": "time blocked on the loader (reference: its 3 DataLoaders + draw_choices + H2D, as "
+                                "its train() logs data_s; fast: next(step loader))",
+                   "compute": "timed region (between device synchronizes) minus data wait",
+                   "peak_memory": "CUDA allocator peak per region" if device.type == "cuda" else
+                                  "process peak RSS per region (VmHWM, includes the other trainer's resident state)",
+                   "smoke": args.smoke},
+        "flops": flops, "matmul_rate": rate,
+        "trainers": {"reference": summarise(ref_rows, f_step, r), "fast": summarise(fast_rows, f_step, r)},
+        "headline": {"fast_over_reference": headline, "per_round": ratios},
+        "ablation": ablation, "scaling": scaling,
+    }
+
+
+def write_results(result: dict, out: str, device: torch.device, tag: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    path = os.path.join(out, f"throughput_{device_tag(device)}_{stamp}{'_' + tag if tag else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    write_chart(result, path[:-5] + ".png")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""What the throughput comparison runs on: the shared config, the data of both trainers, the FLOPs per step it
+assumes and the device's measured matrix rate (the MFU denominator), and the provenance of the figures.
+
+Two data modes:
+- `config`: the config's own data (the built-in synthetic shift of configs/synthetic.yaml): the reference reads the
+  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (engine/data.py, lossless PNG).
+- `paper`: scenes generated at the real datasets' file sizes (GTA5 1914x1052, Cityscapes 2048x1024 PNG, as
+  bench/data_throughput.py draws them) in a temp folder: the reference decodes and resizes those PNGs every step
+  as it would GTA5's, the fast trainer reads them prepared once by `dsp_fast.prepare` (JPEG q95, its default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from bench._env import environment
+from bench.flops import image_flops, matmul_rate
+from dsp_fast.config import Config, load_config
+from dsp_fast.engine.data import prepared_dirs
+from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.options import FastOptions
+
+LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays positive however many steps are timed
+
+
+def build_config(config: str, overrides: list[str], arch: str | None, crop: int | None, device: str) -> Config:
+    extra = [f"train.max_steps={LONG_STEPS}", f"train.device={device}", "train.compare_source_only=false"]
+    if arch:
+        extra.append(f"model.arch={arch}")
+    if crop:
+        extra.append(f"data.crop_size=[{crop},{crop}]")
+    return load_config(config, [*extra, *overrides])
+
+
+def paper_overrides(root: str) -> list[str]:
+    """The config fields that point both trainers at the generated paper-size scenes."""
+    return ["data.source=gta5", f"data.source_root={root}/gta5", f"data.target_root={root}/cityscapes",
+            "data.source_size=[1280,720]", "data.target_size=[1024,512]"]
+
+
+@contextlib.contextmanager
+def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[str, str, str]]:
+    """(raw root, prepared source, prepared target train): paper-size scenes, generated and prepared in a temp
+    folder that is removed afterwards."""
+    from bench.data_throughput import make_data
+    from dsp_fast import prepare
+
+    with tempfile.TemporaryDirectory(prefix="dsp_throughput_paper_") as root:
+        gta, cs = make_data(root, n_source, n_target)
+        src, tgt = os.path.join(root, "prep_gta5"), os.path.join(root, "prep_cs")
+        prepare.main(["--dataset", "gta5", "--root", gta, "--out", src, "--no-progress", "--workers", str(workers)])
+        prepare.main(["--dataset", "cityscapes", "--root", cs, "--out", tgt, "--split", "train", "--no-labels",
+                      "--no-progress", "--workers", str(workers)])
+        yield root, src, os.path.join(tgt, "train")
+
+
+def fast_data_dirs(cfg: Config, opts: FastOptions, info: DistInfo) -> tuple[str, str]:
+    """The prepared folders the fast trainer reads (prepared and cached for the synthetic shift)."""
+    return prepared_dirs(cfg, opts, info)
+
+
+def step_flops(cfg: Config, device: torch.device) -> dict[str, float | str]:
+    """FLOPs of one DSP step, counted by bench.flops (torch.utils.flop_counter, matmul-like ops only):
+    B * (F + 3 * FB) with DSP (teacher forward on B target images; student forward + backward on source, mixed
+    source and mixed target), B * FB source-only. Counted on `device` (a GPU counts ResNet-101 in a second)."""
+    (w, h), b = cfg.data.crop_size, cfg.data.batch_size
+    if w != h:
+        raise ValueError(f"bench.flops counts square crops; data.crop_size is {w}x{h}")
+    per = image_flops(cfg.model.arch, w, cfg.model.num_classes, str(device))
+    dsp = cfg.dsp.enabled
+    total = b * (per["forward"] + 3 * per["forward_backward"]) if dsp else b * per["forward_backward"]
+    formula = "B * (F + 3 * FB)" if dsp else "B * FB"
+    return {"forward_per_image": per["forward"], "forward_backward_per_image": per["forward_backward"],
+            "step": total, "formula": formula, "batch": b, "crop": w, "arch": cfg.model.arch,
+            "counted_with": "bench.flops.image_flops (torch.utils.flop_counter: convolutions and matmuls only; "
+                            "soft paste, augmentation, MMD and the optimizer are not counted)"}
+
+
+def matrix_rate(device: torch.device) -> dict[str, float | str]:
+    """The MFU denominator: the measured matmul rate in the compute dtype the fast trainer uses there (bf16 on CUDA,
+    fp32 on CPU, where autocast stays off). CPU uses n=1024 so the measurement takes about a second."""
+    if device.type == "cuda":
+        rate = matmul_rate(str(device), torch.bfloat16, n=8192, iters=20)
+        fp32 = matmul_rate(str(device), torch.float32, n=4096, iters=10)
+        return {"dtype": "bf16", "flops_per_s": rate, "fp32_flops_per_s": fp32, "matmul_n": 8192}
+    return {"dtype": "fp32", "flops_per_s": matmul_rate("cpu", torch.float32, n=1024, iters=10), "matmul_n": 1024}
+
+
+def provenance(device: torch.device) -> dict[str, str | None]:
+    env = environment(str(device))
+    try:
+        env["dali"] = importlib.import_module("nvidia.dali").__version__
+    except ImportError:
+        env["dali"] = None
+    env["threads"] = str(torch.get_num_threads())
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
+    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+    return env
+
+
+def device_tag(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
+        return "cuda_" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    return "cpu"

@@ -1,0 +1,282 @@
+"""The two trainers of the throughput comparison, built once and stepped in place: `ReferenceTrainer` (the naive
+trainer's loaders, `draw_choices` and `train_step`) and `FastTrainer` (the fast trainer's `setup`, step loader,
+`StepBuffers.load_`, `draw_choices_` and the graph-or-eager step runner of engine/graphs.py), plus the timer.
+
+Both step exactly as their own training loops do (dsp_fast/reference.py `train`, dsp_fast/engine/loop.py `_loop`);
+what each loop counts as data time is what `step()` returns as data wait:
+- reference: its three DataLoader `next()` calls, `draw_choices` (long-tail crops decoded on the main thread) and
+  the host-to-device copies, the span its own `train()` logs as `data_s`;
+- fast: the step loader's `next()` only; the copy into the static buffers and the device-side choices are compute.
+Process-wide switches each trainer's own run would set (cuDNN autotuning, the kernels' value checks, the kernels'
+dispatch for the "fused kernels off" ablation) are applied only while that trainer steps (`flags()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from dsp_fast import reference as ref
+from dsp_fast.config import Config
+from dsp_fast.data import load_or_build_class_index
+from dsp_fast.data.build import source_dataset, target_dataset
+from dsp_fast.engine.data import build_step_loader, resolve_backend
+from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.graphs import make_step_runner
+from dsp_fast.engine.loop import setup
+from dsp_fast.engine.monitor import NullLog
+from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.step import StepBuffers, draw_choices_, poly_lr, read_stats, train_step
+from dsp_fast.kernels import set_value_checks
+from dsp_fast.models import param_groups
+
+# The kernel modules whose `use_triton` decides kernel vs twin (kernels/_common.py's dispatch rule).
+KERNEL_MODULES = ("soft_paste", "mmd", "upsample_pool", "weight_map")
+
+
+@contextlib.contextmanager
+def kernels_as_twins(on: bool = True) -> Iterator[None]:
+    """Route every kernel call to its plain-PyTorch twin ("fused kernels off"). Each kernel module imported
+    `use_triton` by name, so it is replaced in each module, and restored afterwards."""
+    if not on:
+        yield
+        return
+    mods = [importlib.import_module(f"dsp_fast.kernels.{m}") for m in KERNEL_MODULES]
+    saved = [m.use_triton for m in mods]
+    for m in mods:
+        m.use_triton = lambda t: False
+    try:
+        yield
+    finally:
+        for m, fn in zip(mods, saved):
+            m.use_triton = fn
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA allocator peak on a GPU; on CPU the process's peak resident set (VmHWM,
+    reset through /proc/self/clear_refs), which also holds whatever else the process keeps resident."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_gib(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 2**20
+        except OSError:
+            pass
+        return None
+
+
+class ReferenceTrainer:
+    """dsp_fast.reference.train's setup and step body, stepped one step at a time. The setup is restated here
+    because reference.train builds and loops in one function (a `build_trainer` there would remove this copy)."""
+
+    name = "reference"
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        d = cfg.data
+        torch.manual_seed(cfg.train.seed)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.source = source_dataset(cfg)
+        target = target_dataset(cfg, "train", labels=False)
+        self.class_index = load_or_build_class_index(self.source, cfg.model.num_classes)
+
+        def loader(dataset, base_size, seed):
+            return ref.forever(ref.DataLoader(ref.RandomCrops(dataset, base_size, d.crop_size), batch_size=d.batch_size,
+                                              shuffle=True, drop_last=True, num_workers=d.num_workers,
+                                              generator=torch.Generator().manual_seed(seed)))
+
+        self.src_iter = loader(self.source, d.source_size, cfg.train.seed + 10)
+        self.tmpl_iter = loader(self.source, d.source_size, cfg.train.seed + 20)
+        self.tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
+        self.student, self.teacher = ref.build_models(cfg, device)
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(param_groups(self.student, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection),
+                                         lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        self.images_per_step = (3 if cfg.dsp.enabled else 1) * d.batch_size
+        self.step_index = 0
+        self.last_loss = float("nan")
+
+    @contextlib.contextmanager
+    def flags(self) -> Iterator[None]:
+        """A standalone reference run sets no backend switch: cuDNN default (no autotuning)."""
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = saved
+
+    def step(self) -> float:
+        """One reference step; returns the data time as reference.train logs it."""
+        cfg, device = self.cfg, self.device
+        t_data = time.perf_counter()
+        (x_s, y_s), (x_m, y_m), x_t = next(self.src_iter), next(self.tmpl_iter), next(self.tgt_iter)
+        choices = ref.draw_choices(cfg, y_m, self.source, self.class_index, self.gen)
+        if device.type != "cpu":
+            choices.long_tail = [(c, i.to(device), lb.to(device)) for c, i, lb in choices.long_tail]
+            choices.class_sel = choices.class_sel.to(device)
+        batch = [t.to(device) for t in (x_s, y_s, x_m, y_m, x_t)]
+        data_s = time.perf_counter() - t_data
+        losses = ref.train_step(cfg, self.student, self.teacher, self.optimizer, self.step_index, batch, choices)
+        self.last_loss = losses["loss"]
+        self.step_index += 1
+        return data_s
+
+    def check(self) -> None:
+        if not math.isfinite(self.last_loss):
+            raise FloatingPointError(f"reference trainer: non-finite loss at step {self.step_index}")
+
+    def close(self) -> None:
+        self.src_iter = self.tmpl_iter = self.tgt_iter = None  # type: ignore[assignment]
+        gc.collect()
+
+
+class FastTrainer:
+    """The fast trainer's `setup(...)` Run and step loader, stepped as engine/loop.py's `_loop` steps."""
+
+    def __init__(self, cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[str, str],
+                 name: str = "fast", twins: bool = False, say: Callable[[str], None] = print) -> None:
+        self.name, self.twins, self.say = name, twins, say
+        self.cfg, self.opts, self.info = cfg, opts, info
+        self._tmp = tempfile.TemporaryDirectory(prefix="dsp_bench_fast_")
+        self.run = setup(cfg, opts, info, self._tmp.name, NullLog(), None)
+        self.loader = build_step_loader(cfg, opts, info, data_dirs, 0)
+        self.backend = resolve_backend(opts, info)
+        self.graphs = opts.graphs_on(info.device) and self.run.ctx.device_skip
+        self.buf: StepBuffers | None = None
+        self.step_fn: Callable[[], None] | None = None
+        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size * info.world_size
+        self.step_index = 0
+
+    @property
+    def extra_warmup(self) -> int:
+        """Steps before the graph is captured and replayed (eager warm-up + the capture step)."""
+        return self.opts.graph_warmup + 1 if self.graphs else 0
+
+    @contextlib.contextmanager
+    def flags(self) -> Iterator[None]:
+        """What runner.configure_backends sets for a fast run (cuDNN autotuning, no value checks on CUDA), and the
+        kernels' dispatch of this variant."""
+        saved = torch.backends.cudnn.benchmark
+        cuda = self.info.device.type == "cuda"
+        torch.backends.cudnn.benchmark = cuda and not self.opts.deterministic
+        set_value_checks(not cuda)
+        try:
+            with kernels_as_twins(self.twins):
+                yield
+        finally:
+            torch.backends.cudnn.benchmark = saved
+            set_value_checks(True)
+
+    def step(self) -> float:
+        """One fast step as the loop runs it; returns the time blocked on the loader."""
+        run, cfg = self.run, self.cfg
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        wait = time.perf_counter() - t0
+        if self.buf is None:
+            self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, self.opts.channels_last)
+            ctx = run.ctx
+            self.step_fn = make_step_runner(lambda: train_step(ctx, buf), self.graphs, self.opts.graph_warmup, self.say)
+        self.buf.load_(batch)
+        draw_choices_(self.buf.choices, run.gen, cfg.dsp)
+        run.ctx.set_schedule_(self.step_index, poly_lr(cfg.optim.lr, self.step_index, cfg.train.max_steps,
+                                                       cfg.optim.poly_power))
+        self.step_fn()
+        self.step_index += 1
+        return wait
+
+    def check(self) -> None:
+        """One host read (outside the timed region): the steps so far were finite, as the loop's guard checks."""
+        means, skipped, _ = read_stats(self.run.ctx)
+        if skipped:
+            raise FloatingPointError(f"{self.name}: {skipped} steps had a non-finite loss or gradient ({means})")
+
+    def close(self) -> None:
+        """Loader first, then the DDP wrapper before any process-group teardown (FACTS.md)."""
+        with contextlib.suppress(Exception):
+            self.loader.close()
+        if self.run.ctx is not None:
+            self.run.ctx.student = None  # type: ignore[assignment]
+        self.run.ctx = None  # type: ignore[assignment]
+        self.step_fn = self.buf = None
+        gc.collect()
+        if self.info.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._tmp.cleanup()
+
+
+@dataclasses.dataclass
+class Timing:
+    """One timed region of n steps."""
+
+    steps: int
+    total_s: float
+    data_s: float
+    peak_gib: float | None
+
+    def row(self, images_per_step: int) -> dict[str, float | None]:
+        return {"steps_per_s": self.steps / self.total_s, "images_per_s": self.steps * images_per_step / self.total_s,
+                "ms_per_step": 1e3 * self.total_s / self.steps, "data_ms": 1e3 * self.data_s / self.steps,
+                "compute_ms": 1e3 * (self.total_s - self.data_s) / self.steps, "peak_gib": self.peak_gib}
+
+
+def warm_up(trainer, steps: int) -> None:
+    with trainer.flags():
+        for _ in range(steps):
+            trainer.step()
+        sync(trainer_device(trainer))
+    trainer.check()
+
+
+def time_steps(trainer, steps: int, barrier: Callable[[], None] = lambda: None) -> Timing:
+    """n steps between device synchronizes; data wait is the sum of what step() reports, compute the rest."""
+    device = trainer_device(trainer)
+    mem = PeakMemory(device)
+    with trainer.flags():
+        sync(device)
+        barrier()
+        mem.reset()
+        t0 = time.perf_counter()
+        data = sum(trainer.step() for _ in range(steps))
+        sync(device)
+        total = time.perf_counter() - t0
+    trainer.check()
+    return Timing(steps, total, data, mem.peak_gib())
+
+
+def trainer_device(trainer) -> torch.device:
+    return trainer.info.device if isinstance(trainer, FastTrainer) else trainer.device
+
+
+def threads_note() -> str:
+    return f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"

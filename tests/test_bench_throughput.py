@@ -1,0 +1,69 @@
+"""The throughput comparison in CI size: a CPU smoke run (tiny model, 32x32 crops, 2 warm-up + 2 timed steps,
+1 round) writes a JSON with both trainers and the ratio, and a PNG; the GPU check script is valid bash and its
+dry run prints every step without running one."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from dsp_fast.config import load_config
+from dsp_fast.engine.data import prepare_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> str:
+    """The synthetic shift generated and prepared once (about 6 s), outside the timed smoke run."""
+    root = str(tmp_path_factory.getbasetemp() / "synthetic_bench")
+    prepare_synthetic(load_config(os.path.join(REPO, "configs/synthetic.yaml"), [f"data.synthetic_root={root}"]))
+    return root
+
+
+def test_cpu_smoke_run_writes_json_and_chart(synthetic_root, tmp_path):
+    # TRITON_INTERPRET=0: the benchmark's honest CPU fast path is the kernels' twins, not the interpreter.
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "bench.throughput", "--smoke", "--crop", "32", "--scaling", "0",
+           "--ablations", "channels_last", "amp", "graphs", "--out", str(tmp_path),
+           f"data.synthetic_root={synthetic_root}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = glob.glob(str(tmp_path / "throughput_cpu_*_smoke.json"))
+    with open(path) as f:
+        result = json.load(f)
+    for name in ("reference", "fast"):
+        t = result["trainers"][name]
+        assert t["images_per_s"] > 0 and t["steps_per_s"] > 0
+        assert t["data_ms"] >= 0 and t["compute_ms"] > 0
+        assert abs(t["data_ms"] + t["compute_ms"] - t["ms_per_step"]) < 1e-6 * t["ms_per_step"] + 1e-9
+        assert 0 < t["mfu"] < 1
+    assert result["headline"]["fast_over_reference"] > 0
+    assert result["flops"]["step"] > 0 and result["flops"]["formula"] == "B * (F + 3 * FB)"
+    assert result["matmul_rate"]["dtype"] == "fp32"
+    assert result["env"]["git_sha"] and result["env"]["torch"] and "dali" in result["env"]
+    by_key = {a["key"]: a for a in result["ablation"]}
+    assert by_key["channels_last"]["status"] == "measured" and by_key["channels_last"]["fast_over_variant"] > 0
+    assert by_key["amp"]["status"] == "n/a" and by_key["graphs"]["status"] == "n/a"  # CPU: fp32, no graphs
+    with Image.open(path[:-5] + ".png") as img:
+        assert img.size[0] > 400 and img.size[1] > 200
+
+
+def test_gpu_check_script_is_valid_bash_and_dry_runs(tmp_path):
+    script = os.path.join(REPO, "bench", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    out = tmp_path / "gpu_out"
+    proc = subprocess.run(["bash", script, "--dry-run", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("nvidia_smi", "gpu_tests", "throughput", "kernel_bench", "mmd_memory", "data_throughput"):
+        assert f"({name}," in proc.stdout
+    assert "deeplabv2_r101" not in proc.stdout or "--data paper" in proc.stdout
+    assert "configs/gta2cs.yaml --data paper" in proc.stdout
+    assert not out.exists()  # a dry run writes nothing
