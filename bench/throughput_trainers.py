@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import importlib
 import math
 import os
 import tempfile
@@ -36,29 +35,8 @@ from dsp_fast.engine.loop import setup
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, draw_choices_, poly_lr, read_stats, train_step
-from dsp_fast.kernels import set_value_checks
+from dsp_fast.kernels import force_twins, set_value_checks
 from dsp_fast.models import param_groups
-
-# The kernel modules whose `use_triton` decides kernel vs twin (kernels/_common.py's dispatch rule).
-KERNEL_MODULES = ("soft_paste", "mmd", "upsample_pool", "weight_map")
-
-
-@contextlib.contextmanager
-def kernels_as_twins(on: bool = True) -> Iterator[None]:
-    """Route every kernel call to its plain-PyTorch twin ("fused kernels off"). Each kernel module imported
-    `use_triton` by name, so it is replaced in each module, and restored afterwards."""
-    if not on:
-        yield
-        return
-    mods = [importlib.import_module(f"dsp_fast.kernels.{m}") for m in KERNEL_MODULES]
-    saved = [m.use_triton for m in mods]
-    for m in mods:
-        m.use_triton = lambda t: False
-    try:
-        yield
-    finally:
-        for m, fn in zip(mods, saved):
-            m.use_triton = fn
 
 
 def sync(device: torch.device) -> None:
@@ -191,7 +169,7 @@ class FastTrainer:
         torch.backends.cudnn.benchmark = cuda and not self.opts.deterministic
         set_value_checks(not cuda)
         try:
-            with kernels_as_twins(self.twins):
+            with force_twins(self.twins):
                 yield
         finally:
             torch.backends.cudnn.benchmark = saved

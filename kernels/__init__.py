@@ -12,7 +12,7 @@ tests). Without triton installed (no `gpu` extra) everything still imports and e
 """
 
 from . import reference
-from ._common import HAS_TRITON, IGNORE_LABEL, set_value_checks
+from ._common import HAS_TRITON, IGNORE_LABEL, force_twins, set_value_checks
 from .mmd import mmd_rbf, weighted_mmd
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
@@ -22,6 +22,7 @@ __all__ = [
     "HAS_TRITON",
     "IGNORE_LABEL",
     "dual_soft_paste",
+    "force_twins",
     "masked_upsample_pool",
     "mmd_rbf",
     "pixel_weight",

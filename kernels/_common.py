@@ -6,7 +6,9 @@ Validation lives here so that a kernel and its twin reject exactly the same inpu
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
@@ -31,6 +33,7 @@ IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.uint8)
 
 _value_checks = True
+_force_twins = False
 
 
 def interpreting() -> bool:
@@ -39,8 +42,22 @@ def interpreting() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """The dispatch rule: CUDA tensors go to the kernels; CPU tensors go to the twin unless the interpreter is on."""
+    """The dispatch rule: CUDA tensors go to the kernels; CPU tensors go to the twin unless the interpreter is on;
+    everything goes to the twins inside `force_twins()`."""
+    if _force_twins:
+        return False
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
+
+
+@contextlib.contextmanager
+def force_twins(enabled: bool = True) -> Iterator[None]:
+    """Run every kernel call as its plain-PyTorch twin (the "fused kernels off" ablation), restored on exit."""
+    global _force_twins
+    saved, _force_twins = _force_twins, bool(enabled) or _force_twins
+    try:
+        yield
+    finally:
+        _force_twins = saved
 
 
 def set_value_checks(enabled: bool) -> None:

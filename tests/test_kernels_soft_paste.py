@@ -245,3 +245,16 @@ def test_kernels_is_a_leaf():
                 assert not (node.module or "").startswith("dsp_fast"), f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("dsp_fast") for a in node.names), path.name
+
+
+def test_force_twins_routes_every_call_to_the_twin():
+    from dsp_fast.kernels import force_twins
+    from dsp_fast.kernels._common import HAS_TRITON, use_triton
+
+    t = torch.zeros(1)
+    assert use_triton(t) == HAS_TRITON  # conftest turns the interpreter on
+    with force_twins():
+        assert not use_triton(t)
+        with force_twins(False):  # an inner "off" cannot re-enable the kernels of an outer "on"
+            assert not use_triton(t)
+    assert use_triton(t) == HAS_TRITON
