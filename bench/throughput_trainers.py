@@ -26,8 +26,6 @@ import torch
 
 from dsp_fast import reference as ref
 from dsp_fast.config import Config
-from dsp_fast.data import load_or_build_class_index
-from dsp_fast.data.build import source_dataset, target_dataset
 from dsp_fast.engine.data import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.graphs import make_step_runner
@@ -36,7 +34,6 @@ from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, draw_choices_, poly_lr, read_stats, train_step
 from dsp_fast.kernels import force_twins, set_value_checks
-from dsp_fast.models import param_groups
 
 
 def sync(device: torch.device) -> None:
@@ -73,33 +70,14 @@ class PeakMemory:
 
 
 class ReferenceTrainer:
-    """dsp_fast.reference.train's setup and step body, stepped one step at a time. The setup is restated here
-    because reference.train builds and loops in one function (a `build_trainer` there would remove this copy)."""
+    """dsp_fast.reference's run (`build_run`) stepped one step at a time, with its own data and step functions."""
 
     name = "reference"
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        d = cfg.data
-        torch.manual_seed(cfg.train.seed)
-        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-        self.source = source_dataset(cfg)
-        target = target_dataset(cfg, "train", labels=False)
-        self.class_index = load_or_build_class_index(self.source, cfg.model.num_classes)
-
-        def loader(dataset, base_size, seed):
-            return ref.forever(ref.DataLoader(ref.RandomCrops(dataset, base_size, d.crop_size), batch_size=d.batch_size,
-                                              shuffle=True, drop_last=True, num_workers=d.num_workers,
-                                              generator=torch.Generator().manual_seed(seed)))
-
-        self.src_iter = loader(self.source, d.source_size, cfg.train.seed + 10)
-        self.tmpl_iter = loader(self.source, d.source_size, cfg.train.seed + 20)
-        self.tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
-        self.student, self.teacher = ref.build_models(cfg, device)
-        o = cfg.optim
-        self.optimizer = torch.optim.SGD(param_groups(self.student, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection),
-                                         lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        self.images_per_step = (3 if cfg.dsp.enabled else 1) * d.batch_size
+        self.run = ref.build_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device.type)))
+        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size
         self.step_index = 0
         self.last_loss = float("nan")
 
@@ -115,16 +93,11 @@ class ReferenceTrainer:
 
     def step(self) -> float:
         """One reference step; returns the data time as reference.train logs it."""
-        cfg, device = self.cfg, self.device
+        r = self.run
         t_data = time.perf_counter()
-        (x_s, y_s), (x_m, y_m), x_t = next(self.src_iter), next(self.tmpl_iter), next(self.tgt_iter)
-        choices = ref.draw_choices(cfg, y_m, self.source, self.class_index, self.gen)
-        if device.type != "cpu":
-            choices.long_tail = [(c, i.to(device), lb.to(device)) for c, i, lb in choices.long_tail]
-            choices.class_sel = choices.class_sel.to(device)
-        batch = [t.to(device) for t in (x_s, y_s, x_m, y_m, x_t)]
+        batch, choices = ref.next_batch(r)
         data_s = time.perf_counter() - t_data
-        losses = ref.train_step(cfg, self.student, self.teacher, self.optimizer, self.step_index, batch, choices)
+        losses = ref.train_step(self.cfg, r.student, r.teacher, r.optimizer, self.step_index, batch, choices)
         self.last_loss = losses["loss"]
         self.step_index += 1
         return data_s
@@ -134,7 +107,7 @@ class ReferenceTrainer:
             raise FloatingPointError(f"reference trainer: non-finite loss at step {self.step_index}")
 
     def close(self) -> None:
-        self.src_iter = self.tmpl_iter = self.tgt_iter = None  # type: ignore[assignment]
+        self.run = None  # type: ignore[assignment]  # drops the loaders
         gc.collect()
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -254,8 +255,24 @@ def build_models(cfg: Config, device: torch.device):
     return student, teacher
 
 
-def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The whole reference run; returns (student, teacher)."""
+@dataclasses.dataclass
+class ReferenceRun:
+    """What a reference run holds between steps: data streams, the two models, the optimizer, the choice RNG."""
+
+    cfg: Config
+    device: torch.device
+    source: Dataset
+    class_index: list[list[int]]
+    gen: torch.Generator
+    src_iter: Iterator
+    tmpl_iter: Iterator
+    tgt_iter: Iterator
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_run(cfg: Config) -> ReferenceRun:
     torch.manual_seed(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     device = resolve_device(cfg.train.device)
@@ -276,15 +293,28 @@ def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
     optimizer = torch.optim.SGD(param_groups(student, cfg.optim.lr, cfg.optim.head_lr_mult,
                                              cfg.dsp.train_mmd_projection),
                                 lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    log.start(cfg.train.max_steps, images_per_step=3 * d.batch_size)
+    return ReferenceRun(cfg, device, source, class_index, gen, src_iter, tmpl_iter, tgt_iter, student, teacher,
+                        optimizer)
+
+
+def next_batch(run: ReferenceRun) -> tuple[list[torch.Tensor], StepChoices]:
+    """One step's data: source, template and target crops, and the step's random choices, on the device."""
+    (x_s, y_s), (x_m, y_m), x_t = next(run.src_iter), next(run.tmpl_iter), next(run.tgt_iter)
+    choices = draw_choices(run.cfg, y_m, run.source, run.class_index, run.gen)
+    if run.device.type != "cpu":
+        choices.long_tail = [(c, i.to(run.device), lb.to(run.device)) for c, i, lb in choices.long_tail]
+        choices.class_sel = choices.class_sel.to(run.device)
+    return [t.to(run.device) for t in (x_s, y_s, x_m, y_m, x_t)], choices
+
+
+def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The whole reference run; returns (student, teacher)."""
+    run = build_run(cfg)
+    student, teacher, optimizer = run.student, run.teacher, run.optimizer
+    log.start(cfg.train.max_steps, images_per_step=3 * cfg.data.batch_size)
     for step in range(cfg.train.max_steps):
         t_data = time.perf_counter()
-        (x_s, y_s), (x_m, y_m), x_t = next(src_iter), next(tmpl_iter), next(tgt_iter)
-        choices = draw_choices(cfg, y_m, source, class_index, gen)
-        if device.type != "cpu":
-            choices.long_tail = [(c, i.to(device), lb.to(device)) for c, i, lb in choices.long_tail]
-            choices.class_sel = choices.class_sel.to(device)
-        batch = [t.to(device) for t in (x_s, y_s, x_m, y_m, x_t)]
+        batch, choices = next_batch(run)
         data_s = time.perf_counter() - t_data
         losses = train_step(cfg, student, teacher, optimizer, step, batch, choices)
         if not math.isfinite(losses["loss"]):
