@@ -12,7 +12,6 @@ Image tensors are RGB floats in 0..1 until `normalize_input` right before the mo
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import math
 import os
@@ -31,7 +30,7 @@ from dsp_fast.data import IGNORE_LABEL, load_or_build_class_index, resize_image,
 from dsp_fast.data.build import source_dataset, target_dataset
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
 from dsp_fast.kernels.reference import weighted_mmd
-from dsp_fast.models import build_model, normalize_input, param_groups, set_bn_mode
+from dsp_fast.models import build_student_teacher, normalize_input, param_groups
 from dsp_fast.run_io import RunLog, resolve_device, save_checkpoint
 
 
@@ -245,16 +244,6 @@ def train_step(cfg: Config, student, teacher, optimizer, step: int, batch, choic
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def build_models(cfg: Config, device: torch.device):
-    student = build_model(cfg.model).to(device)
-    student.train()
-    set_bn_mode(student, cfg.model.freeze_bn)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return student, teacher
-
-
 @dataclasses.dataclass
 class ReferenceRun:
     """What a reference run holds between steps: data streams, the two models, the optimizer, the choice RNG."""
@@ -289,7 +278,7 @@ def build_run(cfg: Config) -> ReferenceRun:
     src_iter = loader(source, d.source_size, cfg.train.seed + 10)
     tmpl_iter = loader(source, d.source_size, cfg.train.seed + 20)  # a second, independently shuffled source stream
     tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
-    student, teacher = build_models(cfg, device)
+    student, teacher = build_student_teacher(cfg.model, device)
     optimizer = torch.optim.SGD(param_groups(student, cfg.optim.lr, cfg.optim.head_lr_mult,
                                              cfg.dsp.train_mmd_projection),
                                 lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)

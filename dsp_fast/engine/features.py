@@ -4,7 +4,6 @@ channels_last, the optimizer (fused SGD with a device lr), the GradScaler, DDP, 
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable
 
@@ -14,20 +13,14 @@ from torch import nn
 from dsp_fast.config import Config
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.options import FastOptions
-from dsp_fast.models import build_model, param_groups, set_bn_mode
+from dsp_fast.models import build_student_teacher, param_groups
 from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 
 def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """Student and teacher, initialised exactly as the reference trainer does (seed, then build)."""
     torch.manual_seed(cfg.train.seed)
-    student = build_model(cfg.model).to(device)
-    student.train()
-    set_bn_mode(student, cfg.model.freeze_bn)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return student, teacher
+    return build_student_teacher(cfg.model, device)
 
 
 def apply_channels_last(*models: nn.Module) -> None:

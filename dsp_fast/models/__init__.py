@@ -5,8 +5,10 @@ Imports nothing of dsp_fast but the config, so data, evaluation and both trainer
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from dsp_fast.config import ModelConfig
@@ -27,6 +29,7 @@ __all__ = [
     "DeepLabV2",
     "WeightsError",
     "build_model",
+    "build_student_teacher",
     "count_parameters",
     "load_pretrained",
     "normalize_input",
@@ -44,6 +47,17 @@ def build_model(cfg: ModelConfig) -> DeepLabV2:
         load_pretrained(model, cfg.pretrained, kind=None if cfg.pretrained_kind == "auto" else cfg.pretrained_kind)
     set_bn_mode(model, cfg.freeze_bn)
     return model
+
+
+def build_student_teacher(cfg: ModelConfig, device: torch.device) -> tuple[DeepLabV2, DeepLabV2]:
+    """The student in training mode and its mean teacher: an exact copy that never takes a gradient."""
+    student = build_model(cfg).to(device)
+    student.train()
+    set_bn_mode(student, cfg.freeze_bn)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
 
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float,
