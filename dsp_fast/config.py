@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("gta5", "synthia", "cityscapes", "synthetic")
+AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
+DATA_BACKENDS = ("auto", "dali", "torch")
+OPTIMIZERS = ("auto", "fused", "foreach", "apex")
 
 
 class ConfigError(ValueError):
@@ -210,12 +212,58 @@ class TrainConfig:
 
 
 @dataclass
+class FastConfig:
+    """Settings of the fast trainer only (`python -m dsp_fast.train`); the reference trainer ignores them.
+    Each also has a command-line flag (`--amp`, `--no-graphs`, ...) that overrides the preset."""
+
+    amp: str = "auto"
+    """'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp16' (with a GradScaler) or 'fp32' (equivalence checks)."""
+    channels_last: bool = True
+    """Model weights and input buffers in channels_last memory format."""
+    cuda_graphs: bool = True
+    """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere)."""
+    graph_warmup: int = 11
+    """Eager steps before the capture (DDP needs about 11: its buckets are rebuilt after the first iteration)."""
+    data_backend: str = "auto"
+    """'dali', 'torch', or 'auto': DALI on CUDA when it imports, the torch backend otherwise."""
+    data_threads: int = -1
+    """DALI threads or DataLoader workers per stream; -1 takes data.num_workers."""
+    optimizer: str = "auto"
+    """'fused' torch SGD (device-side lr and skip flag; 'auto'), 'foreach', or 'apex' FusedSGD (if importable)."""
+    keep_last: int = 3
+    """Periodic checkpoints kept (the newest K); best.pt is kept apart."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars when `torch.utils.tensorboard` imports (needs the tensorboard package)."""
+    image_every: int = 500
+    """Write an image grid PNG (template, mask, both mixed images, pseudo-label, prediction) every N steps; 0: never."""
+    max_bad_steps: int = 20
+    """Stop (with a checkpoint) after this many consecutive steps skipped for a non-finite loss or gradient."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms and no cuDNN autotuning (CPU runs are deterministic without it)."""
+    prepared_source: str = ""
+    """Prepared source folder (python -m dsp_fast.prepare); '' with data.source 'synthetic': prepared, cached."""
+    prepared_target: str = ""
+    """Prepared Cityscapes train split folder; '' with data.source 'synthetic': prepared, cached."""
+
+    def __post_init__(self) -> None:
+        choices = {"amp": AMP_CHOICES, "data_backend": DATA_BACKENDS, "optimizer": OPTIMIZERS}
+        for name, allowed in choices.items():
+            _check(getattr(self, name) in allowed, f"fast.{name}",
+                   f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("keep_last", "max_bad_steps", "graph_warmup"):
+            _check(getattr(self, name) >= 1, f"fast.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.image_every >= 0, "fast.image_every", f"must be >= 0, got {self.image_every}")
+        _check(self.data_threads >= -1, "fast.data_threads", f"must be >= -1, got {self.data_threads}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dsp: DSPConfig = field(default_factory=DSPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
 
     def __post_init__(self) -> None:
         bad = [c for c in self.dsp.long_tail_classes if c >= self.model.num_classes]
@@ -226,7 +274,7 @@ class Config:
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "optim": OptimConfig,
-                  "train": TrainConfig}
+                  "train": TrainConfig, "fast": FastConfig}
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:

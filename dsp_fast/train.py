@@ -17,7 +17,7 @@ from dsp_fast.config import ConfigError, load_config
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.loop import NonFiniteStop
-from dsp_fast.engine.options import OptionsError, add_cli_args, options_from_args
+from dsp_fast.engine.options import OptionsError, add_cli_args, apply_cli_args
 from dsp_fast.engine.runner import run_all
 
 
@@ -32,8 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        opts = options_from_args(args)
+        cfg, opts = apply_cli_args(load_config(args.config, args.overrides), args)
         run_all(cfg, opts)
     except (ConfigError, OptionsError, ResumeError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)

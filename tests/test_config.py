@@ -1,8 +1,11 @@
 """Config: presets load, unknown keys and bad values are rejected naming the field, overrides apply."""
 
+import argparse
+
 import pytest
 
 from dsp_fast.config import ConfigError, load_config, save_config
+from dsp_fast.engine.options import add_cli_args, apply_cli_args
 
 
 @pytest.mark.parametrize("preset", ["configs/synthetic.yaml", "configs/gta2cs.yaml", "configs/synthia2cs.yaml"])
@@ -63,3 +66,18 @@ def test_overrides_and_roundtrip(tmp_path):
     path = str(tmp_path / "resolved.yaml")
     save_config(cfg, path)
     assert load_config(path) == cfg
+
+
+def test_fast_section_and_its_flags(tmp_path):
+    with pytest.raises(ConfigError, match=r"fast\.amp"):
+        load_config(None, ["fast.amp=fp64"])
+    with pytest.raises(ConfigError, match=r"fast\.keep_last"):
+        load_config(None, ["fast.keep_last=0"])
+    cfg = load_config(_write(tmp_path, "fast:\n  keep_last: 5\n  amp: bf16\n"))
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    cfg, opts = apply_cli_args(cfg, parser.parse_args(["--amp", "fp32", "--no-graphs", "--resume"]))
+    assert (opts.amp, opts.cuda_graphs, opts.keep_last, opts.resume) == ("fp32", False, 5, "auto")  # preset kept
+    assert (cfg.fast.amp, cfg.fast.cuda_graphs, cfg.fast.channels_last) == ("fp32", False, True)  # saved as run
+    with pytest.raises(ConfigError, match=r"fast\.image_every"):
+        apply_cli_args(cfg, parser.parse_args(["--image-every", "-1"]))
