@@ -280,6 +280,9 @@ def ensure_synthetic(root: str, seed: int = 0, spec: SyntheticSpec | None = None
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the dataset should read like any folder
     try:
         _generate_into(tmp, spec, min(4, os.cpu_count() or 1) if workers is None else workers)
         with open(os.path.join(tmp, MARKER), "w") as f:
