@@ -233,7 +233,8 @@ def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.devi
     share_of_gain(ablation, headline)
     scaling = run_scaling(args, cfg, opts, dirs, device, say) if args.scaling > 1 else {"status": "skipped"}
     return {
-        "env": {**provenance(device), "load_average_1_5_15_start": load_start,
+        "env": {**provenance(device), "command": " ".join(["python -m bench.throughput", *sys.argv[1:]]),
+                "load_average_1_5_15_start": load_start,
                 "load_average_1_5_15_end": os.getloadavg()},
         "config": {"config_file": args.config, "data": args.data, "arch": cfg.model.arch,
                    "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size, "dsp": cfg.dsp.enabled,
