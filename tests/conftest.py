@@ -11,6 +11,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> str:
+    """The built-in synthetic shift, generated and prepared once per test session (about 6 s), for the tests that
+    run the fast trainer or the throughput bench end to end."""
+    # imported here, not at the top: the kernels must be imported only after TRITON_INTERPRET is set above,
+    # and most test modules never need the engine
+    from dsp_fast.config import load_config
+    from dsp_fast.engine.data import prepare_synthetic
+
+    root = str(tmp_path_factory.getbasetemp() / "synthetic")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prepare_synthetic(load_config(os.path.join(repo, "configs/synthetic.yaml"), [f"data.synthetic_root={root}"]))
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same seeds, so a failure reproduces."""

@@ -10,21 +10,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
-
-from dsp_fast.config import load_config
-from dsp_fast.engine.data import prepare_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> str:
-    """The synthetic shift generated and prepared once (about 6 s), outside the timed smoke run."""
-    root = str(tmp_path_factory.getbasetemp() / "synthetic_bench")
-    prepare_synthetic(load_config(os.path.join(REPO, "configs/synthetic.yaml"), [f"data.synthetic_root={root}"]))
-    return root
 
 
 def test_cpu_smoke_run_writes_json_and_chart(synthetic_root, tmp_path):

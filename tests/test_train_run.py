@@ -12,23 +12,13 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from dsp_fast import train
-from dsp_fast.config import load_config
 from dsp_fast.engine.checkpoint import list_checkpoints
-from dsp_fast.engine.data import prepare_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory) -> str:
-    """The synthetic shift, generated and prepared once for the module (about 6 s), so runs only train."""
-    root = str(tmp_path_factory.getbasetemp() / "synthetic")
-    prepare_synthetic(load_config(os.path.join(REPO, "configs/synthetic.yaml"), [f"data.synthetic_root={root}"]))
-    return root
 
 
 def tiny_args(root: str, out: str, steps: int, *extra: str) -> list[str]:
