@@ -2,7 +2,7 @@
 
 Everything here can run inside a CUDA graph: random choices arrive as tensors (uniform draws, long-tail crops
 and their classes), class selection is a sort over a fixed (B, K) table instead of `unique`, the teacher update is
-one `_foreach_lerp_`, and the losses read the mask and q directly. Step numbers refer to shared/DSP_METHOD.md;
+three foreach ops with a device weight, and the losses read the mask and q directly. Step numbers refer to shared/DSP_METHOD.md;
 `dsp_fast.reference` is the readable oracle this module is tested against.
 
 Shapes: B batch, K classes, L long-tail crops per step, H x W crop, h x w stride-8 features.
@@ -158,8 +158,12 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
                ema_max: float, skip: torch.Tensor | None = None) -> None:
     """Step 7 with the step as a device tensor: g += (1 - alpha_t) * (f - g), alpha_t = min(1 - 1/(t+1), ema_max).
 
-    `skip` (0-d, 1.0 on a skipped step) zeroes the weight on the device: lerp with weight 0 leaves the teacher as
-    it was, with no host branch."""
+    `skip` (0-d, 1.0 on a skipped step) zeroes the weight on the device: a zero weight leaves the teacher as it
+    was, with no host branch."""
     alpha = torch.clamp(1.0 - 1.0 / (step_t.float() + 1.0), max=ema_max)
     weight = 1.0 - alpha if skip is None else (1.0 - alpha) * (1.0 - skip)
-    torch._foreach_lerp_(teacher_params, student_params, weight)
+    # not _foreach_lerp_: it has no overload taking a tensor weight, so torch would read the weight on the host
+    # (a sync that makes the step uncapturable); _foreach_mul_ has a tensor overload and stays on the device
+    diffs = torch._foreach_sub(student_params, teacher_params)
+    torch._foreach_mul_(diffs, weight)
+    torch._foreach_add_(teacher_params, diffs)

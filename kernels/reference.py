@@ -32,10 +32,13 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam)
     num_classes = class_sel.shape[1]
     check_label_values({"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo}, num_classes)
-    mask_BHW = torch.stack([
-        torch.isin(tmpl_label[b], class_sel[b].nonzero().flatten().to(tmpl_label.dtype))  # never holds 255
-        for b in range(tmpl_label.shape[0])
-    ])
+    # M[b, y, x] = class_sel[b, tmpl_label[b, y, x]], read from the table (not isin over its nonzero entries, whose
+    # shape depends on the data: a host sync); the ignore label (and, with value checks off, any label outside
+    # [0, K), as in the kernel) looks up a False column
+    table_BK1 = torch.cat([class_sel, class_sel.new_zeros(class_sel.shape[0], 1)], dim=1)
+    ids = tmpl_label.long()
+    ids_BP = torch.where((ids < 0) | (ids >= num_classes), num_classes, ids).flatten(1)
+    mask_BHW = table_BK1.gather(1, ids_BP).view_as(tmpl_label)
     m_B1HW = mask_BHW[:, None].to(tmpl_img.dtype)
     src_mix_img = lam * m_B1HW * tmpl_img + (1 - lam * m_B1HW) * src_img
     tgt_mix_img = lam * m_B1HW * tmpl_img + (1 - lam * m_B1HW) * tgt_img
