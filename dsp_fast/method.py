@@ -2,8 +2,8 @@
 
 Everything here can run inside a CUDA graph: random choices arrive as tensors (uniform draws, long-tail crops
 and their classes), class selection is a sort over a fixed (B, K) table instead of `unique`, the teacher update is
-three foreach ops with a device weight, and the losses read the mask and q directly. Step numbers refer to shared/DSP_METHOD.md;
-`dsp_fast.reference` is the readable oracle this module is tested against.
+three foreach ops with a device weight, and the losses read the mask and q directly. Step numbers refer to
+shared/DSP_METHOD.md; `dsp_fast.reference` is the readable oracle this module is tested against.
 
 Shapes: B batch, K classes, L long-tail crops per step, H x W crop, h x w stride-8 features.
 """
@@ -138,19 +138,29 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
     mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
     logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
     logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
-    logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
-    logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
-    lam = s.lam
-    l_srcmix = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
-    weight = torch.where(mix.mask, 1.0, mix.q)
-    tgt = lam * nll(logp_tm, mix.yt_mix)
-    if not s.drop_target_soft_term:
-        tgt = tgt + (1 - lam) * nll(logp_tm, mix.yhat_t)
-    l_tgtmix = (weight * tgt).mean()
-    l_mmd = s.mmd_weight * weighted_mmd(feat_sm.float(), feat_tm.float(), mix.mask, tuple(x_s.shape[-2:]),
-                                        s.mmd_kernel_mul, s.mmd_kernel_num)
+    # the losses and the MMD in fp32 whatever the run's autocast: a .float() alone is not enough, autocast would
+    # cast the MMD's pooling matmul back to bf16
+    with torch.autocast(x_s.device.type, enabled=False):
+        logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
+        logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
+        lam = s.lam
+        l_srcmix = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
+        weight = torch.where(mix.mask, 1.0, mix.q)
+        tgt = lam * nll(logp_tm, mix.yt_mix)
+        if not s.drop_target_soft_term:
+            tgt = tgt + (1 - lam) * nll(logp_tm, mix.yhat_t)
+        l_tgtmix = (weight * tgt).mean()
+        l_mmd = mmd_term(s, feat_sm, feat_tm, mix.mask, tuple(x_s.shape[-2:]))
     loss = l_src + l_srcmix + l_tgtmix + l_mmd
     return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": mix.q}
+
+
+def mmd_term(s: LossSettings, feat_s: torch.Tensor, feat_t: torch.Tensor, mask_BHW: torch.Tensor,
+             size: tuple[int, int]) -> torch.Tensor:
+    """Step 6's c * weighted MMD, in fp32 even inside an autocast region (the spec keeps the MMD in fp32)."""
+    with torch.autocast(feat_s.device.type, enabled=False):
+        return s.mmd_weight * weighted_mmd(feat_s.float(), feat_t.float(), mask_BHW, size, s.mmd_kernel_mul,
+                                           s.mmd_kernel_num)
 
 
 @torch.no_grad()

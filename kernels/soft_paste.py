@@ -93,12 +93,12 @@ def _dual_soft_paste_kernel(
         tl.store(tgt_out + pix_go + c * s_go_c, (pasted + (1.0 - lm) * g).to(tgt_out.dtype.element_ty), mask=io)
 
 
-def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
-                            src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
-                            tgt_pseudo: torch.Tensor, lam: float
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the kernel (inputs already checked). Outputs keep the memory format of their destination image."""
-    n_b, n_c, n_h, n_w = tmpl_img.shape
+def _alloc_outputs(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, src_img: torch.Tensor,
+                   src_label: torch.Tensor, tgt_img: torch.Tensor, tgt_pseudo: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The five outputs, shared by the launcher and the operator's fake implementation (same shapes, dtypes and
+    strides). Images keep the memory format of their destination; a mixed label map takes the promoted dtype."""
+    n_b, _, n_h, n_w = tmpl_img.shape
     src_out = torch.empty_like(src_img)  # preserve_format: channels_last in, channels_last out
     tgt_out = torch.empty_like(tgt_img)
     src_lbl_out = torch.empty((n_b, n_h, n_w), dtype=torch.promote_types(tmpl_label.dtype, src_label.dtype),
@@ -106,6 +106,17 @@ def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, cl
     tgt_lbl_out = torch.empty((n_b, n_h, n_w), dtype=torch.promote_types(tmpl_label.dtype, tgt_pseudo.dtype),
                               device=tgt_pseudo.device)
     mask_BHW = torch.empty((n_b, n_h, n_w), dtype=torch.bool, device=tmpl_label.device)
+    return src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW
+
+
+def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
+                            src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
+                            tgt_pseudo: torch.Tensor, lam: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the kernel (inputs already checked)."""
+    n_b, n_c, n_h, n_w = tmpl_img.shape
+    src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW = _alloc_outputs(tmpl_img, tmpl_label, src_img,
+                                                                          src_label, tgt_img, tgt_pseudo)
     err = torch.zeros((1,), dtype=torch.int32, device=tmpl_label.device)
     if mask_BHW.numel() == 0:
         return src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW
@@ -150,4 +161,20 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     if not use_triton(tmpl_img):
         return reference.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
                                          tgt_pseudo, lam)
+    return tuple(torch.ops.dsp_fast.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
+                                                    tgt_pseudo, float(lam)))
+
+
+# The launch as a torch operator: fake tensors (shape propagation with no device), torch.compile and an op
+# recording see one `dsp_fast::dual_soft_paste` node instead of Python around a launch. Not differentiable.
+@torch.library.custom_op("dsp_fast::dual_soft_paste", mutates_args=())
+def _dual_soft_paste_op(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
+                        src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
+                        tgt_pseudo: torch.Tensor, lam: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _dual_soft_paste_triton(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam)
+
+
+@_dual_soft_paste_op.register_fake
+def _(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam):
+    return _alloc_outputs(tmpl_img, tmpl_label, src_img, src_label, tgt_img, tgt_pseudo)

@@ -99,19 +99,34 @@ def adjoint_map(mask: torch.Tensor | None, feat_hw: tuple[int, int], size: tuple
                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A / (H*W): the mask pushed back through the adjoint of bilinear upsampling (h, w) -> size, as (B', h, w)
     in `dtype` (B' = 1 when mask is None: the same map serves every image)."""
-    (h, w), (big_h, big_w) = feat_hw, size
+    big_h, big_w = size
     if mask is None:
         # all ones through stride-0 broadcasting: no (B, H, W) tensor is materialised
         mask_BHW = torch.ones((1, 1, 1), dtype=torch.float32, device=device).expand(1, big_h, big_w)
     else:
         mask_BHW = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    n_b = mask_BHW.shape[0]
+    return torch.ops.dsp_fast.adjoint_map(mask_BHW, feat_hw[0], feat_hw[1], align_corners, dtype)
+
+
+# The two launches as one torch operator, so that fake tensors, torch.compile and op recordings see one node.
+# A has no gradient (the mask is data), so the operator needs no autograd formula: the pooling that uses A is a
+# plain matmul, differentiated by autograd.
+@torch.library.custom_op("dsp_fast::adjoint_map", mutates_args=())
+def _adjoint_map_op(mask_BHW: torch.Tensor, h: int, w: int, align_corners: bool, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    n_b, big_h, big_w = mask_BHW.shape
+    device = mask_BHW.device
     rows_BHw = torch.empty((n_b, big_h, w), dtype=torch.float32, device=device)
     _adjoint_linear(mask_BHW, rows_BHw, align_corners, 1.0)  # contract W -> w
     # the 1/(H*W) of the mean is folded in here, so that a half-precision A stays in range (entries ~1/(h*w))
     a_Bhw = torch.empty((n_b, h, w), dtype=dtype, device=device)
     _adjoint_linear(rows_BHw.transpose(1, 2), a_Bhw.transpose(1, 2), align_corners, 1.0 / (big_h * big_w))
     return a_Bhw
+
+
+@_adjoint_map_op.register_fake
+def _(mask_BHW, h, w, align_corners, dtype):
+    return mask_BHW.new_empty((mask_BHW.shape[0], h, w), dtype=dtype)
 
 
 def pool_with_maps(feat_BChw: torch.Tensor, a_BKhw: torch.Tensor) -> torch.Tensor:

@@ -66,4 +66,15 @@ def pixel_weight(mask: torch.Tensor, conf: torch.Tensor, threshold: float) -> tu
     check_pixel_weight(mask, conf, threshold)
     if not use_triton(conf):
         return reference.pixel_weight(mask, conf, threshold)
+    return tuple(torch.ops.dsp_fast.pixel_weight(mask, conf, float(threshold)))
+
+
+# The two launches as one torch operator (fake tensors, torch.compile, op recordings see one node).
+@torch.library.custom_op("dsp_fast::pixel_weight", mutates_args=())
+def _pixel_weight_op(mask: torch.Tensor, conf: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _pixel_weight_triton(mask, conf, threshold)
+
+
+@_pixel_weight_op.register_fake
+def _(mask, conf, threshold):
+    return torch.empty(conf.shape, dtype=torch.float32, device=conf.device), conf.new_empty((), dtype=torch.float32)

@@ -28,13 +28,14 @@ def apply_channels_last(*models: nn.Module) -> None:
         m.to(memory_format=torch.channels_last)
 
 
-def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: torch.device
-                    ) -> tuple[torch.optim.Optimizer, bool]:
+def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: torch.device,
+                    device_lr: bool | None = None) -> tuple[torch.optim.Optimizer, bool]:
     """SGD over the model's parameter groups; returns (optimizer, device_skip).
 
     device_skip: the optimizer reads `optimizer.found_inf` on the device (torch fused SGD), so a non-finite step is
     skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in place each step (a
     CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch 2.13) and a float lr.
+    device_lr: the lr as a device tensor (default: on CUDA); the CPU tests ask for it to check the CUDA setup.
     """
     o = cfg.optim
     groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection)
@@ -45,7 +46,7 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
             raise SystemExit(f"--optimizer apex: NVIDIA apex does not import ({e}); use --optimizer fused") from None
         return FusedSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay), False
     fused = opts.optimizer in ("auto", "fused")
-    if fused and device.type == "cuda":
+    if fused and (device.type == "cuda" if device_lr is None else device_lr):
         for g in groups:
             g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=device)
     opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused or None,

@@ -131,11 +131,22 @@ class StepContext:
 def train_step(ctx: StepContext, buf: StepBuffers) -> None:
     """One DSP step (steps 1-7): losses, one backward, a finite check, SGD, EMA; the terms accumulate in ctx.sums."""
     ctx.optimizer.zero_grad(set_to_none=True)
+    losses = compute_losses(ctx, buf)
+    ctx.scaler.scale(losses["loss"]).backward()
+    apply_update(ctx, losses)
+
+
+def compute_losses(ctx: StepContext, buf: StepBuffers) -> dict[str, torch.Tensor]:
+    """Steps 1-6 under the run's autocast (the losses and the MMD turn it off inside: they stay fp32)."""
     with torch.autocast(buf.x_s.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype != torch.float32,
                         cache_enabled=ctx.autocast_cache):
-        losses = dsp_losses(ctx.settings, ctx.student, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m,
-                            buf.y_m, buf.x_t, buf.choices)
-    ctx.scaler.scale(losses["loss"]).backward()
+        return dsp_losses(ctx.settings, ctx.student, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m,
+                          buf.y_m, buf.x_t, buf.choices)
+
+
+def apply_update(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
+    """After the backward: the finite check, the SGD step (skipped on the device when not finite), step 7's EMA and
+    the loss sums."""
     found = _check_finite_(ctx, losses["loss"])
     if ctx.scaler.is_enabled():  # fp16: the scaler skips (and backs off) on overflowing gradients itself
         ctx.scaler.step(ctx.optimizer)

@@ -1,0 +1,204 @@
+"""The fast step can be captured in a CUDA graph, checked on a CPU: no host sync and no data-dependent shape in any
+operator it issues (fp32 and bf16 autocast, fused kernels and their twins), the MMD in fp32 under autocast, and
+the whole step on fake `cuda` tensors with no cuda/cpu mix. A GPU is rare here; these are what catch a GPU fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from op_recorder import OpRecorder
+from test_method_equivalence import H, W, make_batch, make_cfg, make_choices, to_device_choices
+from test_train_step import buffers
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dsp_fast.engine.features import build_grad_scaler, build_models, build_optimizer, make_normalize
+from dsp_fast.engine.loop import loss_settings
+from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
+from dsp_fast.kernels import force_twins, set_value_checks
+from dsp_fast.method import DeviceChoices, mmd_term
+
+CPU = torch.device("cpu")
+AMP = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture
+def value_checks_off():
+    """As the CUDA path runs (engine.runner.configure_backends): the kernels' label-value checks off."""
+    set_value_checks(False)
+    yield
+    set_value_checks(True)
+
+
+def cuda_like_context(cfg, student, teacher, amp: torch.dtype, device: torch.device) -> StepContext:
+    """The step's context as the CUDA path builds it: fused SGD with a device-tensor lr that reads found_inf on
+    the device, autocast's weight cache off (as under graph capture)."""
+    opt, device_skip = build_optimizer(cfg, student, FastOptions(amp="fp32", optimizer="fused"), device,
+                                       device_lr=True)
+    assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
+    return StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", device), amp,
+                       build_grad_scaler(amp, device), cfg.dsp.ema_max, device_skip, sync_flag=False,
+                       autocast_cache=False)
+
+
+def test_recorder_finds_syncs_and_data_dependent_shapes():
+    """The recorder is not vacuous: it names the host read behind _foreach_lerp_'s tensor weight (the EMA fault it
+    was written for), a boolean index and nonzero, with their lines; the device-weight EMA passes."""
+    a, b, w = [torch.zeros(3)], [torch.ones(3)], torch.tensor(0.5)
+    with OpRecorder() as rec:
+        torch._foreach_lerp_(a, b, w)
+        a[0][a[0] > 0.2] = 1.0
+        a[0].nonzero()
+    assert [f.op for f in rec.syncs] == ["aten::_local_scalar_dense", "aten::index_put_", "aten::nonzero"]
+    assert all("test_step_capturable.py" in f.where for f in rec.syncs)
+    with OpRecorder() as rec:
+        d = torch._foreach_sub(b, a)
+        torch._foreach_mul_(d, w)
+        torch._foreach_add_(a, d)
+    assert rec.syncs == []
+
+
+@pytest.mark.parametrize("amp,twins,dsp", [("fp32", False, True), ("bf16", False, True), ("fp32", True, True),
+                                           ("bf16", True, True), ("fp32", False, False)])
+def test_train_step_issues_no_host_sync(amp, twins, dsp, value_checks_off):
+    """Every operator of one train_step (after one eager step, as the graph is captured after warm-up), in the CUDA
+    path's settings; the twins ("fused kernels off") too, so that the ablation changes the kernels alone."""
+    cfg = make_cfg(enabled=dsp)
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(gen)
+    ch = to_device_choices(make_choices(cfg, batch[3], gen))
+    student, teacher = build_models(cfg, CPU)
+    ctx = cuda_like_context(cfg, student, teacher, AMP[amp], CPU)
+    ctx.set_schedule_(3, 1e-3)
+    with force_twins(twins):
+        train_step(ctx, buffers(batch, ch))
+        buf = buffers(batch, ch)
+        with OpRecorder() as rec:
+            train_step(ctx, buf)
+    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+    names = {op for op, _ in rec.ops}
+    assert ("dsp_fast::dual_soft_paste" in names) == (dsp and not twins)  # the fused operators did run
+    # fused SGD ran (a CPU 0-d lr binds the float overload; test_whole_step_on_fake_cuda checks that a cuda lr
+    # binds the tensor one)
+    assert any(op.startswith("aten::_fused_sgd_") for op in names)
+
+
+def test_mmd_stays_fp32_under_autocast():
+    """The pooling matmul inside the weighted MMD would run in bf16 under autocast if only its inputs were cast:
+    no operator of the MMD term returns bf16, and the value equals the one computed without autocast."""
+    s = loss_settings(make_cfg())
+    gen = torch.Generator().manual_seed(0)
+    feat_s, feat_t = (torch.randn(2, 8, 5, 7, generator=gen) for _ in range(2))
+    mask = torch.rand(2, 33, 49, generator=gen) < 0.5
+    plain = mmd_term(s, feat_s, feat_t, mask, (33, 49))
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpRecorder() as rec:
+        under_autocast = mmd_term(s, feat_s.bfloat16(), feat_t.bfloat16(), mask, (33, 49))
+    low = [op for op, dtypes in rec.ops if torch.bfloat16 in dtypes and "_to_copy" not in op]
+    assert not low, f"bf16 operators inside the MMD: {low}"
+    assert any(op in ("aten::bmm", "aten::mm") for op, _ in rec.ops)
+    # inputs rounded to bf16 once (the features), then fp32: close to the fp32 value, not equal
+    torch.testing.assert_close(under_autocast, mmd_term(s, feat_s.bfloat16().float(), feat_t.bfloat16().float(),
+                                                        mask, (33, 49)), rtol=0, atol=0)
+    assert under_autocast.dtype == torch.float32 and torch.isfinite(plain)
+
+
+def _fused_sgd_meta(params, grads, momentum_buffer_list, *, weight_decay, momentum, lr, dampening, nesterov,
+                    maximize, is_first_step, grad_scale=None, found_inf=None):
+    tensors = [*params, *grads, *momentum_buffer_list, lr] + [t for t in (grad_scale, found_inf) if t is not None]
+    if len({t.device for t in tensors}) != 1:
+        raise RuntimeError(f"_fused_sgd_: tensors on several devices {sorted({str(t.device) for t in tensors})}")
+
+
+def _basic_getitem(t: torch.Tensor, index):
+    """Tensor indexing with ints, slices, None and ... through view operators (the indexing binding, like copy_'s,
+    asks for a device guard first). Anything else is an error: the step should not need more."""
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+        i = index.index(Ellipsis)
+        n_fill = t.dim() - sum(1 for x in index if x is not None and x is not Ellipsis)
+        index = index[:i] + (slice(None),) * n_fill + index[i + 1:]
+    dim = 0
+    for x in index:
+        if x is None:
+            t = t.unsqueeze(dim)
+            dim += 1
+        elif isinstance(x, int):
+            t = t.select(dim, x)
+        elif isinstance(x, slice):
+            start, stop, step = x.indices(t.shape[dim])
+            t = torch.ops.aten.slice.Tensor(t, dim, start, stop, step)
+            dim += 1
+        else:
+            raise TypeError(f"fake-cuda test: unsupported index {x!r}")
+    return t
+
+
+@pytest.fixture
+def fake_cuda_support(monkeypatch):
+    """What fake cuda tensors need on a torch built without CUDA, for one test only: a meta kernel for fused SGD
+    with a tensor lr (torch has none; this one checks what the real kernel requires of its inputs, one device, and
+    nothing else), and Tensor.copy_, ~ and basic indexing through operators (their Python bindings ask the CUDA runtime
+    for a device guard before any dispatch; the operators do the same work, minus that guard)."""
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_fused_sgd_.tensor_lr", _fused_sgd_meta, "Meta")
+    monkeypatch.setattr(torch.Tensor, "copy_",
+                        lambda self, src, non_blocking=False: torch.ops.aten.copy_.default(self, src, non_blocking))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", _basic_getitem)
+    monkeypatch.setattr(torch.Tensor, "__invert__", lambda self: torch.bitwise_not(self))
+    yield
+    lib._destroy()
+
+
+@contextlib.contextmanager
+def cuda_autocast_allowed():
+    """torch.autocast('cuda') turns itself off where no CUDA device exists; the fake step needs it on. Only
+    autocast's own availability checks are told otherwise (torch.cuda.is_available stays False)."""
+    common = torch.cuda.amp.common
+    real = common.amp_definitely_not_available, torch.cuda.is_bf16_supported
+    common.amp_definitely_not_available, torch.cuda.is_bf16_supported = (lambda: False), (lambda *a, **k: True)
+    try:
+        yield
+    finally:
+        common.amp_definitely_not_available, torch.cuda.is_bf16_supported = real
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp32"])
+def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
+    """Student, teacher, losses (fused operators through their fake implementations), fused SGD with a device lr
+    and the EMA, on fake `cuda` tensors: any cuda/cpu mix raises, and no operator takes tensors of two devices
+    (a CPU scalar tensor beside cuda ones would be baked into a graph). torch built without CUDA cannot record
+    autograd on cuda tensors (autograd asks the CUDA runtime for a stream), so the forward runs without grad and
+    the update half gets fake gradients; the backward's operators mirror the forward's devices."""
+    cfg = make_cfg()
+    student, teacher = build_models(cfg, CPU)
+    cuda = torch.device("cuda")
+    with FakeTensorMode(allow_non_fake_inputs=True), OpRecorder() as rec:
+        student.to_empty(device=cuda)
+        teacher.to_empty(device=cuda)
+        ctx = cuda_like_context(cfg, student, teacher, AMP[amp], cuda)
+        ctx.set_schedule_(3, 1e-3)
+        b = 2
+        choices = DeviceChoices(class_u=torch.zeros(b, cfg.model.num_classes, device=cuda),
+                                lt_img=torch.zeros(2, 3, H, W, device=cuda),
+                                lt_label=torch.zeros(2, H, W, dtype=torch.int64, device=cuda),
+                                lt_cls=torch.zeros(2, dtype=torch.int64, device=cuda),
+                                aug_src=torch.zeros(b, 7, device=cuda), aug_tgt=torch.zeros(b, 7, device=cuda))
+        img = [torch.zeros(b, 3, H, W, device=cuda) for _ in range(3)]
+        lab = [torch.zeros(b, H, W, dtype=torch.int64, device=cuda) for _ in range(2)]
+        buf = StepBuffers(img[0], lab[0], img[1], lab[1], img[2], choices)
+        with torch.no_grad(), cuda_autocast_allowed():
+            losses = compute_losses(ctx, buf)
+        for p in ctx.student_params:
+            p.grad = torch.zeros_like(p)
+        apply_update(ctx, losses)
+    assert {t.device.type for t in [*losses.values(), *ctx.sums.values(), *ctx.teacher_params]} == {"cuda"}
+    names = [op for op, _ in rec.ops]
+    assert "dsp_fast::dual_soft_paste" in names and "dsp_fast::adjoint_map" in names
+    assert "aten::_fused_sgd_.tensor_lr" in names
+    if amp == "bf16":  # autocast really ran: the convolutions returned bf16
+        assert any(op == "aten::convolution" and torch.bfloat16 in dt for op, dt in rec.ops)
+    assert not rec.mixes, "operators with tensors on two devices:\n" + "\n".join(map(str, rec.mixes))
+    assert not rec.syncs, "\n".join(map(str, rec.syncs))
