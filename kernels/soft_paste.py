@@ -47,20 +47,36 @@ def _dual_soft_paste_kernel(
     IGNORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # batch offsets in int64: a whole batch may pass 2**31 elements
+    # the batch offset in int64, once per program on the base pointers (a whole batch may pass 2**31 elements);
+    # offsets inside one image in int32 (the launcher checks they fit): int64 offsets per pixel and channel doubled
+    # the registers and made the kernel spill on sm_90
+    b = tl.program_id(1).to(tl.int64)
+    tmpl_img += b * s_ti_b
+    src_img += b * s_si_b
+    tgt_img += b * s_gi_b
+    src_out += b * s_so_b
+    tgt_out += b * s_go_b
+    tmpl_lbl += b * s_tl_b
+    src_lbl += b * s_sl_b
+    tgt_lbl += b * s_gl_b
+    sel_ptr += b * s_sel_b
+    out_base = b * H * W
+    src_lbl_out += out_base
+    tgt_lbl_out += out_base
+    mask_out += out_base
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     inb = p < H * W
     y = p // W
     x = p % W
 
     # labels stay in their own dtype for the checks: an int64 label is not truncated before it is judged
-    lbl_t = tl.load(tmpl_lbl + b * s_tl_b + y * s_tl_h + x * s_tl_w, mask=inb, other=IGNORE)
-    lbl_s = tl.load(src_lbl + b * s_sl_b + y * s_sl_h + x * s_sl_w, mask=inb, other=IGNORE)
-    lbl_g = tl.load(tgt_lbl + b * s_gl_b + y * s_gl_h + x * s_gl_w, mask=inb, other=IGNORE)
+    lbl_t = tl.load(tmpl_lbl + y * s_tl_h + x * s_tl_w, mask=inb, other=IGNORE)
+    lbl_s = tl.load(src_lbl + y * s_sl_h + x * s_sl_w, mask=inb, other=IGNORE)
+    lbl_g = tl.load(tgt_lbl + y * s_gl_h + x * s_gl_w, mask=inb, other=IGNORE)
     valid_t = (lbl_t >= 0) & (lbl_t < K)
     # the gather is masked by valid_t, so a bad label can never read outside class_sel
     cls = tl.where(valid_t, lbl_t, 0).to(tl.int32)
-    sel = tl.load(sel_ptr + b * s_sel_b + cls * s_sel_k, mask=inb & valid_t, other=0)
+    sel = tl.load(sel_ptr + cls * s_sel_k, mask=inb & valid_t, other=0)
     m = sel != 0
 
     # bad labels are counted, not trusted: the launcher turns a nonzero count into a ValueError
@@ -69,18 +85,17 @@ def _dual_soft_paste_kernel(
     bad += (((lbl_g < 0) | (lbl_g >= K)) & (lbl_g != IGNORE)).to(tl.int32)
     tl.atomic_add(err_ptr, tl.sum(tl.where(inb, bad, 0), axis=0))
 
-    out_off = b * H * W + p
-    tl.store(mask_out + out_off, m.to(tl.uint8), mask=inb)
-    tl.store(src_lbl_out + out_off, tl.where(m, lbl_t, lbl_s).to(src_lbl_out.dtype.element_ty), mask=inb)
-    tl.store(tgt_lbl_out + out_off, tl.where(m, lbl_t, lbl_g).to(tgt_lbl_out.dtype.element_ty), mask=inb)
+    tl.store(mask_out + p, m.to(tl.uint8), mask=inb)
+    tl.store(src_lbl_out + p, tl.where(m, lbl_t, lbl_s).to(src_lbl_out.dtype.element_ty), mask=inb)
+    tl.store(tgt_lbl_out + p, tl.where(m, lbl_t, lbl_g).to(tgt_lbl_out.dtype.element_ty), mask=inb)
 
     # same operation order as the twin: lam*m*a + (1 - lam*m)*d, in float32
     lm = (lam * m.to(tl.float32))[:, None]
-    pix_ti = (b * s_ti_b + y * s_ti_h + x * s_ti_w)[:, None]
-    pix_si = (b * s_si_b + y * s_si_h + x * s_si_w)[:, None]
-    pix_gi = (b * s_gi_b + y * s_gi_h + x * s_gi_w)[:, None]
-    pix_so = (b * s_so_b + y * s_so_h + x * s_so_w)[:, None]
-    pix_go = (b * s_go_b + y * s_go_h + x * s_go_w)[:, None]
+    pix_ti = (y * s_ti_h + x * s_ti_w)[:, None]
+    pix_si = (y * s_si_h + x * s_si_w)[:, None]
+    pix_gi = (y * s_gi_h + x * s_gi_w)[:, None]
+    pix_so = (y * s_so_h + x * s_so_w)[:, None]
+    pix_go = (y * s_go_h + x * s_go_w)[:, None]
     for c0 in range(0, C, BLOCK_C):
         c = (c0 + tl.arange(0, BLOCK_C))[None, :]
         io = inb[:, None] & (c < C)
@@ -118,11 +133,16 @@ def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, cl
     src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW = _alloc_outputs(tmpl_img, tmpl_label, src_img,
                                                                           src_label, tgt_img, tgt_pseudo)
     err = torch.zeros((1,), dtype=torch.int32, device=tmpl_label.device)
+    for t in (tmpl_img, src_img, tgt_img, src_out, tgt_out, tmpl_label, src_label, tgt_pseudo):
+        # the kernel offsets inside one image in int32 (the batch offset is int64)
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
+            raise ValueError(f"dual_soft_paste: one image spans more than 2**31 elements, shape {tuple(t.shape)}")
     if mask_BHW.numel() == 0:
         return src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW
     n_pix = n_h * n_w
-    # the interpreter pays ~1 ms per program: one program per image there; 1024 pixels x 4 channels on a GPU
-    block_p = min(next_pow2(n_pix), 65536) if interpreting() else 1024
+    # the interpreter pays ~1 ms per program: one program per image there
+    # 256 pixels x 4 channel slots on 4 warps: no register spills on sm_80/sm_90 (python -m bench.compile_kernels)
+    block_p = min(next_pow2(n_pix), 65536) if interpreting() else 256
     block_c = min(next_pow2(n_c), 4)
     grid = (triton.cdiv(n_pix, block_p), n_b)
     _dual_soft_paste_kernel[grid](
