@@ -30,6 +30,7 @@ from dsp_fast.engine.loop import loss_settings
 from dsp_fast.engine.monitor import save_image_grid
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, poly_lr, read_stats, train_step
+from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import DeviceChoices
 from dsp_fast.models import build_model, normalize_input, param_groups
 
@@ -144,7 +145,9 @@ def test_normalize_constants_give_the_same_bits(kind):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_step_matches_eager_step():
     """NOT YET RUN ON A GPU. Same init, same batches, same choice generator: the captured and replayed step must
-    give the eager step's losses and weights (fp32, no autotuning: the same kernels run; 1e-6 covers atomics)."""
+    give the eager step's losses and weights. Tolerance: CUDA's bilinear-upsample backward accumulates with
+    atomics, so two eager runs already differ in the last bits and the differences grow over the steps; the graphed
+    run may differ from eager by at most 4x the largest eager-vs-eager difference, plus 1e-6 (fp32 rounding)."""
     from dsp_fast.engine.graphs import GraphedStep
 
     cfg = make_cfg()
@@ -153,8 +156,9 @@ def test_graphed_step_matches_eager_step():
     gen = torch.Generator().manual_seed(3)
     batches = [[t.to(dev) for t in make_batch(gen)] for _ in range(6)]
     ch = to_device_choices(make_choices(cfg, batches[0][3].cpu(), gen))
+    set_value_checks(False)  # as the CUDA path runs: no label check, no host sync in the step
     results = []
-    for graphed in (False, True):
+    for graphed in (False, False, True):
         torch.manual_seed(0)
         student = build_model(cfg.model).to(dev)
         teacher = copy.deepcopy(student).requires_grad_(False)
@@ -178,11 +182,17 @@ def test_graphed_step_matches_eager_step():
         if graphed:
             assert runner.graph is not None, "the step was not captured"
         results.append((losses, [p.detach().clone() for p in [*student.parameters(), *teacher.parameters()]]))
-    (eager_losses, eager_w), (graph_losses, graph_w) = results
-    for a, b in zip(eager_losses, graph_losses):
-        assert a == pytest.approx(b, rel=1e-6)
-    for a, b in zip(eager_w, graph_w):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    set_value_checks(True)
+    (eager_losses, eager_w), (again_losses, again_w), (graph_losses, graph_w) = results
+
+    def loss_gap(a_steps, b_steps) -> float:
+        return max(abs(a[k] - b[k]) for a, b in zip(a_steps, b_steps) for k in a)
+
+    def weight_gap(a_list, b_list) -> float:
+        return max(float((a - b).abs().max()) for a, b in zip(a_list, b_list))
+
+    assert loss_gap(eager_losses, graph_losses) <= 4 * loss_gap(eager_losses, again_losses) + 1e-6
+    assert weight_gap(eager_w, graph_w) <= 4 * weight_gap(eager_w, again_w) + 1e-6
 
 
 def test_image_grid_shows_the_soft_paste(tmp_path):

@@ -6,12 +6,14 @@ Recipe: the first `warmup` steps run eagerly on a side stream (real training ste
 let cuDNN pick algorithms, allocate the gradients and, under DDP, rebuild its buckets, which takes about 11
 iterations); the next call captures the step once and replays it, and every later call only replays. The
 captured step reads its inputs from the static buffers and the lr / step / flag tensors, which the caller
-fills in place before each call. A capture that fails (an op that syncs, an unsupported collective) is reported
-and the run continues eagerly: correctness never depends on the graph.
+fills in place before each call. A capture that fails (an op that syncs, an unsupported collective) is reported,
+the capture is abandoned cleanly (stream restored, graph pool freed) and the run continues eagerly: correctness
+never depends on the graph. `tests/test_step_capturable.py` shows on a CPU that the step issues no sync.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -48,19 +50,35 @@ class GraphedStep:
     def _capture(self) -> bool:
         torch.cuda.synchronize()
         graph, reason = torch.cuda.CUDAGraph(), ""
+        stream = torch.cuda.current_stream()
         try:
             # thread_local: DALI's worker threads may call CUDA during the capture (FACTS.md)
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.fn()
         except Exception as e:  # noqa: BLE001 - any capture failure means: keep training eagerly, say why
             reason = f"{type(e).__name__}: {e}"
-            torch.cuda.synchronize()
+            _abandon_capture(graph, stream)
         if not _all_ranks_agree(not reason):  # one rank replaying collectives while another runs eagerly would hang
             self.eager_only = True
             self.on_fallback(f"CUDA graph capture failed ({reason or 'on another rank'}); continuing eagerly")
             return False
         self.graph = graph
         return True
+
+
+def _abandon_capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> None:
+    """Leave the process as it was before a failed capture. torch.cuda.graph can raise from its exit (capture_end
+    on an invalidated capture) before it restores the stream: the capture stream would stay current, still
+    capturing, and every later kernel would be recorded into a dead graph instead of running. End the capture if
+    it is still open, make the caller's stream current again, and free the graph's private memory pool."""
+    if torch.cuda.is_current_stream_capturing():
+        with contextlib.suppress(Exception):  # the capture is invalid: ending it is all that is wanted
+            graph.capture_end()
+    torch.cuda.set_stream(stream)
+    with contextlib.suppress(Exception):
+        graph.reset()  # drops the captured graph and its memory pool
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def _all_ranks_agree(ok: bool) -> bool:
