@@ -16,7 +16,8 @@ Ablation: the fast trainer with one optimisation off at a time (DALI, fused kern
 graphs), each alternated round by round with the full fast trainer; an optimisation the fast trainer does not use
 on this device is reported as n/a with the reason, not measured. Scaling: the fast trainer on 1 and on N processes
 (torchrun, gloo on CPU, NCCL on >= N GPUs), efficiency = img/s(N) / (N x img/s(1)).
-Writes bench/results/throughput_<device>_<date>.json and .png (see --out).
+Writes bench/results/throughput_<device>_<date>.json and .png (see --out); the JSON is rewritten after every timed
+round ("complete": false until the end), so a run stopped by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from bench.throughput_setup import (
     step_flops,
 )
 from bench.throughput_trainers import FastTrainer, ReferenceTrainer, threads_note, time_steps, warm_up
+from dsp_fast.engine.data import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.options import FastOptions, OptionsError
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
@@ -74,6 +76,8 @@ def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
             return f"n/a {where}: the fast trainer reads with the {fast.backend!r} backend here"
         return Variant(key, "DALI off (torch backend)", {"data_backend": "torch"})
     if key == "kernels":
+        if fast.twins:
+            return "n/a: --twins, the fast trainer already runs the twins"
         if not (HAS_TRITON and (dev.type == "cuda" or interpreting())):
             return f"n/a {where}: the kernels already dispatch to their twins (Triton runs on CUDA tensors only)"
         return Variant(key, "fused kernels off (twins)", {}, twins=True)
@@ -105,8 +109,10 @@ def median_rows(rows: list[dict]) -> dict:
     return {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None) for k in keys}
 
 
-def alternate(a, b, rounds: int, steps: int, say) -> tuple[list[dict], list[dict]]:
-    """`rounds` rounds of `steps` steps of a then b (b then a on odd rounds); per-round figures of each."""
+def alternate(a, b, rounds: int, steps: int, say, on_round=lambda rows_a, rows_b: None
+              ) -> tuple[list[dict], list[dict]]:
+    """`rounds` rounds of `steps` steps of a then b (b then a on odd rounds); per-round figures of each.
+    `on_round` sees the rows so far after every round (the caller saves them: a timeout keeps what was measured)."""
     out_a, out_b = [], []
     for r in range(rounds):
         order = (a, b) if r % 2 == 0 else (b, a)
@@ -115,6 +121,7 @@ def alternate(a, b, rounds: int, steps: int, say) -> tuple[list[dict], list[dict
         out_b.append(got[b.name])
         say(f"  round {r + 1}/{rounds}: {a.name} {got[a.name]['images_per_s']:.2f} img/s, "
             f"{b.name} {got[b.name]['images_per_s']:.2f} img/s")
+        on_round(out_a, out_b)
     return out_a, out_b
 
 
@@ -126,8 +133,9 @@ def summarise(rows: list[dict], flops: float, rate: float) -> dict:
 
 
 def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: float, rate: float,
-                  say) -> list[dict]:
-    out = []
+                  say, save=lambda partial: None) -> list[dict]:
+    """Each variant alternated with the full fast trainer; `save` sees the rows after every round and variant."""
+    out: list[dict] = []
     for key in keys:
         v = ablation_variant(key, fast)
         if isinstance(v, str):
@@ -138,7 +146,8 @@ def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: fl
         variant = make_fast(v)
         try:
             warm_up(variant, args.warmup + variant.extra_warmup)
-            var_rows, fast_rows = alternate(variant, fast, args.rounds, args.steps, say)
+            var_rows, fast_rows = alternate(variant, fast, args.rounds, args.steps, say, lambda va, fa, k=key: save(
+                [*out, {"key": k, "status": "partial", "variant_rounds": va, "fast_same_rounds": fa}]))
         finally:
             variant.close()
             del variant
@@ -147,6 +156,7 @@ def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: fl
         out.append({"key": key, "status": "measured", "label": v.label, "options": v.opts, "kernel_twins": v.twins,
                     "variant": summarise(var_rows, flops, rate), "fast_same_rounds": summarise(fast_rows, flops, rate),
                     "fast_over_variant": statistics.median(ratios)})
+        save(out)
     return out
 
 
@@ -180,11 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--twins", action="store_true",
+                   help="the fast trainer with the kernels' plain-PyTorch twins (where Triton cannot run)")
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps, args.warmup = 1, 2, 2
     args.ablations = [a for a in args.ablations if a != "-"]
     device = resolve_device(args.device)
+    try:
+        resolve_backend(FastOptions(data_backend=args.data_backend), DistInfo(device=device))
+    except OptionsError as e:  # e.g. --data-backend dali where DALI does not import: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with contextlib.ExitStack() as stack:
         overrides, opts = list(args.overrides), FastOptions(data_backend=args.data_backend, image_every=0,
                                                              tensorboard=False)
@@ -193,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [*paper_overrides(root), *overrides]
             opts = dataclasses.replace(opts, prepared_source=src, prepared_target=tgt)
         cfg = build_config(args.config, overrides, args.arch, args.crop, str(device))
-        result = measure(args, cfg, opts, device)
-    path = write_results(result, args.out, device, args.tag or ("smoke" if args.smoke else ""))
+        path = result_path(args.out, device, args.tag or ("smoke" if args.smoke else ""))
+        result = measure(args, cfg, opts, device, save=lambda partial: dump_json(partial, path))
+    write_results(result, path)
     print_summary(result)
     print(f"wrote {path} and {path[:-5]}.png")
     return 0
 
 
-def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.device) -> dict:
+def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.device,
+            save=lambda partial: None) -> dict:
+    """The comparison; `save` receives an incomplete result after every timed round (written to the final path,
+    `"complete": false`, so a run cut short by a timeout keeps what it measured)."""
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     info = DistInfo(device=device)
     load_start = os.getloadavg()  # other jobs share this machine: recorded beside the figures
@@ -211,32 +232,40 @@ def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.devi
     f_step, r = float(flops["step"]), float(rate["flops_per_s"])
     t0 = time.perf_counter()
     ref = ReferenceTrainer(cfg, device)
-    fast = FastTrainer(cfg, opts, info, dirs, say=say)
+    fast = FastTrainer(cfg, opts, info, dirs, twins=args.twins, say=say)
 
     def make_fast(v):
-        return FastTrainer(cfg, dataclasses.replace(opts, **v.opts), info, dirs, name=f"fast-{v.key}", twins=v.twins,
-                           say=say)
+        return FastTrainer(cfg, dataclasses.replace(opts, **v.opts), info, dirs, name=f"fast-{v.key}",
+                           twins=v.twins or args.twins, say=say)
 
     say(f"built both trainers in {time.perf_counter() - t0:.1f} s (fast: {fast.backend} backend, "
         f"amp {opts.amp_dtype(device)}, channels_last {opts.channels_last}, graphs {fast.graphs}); warming up")
     warm_up(ref, args.warmup)
     warm_up(fast, args.warmup + fast.extra_warmup)
+    env = {**provenance(device), "command": " ".join(["python -m bench.throughput", *sys.argv[1:]]),
+           "load_average_1_5_15_start": load_start}
+
+    def save_partial(**rows) -> None:
+        save({"complete": False, "env": env, "config_file": args.config, "arch": cfg.model.arch, **rows})
+
     say(f"{args.rounds} rounds of {args.steps} steps, alternating")
-    ref_rows, fast_rows = alternate(ref, fast, args.rounds, args.steps, say)
+    ref_rows, fast_rows = alternate(ref, fast, args.rounds, args.steps, say,
+                                    lambda a, b: save_partial(reference_rounds=a, fast_rounds=b))
     ref.close()
     del ref  # frees the reference's memory before the ablation variants are built
     gc.collect()
     ratios = [f["images_per_s"] / q["images_per_s"] for q, f in zip(ref_rows, fast_rows)]
     headline = statistics.median(ratios)
-    ablation = run_ablations(args.ablations, fast, make_fast, args, f_step, r, say)
+    ablation = run_ablations(args.ablations, fast, make_fast, args, f_step, r, say,
+                             lambda abl: save_partial(reference_rounds=ref_rows, fast_rounds=fast_rows,
+                                                      headline=headline, ablation=abl))
     fast.close()
     share_of_gain(ablation, headline)
     scaling = run_scaling(args, cfg, opts, dirs, device, say) if args.scaling > 1 else {"status": "skipped"}
     return {
-        "env": {**provenance(device), "command": " ".join(["python -m bench.throughput", *sys.argv[1:]]),
-                "load_average_1_5_15_start": load_start,
-                "load_average_1_5_15_end": os.getloadavg()},
-        "config": {"config_file": args.config, "data": args.data, "arch": cfg.model.arch,
+        "complete": True,
+        "env": {**env, "load_average_1_5_15_end": os.getloadavg()},
+        "config": {"config_file": args.config, "kernel_twins": args.twins, "data": args.data, "arch": cfg.model.arch,
                    "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size, "dsp": cfg.dsp.enabled,
                    "source_size": list(cfg.data.source_size), "target_size": list(cfg.data.target_size),
                    "num_workers": cfg.data.num_workers, "fast_backend": opts.data_backend,
@@ -256,14 +285,22 @@ def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.devi
     }
 
 
-def write_results(result: dict, out: str, device: torch.device, tag: str) -> str:
+def result_path(out: str, device: torch.device, tag: str) -> str:
     os.makedirs(out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = os.path.join(out, f"throughput_{device_tag(device)}_{stamp}{'_' + tag if tag else ''}.json")
-    with open(path, "w") as f:
+    return os.path.join(out, f"throughput_{device_tag(device)}_{stamp}{'_' + tag if tag else ''}.json")
+
+
+def dump_json(result: dict, path: str) -> None:
+    """Written whole to a temporary name, then renamed: a kill mid-write never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def write_results(result: dict, path: str) -> None:
+    dump_json(result, path)
     write_chart(result, path[:-5] + ".png")
-    return path
 
 
 if __name__ == "__main__":

@@ -51,8 +51,32 @@ def test_gpu_check_script_is_valid_bash_and_dry_runs(tmp_path):
     proc = subprocess.run(["bash", script, "--dry-run", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr
-    for name in ("nvidia_smi", "gpu_tests", "throughput", "kernel_bench", "mmd_memory", "data_throughput"):
-        assert f"({name}," in proc.stdout
-    assert "deeplabv2_r101" not in proc.stdout or "--data paper" in proc.stdout
+    steps = {"preflight": 15, "install": 30, "compile_kernels": 20, "gpu_tests": 70, "throughput": 130,
+             "kernel_bench": 35, "mmd_memory": 15, "data_throughput": 30}
+    for name, limit in steps.items():
+        assert f"({name}, timeout {limit}s)" in proc.stdout
+    assert sum(steps.values()) == 345  # the step limits add up to the default budget
     assert "configs/gta2cs.yaml --data paper" in proc.stdout
+    assert "--ablations graphs amp kernels" in proc.stdout and "not compiled_twin" in proc.stdout
     assert not out.exists()  # a dry run writes nothing
+
+
+def test_gpu_preflight_checks_run_here():
+    """The preflight the GPU check starts with, without requiring a GPU: every check runs and reports."""
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_preflight", "--no-gpu"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("python", "torch + CUDA", "triton", "C compiler + Python.h", "sources", "editable install",
+                 "torchvision nvJPEG", "DALI"):
+        assert any(line[5:].startswith(name) for line in proc.stdout.splitlines()), name
+    assert proc.stdout.strip().endswith("preflight: ok")
+
+
+def test_data_backend_dali_without_dali_is_exit_2():
+    """--data-backend dali where DALI does not import: a message naming the flag, exit 2, no traceback."""
+    probe = ("import sys; sys.modules['nvidia.dali'] = None\n"
+             "from bench.throughput import main\n"
+             "sys.exit(main(['--data-backend', 'dali', '--smoke']))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--data-backend dali" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dsp_fast.config import Config
 from dsp_fast.data import GTA5, Cityscapes, DatasetError, ensure_synthetic
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
-from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.options import FastOptions, OptionsError
 
 PREPARED_SUBDIR = "prepared"
 PREPARE_HINT = ("prepare the data once with `python -m dsp_fast.prepare` (see its --help), then pass "
@@ -94,7 +94,14 @@ def prepared_dirs(cfg: Config, opts: FastOptions, info: DistInfo) -> tuple[str, 
 
 
 def resolve_backend(opts: FastOptions, info: DistInfo) -> str:
-    """'auto': DALI where it can decode on the GPU and imports; the torch backend otherwise."""
+    """'auto': DALI where it can decode on the GPU and imports; the torch backend otherwise. An explicit 'dali'
+    that does not import is an OptionsError (exit 2), not a traceback from deep inside the loader."""
+    if opts.data_backend == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError as e:
+            raise OptionsError(f"--data-backend dali (fast.data_backend): NVIDIA DALI does not import here ({e}); "
+                               "install nvidia-dali-cuda130 (or -cuda120), or use --data-backend torch") from None
     if opts.data_backend != "auto":
         return opts.data_backend
     if info.device.type == "cuda":

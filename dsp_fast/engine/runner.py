@@ -11,7 +11,7 @@ import torch
 
 from dsp_fast.config import Config
 from dsp_fast.engine import checkpoint as ckpt_io
-from dsp_fast.engine.data import prepared_dirs
+from dsp_fast.engine.data import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, barrier, init_distributed, teardown
 from dsp_fast.engine.loop import setup, train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
@@ -71,6 +71,7 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
     info = init_distributed(device)
     try:
         configure_backends(opts, info)
+        resolve_backend(opts, info)  # an unusable --data-backend fails here, before any data is prepared
         data_dirs = prepared_dirs(cfg, opts, info)
         results: dict[str, float] = {}
         for name, run_cfg, sub in runs:
