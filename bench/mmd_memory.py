@@ -1,5 +1,7 @@
 """Peak memory of DSP's weighted MMD, forward + backward, at the paper's shapes: the naive twin (upsample to
-512x512, multiply, mean) against the fused formulation (adjoint map + one product per feature map).
+512x512, multiply, mean) against the fused formulation (adjoint map + one product per feature map), with the
+adjoint map built by the Triton kernel (`fused`) or by two interpolation matrices in plain PyTorch
+(`adjoint_torch`, what runs where Triton does not).
 
     python -m bench.mmd_memory [--device cpu|cuda]
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 
 B, C, H_FEAT, W_FEAT, H, W = 2, 256, 65, 65, 512, 512
+VARIANTS = ("naive", "fused", "adjoint_torch")
 MIB = 2**20
 
 
@@ -39,6 +42,8 @@ def child(variant: str, device: str) -> dict:
     from dsp_fast import kernels
 
     fn = kernels.reference.weighted_mmd if variant == "naive" else kernels.weighted_mmd
+    if variant == "adjoint_torch":  # the plain-PyTorch adjoint, even where the Triton kernel could run
+        kernels.upsample_pool.use_triton = lambda t: False
 
     class LargestTensor(TorchDispatchMode):
         def __init__(self):
@@ -93,7 +98,7 @@ def child(variant: str, device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--child", choices=["naive", "fused"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
@@ -105,7 +110,7 @@ def main() -> None:
     from bench._env import RESULTS_DIR, environment
 
     results = {}
-    for variant in ("naive", "fused"):
+    for variant in VARIANTS:
         env = dict(os.environ)
         if device == "cpu" and variant == "fused":
             env["TRITON_INTERPRET"] = "1"  # the adjoint-map kernel has no other way to run on CPU
@@ -122,12 +127,15 @@ def main() -> None:
         "command": "python -m bench.mmd_memory" + (f" --device {args.device}" if args.device else ""),
         "shapes": {"feat": [B, C, H_FEAT, W_FEAT], "mask": [B, H, W], "dtype": "float32"},
         "upsampled_tensor_bytes": full_numel * 4,
-        "naive": results["naive"],
-        "fused": results["fused"],
+        **results,
         "peak_ratio_naive_over_fused": round(results["naive"]["peak_bytes"] / max(results["fused"]["peak_bytes"], 1),
                                              1),
+        "peak_ratio_naive_over_adjoint_torch": round(
+            results["naive"]["peak_bytes"] / max(results["adjoint_torch"]["peak_bytes"], 1), 1),
         "fused_builds_full_resolution_tensor": results["fused"]["largest_tensor_numel"] >= full_numel,
+        "adjoint_torch_builds_full_resolution_tensor": results["adjoint_torch"]["largest_tensor_numel"] >= full_numel,
         "loss_abs_diff": abs(results["naive"]["loss"] - results["fused"]["loss"]),
+        "loss_abs_diff_adjoint_torch": abs(results["naive"]["loss"] - results["adjoint_torch"]["loss"]),
     }
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"mmd_memory_{device}.json")
@@ -135,11 +143,12 @@ def main() -> None:
         json.dump(report, f, indent=2)
     print(f"weighted MMD forward + backward, B={B}, {C}x{H_FEAT}x{W_FEAT} -> {H}x{W}, float32, on {device}:")
     print(f"  one upsampled tensor (B*{C}*{H}*{W} float32): {full_numel * 4 / MIB:.0f} MiB")
-    for variant in ("naive", "fused"):
+    for variant in VARIANTS:
         r = results[variant]
-        print(f"  {variant:5s}: peak {r['peak_mib']:8.1f} MiB, largest tensor {r['largest_tensor_numel']:>10d} "
+        print(f"  {variant:13s}: peak {r['peak_mib']:8.1f} MiB, largest tensor {r['largest_tensor_numel']:>10d} "
               f"elements, loss {r['loss']:.6f}")
-    print(f"  naive / fused peak: {report['peak_ratio_naive_over_fused']}x; written to {path}")
+    print(f"  naive / fused peak: {report['peak_ratio_naive_over_fused']}x, naive / adjoint_torch peak: "
+          f"{report['peak_ratio_naive_over_adjoint_torch']}x; written to {path}")
 
 
 if __name__ == "__main__":

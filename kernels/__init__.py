@@ -1,8 +1,11 @@
 """dsp_fast.kernels: Triton kernels of the DSP step, each with a plain-PyTorch twin in `reference`.
 
 A leaf package: it imports torch and (optionally) triton, nothing of dsp_fast. Dispatch: CUDA tensors run the
-Triton kernels; CPU tensors run the twins, unless TRITON_INTERPRET=1 asks for the kernels in the interpreter (the
-tests). Without triton installed (no `gpu` extra) everything still imports and every call goes to the twin.
+Triton kernels (as torch operators `dsp_fast::*`, with fake implementations for fake tensors and torch.compile);
+CPU tensors run the twins, unless TRITON_INTERPRET=1 asks for the kernels in the interpreter (the tests). The
+weighted MMD and the masked pool use the adjoint formulation on every device (the adjoint map from the Triton kernel
+on CUDA, from two interpolation matrices elsewhere): they never build the upsampled feature map. Without triton
+installed (no `gpu` extra) everything still imports. `force_twins()` runs every naive twin (the ablation).
 
     dual_soft_paste       fused DSP step 4 (soft_paste.py)
     pixel_weight          W = 1 on the mask, q elsewhere, q on the device (weight_map.py)

@@ -49,6 +49,12 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
 
 
+def twins_forced() -> bool:
+    """Inside `force_twins()`: the naive twins run even where a plain-PyTorch fast formulation exists (the weighted
+    MMD's adjoint), so that the ablation turns off every fast formulation, not only the Triton launches."""
+    return _force_twins
+
+
 @contextlib.contextmanager
 def force_twins(enabled: bool = True) -> Iterator[None]:
     """Run every kernel call as its plain-PyTorch twin (the "fused kernels off" ablation), restored on exit."""

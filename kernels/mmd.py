@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._common import check_mmd, check_weighted_mmd, use_triton
+from ._common import check_mmd, check_weighted_mmd, twins_forced
 from .upsample_pool import adjoint_map, pool_with_maps
 
 
@@ -76,6 +76,6 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     """
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     check_mmd(feat_s[:, :, 0, 0], feat_t[:, :, 0, 0], kernel_mul, kernel_num)
-    if not use_triton(feat_s):
+    if twins_forced():
         return reference.weighted_mmd(feat_s, feat_t, mask, size, kernel_mul, kernel_num)
     return _weighted_mmd_fused(feat_s, feat_t, mask, size, kernel_mul, kernel_num)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
-from ._common import check_upsample_pool, interpreting, next_pow2, tl, triton, use_triton
+from ._common import check_upsample_pool, interpreting, next_pow2, tl, triton, twins_forced, use_triton
 
 
 @triton.jit
@@ -105,7 +106,29 @@ def adjoint_map(mask: torch.Tensor | None, feat_hw: tuple[int, int], size: tuple
         mask_BHW = torch.ones((1, 1, 1), dtype=torch.float32, device=device).expand(1, big_h, big_w)
     else:
         mask_BHW = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if not use_triton(mask_BHW):
+        return _adjoint_map_torch(mask_BHW, feat_hw[0], feat_hw[1], align_corners, dtype)
     return torch.ops.dsp_fast.adjoint_map(mask_BHW, feat_hw[0], feat_hw[1], align_corners, dtype)
+
+
+def interpolation_matrix(fine: int, coarse: int, align_corners: bool, device: torch.device) -> torch.Tensor:
+    """R (fine, coarse): 1-D linear interpolation coarse -> fine as a matrix, fine = R @ coarse, with PyTorch's own
+    weights (F.interpolate of the identity: each column is the interpolation of one unit vector)."""
+    eye = torch.eye(coarse, dtype=torch.float32, device=device)[None]  # (1, coarse channels, coarse samples)
+    return F.interpolate(eye, size=fine, mode="linear", align_corners=align_corners)[0].T
+
+
+def _adjoint_map_torch(mask_BHW: torch.Tensor, h: int, w: int, align_corners: bool, dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """The same A / (H*W) in plain PyTorch, where the Triton kernel does not run (CPU, or no triton): bilinear
+    upsampling is separable, up = Ry feat Rx^T, so A = Ry^T M Rx with two small interpolation matrices (H x h and
+    W x w). Two matrix products per image; the largest tensor is the (B, h, W) half-product."""
+    n_b, big_h, big_w = mask_BHW.shape
+    ry_Hh = interpolation_matrix(big_h, h, align_corners, mask_BHW.device)
+    rx_Ww = interpolation_matrix(big_w, w, align_corners, mask_BHW.device)
+    rows_BhW = torch.matmul(ry_Hh.T, mask_BHW.float())  # contract H -> h (a stride-0 mask broadcasts)
+    a_Bhw = torch.matmul(rows_BhW, rx_Ww) / (big_h * big_w)
+    return a_Bhw.to(dtype)
 
 
 # The two launches as one torch operator, so that fake tensors, torch.compile and op recordings see one node.
@@ -135,7 +158,7 @@ def pool_with_maps(feat_BChw: torch.Tensor, a_BKhw: torch.Tensor) -> torch.Tenso
     return torch.matmul(feat_BChw.flatten(2), a_BKhw.flatten(2).transpose(1, 2))
 
 
-def _masked_upsample_pool_triton(feat: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int],
+def _masked_upsample_pool_adjoint(feat: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int],
                                  align_corners: bool = True) -> torch.Tensor:
     a_Bhw = adjoint_map(mask, tuple(feat.shape[-2:]), size, align_corners, feat.dtype, feat.device)
     return pool_with_maps(feat, a_Bhw[:, None].expand(feat.shape[0], 1, -1, -1))[..., 0]
@@ -149,6 +172,6 @@ def masked_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tu
     Differentiable w.r.t. feat.
     """
     size = check_upsample_pool(feat, mask, size)
-    if not use_triton(feat):
+    if twins_forced():
         return reference.masked_upsample_pool(feat, mask, size, align_corners)
-    return _masked_upsample_pool_triton(feat, mask, size, align_corners)
+    return _masked_upsample_pool_adjoint(feat, mask, size, align_corners)

@@ -1,7 +1,8 @@
 """masked_upsample_pool, mmd_rbf and weighted_mmd against their twins (upsample, multiply, mean, textbook MMD).
 
-Shapes: B batch, C channels, h x w features, H x W crop. The Triton part (the adjoint map A) runs in the interpreter
-on CPU, compiled on a GPU. Tolerances, relative to the largest magnitude of the reference:
+Shapes: B batch, C channels, h x w features, H x W crop. The adjoint map A is built by the Triton kernel (the
+interpreter on CPU, compiled on a GPU) or, where Triton does not run, by two interpolation matrices in plain PyTorch:
+both are tested. Tolerances, relative to the largest magnitude of the reference:
 - float32 pools and their gradients: 1e-5. Both sides sum the same H*W products in different orders and with float32
   interpolation weights; the observed gap is ~1e-7, accumulation error grows like sqrt(H*W) * 6e-8 ~ 3e-5 at worst
   for 512x512.
@@ -49,11 +50,20 @@ def make_mask(kind: str, b: int, h: int, w: int, device: str = "cpu") -> torch.T
             "all_true": lambda: torch.ones(b, h, w, dtype=torch.bool, device=device)}[kind]()
 
 
+@pytest.fixture(params=["triton", "torch"])
+def adjoint_path(request, monkeypatch) -> str:
+    """The adjoint map built by the Triton kernel (the interpreter here) or by two interpolation matrices in plain
+    PyTorch (what runs where Triton does not: CPU without the interpreter, or no triton)."""
+    if request.param == "torch":
+        monkeypatch.setattr(up_mod, "use_triton", lambda t: False)
+    return request.param
+
+
 # ------------------------------------------------------------------------------------------- the adjoint map
 @pytest.mark.parametrize("sizes", [((1, 1), (1, 1)), ((1, 1), (7, 9)), ((3, 5), (17, 33)), ((2, 2), (2, 2)),
                                    ((5, 7), (6, 8)), ((65, 65), (512, 512)), ((65, 65), (513, 511))])
 @pytest.mark.parametrize("align_corners", [True, False])
-def test_adjoint_map_is_the_adjoint_of_f_interpolate(sizes, align_corners):
+def test_adjoint_map_is_the_adjoint_of_f_interpolate(sizes, align_corners, adjoint_path):
     """A = Wy^T mask Wx / (H*W), with Wy, Wx read off F.interpolate: checks the kernel's index and weight math
     (including the fine-sample windows) independently of any pooling. float64 reference; rel 1e-5 as above."""
     (h, w), (big_h, big_w) = sizes
@@ -72,7 +82,7 @@ def pool_case(shape, size, mask_kind, dtype, channels_last, align_corners):
     mask = make_mask(mask_kind, shape[0], *size)
     grad_out = torch.randn(shape[:2]).to(dtype)
     results = []
-    for fn in (up_mod._masked_upsample_pool_triton, reference.masked_upsample_pool):
+    for fn in (up_mod._masked_upsample_pool_adjoint, reference.masked_upsample_pool):
         f = feat.detach().clone().requires_grad_()
         out = fn(f, mask, size, align_corners)
         out.backward(grad_out)
@@ -85,7 +95,7 @@ def pool_case(shape, size, mask_kind, dtype, channels_last, align_corners):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("align_corners", [True, False])
-def test_pool_matches_twin(shape, size, mask_kind, dtype, channels_last, align_corners):
+def test_pool_matches_twin(shape, size, mask_kind, dtype, channels_last, align_corners, adjoint_path):
     (out, grad), (ref_out, ref_grad) = pool_case(shape, size, mask_kind, dtype, channels_last, align_corners)
     assert out.shape == ref_out.shape and out.dtype == ref_out.dtype
     rel = 1e-5 if dtype == torch.float32 else 2e-3
@@ -94,7 +104,7 @@ def test_pool_matches_twin(shape, size, mask_kind, dtype, channels_last, align_c
 
 
 @pytest.mark.parametrize("mask_kind", ["all_false", "all_true"])
-def test_pool_extreme_masks(mask_kind):
+def test_pool_extreme_masks(mask_kind, adjoint_path):
     (out, grad), (ref_out, ref_grad) = pool_case((2, 3, 4, 6), (17, 33), mask_kind, torch.float32, False, True)
     close(out, ref_out, 1e-5, "pool")
     close(grad, ref_grad, 1e-5, "d pool / d feat")
