@@ -1,0 +1,153 @@
+"""Where a fast-trainer step spends its time: a few steps under torch.profiler, operators grouped by class.
+
+    python -m bench.profile_step [--config synthetic] [--steps 5] [--warmup 2] [--out bench/results]
+
+The fast trainer is built as the throughput comparison builds it (bench/throughput_trainers.py) on the config's
+data, warmed up, then `--steps` steps are profiled. Each aten operator's self time goes to one class: convolution
+(forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators (`dsp_fast::*`; on a CPU
+the kernels' twins run instead, as plain aten operators counted in their classes), optimizer + EMA (foreach / fused
+SGD) and data wait (what the trainer reports blocked on its loader). Writes a table (top operators and the classes,
+as text and JSON) and a bar chart of the classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from bench.throughput_setup import build_config, fast_data_dirs
+from bench.throughput_trainers import FastTrainer, warm_up
+from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.options import FastOptions
+from dsp_fast.run_io import resolve_device
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CLASSES = ("convolution", "batch norm", "matmul", "elementwise / reduction", "DSP ops", "optimizer + EMA",
+           "data wait")
+
+
+def op_class(name: str) -> str | None:
+    """The class of a profiler event name; None for events that only contain others (their children count)."""
+    if name == "data_wait":
+        return "data wait"
+    if name.startswith("dsp_fast::") or "adjoint" in name or "soft_paste" in name:
+        return "DSP ops"
+    if not name.startswith("aten::"):
+        return None
+    op = name[len("aten::"):]
+    if "convolution" in op or op.startswith("conv") or op in ("mkldnn_convolution", "_slow_conv2d_forward"):
+        return "convolution"
+    if "batch_norm" in op:
+        return "batch norm"
+    if op in ("mm", "bmm", "addmm", "matmul", "baddbmm"):
+        return "matmul"
+    if op.startswith("_foreach") or op.startswith("_fused_sgd") or op == "_amp_foreach_non_finite_check_and_unscale_":
+        return "optimizer + EMA"
+    return "elementwise / reduction"
+
+
+def profile_steps(trainer: FastTrainer, steps: int) -> profile:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
+                 record_shapes=False) as prof, trainer.flags():
+        for _ in range(steps):
+            with record_function("step"):
+                trainer.step()
+    return prof
+
+
+def summarise(prof: profile, steps: int, data_ms_per_step: float) -> dict:
+    """Self time per class and the top operators, per step."""
+    by_class: dict[str, float] = collections.defaultdict(float)
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for evt in prof.key_averages():
+        cls = op_class(evt.key)
+        if cls is None or cls == "data wait":
+            continue
+        ms = evt.self_cpu_time_total / 1e3 / steps  # self time: nested aten calls are not counted twice
+        by_class[cls] += ms
+        by_op[evt.key] += ms
+    by_class["data wait"] = data_ms_per_step
+    total = sum(by_class.values())
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
+    return {"ms_per_step_by_class": {c: by_class.get(c, 0.0) for c in CLASSES}, "total_ms_per_step": total,
+            "top_operators_ms_per_step": dict(top)}
+
+
+def write_chart(summary: dict, path: str, title: str) -> None:
+    rows = list(summary["ms_per_step_by_class"].items())
+    width, bar_h, left = 760, 26, 200
+    img = Image.new("RGB", (width, 60 + bar_h * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 10), title, fill="black")
+    peak = max(ms for _, ms in rows) or 1.0
+    for i, (cls, ms) in enumerate(rows):
+        y = 40 + i * bar_h
+        draw.text((10, y + 6), cls, fill="black")
+        draw.rectangle([left, y + 4, left + int((width - left - 120) * ms / peak), y + bar_h - 4], fill=(70, 110, 180))
+        draw.text((width - 110, y + 6), f"{ms:.1f} ms ({100 * ms / summary['total_ms_per_step']:.0f}%)", fill="black")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/synthetic.yaml")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    cfg = build_config(args.config, args.overrides, None, None, str(device))
+    opts = FastOptions(image_every=0, tensorboard=False)
+    info = DistInfo(device=device)
+    trainer = FastTrainer(cfg, opts, info, fast_data_dirs(cfg, opts, info), say=lambda m: None)
+    try:
+        warm_up(trainer, args.warmup + trainer.extra_warmup)
+        data_ms = []
+        real_step = trainer.step
+
+        def step() -> float:  # the trainer reports its own data wait per step (the loader's next)
+            waited = real_step()
+            data_ms.append(1e3 * waited)
+            return waited
+
+        trainer.step = step
+        prof = profile_steps(trainer, args.steps)
+    finally:
+        trainer.close()
+    summary = summarise(prof, args.steps, sum(data_ms) / max(1, len(data_ms)))
+    summary.update({"command": " ".join(["python -m bench.profile_step", *sys.argv[1:]]), "device": str(device),
+                    "arch": cfg.model.arch, "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size,
+                    "steps": args.steps, "threads": torch.get_num_threads(),
+                    "fast_options": dataclasses.asdict(opts)})
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    base = os.path.join(args.out, f"profile_step_{device.type}_{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    title = f"fast step, {cfg.model.arch} {cfg.data.crop_size[0]}x{cfg.data.crop_size[1]} B={cfg.data.batch_size}, " \
+            f"{device}: {summary['total_ms_per_step']:.1f} ms/step (self time by class)"
+    write_chart(summary, base + ".png", title)
+    print(title)
+    print(f"{'class':<26}{'ms/step':>9}{'share':>8}")
+    for cls, ms in summary["ms_per_step_by_class"].items():
+        print(f"{cls:<26}{ms:>9.2f}{100 * ms / summary['total_ms_per_step']:>7.0f}%")
+    print("top operators (self time, ms/step):")
+    for name, ms in summary["top_operators_ms_per_step"].items():
+        print(f"  {name:<50}{ms:>8.2f}")
+    print(f"wrote {base}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
