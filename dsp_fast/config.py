@@ -15,6 +15,7 @@ import yaml
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DATA_BACKENDS = ("auto", "dali", "torch")
+COMPILE_MODES = ("off", "model", "step")
 OPTIMIZERS = ("auto", "fused", "foreach", "apex")
 
 
@@ -240,13 +241,18 @@ class FastConfig:
     """Stop (with a checkpoint) after this many consecutive steps skipped for a non-finite loss or gradient."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms and no cuDNN autotuning (CPU runs are deterministic without it)."""
+    compile: str = "off"
+    """torch.compile (inductor): 'off', 'model' (the student's and the teacher's forward) or 'step' (steps 1-6:
+    teacher, mixing, three student forwards and the losses as one graph; backward compiled with it). Inductor's own
+    CUDA graphs stay off: the engine captures the whole step (with SGD and the EMA) itself."""
     prepared_source: str = ""
     """Prepared source folder (python -m dsp_fast.prepare); '' with data.source 'synthetic': prepared, cached."""
     prepared_target: str = ""
     """Prepared Cityscapes train split folder; '' with data.source 'synthetic': prepared, cached."""
 
     def __post_init__(self) -> None:
-        choices = {"amp": AMP_CHOICES, "data_backend": DATA_BACKENDS, "optimizer": OPTIMIZERS}
+        choices = {"amp": AMP_CHOICES, "data_backend": DATA_BACKENDS, "optimizer": OPTIMIZERS,
+                   "compile": COMPILE_MODES}
         for name, allowed in choices.items():
             _check(getattr(self, name) in allowed, f"fast.{name}",
                    f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -1,5 +1,6 @@
 """Features applied to the models and the optimizer, one function each, in the order `loop.setup` calls them:
-channels_last, the optimizer (fused SGD with a device lr), the GradScaler, DDP, and the input normalisation.
+channels_last, the optimizer (fused SGD with a device lr), the GradScaler, DDP, torch.compile, and the input
+normalisation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from dsp_fast.config import Config
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.step import compute_losses
 from dsp_fast.models import build_student_teacher, param_groups
 from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
@@ -58,6 +60,19 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
             for p in g["params"]:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return opt, fused
+
+
+def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable | None:
+    """fast.compile: 'model' compiles both models' forward in place (state_dict keys unchanged); 'step' returns
+    compute_losses compiled as one graph (teacher, mixing, student forwards, losses; autograd compiles its
+    backward), to be put in StepContext.compiled_losses. Inductor's default mode: no CUDA graphs of its own, the
+    engine captures the whole step, SGD and EMA included (NOT YET RUN ON A GPU)."""
+    if mode == "model":
+        student.compile(dynamic=False)
+        teacher.compile(dynamic=False)
+    if mode == "step":
+        return torch.compile(compute_losses, dynamic=False)
+    return None
 
 
 def build_grad_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:

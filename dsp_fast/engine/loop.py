@@ -28,6 +28,7 @@ from dsp_fast.engine.data import build_step_loader
 from dsp_fast.engine.distributed import DistInfo, gather_objects
 from dsp_fast.engine.features import (
     apply_channels_last,
+    apply_compile,
     apply_ddp,
     build_grad_scaler,
     build_models,
@@ -99,6 +100,7 @@ def setup(cfg: Config, opts: FastOptions, info: DistInfo, run_dir: str, log: Any
     graphs = opts.graphs_on(device) and device_skip
     ctx = StepContext(loss_settings(cfg), ddp, teacher, optimizer, make_normalize(student.input_kind, device), dtype,
                       scaler, cfg.dsp.ema_max, device_skip, sync_flag=info.enabled, autocast_cache=not graphs)
+    ctx.compiled_losses = apply_compile(opts.compile, student, teacher)
     run = Run(cfg, opts, info, run_dir, log, student, teacher, optimizer, ctx, gen)
     if ckpt is not None:
         run.start_step, run.best_miou = int(ckpt["step"]), float(ckpt["best_miou"])

@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from dsp_fast.config import AMP_CHOICES, DATA_BACKENDS, OPTIMIZERS, Config, FastConfig
+from dsp_fast.config import AMP_CHOICES, COMPILE_MODES, DATA_BACKENDS, OPTIMIZERS, Config, FastConfig
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -47,6 +47,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-threads", type=int, default=None,
                         help="DALI threads / DataLoader workers per stream (default: data.num_workers)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    parser.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                        help="torch.compile the model's forward or steps 1-6 (fast.compile)")
     parser.add_argument("--resume", nargs="?", const="auto", default="", metavar="PATH|auto",
                         help="continue from a checkpoint file, a run folder, or 'auto' (the newest in train.out_dir)")
     parser.add_argument("--keep-last", type=int, default=None, help="periodic checkpoints kept")

@@ -98,6 +98,7 @@ class StepContext:
     device_skip: bool  # the optimizer reads found_inf on the device (torch fused SGD)
     sync_flag: bool  # all-reduce found_inf so every rank skips the same steps
     autocast_cache: bool = True  # off under CUDA graph capture (a cached cast would outlive the capture)
+    compiled_losses: Callable | None = None  # torch.compile(compute_losses) with fast.compile 'step
     # made by __post_init__, on the teacher's device
     step_t: torch.Tensor = dataclasses.field(init=False)  # int64 0-d: the step number (EMA alpha)
     found_inf: torch.Tensor = dataclasses.field(init=False)  # float 0-d: 1 when this step is skipped
@@ -131,7 +132,7 @@ class StepContext:
 def train_step(ctx: StepContext, buf: StepBuffers) -> None:
     """One DSP step (steps 1-7): losses, one backward, a finite check, SGD, EMA; the terms accumulate in ctx.sums."""
     ctx.optimizer.zero_grad(set_to_none=True)
-    losses = compute_losses(ctx, buf)
+    losses = (ctx.compiled_losses or compute_losses)(ctx, buf)
     ctx.scaler.scale(losses["loss"]).backward()
     apply_update(ctx, losses)
 
