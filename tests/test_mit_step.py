@@ -168,6 +168,8 @@ def test_daformer_preset_loads():
     assert (o.algorithm, o.lr, o.head_lr_mult, o.weight_decay, o.norm_decay_mult) == ("adamw", 6e-5, 10.0, 0.01, 0.0)
     assert (o.warmup_steps, o.warmup_ratio, o.poly_power, cfg.train.max_steps) == (1500, 1e-6, 1.0, 40_000)
     assert (cfg.dsp.ema_max, cfg.dsp.conf_threshold) == (0.999, 0.968)
+    cpu = load_config("configs/synthetic_mitb0.yaml")
+    assert (cpu.model.arch, cpu.optim.algorithm, cpu.train.compare_source_only) == ("mit_b0", "adamw", True)
 
 
 @pytest.mark.parametrize("override,field", [
