@@ -249,3 +249,19 @@ def test_forward_backward_and_adamw_step_never_read_the_device():
         opt.step()
     assert "aten.bernoulli_.float" in rec.ops  # the drop-path draw was recorded (the check sees the ops)
     assert not rec.ops & SYNCS, rec.ops & SYNCS
+
+
+def test_bf16_autocast_forward_backward():
+    """Under bf16 autocast (what the fast trainer uses on a GPU; CPU autocast here) the outputs are finite, in
+    bf16, and within bf16's precision of fp32: 8 mantissa bits, a few roundings deep, so 5% of the output scale."""
+    model = small()
+    model.set_stochastic(False)  # no random masks: the two runs compare like for like
+    x = torch.rand(2, 3, 33, 31)
+    with torch.no_grad():
+        ref, _ = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, feat = model(x)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and torch.isfinite(feat).all()
+    torch.testing.assert_close(logits.float(), ref, rtol=0, atol=0.05 * float(ref.abs().max()))
+    (logits.float().square().mean() + feat.float().mean()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
