@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/synthetic.yaml", help="YAML preset shared by both trainers")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides for both trainers")
-    p.add_argument("--arch", default=None, help="model.arch override (tiny, deeplabv2_r101)")
+    p.add_argument("--arch", default=None, help="model.arch override (tiny, deeplabv2_r101, mit_b0..mit_b5)")
     p.add_argument("--crop", type=int, default=None, help="square crop size override")
     p.add_argument("--data", choices=("config", "paper"), default="config",
                    help="config: the config's data; paper: generated scenes of GTA5 / Cityscapes file sizes")

@@ -72,7 +72,7 @@ def step_flops(cfg: Config, device: torch.device) -> dict[str, float | str]:
     (w, h), b = cfg.data.crop_size, cfg.data.batch_size
     if w != h:
         raise ValueError(f"bench.flops counts square crops; data.crop_size is {w}x{h}")
-    per = image_flops(cfg.model.arch, w, cfg.model.num_classes, str(device))
+    per = image_flops(cfg.model.arch, w, cfg.model.num_classes, str(device), model_cfg=cfg.model)
     dsp = cfg.dsp.enabled
     total = b * (per["forward"] + 3 * per["forward_backward"]) if dsp else b * per["forward_backward"]
     formula = "B * (F + 3 * FB)" if dsp else "B * FB"

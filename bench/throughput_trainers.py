@@ -28,11 +28,12 @@ from dsp_fast import reference as ref
 from dsp_fast.config import Config
 from dsp_fast.engine.data import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.features import scheduled_lr
 from dsp_fast.engine.graphs import make_step_runner
 from dsp_fast.engine.loop import setup
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.options import FastOptions
-from dsp_fast.engine.step import StepBuffers, draw_choices_, poly_lr, read_stats, train_step
+from dsp_fast.engine.step import StepBuffers, draw_choices_, read_stats, train_step
 from dsp_fast.kernels import force_twins, set_value_checks
 
 
@@ -160,8 +161,7 @@ class FastTrainer:
             self.step_fn = make_step_runner(lambda: train_step(ctx, buf), self.graphs, self.opts.graph_warmup, self.say)
         self.buf.load_(batch)
         draw_choices_(self.buf.choices, run.gen, cfg.dsp)
-        run.ctx.set_schedule_(self.step_index, poly_lr(cfg.optim.lr, self.step_index, cfg.train.max_steps,
-                                                       cfg.optim.poly_power))
+        run.ctx.set_schedule_(self.step_index, scheduled_lr(cfg.optim, self.step_index, cfg.train.max_steps))
         self.step_fn()
         self.step_index += 1
         return wait

@@ -17,6 +17,9 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DATA_BACKENDS = ("auto", "dali", "torch")
 COMPILE_MODES = ("off", "model", "step")
 OPTIMIZERS = ("auto", "fused", "foreach", "apex")
+MIT_ARCHS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+MODEL_ARCHS = ("deeplabv2_r101", "tiny", *MIT_ARCHS)
+OPTIM_ALGORITHMS = ("sgd", "adamw")
 
 
 class ConfigError(ValueError):
@@ -85,22 +88,37 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "deeplabv2_r101"
-    """'deeplabv2_r101' (the paper's model) or 'tiny' (same structure, narrow and shallow: CPU runs and tests)."""
+    """'deeplabv2_r101' (the paper's model), 'tiny' (same structure, narrow and shallow: CPU runs and tests), or
+    'mit_b0'..'mit_b5': SegFormer's Mix Transformer encoder with a DAFormer decoder (mit_b0 serves CPU runs)."""
     num_classes: int = 19
     """Output classes: 19 for GTA5 -> Cityscapes, 16 for SYNTHIA -> Cityscapes."""
     pretrained: str = ""
-    """Local file of initial ResNet-101 weights (torchvision-style or DeepLab-style keys); '' = random init."""
+    """Local file of initial weights; '' = random init. DeepLab archs: ResNet-101 (torchvision- or DeepLab-style
+    keys); MiT archs: a SegFormer `mit_b*.pth` (ImageNet) or an mmseg segmentor state dict (`backbone.*` keys)."""
     pretrained_kind: str = "auto"
-    """'auto' (from the file's keys), 'deeplab' or 'torchvision': the weights' kind, which sets input normalisation."""
+    """'auto' (from the file's keys), 'deeplab' or 'torchvision': the weights' kind, which sets input normalisation.
+    MiT weights are always 'torchvision' (ImageNet mean/std): 'auto' or 'torchvision' only."""
     freeze_bn: bool = False
     """False (authors): BN uses batch statistics in every forward. True: running statistics (frozen BN)."""
     aspp_two_branch_bug: bool = False
     """True restores the authors' ASPP that sums only the rates 6 and 12 (an early return in their code)."""
     mmd_dim: int = 256
-    """Channels of the MMD feature projection h (a 1x1 conv on layer4)."""
+    """Channels of the MMD feature projection h (a 1x1 conv on layer4, or on the DAFormer decoder's fused features)."""
+    decoder_dim: int = 256
+    """MiT archs: channels of the DAFormer decoder's embeddings and fused features (DAFormer: 256)."""
+    drop_path_rate: float = 0.1
+    """MiT archs: stochastic depth of the last encoder block, growing linearly from 0 (SegFormer/DAFormer: 0.1).
+    The mean teacher never drops a path."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in ("deeplabv2_r101", "tiny"), "model.arch", f"unknown architecture {self.arch!r}")
+        _check(self.arch in MODEL_ARCHS, "model.arch",
+               f"unknown architecture {self.arch!r} (known: {', '.join(MODEL_ARCHS)})")
+        _check(self.decoder_dim >= 1, "model.decoder_dim", f"must be >= 1, got {self.decoder_dim}")
+        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate",
+               f"must be in [0, 1), got {self.drop_path_rate}")
+        if self.arch in MIT_ARCHS:
+            _check(self.pretrained_kind in ("auto", "torchvision"), "model.pretrained_kind",
+                   f"MiT weights expect ImageNet normalisation: 'auto' or 'torchvision', got {self.pretrained_kind!r}")
         _check(self.num_classes >= 2, "model.num_classes", f"must be >= 2, got {self.num_classes}")
         _check(self.pretrained_kind in ("auto", "deeplab", "torchvision"), "model.pretrained_kind",
                f"must be auto, deeplab or torchvision, got {self.pretrained_kind!r}")
@@ -166,23 +184,47 @@ class DSPConfig:
 
 @dataclass
 class OptimConfig:
+    algorithm: str = "sgd"
+    """'sgd' (DeepLab / DSP: momentum SGD) or 'adamw' (DAFormer's recipe for MiT)."""
     lr: float = 2.5e-4
-    """Base learning rate of the backbone (SGD)."""
+    """Base learning rate of the backbone (DSP's SGD: 2.5e-4; DAFormer's AdamW: 6e-5)."""
     head_lr_mult: float = 10.0
-    """Learning-rate multiplier of the classifier head (ASPP) and the MMD projection."""
+    """Learning-rate multiplier of the classifier head (ASPP, or the DAFormer decoder) and the MMD projection."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum (unused by AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (beta1, beta2) (unused by SGD)."""
     weight_decay: float = 5e-4
-    """SGD weight decay."""
+    """Weight decay: L2 in SGD (DSP: 5e-4), decoupled in AdamW (DAFormer: 0.01)."""
+    norm_decay_mult: float = 1.0
+    """Weight-decay multiplier of parameters whose name contains 'norm' (DAFormer: 0.0 for the LayerNorms)."""
     poly_power: float = 0.9
-    """Poly decay: lr * (1 - step / max_steps) ** poly_power."""
+    """Poly decay: lr * (1 - step / max_steps) ** poly_power (DSP: 0.9; DAFormer: 1.0)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (DAFormer: 1500); 0: none. During warm-up the poly lr is scaled by
+    1 - (1 - step / warmup_steps) * (1 - warmup_ratio), as mmcv's linear warm-up."""
+    warmup_ratio: float = 1e-6
+    """Fraction of the poly lr at step 0 of the warm-up (DAFormer: 1e-6)."""
 
     def __post_init__(self) -> None:
+        _check(self.algorithm in OPTIM_ALGORITHMS, "optim.algorithm",
+               f"must be one of {', '.join(OPTIM_ALGORITHMS)}, got {self.algorithm!r}")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        self.betas = _betas(self.betas)
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.norm_decay_mult >= 0, "optim.norm_decay_mult", f"must be >= 0, got {self.norm_decay_mult}")
         _check(self.poly_power >= 0, "optim.poly_power", f"must be >= 0, got {self.poly_power}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0.0 < self.warmup_ratio <= 1.0, "optim.warmup_ratio", f"must be in (0, 1], got {self.warmup_ratio}")
+
+
+def _betas(value: Any) -> tuple[float, float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0 for v in value)
+    _check(ok, "optim.betas", f"expected [beta1, beta2], each in [0, 1), got {value!r}")
+    return (float(value[0]), float(value[1]))
 
 
 @dataclass

@@ -228,11 +228,28 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
 
 
 def poly_lr(cfg: Config, step: int) -> float:
-    return cfg.optim.lr * (1 - step / cfg.train.max_steps) ** cfg.optim.poly_power
+    """Poly decay of the base lr; over the first optim.warmup_steps it ramps linearly from warmup_ratio x that
+    value up to it (mmcv's 'linear' warm-up, as DAFormer's schedule)."""
+    o = cfg.optim
+    lr = o.lr * (1 - step / cfg.train.max_steps) ** o.poly_power
+    if step < o.warmup_steps:
+        progress = step / o.warmup_steps
+        lr = lr * (o.warmup_ratio + (1 - o.warmup_ratio) * progress)
+    return lr
+
+
+def build_optimizer(cfg: Config, student: torch.nn.Module) -> torch.optim.Optimizer:
+    """Plain torch SGD (DSP) or AdamW (DAFormer's recipe for MiT) over the model's parameter groups."""
+    o = cfg.optim
+    groups = param_groups(student, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
+                          o.norm_decay_mult)
+    if o.algorithm == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def train_step(cfg: Config, student, teacher, optimizer, step: int, batch, choices: StepChoices) -> dict[str, float]:
-    """One SGD step on L, then the EMA teacher update. Returns the loss terms as floats (research-code style)."""
+    """One optimizer step on L, then the EMA teacher update. Returns the loss terms as floats (research-code style)."""
     for group in optimizer.param_groups:
         group["lr"] = poly_lr(cfg, step) * group["lr_mult"]
     optimizer.zero_grad(set_to_none=True)
@@ -279,9 +296,7 @@ def build_run(cfg: Config) -> ReferenceRun:
     tmpl_iter = loader(source, d.source_size, cfg.train.seed + 20)  # a second, independently shuffled source stream
     tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
     student, teacher = build_student_teacher(cfg.model, device)
-    optimizer = torch.optim.SGD(param_groups(student, cfg.optim.lr, cfg.optim.head_lr_mult,
-                                             cfg.dsp.train_mmd_projection),
-                                lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, student)
     return ReferenceRun(cfg, device, source, class_index, gen, src_iter, tmpl_iter, tgt_iter, student, teacher,
                         optimizer)
 

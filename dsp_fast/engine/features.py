@@ -1,6 +1,6 @@
 """Features applied to the models and the optimizer, one function each, in the order `loop.setup` calls them:
-channels_last, the optimizer (fused SGD with a device lr), the GradScaler, DDP, torch.compile, and the input
-normalisation.
+channels_last, the optimizer (fused SGD or AdamW with a device lr) and its lr schedule, the GradScaler, DDP,
+torch.compile, and the input normalisation.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsp_fast.config import Config
+from dsp_fast.config import Config, OptimConfig
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import compute_losses
@@ -32,25 +32,36 @@ def apply_channels_last(*models: nn.Module) -> None:
 
 def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: torch.device,
                     device_lr: bool | None = None) -> tuple[torch.optim.Optimizer, bool]:
-    """SGD over the model's parameter groups; returns (optimizer, device_skip).
+    """SGD or AdamW (`optim.algorithm`) over the model's parameter groups; returns (optimizer, device_skip).
 
-    device_skip: the optimizer reads `optimizer.found_inf` on the device (torch fused SGD), so a non-finite step is
-    skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in place each step (a
-    CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch 2.13) and a float lr.
-    device_lr: the lr as a device tensor (default: on CUDA); the CPU tests ask for it to check the CUDA setup.
+    device_skip: the optimizer reads `optimizer.found_inf` on the device (torch's fused SGD and AdamW), so a
+    non-finite step is skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in
+    place each step (a CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch
+    2.13) and takes a float lr. device_lr: the lr as a device tensor (default: on CUDA); the CPU tests ask for it
+    to check the CUDA setup.
     """
     o = cfg.optim
-    groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection)
+    groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
+                          o.norm_decay_mult)
     if opts.optimizer == "apex":
+        if o.algorithm != "sgd":
+            raise SystemExit(f"--optimizer apex: only with optim.algorithm sgd (got {o.algorithm!r}); use fused")
         try:
             from apex.optimizers import FusedSGD  # NOT YET RUN: apex is not installable on the CPU machine
         except ImportError as e:
             raise SystemExit(f"--optimizer apex: NVIDIA apex does not import ({e}); use --optimizer fused") from None
         return FusedSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay), False
     fused = opts.optimizer in ("auto", "fused")
-    if fused and (device.type == "cuda" if device_lr is None else device_lr):
+    on_cuda = fused and device.type == "cuda"
+    if fused and (on_cuda if device_lr is None else device_lr):
         for g in groups:
             g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=device)
+    if o.algorithm == "adamw":
+        # NOT YET RUN ON A GPU: capturable keeps Adam's step counters on the device and lets a CUDA graph capture
+        # the step (Adam.step refuses a capture otherwise); fused reads the tensor lr and found_inf on the device.
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None,
+                                foreach=True if not fused else None, capturable=on_cuda)
+        return opt, fused
     opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused or None,
                           foreach=True if not fused else None)
     if o.momentum:
@@ -73,6 +84,16 @@ def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable
     if mode == "step":
         return torch.compile(compute_losses, dynamic=False)
     return None
+
+
+def scheduled_lr(o: OptimConfig, step: int, max_steps: int) -> float:
+    """The base lr at `step` (0-based): poly decay lr * (1 - step/max_steps) ** poly_power, during the first
+    warmup_steps scaled by 1 - (1 - step/warmup_steps) * (1 - warmup_ratio) (mmcv's linear warm-up, DAFormer's
+    schedule). A host float: the caller fills the optimizer's device lr tensors with it outside the step."""
+    lr = o.lr * (1 - step / max_steps) ** o.poly_power
+    if step < o.warmup_steps:
+        lr *= 1 - (1 - step / o.warmup_steps) * (1 - o.warmup_ratio)
+    return lr
 
 
 def build_grad_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:

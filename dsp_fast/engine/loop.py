@@ -34,11 +34,12 @@ from dsp_fast.engine.features import (
     build_models,
     build_optimizer,
     make_normalize,
+    scheduled_lr,
 )
 from dsp_fast.engine.graphs import make_step_runner
 from dsp_fast.engine.monitor import memory_figures, save_image_grid
 from dsp_fast.engine.options import FastOptions
-from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, poly_lr, read_stats, train_step
+from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
 from dsp_fast.method import LossSettings
 
@@ -207,7 +208,7 @@ def _loop(run: Run, loader) -> None:
                                            and ctx.device_skip, opts.graph_warmup, run.say)
             buf.load_(batch)
             draw_choices_(buf.choices, run.gen, cfg.dsp)
-            ctx.set_schedule_(step, poly_lr(cfg.optim.lr, step, cfg.train.max_steps, cfg.optim.poly_power))
+            ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
             step_fn()
             if _between_steps(run, step + 1, buf, wait):
                 wait = 0.0

@@ -1,4 +1,5 @@
-"""The segmentation model: DeepLabv2 (ResNet-101 or `tiny`), its weights, and its optimizer parameter groups.
+"""The segmentation model: DeepLabv2 (ResNet-101 or `tiny`) or MiT + DAFormer decoder (`mit_b0`..`mit_b5`), its
+weights, and its optimizer parameter groups.
 
 Imports nothing of dsp_fast but the config, so data, evaluation and both trainers can share it.
 """
@@ -12,25 +13,30 @@ import torch
 from torch import nn
 
 from dsp_fast.config import ModelConfig
+from dsp_fast.models import deeplabv2
+from dsp_fast.models.daformer_head import MiTDAFormer
 from dsp_fast.models.deeplabv2 import (
-    ARCHS,
     BACKBONE_ROOTS,
     CLASSIFIER_ROOT,
     PROJECTION_ROOT,
     DeepLabV2,
     count_parameters,
     output_size,
-    set_bn_mode,
 )
-from dsp_fast.models.weights import WeightsError, load_pretrained, normalize_input
+from dsp_fast.models.mit import MIT_SPECS
+from dsp_fast.models.weights import WeightsError, load_mit_pretrained, load_pretrained, normalize_input
+
+ARCHS = (*deeplabv2.ARCHS, *MIT_SPECS)  # every model.arch value
 
 __all__ = [
     "ARCHS",
     "DeepLabV2",
+    "MiTDAFormer",
     "WeightsError",
     "build_model",
     "build_student_teacher",
     "count_parameters",
+    "load_mit_pretrained",
     "load_pretrained",
     "normalize_input",
     "output_size",
@@ -39,54 +45,87 @@ __all__ = [
 ]
 
 
-def build_model(cfg: ModelConfig) -> DeepLabV2:
+def build_model(cfg: ModelConfig) -> nn.Module:
     """The model `cfg` describes, with `cfg.pretrained` loaded when set (random init: input_kind 'torchvision')."""
-    model = DeepLabV2.from_arch(cfg.arch, num_classes=cfg.num_classes, mmd_dim=cfg.mmd_dim,
-                                aspp_two_branch_bug=cfg.aspp_two_branch_bug, freeze_bn=cfg.freeze_bn)
-    if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained, kind=None if cfg.pretrained_kind == "auto" else cfg.pretrained_kind)
+    if cfg.arch in MIT_SPECS:
+        model: nn.Module = MiTDAFormer(cfg.arch, num_classes=cfg.num_classes, mmd_dim=cfg.mmd_dim,
+                                       decoder_dim=cfg.decoder_dim, drop_path_rate=cfg.drop_path_rate,
+                                       freeze_bn=cfg.freeze_bn)
+        if cfg.pretrained:
+            load_mit_pretrained(model, cfg.pretrained)
+    else:
+        model = DeepLabV2.from_arch(cfg.arch, num_classes=cfg.num_classes, mmd_dim=cfg.mmd_dim,
+                                    aspp_two_branch_bug=cfg.aspp_two_branch_bug, freeze_bn=cfg.freeze_bn)
+        if cfg.pretrained:
+            load_pretrained(model, cfg.pretrained,
+                            kind=None if cfg.pretrained_kind == "auto" else cfg.pretrained_kind)
     set_bn_mode(model, cfg.freeze_bn)
     return model
 
 
-def build_student_teacher(cfg: ModelConfig, device: torch.device) -> tuple[DeepLabV2, DeepLabV2]:
-    """The student in training mode and its mean teacher: an exact copy that never takes a gradient."""
+def build_student_teacher(cfg: ModelConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The student in training mode and its mean teacher: an exact copy that never takes a gradient (and, for
+    MiT, never drops a path or a channel: its pseudo-labels are deterministic, as DAFormer's EMA teacher's)."""
     student = build_model(cfg).to(device)
     student.train()
     set_bn_mode(student, cfg.freeze_bn)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if isinstance(teacher, MiTDAFormer):
+        teacher.set_stochastic(False)
     return student, teacher
 
 
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float,
-                 train_mmd_projection: bool = True) -> list[dict[str, Any]]:
-    """SGD parameter groups: backbone at lr, ASPP classifier (and the MMD projection) at lr * head_lr_mult.
+def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """freeze_bn: every BN uses running statistics (eval mode); otherwise BN follows the model's own mode. The
+    choice is remembered by the model (DeepLabV2 or MiTDAFormer, or a wrapper holding one as `.module`)."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, MiTDAFormer):
+        inner.freeze_bn = freeze_bn
+    deeplabv2.set_bn_mode(model, freeze_bn)
 
-    Every group carries 'lr_mult' (a poly schedule sets group['lr'] = base_lr_now * group['lr_mult']) and 'name'.
-    Only parameters with requires_grad are listed (BN affine parameters are frozen). With train_mmd_projection
-    False the projection is frozen (requires_grad False) and left out, as in the authors' script, where it is
-    never given to the optimizer; gradients still flow through it into the backbone.
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float, train_mmd_projection: bool = True,
+                 weight_decay: float | None = None, norm_decay_mult: float = 1.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the backbone at lr, the classifier head (DeepLab's ASPP or the DAFormer decoder)
+    and the MMD projection at lr * head_lr_mult.
+
+    Every group carries 'lr_mult' (the schedule sets group['lr'] = base_lr_now * group['lr_mult']) and 'name'.
+    Only parameters with requires_grad are listed (DeepLab's BN affine parameters are frozen). With
+    train_mmd_projection False the projection is frozen (requires_grad False) and left out, as in the authors'
+    script, where it is never given to the optimizer; gradients still flow through it into the backbone.
+    norm_decay_mult != 1 moves every parameter whose name contains 'norm' (LayerNorms, as mmcv's `custom_keys`
+    rule that DAFormer uses) into '<group>_norm' groups with weight decay weight_decay * norm_decay_mult.
     """
     inner = getattr(model, "module", model)  # accept a DDP / DataParallel wrapper
-    for p in inner.get_submodule(PROJECTION_ROOT).parameters():
+    backbone_roots, classifier_root, projection_root = getattr(
+        inner, "param_roots", (BACKBONE_ROOTS, CLASSIFIER_ROOT, PROJECTION_ROOT))
+    for p in inner.get_submodule(projection_root).parameters():
         p.requires_grad_(train_mmd_projection)
-    by_root: dict[str, list[nn.Parameter]] = {}
+    by_root: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, p in inner.named_parameters():
         if p.requires_grad:
-            by_root.setdefault(name.split(".", 1)[0], []).append(p)
-    unknown = set(by_root) - set(BACKBONE_ROOTS) - {CLASSIFIER_ROOT, PROJECTION_ROOT}
+            by_root.setdefault(name.split(".", 1)[0], []).append((name, p))
+    unknown = set(by_root) - set(backbone_roots) - {classifier_root, projection_root}
     if unknown:
         raise ValueError(f"param_groups: trainable parameters under unknown modules {sorted(unknown)}")
 
-    groups = [
-        {"name": "backbone", "params": [p for r in BACKBONE_ROOTS for p in by_root.get(r, [])], "lr_mult": 1.0},
-        {"name": "classifier", "params": by_root.get(CLASSIFIER_ROOT, []), "lr_mult": float(head_lr_mult)},
-    ]
+    named = [("backbone", [np for r in backbone_roots for np in by_root.get(r, [])], 1.0),
+             ("classifier", by_root.get(classifier_root, []), float(head_lr_mult))]
     if train_mmd_projection:
-        groups.append({"name": "mmd_projection", "params": by_root.get(PROJECTION_ROOT, []),
-                       "lr_mult": float(head_lr_mult)})
+        named.append(("mmd_projection", by_root.get(projection_root, []), float(head_lr_mult)))
+    split = norm_decay_mult != 1.0
+    if split and weight_decay is None:
+        raise ValueError("param_groups: norm_decay_mult needs weight_decay")
+    groups = []
+    for group_name, params, mult in named:
+        rest = [p for n, p in params if not (split and "norm" in n)]
+        groups.append({"name": group_name, "params": rest, "lr_mult": mult})
+        if split:
+            norms = [p for n, p in params if "norm" in n]
+            groups.append({"name": f"{group_name}_norm", "params": norms, "lr_mult": mult,
+                           "weight_decay": weight_decay * norm_decay_mult})
     for g in groups:
         g["lr"] = lr * g["lr_mult"]
     return [g for g in groups if g["params"]]

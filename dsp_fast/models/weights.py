@@ -164,3 +164,70 @@ def normalize_input(x_BCHW: Tensor, kind: str) -> Tensor:
         mean = x_BCHW.new_tensor(DEEPLAB_MEAN_BGR).view(1, 3, 1, 1)
         return x_BCHW.flip(1) * 255.0 - mean
     raise ValueError(f"unknown input kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+# ------------------------------------------------------------------------------------------------ MiT (SegFormer)
+_MIT_IMAGENET_HEAD = "head."  # the ImageNet classifier in SegFormer's released mit_b*.pth files
+_MIT_ALLOWED_PREFIXES = ("backbone.", "decode_head.", "c1.")
+
+
+def load_mit_pretrained(model: nn.Module, path: str) -> str:
+    """Copy a SegFormer / mmseg MiT weights file into a MiTDAFormer's encoder; returns the input kind ('torchvision').
+
+    Two key styles: the released ImageNet files (`patch_embed1.proj.weight`, `block1.0.attn.q.weight`, ...,
+    `norm4.bias`, plus the ImageNet classifier `head.*`, ignored), or an mmseg segmentor's state dict with the same
+    names under `backbone.` (its `decode_head.*` and `c1.*` are copied too when their shapes fit this model, e.g.
+    the same class count). The encoder must match completely: any missing key, tensor of the wrong shape, or key
+    this model does not know is a WeightsError naming them (a silent partial load would train a random encoder).
+    """
+    state, _, _ = _read_state_dict(path)
+    segmentor = any(k.startswith("backbone.") for k in state)
+    encoder_target = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    if segmentor:
+        unknown = [k for k in state if not k.startswith(_MIT_ALLOWED_PREFIXES)
+                   and not k.startswith(("auxiliary_head.", _MIT_IMAGENET_HEAD))]
+        file_encoder = {k: v for k, v in state.items() if k.startswith("backbone.")}
+    else:
+        unknown = []
+        file_encoder = {}
+        for k, v in state.items():
+            if k.startswith(_MIT_IMAGENET_HEAD):
+                continue
+            if f"backbone.{k}" in encoder_target:
+                file_encoder[f"backbone.{k}"] = v
+            else:
+                unknown.append(k)
+    unknown += [k for k in file_encoder if k not in encoder_target]
+    missing = [k for k in encoder_target if k not in file_encoder]
+    wrong = [f"{k} file {tuple(file_encoder[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in encoder_target.items() if k in file_encoder and file_encoder[k].shape != v.shape]
+    if unknown or missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder keys missing ({_fmt(missing)})")
+        if unknown:
+            parts.append(f"{len(unknown)} keys unknown to {getattr(model, 'arch', 'the model')} ({_fmt(unknown)})")
+        if wrong:
+            parts.append(f"{len(wrong)} tensors with wrong shapes ({_fmt(wrong)})")
+        raise WeightsError(f"{path}: not a {getattr(model, 'arch', 'MiT')} weights file: " + "; ".join(parts))
+
+    to_load = dict(file_encoder)
+    notes = []
+    if any(k.startswith(_MIT_IMAGENET_HEAD) for k in state):
+        notes.append("ImageNet classifier (head.*) ignored")
+    target = model.state_dict()
+    for root, what in (("decode_head.", "decoder"), ("c1.", "MMD projection")):
+        keys = [k for k in target if k.startswith(root) and not k.endswith("num_batches_tracked")]
+        if not any(k in state for k in keys):
+            notes.append(f"{what} ({root}*) not in the file: kept its initialisation")
+        elif all(k in state and state[k].shape == target[k].shape for k in keys):
+            to_load.update({k: state[k] for k in keys})
+        else:
+            notes.append(f"{what} ({root}*) ignored, shapes do not fit the model: kept its initialisation")
+    model.load_state_dict(to_load, strict=False)  # strict=False: the decoder may be skipped; the encoder is complete
+    model.input_kind = "torchvision"  # MiT's ImageNet weights expect the ImageNet mean/std on RGB
+    model.weights_notes = notes
+    log.info("loaded MiT weights from %s (%d tensors)", path, len(to_load))
+    for note in notes:
+        log.info("weights %s: %s", path, note)
+    return "torchvision"
