@@ -86,6 +86,27 @@ def test_train_step_issues_no_host_sync(amp, twins, dsp, value_checks_off):
     assert any(op.startswith("aten::_fused_sgd_") for op in names)
 
 
+@pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
+def test_mit_b0_step_issues_no_host_sync(algorithm, value_checks_off):
+    """The same recording on the MiT backbone (SDPA attention, drop path, DAFormer decoder), bf16 autocast, with
+    the DAFormer recipe's fused AdamW as well as SGD."""
+    import test_mit_step as mit
+
+    cfg = mit.mit_cfg(algorithm)
+    gen = torch.Generator().manual_seed(1)
+    batch = mit.make_batch(gen)
+    ch = to_device_choices(mit.make_choices(batch[3], gen))
+    student, teacher = build_models(cfg, CPU)
+    ctx = cuda_like_context(cfg, student, teacher, torch.bfloat16, CPU)
+    ctx.set_schedule_(3, 1e-4)
+    train_step(ctx, buffers(batch, ch))
+    with OpRecorder() as rec:
+        train_step(ctx, buffers(batch, ch))
+    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+    names = {op for op, _ in rec.ops}
+    assert any(op.startswith(f"aten::_fused_{'adamw' if algorithm == 'adamw' else 'sgd'}_") for op in names)
+
+
 def test_mmd_stays_fp32_under_autocast():
     """The pooling matmul inside the weighted MMD would run in bf16 under autocast if only its inputs were cast:
     no operator of the MMD term returns bf16, and the value equals the one computed without autocast."""
