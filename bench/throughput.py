@@ -13,9 +13,10 @@ span each trainer's own loop logs as data time), compute the rest. images/s coun
 MFU = counted FLOPs per step / step time / the device's measured matmul rate (bf16 on CUDA, fp32 on CPU).
 
 Ablation: the fast trainer with one optimisation off at a time (DALI, fused kernels, channels_last, AMP, CUDA
-graphs), each alternated round by round with the full fast trainer; an optimisation the fast trainer does not use
-on this device is reported as n/a with the reason, not measured. Scaling: the fast trainer on 1 and on N processes
-(torchrun, gloo on CPU, NCCL on >= N GPUs), efficiency = img/s(N) / (N x img/s(1)).
+graphs), or one turned on (`dali_on`, `compile_on`: torch.compile of steps 1-6, its compile time reported apart as
+the variant's warm-up seconds), each alternated round by round with the full fast trainer; an optimisation the
+fast trainer does not use on this device is reported as n/a with the reason, not measured. Scaling: the fast
+trainer on 1 and on N processes (torchrun, gloo on CPU, NCCL on >= N GPUs), efficiency = img/s(N) / (N x img/s(1)).
 Writes bench/results/throughput_<device>_<date>.json and .png (see --out); the JSON is rewritten after every timed
 round ("complete": false until the end), so a run stopped by a timeout keeps what it measured.
 """
@@ -93,6 +94,10 @@ def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
         if not fast.graphs:
             return f"n/a {where}: CUDA graphs need CUDA (and fused SGD)"
         return Variant(key, "CUDA graphs off (eager)", {"cuda_graphs": False})
+    if key == "compile_on":  # torch.compile of steps 1-6: off by default, so this ablation turns it on
+        if o.compile != "off":
+            return f"n/a: the fast trainer already compiles ({o.compile!r})"
+        return Variant(key, "torch.compile step on", {"compile": "step"})
     if key == "dali_on":  # the other direction: DALI where auto picked the torch backend (CPU operators on CPU)
         try:
             import nvidia.dali  # noqa: F401
@@ -145,7 +150,9 @@ def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: fl
         say(f"[ablation] {v.label}: build, warm up, {args.rounds} rounds alternating with the full fast trainer")
         variant = make_fast(v)
         try:
-            warm_up(variant, args.warmup + variant.extra_warmup)
+            t0 = time.perf_counter()
+            warm_up(variant, args.warmup + variant.extra_warmup)  # a compiling variant compiles here, untimed
+            warmup_s = time.perf_counter() - t0
             var_rows, fast_rows = alternate(variant, fast, args.rounds, args.steps, say, lambda va, fa, k=key: save(
                 [*out, {"key": k, "status": "partial", "variant_rounds": va, "fast_same_rounds": fa}]))
         finally:
@@ -154,6 +161,7 @@ def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: fl
             gc.collect()
         ratios = [f["images_per_s"] / r["images_per_s"] for r, f in zip(var_rows, fast_rows)]
         out.append({"key": key, "status": "measured", "label": v.label, "options": v.opts, "kernel_twins": v.twins,
+                    "warmup_s": warmup_s,
                     "variant": summarise(var_rows, flops, rate), "fast_same_rounds": summarise(fast_rows, flops, rate),
                     "fast_over_variant": statistics.median(ratios)})
         save(out)
@@ -165,7 +173,7 @@ def share_of_gain(ablation: list[dict], headline: float) -> None:
     Shares need not add up to 1: optimisations interact, and what no flag turns off (prepared data, no per-step
     host sync, fused SGD, foreach EMA) is the remainder."""
     for a in ablation:
-        if a["status"] == "measured" and a["key"] in ABLATIONS:  # not for dali_on, which turns something on
+        if a["status"] == "measured" and a["key"] in ABLATIONS:  # not for the *_on rows, which turn something on
             r = a["fast_over_variant"]
             a["share_of_log_gain"] = (math.log(r) / math.log(headline)) if headline > 1 and r > 0 else None
 
@@ -184,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per trainer per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer (plus the graph warm-up)")
-    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help=f"of {ABLATIONS} (+ dali_on); none: -")
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
+                   help=f"of {ABLATIONS} (+ dali_on, compile_on); none: -")
     p.add_argument("--scaling", type=int, default=2, help="processes for the scaling run (0 or 1: skip)")
     p.add_argument("--scaling-timeout", type=int, default=600)
     p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
