@@ -33,8 +33,8 @@ class FastRunLog(RunLog):
 
     _said_no_tensorboard = False
 
-    def __init__(self, cfg: Config, sub: str, title: str, tensorboard: bool) -> None:
-        super().__init__(cfg, sub, title)
+    def __init__(self, cfg: Config, folder: str, title: str, tensorboard: bool) -> None:
+        super().__init__(cfg, folder, title)
         self._tb = None
         if tensorboard:
             try:
