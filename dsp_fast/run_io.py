@@ -20,7 +20,7 @@ import torch
 from dsp_fast.config import Config, save_config
 from dsp_fast.data.labels import class_names
 
-ETA_SMOOTHING = 0.3
+ETA_SMOOTHING = 0.2
 """Weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine
 makes single intervals jump; the average follows a lasting change within a few intervals)."""
 
