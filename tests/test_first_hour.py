@@ -58,6 +58,11 @@ def fast_only(cache: str) -> list[str]:
     return ["fast.image_every=0", f"fast.prepared_dir={cache}"]
 
 
+def _cfg_and_args(argv: list[str]):
+    parsed = train.parse_args(argv)
+    return load_config(parsed.config, parsed.overrides), parsed
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ, OMP_NUM_THREADS="1")
     e.pop("TRITON_INTERPRET", None)  # the kernels' twins: the same results, without the interpreter's cost
@@ -113,8 +118,7 @@ def test_trainer_prepares_the_configured_roots_at_the_configured_sizes_once(synt
     said: list[str] = []
 
     def resolve(*extra: str) -> tuple[str, str]:
-        parsed = train.parse_args(real_args(gta, cs, tmp_path, *fast_only(str(cache)), *extra))
-        cfg, opts = apply_cli_args(load_config(parsed.config, parsed.overrides), parsed)
+        cfg, opts = apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache)), *extra)))
         return resolve_data(cfg, opts, say=said.append)
 
     src, tgt = resolve()
@@ -164,6 +168,13 @@ def test_a_corrupt_source_image_is_named_by_both_trainers(synthetic_root, tmp_pa
     assert bad in err and "1 of 4 input images" in err and str(cache / "gta5_64x36_jpeg" / "rejects.txt") in err
     assert len(os.listdir(cache / "gta5_64x36_jpeg" / "images")) == 3  # the good ones stay prepared
     assert not (tmp_path / "runs").exists()
+    good = os.path.join(gta, "images", sorted(os.listdir(os.path.join(gta, "images")))[0])
+    shutil.copy(good, bad)  # the file replaced: the next run prepares just that one and goes on
+    data = resolve_data(*apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache))))))
+    assert data[0] == str(cache / "gta5_64x36_jpeg")
+    assert len(os.listdir(cache / "gta5_64x36_jpeg" / "images")) == 4
+    with open(bad, "r+b") as f:
+        f.truncate(200)
 
     code = reference.main(real_args(gta, cs, tmp_path, "train.max_steps=10"))
     err = capsys.readouterr().err

@@ -84,12 +84,13 @@ def _prepare_locked(dataset, out: str, options, say) -> None:
         if diff:
             text = ", ".join(f"{k}: {a!r} there, {b!r} wanted" for k, a, b in diff)
             raise DatasetError(f"{out} holds another preparation ({text}); delete it or set fast.prepared_dir")
-    if manifest is not None and len(manifest.get("stems", [])) + len(manifest.get("rejects", [])) == len(dataset):
-        if manifest.get("rejects"):
-            raise rejects_error(out, manifest["rejects"], len(dataset))
+    if manifest is not None and not manifest.get("rejects") and len(manifest.get("stems", [])) == len(dataset):
         return
-    say(f"preparing {len(dataset)} images of {dataset.root} at {options.size[0]}x{options.size[1]} into {out} "
-        "(once; later runs re-use it)")
+    if manifest is not None and manifest.get("rejects"):  # replaced files are read again, the rest is kept
+        say(f"{out}: retrying the {len(manifest['rejects'])} input images rejected last time")
+    else:
+        say(f"preparing {len(dataset)} images of {dataset.root} at {options.size[0]}x{options.size[1]} into {out} "
+            "(once; later runs re-use it)")
     workers = min(8, os.cpu_count() or 1)
     summary = prepare.prepare_set(dataset, out, options, workers=workers, progress=True)
     say(summary.report())
