@@ -4,6 +4,7 @@ DSP, and print the target-IoU table of each and the comparison, as `dsp_fast.ref
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -89,7 +90,7 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
             folder = os.path.join(top, sub) if sub else top
             record = _train_one(run_cfg, opts, info, data_dirs, folder, name, resumes.pop(sub))
             if info.is_main:
-                results[name] = record["mIoU"]
+                results[name] = math.nan if record["mIoU"] is None else record["mIoU"]
                 summary["models"][name] = {"folder": os.path.abspath(folder), "steps": run_cfg.train.max_steps,
                                            **record}
         if info.is_main:
@@ -137,6 +138,12 @@ def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
         ckpt_io.clean_stale(run_dir)
+        old_log = os.path.join(run_dir, "metrics.jsonl")
+        if not resume and os.path.exists(old_log):  # a resumed run whose model had no checkpoint yet
+            kept = next(p for k in range(1, 10_000) if not os.path.exists(p := f"{old_log[:-6]}.{k}.jsonl"))
+            os.replace(old_log, kept)
+            print(f"[fast {name}] no checkpoint to continue in {run_dir}: this model starts at step 0; the log of "
+                  f"its earlier start is kept as {kept}", flush=True)
     barrier(info)  # nobody reads the folder while rank 0 prepares it
     log = FastRunLog(cfg, run_dir, f"fast {name}", opts.tensorboard) if info.is_main else NullLog()
     try:
