@@ -122,8 +122,9 @@ def prepare_from_roots(cfg: Config, say=print, source: bool = True, target: bool
         opts = Options(ds.name, None, src_root, tuple(d.source_size), fmt, 95, ds.num_classes, True, 8, 0)
         _prepare_cached(ds, src_out, opts, say)
     if target:
-        ds = Cityscapes(tgt_root, "train", num_classes=cfg.model.num_classes, labels=False)
-        opts = Options("cityscapes", "train", tgt_root, tuple(d.target_size), fmt, 95, ds.num_classes, False, 8, 0)
+        # images only, so the class count does not matter: a 19- and a 16-class config share the preparation
+        ds = Cityscapes(tgt_root, "train", num_classes=19, labels=False)
+        opts = Options("cityscapes", "train", tgt_root, tuple(d.target_size), fmt, 95, 19, False, 8, 0)
         _prepare_cached(ds, tgt_out, opts, say)
     return src_out, tgt_out
 
