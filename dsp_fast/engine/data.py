@@ -69,7 +69,7 @@ def cache_dir(cfg: Config, root: str, size: tuple[int, int], fmt: str) -> str:
 def _prepare_cached(dataset, out: str, options, say) -> None:
     """Prepare `dataset` into `out` unless a complete preparation with the same options is there; a folder
     prepared with other options (another root of the same name, say) is refused, naming both values."""
-    with _file_lock(f"{out.rstrip(os.sep)}.lock"):
+    with _file_lock(os.path.join(out, ".lock")):
         _prepare_locked(dataset, out, options, say)
 
 
