@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.time() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"iou": iou.tolist(), **miou_variants(iou)}, f, indent=1)
+            json.dump({"iou": iou.tolist(), **miou_variants(iou),
+                       "classes_evaluated": int((~torch.isnan(iou)).sum())}, f, indent=1)
     return 0
 
 

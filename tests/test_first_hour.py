@@ -19,7 +19,7 @@ from dsp_fast import evaluate, prepare, reference, train
 from dsp_fast.config import load_config
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.data import resolve_data
-from dsp_fast.engine.monitor import GRID_COLUMNS, PALETTE, labelled_grid
+from dsp_fast.engine.monitor import CAPTION_H, GRID_COLUMNS, PALETTE, labelled_grid
 from dsp_fast.engine.options import apply_cli_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,9 +239,9 @@ def test_image_grid_has_column_captions_and_a_class_legend():
     rows = [[rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in GRID_COLUMNS] for _ in range(2)]
     names = [f"class{i}" for i in range(19)]
     grid = np.asarray(labelled_grid(rows, names))
-    assert grid.shape[1] == 6 * 32 and grid.shape[0] > 2 * 32 + 2 * 10  # caption row above, legend below
-    assert np.array_equal(grid[14:14 + 64], np.concatenate([np.concatenate(r, 1) for r in rows], 0))
-    legend = grid[14 + 64:].reshape(-1, 3)
+    assert grid.shape[1] == 6 * 32 and grid.shape[0] > CAPTION_H + 2 * 32 + 10  # caption row above, legend below
+    assert np.array_equal(grid[CAPTION_H:CAPTION_H + 64], np.concatenate([np.concatenate(r, 1) for r in rows], 0))
+    legend = grid[CAPTION_H + 64:].reshape(-1, 3)
     for colour in PALETTE[:19]:  # every class's swatch is drawn
         assert (legend == colour).all(1).any(), colour
-    assert (grid[:14] < 128).any()  # caption text
+    assert (grid[:CAPTION_H] < 128).any()  # caption text

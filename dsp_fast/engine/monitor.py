@@ -99,7 +99,7 @@ def _colour(label_HW: torch.Tensor) -> np.ndarray:
 GRID_COLUMNS = ("template + long-tail", "mask M (white: pasted)", "mixed source", "mixed target",
                 "pseudo-label (teacher)", "prediction (student)")
 """Captions of the image grid's columns, left to right."""
-_CAPTION_H, _SWATCH, _LEGEND_ROW = 14, 10, 14
+CAPTION_H, _SWATCH, _LEGEND_ROW = 14, 10, 14
 
 
 def labelled_grid(rows: list[list[np.ndarray]], class_names: list[str]) -> Image.Image:
@@ -114,12 +114,12 @@ def labelled_grid(rows: list[list[np.ndarray]], class_names: list[str]) -> Image
     entry_w = _SWATCH + 4 + 6 * max(len(n) for n, _ in entries) + 8
     per_row = max(1, width // entry_w)
     legend_rows = -(-len(entries) // per_row)
-    canvas = Image.new("RGB", (width, _CAPTION_H + body.shape[0] + 4 + legend_rows * _LEGEND_ROW), (255, 255, 255))
-    canvas.paste(Image.fromarray(body), (0, _CAPTION_H))
+    canvas = Image.new("RGB", (width, CAPTION_H + body.shape[0] + 4 + legend_rows * _LEGEND_ROW), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (0, CAPTION_H))
     draw = ImageDraw.Draw(canvas)
     for c, caption in enumerate(GRID_COLUMNS[: width // tile_w]):
         draw.text((c * tile_w + 2, 1), caption, fill=(0, 0, 0), font=font)  # clipped by the next column's text
-    top = _CAPTION_H + body.shape[0] + 4
+    top = CAPTION_H + body.shape[0] + 4
     for k, (name, colour) in enumerate(entries):
         x, y = (k % per_row) * entry_w + 2, top + (k // per_row) * _LEGEND_ROW
         draw.rectangle((x, y + 1, x + _SWATCH, y + 1 + _SWATCH), fill=colour, outline=(128, 128, 128))
