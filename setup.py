@@ -15,6 +15,7 @@ setup(
     packages=["dsp_fast", "dsp_fast.data", "dsp_fast.models", "dsp_fast.kernels", "dsp_fast.pipelines",
               "dsp_fast.engine"],
     package_dir={"dsp_fast.kernels": "kernels", "dsp_fast.pipelines": "pipelines"},
+    package_data={"dsp_fast": ["configs/*.yaml"]},  # the presets, found by name from any folder
     install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=10", "pyyaml>=6", "tqdm>=4.60"],
     extras_require={
         "gpu": ["triton>=3.0", "nvidia-dali-cuda130>=1.40"],

@@ -131,7 +131,7 @@ else
     THROUGHPUT_KERNELS=(--twins --ablations graphs amp)
 fi
 # 5. the paper config on generated scenes of GTA5 / Cityscapes sizes (no DALI on the GPU machine)
-step throughput 130 "$PY" -m bench.throughput --config configs/gta2cs.yaml --data paper --paper-images 8 4 \
+step throughput 130 "$PY" -m bench.throughput --config gta2cs --data paper --paper-images 8 4 \
     --device cuda --data-backend torch --rounds 3 --steps 8 --warmup 2 --scaling 0 "${THROUGHPUT_KERNELS[@]}" \
     --out "$OUT"
 if ((TOOLCHAIN)); then

@@ -99,7 +99,7 @@ def write_chart(summary: dict, path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/synthetic.yaml")
+    p.add_argument("--config", default="synthetic", help="preset name or YAML path")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)

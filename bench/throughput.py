@@ -1,7 +1,7 @@
 """Throughput of the fast trainer against the naive reference trainer: same config, data and device, one process.
 
-    python -m bench.throughput                                   # CPU: configs/synthetic.yaml, tiny model
-    python -m bench.throughput --config configs/gta2cs.yaml --data paper --data-backend torch   # GPU, paper config
+    python -m bench.throughput                                   # CPU: the synthetic preset, tiny model
+    python -m bench.throughput --config gta2cs --data paper --data-backend torch   # GPU, paper config
     python -m bench.throughput --smoke --out /tmp/x              # CI-sized: 2 warm-up + 2 timed steps, 1 round
 
 Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput_trainers.py).
@@ -180,7 +180,7 @@ def share_of_gain(ablation: list[dict], headline: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/synthetic.yaml", help="YAML preset shared by both trainers")
+    p.add_argument("--config", default="synthetic", help="preset name or YAML file shared by both trainers")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides for both trainers")
     p.add_argument("--arch", default=None, help="model.arch override (tiny, deeplabv2_r101, mit_b0..mit_b5)")
     p.add_argument("--crop", type=int, default=None, help="square crop size override")

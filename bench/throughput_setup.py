@@ -2,7 +2,7 @@
 assumes and the device's measured matrix rate (the MFU denominator), and the provenance of the figures.
 
 Two data modes:
-- `config`: the config's own data (the built-in synthetic shift of configs/synthetic.yaml): the reference reads the
+- `config`: the config's own data (the built-in synthetic shift of the synthetic preset): the reference reads the
   generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (engine/data.py, lossless PNG).
 - `paper`: scenes generated at the real datasets' file sizes (GTA5 1914x1052, Cityscapes 2048x1024 PNG, as
   bench/data_throughput.py draws them) in a temp folder: the reference decodes and resizes those PNGs every step
@@ -61,8 +61,9 @@ def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[str
 
 
 def fast_data_dirs(cfg: Config, opts: FastOptions, info: DistInfo) -> tuple[str, str]:
-    """The prepared folders the fast trainer reads (prepared and cached for the synthetic shift)."""
-    return prepared_dirs(cfg, opts, info)
+    """The prepared folders the fast trainer reads (prepared and cached for the synthetic shift); the bench never
+    evaluates, and its paper-size data has no labelled split."""
+    return prepared_dirs(cfg, opts, info, check_eval=False)
 
 
 def step_flops(cfg: Config, device: torch.device) -> dict[str, float | str]:

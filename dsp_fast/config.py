@@ -1,13 +1,16 @@
 """Typed configuration: dataclasses with one docstring per field, validation in `__post_init__`, YAML presets.
 
-Every deviation from the authors' script listed in shared/DSP_METHOD.md is a field here, so both behaviours stay
-reproducible. `load_config(path, overrides)` rejects unknown keys and bad values with the dotted field name.
+Every deviation from the authors' script listed in docs/method.md is a field here, so both behaviours stay
+reproducible. `load_config(spec, overrides)` rejects unknown keys and bad values with the dotted field name.
+The presets ship inside the package (`dsp_fast/configs/*.yaml`): `--config synthetic` names one, `--config
+my.yaml` reads a file, so the trainers run from any folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,9 +291,16 @@ class FastConfig:
     teacher, mixing, three student forwards and the losses as one graph; backward compiled with it). Inductor's own
     CUDA graphs stay off: the engine captures the whole step (with SGD and the EMA) itself."""
     prepared_source: str = ""
-    """Prepared source folder (python -m dsp_fast.prepare); '' with data.source 'synthetic': prepared, cached."""
+    """A prepared source folder (python -m dsp_fast.prepare) to train from instead of data.source_root; '': the
+    trainer prepares data.source_root itself, once, into the cache (see prepared_dir)."""
     prepared_target: str = ""
-    """Prepared Cityscapes train split folder; '' with data.source 'synthetic': prepared, cached."""
+    """A prepared Cityscapes train split (or its parent folder) instead of data.target_root's; '': prepared, cached."""
+    prepared_dir: str = ""
+    """Where the trainer's own preparations are cached: '' puts them beside the data (<parent of the root>/prepared/
+    <root name>_<W>x<H>_<format>); re-used while the root, size and format match."""
+    prepared_format: str = "auto"
+    """Image format of the trainer's own preparations: 'jpeg' (GPU-decodable), 'png' (lossless), or 'auto' (png for
+    the synthetic shift, so both trainers see the same pixels; jpeg for real datasets)."""
 
     def __post_init__(self) -> None:
         choices = {"amp": AMP_CHOICES, "data_backend": DATA_BACKENDS, "optimizer": OPTIMIZERS,
@@ -302,6 +312,8 @@ class FastConfig:
             _check(getattr(self, name) >= 1, f"fast.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.image_every >= 0, "fast.image_every", f"must be >= 0, got {self.image_every}")
         _check(self.data_threads >= -1, "fast.data_threads", f"must be >= -1, got {self.data_threads}")
+        _check(self.prepared_format in ("auto", "jpeg", "png"), "fast.prepared_format",
+               f"must be auto, jpeg or png, got {self.prepared_format!r}")
 
 
 @dataclass
@@ -373,12 +385,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, yaml.safe_load(value)
 
 
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+"""The presets shipped with the package (installed with it as package data)."""
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets ('synthetic', 'gta2cs', ...)."""
+    return sorted(n[:-5] for n in os.listdir(PRESET_DIR) if n.endswith(".yaml"))
+
+
+def resolve_config(spec: str) -> str:
+    """The YAML file `spec` names: an existing file, else a shipped preset by name ('gta2cs', 'gta2cs.yaml', or
+    'configs/gta2cs.yaml' as the presets were spelled before they moved into the package)."""
+    if os.path.isfile(spec):
+        return spec
+    folder, base = os.path.split(spec)
+    name = base[:-5] if base.endswith(".yaml") else base
+    preset = os.path.join(PRESET_DIR, f"{name}.yaml")
+    if folder.rstrip("/") in ("", "configs") and os.path.isfile(preset):
+        return preset
+    raise ConfigError(f"config file not found: {spec} (not a file, nor a preset name: {', '.join(preset_names())})")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(flags, overrides): every `section.field=value` word is an override wherever it stands, so flags and
+    overrides mix in any order (and `--resume` without a PATH never swallows an override)."""
+    flags = [a for a in argv if not _OVERRIDE.match(a)]
+    return flags, [a for a in argv if _OVERRIDE.match(a)]
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML preset (or the defaults when path is None) and apply `section.field=value` overrides."""
+    """Read a YAML preset (a file, or a shipped preset's name; the defaults when None) and apply
+    `section.field=value` overrides."""
     raw: dict[str, Any] = {}
     if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config(path)
         with open(path) as f:
             try:
                 raw = yaml.safe_load(f) or {}

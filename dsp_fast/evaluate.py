@@ -1,6 +1,7 @@
 """Evaluation: confusion matrix, per-class IoU, mIoU (19, 16 and 13-class variants) and the eval loop.
 
-`python -m dsp_fast.evaluate --checkpoint RUN/last.pt --config configs/gta2cs.yaml` prints the IoU table.
+`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` prints the IoU table (the config saved in the
+checkpoint, or `--config`). Exit code 2: missing or unreadable checkpoint, bad config or data, the file named.
 Images are evaluated single scale at `data.eval_size`; labels are resized to the same size with nearest
 neighbour (ids are never interpolated), as the authors' evaluation does at 1024x512.
 """
@@ -17,11 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override
-from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, class_names, resize_image, resize_label
+from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override, split_overrides
+from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, DatasetError, class_names, resize_image, resize_label
 from dsp_fast.data.build import target_dataset
 from dsp_fast.models import build_model, normalize_input
-from dsp_fast.run_io import resolve_device
+from dsp_fast.run_io import read_checkpoint_file, resolve_device
+
+
+class InputError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the config: exit code 2, the file named."""
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
@@ -71,14 +76,17 @@ def miou_variants(iou: torch.Tensor) -> dict[str, float]:
 
 
 def format_iou_table(iou: torch.Tensor) -> str:
-    """A per-class IoU table with the mIoU variants at the bottom, in percent."""
+    """A per-class IoU table with the mIoU variants at the bottom, in percent. n/a: a class neither in the labels
+    nor predicted; the mIoU averages the others, and its line says over how many."""
     names = class_names(len(iou))
     width = max(len(n) for n in names) + 2
     lines = [f"{'class':<{width}}IoU"]
     for name, value in zip(names, iou.tolist()):
         lines.append(f"{name:<{width}}{'  n/a' if math.isnan(value) else f'{100 * value:5.1f}'}")
     for key, value in miou_variants(iou).items():
-        lines.append(f"{key:<{width}}{100 * value:5.1f}")
+        subset = iou if key == f"mIoU{len(iou)}" else iou[list(SYNTHIA13_INDICES)]
+        n = int((~torch.isnan(subset)).sum())
+        lines.append(f"{key:<{width}}{100 * value:5.1f}  (over {n} of {len(subset)} classes)")
     return "\n".join(lines)
 
 
@@ -110,24 +118,28 @@ def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_cl
 
 
 def read_checkpoint(path: str) -> dict:
-    """A trainer checkpoint, read with weights_only=True; a missing or unreadable file is a clear error."""
+    """A trainer checkpoint, read with weights_only=True; a missing or unreadable file is an InputError naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint_file(path)
     except FileNotFoundError:
-        raise SystemExit(f"checkpoint not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
-        raise SystemExit(f"checkpoint {path} could not be read: {e}") from None
+        raise InputError(f"checkpoint not found: {path} (the trainers write RUN/ckpt_<step>.pt, RUN/best.pt and, "
+                         "the reference trainer, RUN/last.pt)") from None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt and "student" not in ckpt:
+        raise InputError(f"{path} is not a dsp_fast checkpoint (no student weights, no config)")
+    return ckpt
 
 
 def load_checkpoint_model(cfg: Config, ckpt: dict, path: str, which: str, device: torch.device) -> torch.nn.Module:
     """Build the configured model and load the student or teacher weights of a checkpoint."""
     if which not in ckpt:
-        raise SystemExit(f"checkpoint {path} has no '{which}' weights (keys: {', '.join(ckpt)})")
+        raise InputError(f"checkpoint {path} has no '{which}' weights (keys: {', '.join(ckpt)})")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(ckpt[which])
     except RuntimeError as e:
-        raise SystemExit(f"checkpoint {path} does not match model.arch={cfg.model.arch!r}: {e}") from None
+        raise InputError(f"checkpoint {path} does not match model.arch={cfg.model.arch!r}: {e}") from None
     model.input_kind = ckpt.get("input_kind", "torchvision")
     return model.to(device)
 
@@ -140,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", default=None, help="also write the IoU figures to this JSON file")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
-    args = parser.parse_args(argv)
-    ckpt = read_checkpoint(args.checkpoint)
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(flags)
+    args.overrides = [*args.overrides, *overrides]
     try:
+        ckpt = read_checkpoint(args.checkpoint)
         if args.config is None and "config" in ckpt:
             raw = ckpt["config"]
             raw["model"]["pretrained"] = ""  # the checkpoint holds the weights; the init file may be gone
@@ -152,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(raw)
         else:
             cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        device = resolve_device(args.device)
+        model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.which, device)
+        dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
+    except (ConfigError, InputError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = resolve_device(args.device)
-    model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.which, device)
-    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
     t0 = time.time()
     iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
                                       cfg.data.max_eval_images))
@@ -166,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.time() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"iou": iou.tolist(), **miou_variants(iou)}, f, indent=1)
+            json.dump({"iou": iou.tolist(), **miou_variants(iou),
+                       "classes_evaluated": int((~torch.isnan(iou)).sum())}, f, indent=1)
     return 0
 
 

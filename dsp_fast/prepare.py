@@ -71,12 +71,19 @@ class Summary:
     rejects: list[dict[str, str]]
     bytes: int
     seconds: float
+    resized_pairs: int = 0
 
     def report(self) -> str:
         lines = [f"{self.out}: {self.total - len(self.rejects)} images ready ({self.converted} converted now, "
                  f"{self.skipped} already done), {len(self.rejects)} rejected; {_human(self.bytes)} on disk; "
                  f"{self.seconds:.1f} s"]
+        if self.resized_pairs:
+            lines.append(f"  {self.resized_pairs} image/label pairs of different sizes, both resized to the base size "
+                         "(image bicubic, label nearest)")
         lines += [f"  REJECTED {r['path']}: {r['error']}" for r in self.rejects]
+        if self.rejects:
+            lines.append(f"  {len(self.rejects)} of {self.total} images rejected, listed in "
+                         f"{os.path.join(self.out, prepared.REJECTS)}")
         return "\n".join(lines)
 
 
@@ -137,11 +144,21 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
     """Convert image i: ('ok', sidecar) or ('reject', record). Only unreadable input files become rejects."""
     ds, out, opt, stem = _STATE["dataset"], _STATE["out"], _STATE["options"], _STATE["stems"][i]
     try:
-        image, label = ds[i]
+        image = ds.read_image(i)
+        label = ds.read_label(i) if ds.label_paths else None
+        mismatch = label is not None and image.shape[:2] != label.shape
+        if mismatch and opt.dataset != "gta5":
+            raise DatasetError(f"{ds.label_paths[i]}: label is {label.shape[1]}x{label.shape[0]} but its image "
+                               f"{ds.image_paths[i]} is {image.shape[1]}x{image.shape[0]} (width x height)")
     except (DatasetError, OSError) as e:
         return "reject", _reject(ds, i, stem, e)
     h, w = image.shape[:2]
-    image = resize_image(image, opt.size)
+    if mismatch:
+        # Real GTA5 has a few pairs whose image and label sizes differ; the authors resize both straight to the
+        # base size (image bicubic, label nearest), which aligns them again. Counted in the summary.
+        image = np.asarray(Image.fromarray(image).resize(tuple(opt.size), Image.Resampling.BICUBIC))
+    else:
+        image = resize_image(image, opt.size)
     data = encode_image(image, opt.format, opt.quality)
     prepared.write_atomic(prepared.image_path(out, stem, opt.format), data)
     nbytes = len(data)
@@ -151,7 +168,7 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         prepared.write_atomic(prepared.label_path(out, stem), data)
         nbytes += len(data)
     seed = zlib.crc32(stem.encode()) ^ opt.seed  # the same points whether converted now or in a resumed run
-    side = {"stem": stem, "source_size": [w, h], "bytes": nbytes,
+    side = {"stem": stem, "source_size": [w, h], "bytes": nbytes, "resized_pair": bool(mismatch),
             **prepared.image_stats(label, opt.num_classes, opt.num_points, seed)}
     prepared.write_atomic(prepared.stats_path(out, stem), json.dumps(side).encode())
     return "ok", side
@@ -215,12 +232,14 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
     rejected = {r["stem"] for r in rejects}
     done = [s for s in stems if s not in rejected]
     prepared.build_manifest(out, options.to_dict(), done, rejects)
-    nbytes = 0
+    nbytes = resized = 0
     for s in done:
         with open(prepared.stats_path(out, s)) as f:
-            nbytes += json.load(f)["bytes"]
+            side = json.load(f)
+        nbytes += side["bytes"]
+        resized += bool(side.get("resized_pair"))
     return Summary(out, len(stems), len(todo) - len(rejects), len(stems) - len(todo), rejects, nbytes,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, resized)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -2,9 +2,9 @@
 
 It is the correctness oracle of the fast trainer and the baseline of the throughput comparison: correct, not
 deliberately slow, and independent of the fast path (it uses only the kernels' plain-PyTorch twins).
-Step numbers in comments refer to shared/DSP_METHOD.md.
+Step numbers in comments refer to docs/method.md.
 
-    python -m dsp_fast.reference --config configs/synthetic.yaml [section.field=value ...]
+    python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
 
 Image tensors are RGB floats in 0..1 until `normalize_input` right before the model.
 """
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dsp_fast.augment import StrongAug, draw_strong_aug, strong_augment
-from dsp_fast.config import Config, ConfigError, load_config
-from dsp_fast.data import IGNORE_LABEL, load_or_build_class_index, resize_image, resize_label
-from dsp_fast.data.build import source_dataset, target_dataset
+from dsp_fast.config import Config, ConfigError, load_config, split_overrides
+from dsp_fast.data import IGNORE_LABEL, DatasetError, load_or_build_class_index, resize_image, resize_label
+from dsp_fast.data.build import check_data, source_dataset, target_dataset
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
 from dsp_fast.kernels.reference import weighted_mmd
 from dsp_fast.models import build_student_teacher, normalize_input, param_groups
-from dsp_fast.run_io import RunLog, resolve_device, save_checkpoint
+from dsp_fast.run_io import RunLog, new_run_dir, resolve_device, save_checkpoint, write_summary
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -311,14 +311,37 @@ def next_batch(run: ReferenceRun) -> tuple[list[torch.Tensor], StepChoices]:
     return [t.to(run.device) for t in (x_s, y_s, x_m, y_m, x_t)], choices
 
 
+class BadInputStop(RuntimeError):
+    """A data file failed mid-run: the run stopped after saving a checkpoint; the message names the file."""
+
+
+def _dataset_error_text(e: Exception) -> str:
+    """The message of a DatasetError, also when a DataLoader worker re-raised it wrapped in its traceback."""
+    text = str(e)
+    if "Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(("dsp_fast.", "DatasetError")) and ": " in last else last
+    return text
+
+
 def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The whole reference run; returns (student, teacher)."""
+    """The whole reference run; returns (student, teacher). A file that cannot be read stops the run with a
+    checkpoint of the last finished step (BadInputStop)."""
     run = build_run(cfg)
     student, teacher, optimizer = run.student, run.teacher, run.optimizer
-    log.start(cfg.train.max_steps, images_per_step=3 * cfg.data.batch_size)
+    # a source-only step reads and trains on the source batch alone
+    log.start(cfg.train.max_steps, images_per_step=(3 if cfg.dsp.enabled else 1) * cfg.data.batch_size)
     for step in range(cfg.train.max_steps):
         t_data = time.perf_counter()
-        batch, choices = next_batch(run)
+        try:
+            batch, choices = next_batch(run)
+        except DatasetError as e:
+            path = log.path("last.pt")
+            save_checkpoint(path, student, teacher, optimizer, step, cfg)
+            raise BadInputStop(f"{_dataset_error_text(e)}\n1 unreadable file found at step {step} of "
+                               f"{cfg.train.max_steps} (the reference trainer reads the original files as it trains, "
+                               f"so it stops at the first; python -m dsp_fast.prepare lists them all in rejects.txt)."
+                               f" The run stopped with a checkpoint of step {step}: {path}") from None
         data_s = time.perf_counter() - t_data
         losses = train_step(cfg, student, teacher, optimizer, step, batch, choices)
         if not math.isfinite(losses["loss"]):
@@ -343,41 +366,53 @@ def run_eval(cfg: Config, model: torch.nn.Module, log: RunLog, step: int) -> tor
 
 
 def run(cfg: Config) -> dict[str, float]:
-    """Train (and, with train.compare_source_only, a source-only twin run), evaluate, print the table."""
+    """Check the data, train (and, with train.compare_source_only, a source-only twin run), evaluate, print the
+    table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end."""
+    check_data(cfg)  # every root, split and layout now, not at the final evaluation
     runs = [("adapted (DSP)", cfg)]
     if cfg.train.compare_source_only and cfg.dsp.enabled:
         src_only = dataclasses.replace(cfg, dsp=dataclasses.replace(cfg.dsp, enabled=False))
         runs.insert(0, ("source-only", src_only))
     results = {}
     t0 = time.time()
+    # under <out_dir>/reference: the fast trainer owns <out_dir> itself
+    top = new_run_dir(os.path.join(cfg.train.out_dir, "reference"))
+    print(f"run folder: {os.path.abspath(top)}", flush=True)
+    summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
     for name, run_cfg in runs:
-        # under <out_dir>/reference: the fast trainer owns <out_dir> itself
         leaf = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
-        sub = os.path.join("reference", leaf)
-        log = RunLog(run_cfg, sub, title=f"reference {name}")
-        student, _ = train(run_cfg, log)
-        iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps)
-        print(f"\n[{name}] target IoU after {run_cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n")
+        log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, title=f"reference {name}")
+        try:
+            student, _ = train(run_cfg, log)
+            iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps)
+            print(f"\n[{name}] target IoU after {run_cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n")
+            record = log.final(run_cfg.train.max_steps, iou)
+        finally:
+            log.close()
         results[name] = mean_iou(iou)
-        log.close()
+        summary["models"][name] = {"folder": os.path.abspath(log.dir), "steps": run_cfg.train.max_steps, **record}
     print(f"{'model':<16}target mIoU")
     for name, value in results.items():
-        print(f"{name:<16}{100 * value:5.1f}")
+        n = summary["models"][name]["classes_evaluated"]
+        print(f"{name:<16}{100 * value:5.1f}  (over {n} of {cfg.model.num_classes} classes)")
+    summary["total_s"] = round(time.time() - t0, 1)
     print(f"total time {time.time() - t0:.0f} s")
+    print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(write_summary(top, summary))})")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.reference", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/synthetic.yaml", help="YAML preset")
+    parser.add_argument("--config", default="synthetic", help="preset name (synthetic, gta2cs, synthia2cs) or YAML")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(flags)
+    args.overrides = [*args.overrides, *overrides]
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        run(load_config(args.config, args.overrides))
+    except (ConfigError, DatasetError, BadInputStop) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0
 
 

@@ -1,15 +1,86 @@
-"""The run folder: resolved config, a progress line with img/s and ETA, metrics as JSONL, atomic checkpoints."""
+"""The run folder: a new one per run, the resolved config, a progress line with img/s and ETA, metrics as JSONL,
+the final IoU figures (metrics.jsonl and summary.json), atomic checkpoints.
+
+A run never writes into another run's folder: `new_run_dir(train.out_dir)` is `out_dir` itself when free, else
+`out_dir_2`, `out_dir_3`, ... (only `--resume` continues in an existing folder), so one metrics.jsonl is one run.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
+import warnings
 from typing import Any
 
 import torch
 
 from dsp_fast.config import Config, save_config
+from dsp_fast.data.labels import class_names
+
+ETA_SMOOTHING = 0.2
+"""Weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine
+makes single intervals jump; the average follows a lasting change within a few intervals)."""
+
+
+def _run_dirs(out_dir: str) -> list[tuple[int, str]]:
+    """(number, path) of the existing run folders of `out_dir`: itself (1), then out_dir_2, out_dir_3, ..."""
+    out_dir = os.path.normpath(out_dir)
+    parent, base = os.path.split(out_dir)
+    found = [(1, out_dir)] if os.path.isdir(out_dir) else []
+    pattern = re.compile(rf"^{re.escape(base)}_(\d+)$")
+    if os.path.isdir(parent or "."):
+        for name in os.listdir(parent or "."):
+            if (m := pattern.match(name)) and int(m.group(1)) >= 2 and os.path.isdir(os.path.join(parent, name)):
+                found.append((int(m.group(1)), os.path.join(parent, name)))
+    return sorted(found)
+
+
+def _is_free(folder: str) -> bool:
+    """Nothing of an earlier run in it (the reference trainer's own `reference*` subfolders do not count)."""
+    return not os.path.exists(folder) or (os.path.isdir(folder) and
+                                          not [n for n in os.listdir(folder) if not n.startswith("reference")])
+
+
+def latest_run_dir(out_dir: str) -> str | None:
+    """The newest run folder of `out_dir` (the highest number), or None when there is none."""
+    found = [p for _, p in _run_dirs(out_dir) if not _is_free(p)]
+    return found[-1] if found else None
+
+
+def new_run_dir(out_dir: str) -> str:
+    """Create and return a folder for a new run: `out_dir` when free, else the next `out_dir_<n>`."""
+    taken = _run_dirs(out_dir)
+    n = 1 if _is_free(out_dir) else max(k for k, _ in taken) + 1
+    while True:
+        folder = os.path.normpath(out_dir) if n == 1 else f"{os.path.normpath(out_dir)}_{n}"
+        try:
+            os.makedirs(folder, exist_ok=n == 1)
+            return folder
+        except FileExistsError:  # another process took that number just now
+            n += 1
+
+
+def iou_record(iou: torch.Tensor) -> dict[str, Any]:
+    """The final figures as JSON: per-class IoU by name (null: class neither in the labels nor predicted), the
+    mIoU, and over how many classes it averages."""
+    values = iou.tolist()
+    present = [v for v in values if not math.isnan(v)]
+    return {"mIoU": sum(present) / len(present) if present else None, "classes_evaluated": len(present),
+            "num_classes": len(values),
+            "iou": {name: (None if math.isnan(v) else v) for name, v in zip(class_names(len(values)), values)}}
+
+
+def write_summary(folder: str, summary: dict[str, Any]) -> str:
+    """summary.json of a whole run (written atomically); returns its path."""
+    path = os.path.join(folder, "summary.json")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,6 +90,26 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train.device is 'cuda' but torch sees no GPU (use 'auto' or 'cpu')")
     return torch.device(name)
+
+
+def read_checkpoint_file(path: str) -> Any:
+    """torch.load(path, weights_only=True) on the CPU. FileNotFoundError when missing; any other failure is a
+    ValueError naming the file, without torch's advice to retry with weights_only=False (that advice does not
+    fit a corrupt or foreign file, and running such a file's pickle would be unsafe)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing on a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
+        text = str(e)
+        if "Weights only load failed" in text:
+            m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+            text = m.group(1).strip() if m else "an object a weights-only load refuses"
+        detail = text.splitlines()[0] if text else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint: corrupt, truncated, or not a file written by "
+                         f"a dsp_fast trainer ({type(e).__name__}: {detail})") from None
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -41,10 +132,10 @@ def _fmt_time(seconds: float) -> str:
 
 
 class RunLog:
-    """Owns one run folder (`train.out_dir[/sub]`): config.yaml, metrics.jsonl and the progress line."""
+    """Owns one model's folder of a run: config.yaml, metrics.jsonl and the progress line."""
 
-    def __init__(self, cfg: Config, sub: str = "", title: str = "train"):
-        self.dir = os.path.join(cfg.train.out_dir, sub) if sub else cfg.train.out_dir
+    def __init__(self, cfg: Config, folder: str, title: str = "train"):
+        self.dir = folder
         os.makedirs(self.dir, exist_ok=True)
         save_config(cfg, self.path("config.yaml"))
         self.every = cfg.train.log_every
@@ -62,6 +153,7 @@ class RunLog:
         self.total, self.images_per_step = total_steps, images_per_step
         self._t_start = self._t_last = time.perf_counter()
         self._steps_at_last = start_step
+        self._step_s: float | None = None  # moving average of the seconds per step
 
     def step(self, step: int, losses: dict[str, float], data_s: float = 0.0) -> None:
         """Accumulate one step; every `log_every` steps (and at the last) print and write the averages."""
@@ -75,7 +167,9 @@ class RunLog:
         elapsed = now - self._t_last
         steps = step - self._steps_at_last
         img_s = steps * self.images_per_step / max(elapsed, 1e-9)
-        eta = (self.total - step) * elapsed / max(steps, 1)
+        step_s = elapsed / max(steps, 1)
+        self._step_s = step_s if self._step_s is None else ETA_SMOOTHING * step_s + (1 - ETA_SMOOTHING) * self._step_s
+        eta = (self.total - step) * self._step_s
         means = {k: v / self._count for k, v in self._sums.items()}
         record = {"step": step, **means, "img_per_s": img_s, "step_ms": 1000 * elapsed / max(steps, 1),
                   "data_wait_pct": 100 * self._data_s / max(elapsed, 1e-9)}
@@ -91,6 +185,12 @@ class RunLog:
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self._write({"step": step, **values})
+
+    def final(self, step: int, iou: torch.Tensor) -> dict[str, Any]:
+        """Write the final evaluation (per-class IoU, mIoU) as the last record of metrics.jsonl; returns it."""
+        record = iou_record(iou)
+        self._write({"step": step, "final": True, "eval/mIoU": record["mIoU"], **record})
+        return record
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -1,10 +1,12 @@
 """The fast DSP trainer: DALI or torch loaders, fused kernels, AMP, channels_last, DDP, CUDA graphs.
 
-    python -m dsp_fast.train                                     # configs/synthetic.yaml: source-only vs DSP
-    torchrun --nproc_per_node=8 -m dsp_fast.train --config configs/gta2cs.yaml \
-        --prepared-source /data/prepared/gta5 --prepared-target /data/prepared/cityscapes/train
+    python -m dsp_fast.train                                     # the synthetic preset: source-only vs DSP
+    torchrun --nproc_per_node=8 -m dsp_fast.train --config gta2cs \
+        data.source_root=/data/gta5 data.target_root=/data/cityscapes   # prepared once, cached beside the data
     python -m dsp_fast.train --resume auto                       # continue the newest checkpoint, bit for bit
 
+`--config` takes a shipped preset's name (synthetic, gta2cs, synthia2cs) or a YAML file; flags and
+`section.field=value` overrides mix in any order. Data and run folders are relative to the current folder.
 Exit codes: 0 done; 2 bad config, flag, data or --resume target; 3 stopped after too many non-finite steps.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsp_fast.config import ConfigError, load_config
+from dsp_fast.config import ConfigError, load_config, split_overrides
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.loop import NonFiniteStop
@@ -22,11 +24,15 @@ from dsp_fast.engine.runner import run_all
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags by argparse; every `section.field=value` word, wherever it stands, is an override."""
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/synthetic.yaml", help="YAML preset")
+    parser.add_argument("--config", default="synthetic", help="preset name (synthetic, gta2cs, synthia2cs) or YAML")
     add_cli_args(parser)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
-    return parser.parse_args(argv)
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(flags)
+    args.overrides = [*args.overrides, *overrides]  # a stray word lands here and is named by load_config
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,7 @@ def synthetic_root(tmp_path_factory) -> str:
     from dsp_fast.engine.data import prepare_synthetic
 
     root = str(tmp_path_factory.getbasetemp() / "synthetic")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    prepare_synthetic(load_config(os.path.join(repo, "configs/synthetic.yaml"), [f"data.synthetic_root={root}"]))
+    prepare_synthetic(load_config("synthetic", [f"data.synthetic_root={root}"]))
     return root
 
 

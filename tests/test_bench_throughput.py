@@ -56,7 +56,7 @@ def test_gpu_check_script_is_valid_bash_and_dry_runs(tmp_path):
     for name, limit in steps.items():
         assert f"({name}, timeout {limit}s)" in proc.stdout
     assert sum(steps.values()) == 345  # the step limits add up to the default budget
-    assert "configs/gta2cs.yaml --data paper" in proc.stdout
+    assert "--config gta2cs --data paper" in proc.stdout
     assert "--ablations graphs amp kernels" in proc.stdout and "not compiled_twin" in proc.stdout
     assert not out.exists()  # a dry run writes nothing
 

@@ -8,17 +8,17 @@ from dsp_fast.config import ConfigError, load_config, save_config
 from dsp_fast.engine.options import add_cli_args, apply_cli_args
 
 
-@pytest.mark.parametrize("preset", ["configs/synthetic.yaml", "configs/gta2cs.yaml", "configs/synthia2cs.yaml"])
+@pytest.mark.parametrize("preset", ["synthetic", "gta2cs.yaml", "configs/synthia2cs.yaml"])
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.data.crop_size[0] <= cfg.data.source_size[0]
 
 
 def test_paper_settings():
-    gta = load_config("configs/gta2cs.yaml")
+    gta = load_config("gta2cs")
     assert (gta.dsp.lam, gta.model.num_classes, gta.data.source_size) == (0.9, 19, (1280, 720))
     assert gta.dsp.long_tail_classes == [12, 15, 16, 17, 18]
-    syn = load_config("configs/synthia2cs.yaml")
+    syn = load_config("synthia2cs")
     assert (syn.dsp.lam, syn.model.num_classes, syn.data.source_size) == (0.8, 16, (1280, 760))
 
 
@@ -57,7 +57,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_overrides_and_roundtrip(tmp_path):
-    cfg = load_config("configs/synthetic.yaml", ["train.max_steps=7", "dsp.lam=0.5", "data.crop_size=[64, 64]"])
+    cfg = load_config("synthetic", ["train.max_steps=7", "dsp.lam=0.5", "data.crop_size=[64, 64]"])
     assert (cfg.train.max_steps, cfg.dsp.lam, cfg.data.crop_size) == (7, 0.5, (64, 64))
     with pytest.raises(ConfigError, match="train.nope"):
         load_config(None, ["train.nope=1"])

@@ -161,14 +161,14 @@ def test_schedule_daformer_known_values_and_reference_agree():
 def test_daformer_preset_loads():
     from dsp_fast.config import load_config
 
-    cfg = load_config("configs/gta2cs_mitb5.yaml")
+    cfg = load_config("gta2cs_mitb5")
     o = cfg.optim
     assert (cfg.model.arch, cfg.model.decoder_dim, cfg.data.crop_size, cfg.data.batch_size) == ("mit_b5", 256,
                                                                                                 (512, 512), 2)
     assert (o.algorithm, o.lr, o.head_lr_mult, o.weight_decay, o.norm_decay_mult) == ("adamw", 6e-5, 10.0, 0.01, 0.0)
     assert (o.warmup_steps, o.warmup_ratio, o.poly_power, cfg.train.max_steps) == (1500, 1e-6, 1.0, 40_000)
     assert (cfg.dsp.ema_max, cfg.dsp.conf_threshold) == (0.999, 0.968)
-    cpu = load_config("configs/synthetic_mitb0.yaml")
+    cpu = load_config("synthetic_mitb0")
     assert (cpu.model.arch, cpu.optim.algorithm, cpu.train.compare_source_only) == ("mit_b0", "adamw", True)
 
 

@@ -17,6 +17,7 @@ def test_regular_install_maps_kernels_and_pipelines(tmp_path):
         pytest.fail(f"pip install . failed:\n{build.stderr[-2000:]}")
     for sub in ("kernels", "pipelines", "data", "models"):
         assert (target / "dsp_fast" / sub / "__init__.py").is_file(), sub
+    assert (target / "dsp_fast" / "configs" / "synthetic.yaml").is_file()  # presets ship with the package
     assert not (target / "kernels").exists() and not (target / "pipelines").exists()  # no bare top-level names
     probe = "import dsp_fast.kernels, dsp_fast.pipelines, dsp_fast.config; print(dsp_fast.kernels.__file__)"
     env = {**os.environ, "PYTHONPATH": str(target)}

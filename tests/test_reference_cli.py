@@ -9,7 +9,7 @@ from dsp_fast import evaluate, reference
 
 def test_reference_then_evaluate(tmp_path, capsys):
     out = tmp_path / "run" / "reference"
-    args = ["--config", "configs/synthetic.yaml", f"train.out_dir={out.parent}",
+    args = ["--config", "synthetic", f"train.out_dir={out.parent}",
             f"data.synthetic_root={tmp_path / 'syn'}",
             "train.max_steps=3", "train.log_every=1", "data.max_eval_images=3", "train.compare_source_only=true",
             "data.crop_size=[64, 64]"]
@@ -31,5 +31,5 @@ def test_reference_then_evaluate(tmp_path, capsys):
 
 
 def test_bad_config_exits_with_the_field(capsys):
-    assert reference.main(["--config", "configs/synthetic.yaml", "dsp.lam=3"]) == 2
+    assert reference.main(["--config", "synthetic", "dsp.lam=3"]) == 2
     assert "dsp.lam" in capsys.readouterr().err

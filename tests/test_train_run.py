@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_args(root: str, out: str, steps: int, *extra: str) -> list[str]:
-    return ["--config", os.path.join(REPO, "configs/synthetic.yaml"), f"data.synthetic_root={root}",
+    return ["--config", "synthetic", f"data.synthetic_root={root}",
             f"train.out_dir={out}", f"train.max_steps={steps}", "data.crop_size=[32,32]", "data.eval_size=[64,32]",
             "data.max_eval_images=2", "train.compare_source_only=false", "train.log_every=4", *extra]
 

@@ -27,7 +27,7 @@ from dsp_fast.engine.features import (
     make_normalize,
 )
 from dsp_fast.engine.loop import loss_settings
-from dsp_fast.engine.monitor import save_image_grid
+from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, poly_lr, read_stats, train_step
 from dsp_fast.kernels import set_value_checks
@@ -204,8 +204,10 @@ def test_image_grid_shows_the_soft_paste(tmp_path):
     before = {k: v.clone() for k, v in student.state_dict().items()}
     path = tmp_path / "grids" / "step_1.png"
     save_image_grid(str(path), fast_context(cfg, student, teacher), buffers(batch, to_device_choices(choices)))
-    grid = np.array(Image.open(path))
-    assert grid.shape == (B * H, 6 * W, 3)  # one row per image: template, mask, two mixes, pseudo-label, prediction
+    picture = np.array(Image.open(path))
+    grid = picture[CAPTION_H:CAPTION_H + B * H]  # below the column captions, above the class legend
+    assert picture.shape[1] == 6 * W and picture.shape[0] > CAPTION_H + B * H
+    # one row per image: template, mask, two mixes, pseudo-label, prediction
     mask_tile = grid[:H, W:2 * W, 0]
     assert (mask_tile[5:9, 20:30] == 255).all()  # the long-tail crop's class pixels were pasted (make_choices)
     assert set(np.unique(mask_tile)) <= {0, 255}

@@ -1,10 +1,19 @@
-"""Datasets named by a config: the real readers on the configured roots, or the built-in synthetic shift."""
+"""Datasets named by a config: the real readers on the configured roots, or the built-in synthetic shift; and the
+start-up check of every configured root, split and layout, so a wrong path fails before the first step."""
 
 from __future__ import annotations
 
+import os
+
 from dsp_fast.config import Config
 from dsp_fast.data.datasets import GTA5, SYNTHIA, Cityscapes
+from dsp_fast.data.errors import DatasetError
 from dsp_fast.data.synthetic import ensure_synthetic
+
+LAYOUTS = {"gta5": ("images", "labels"), "synthia": ("RGB", "GT"), "cityscapes": ("leftImg8bit",)}
+"""The top-level folders that identify each official layout."""
+_LAYOUT_WORDS = {"gta5": "GTA5 (images/, labels/)", "synthia": "SYNTHIA (RGB/, GT/LABELS/)",
+                 "cityscapes": "Cityscapes (leftImg8bit/, gtFine/)"}
 
 
 def dataset_roots(cfg: Config) -> tuple[str, str]:
@@ -24,3 +33,52 @@ def target_dataset(cfg: Config, split: str, labels: bool) -> Cityscapes:
     """Cityscapes `split`, labels mapped to the model's classes (16 for a SYNTHIA model)."""
     _, root = dataset_roots(cfg)
     return Cityscapes(root, split, num_classes=cfg.model.num_classes, labels=labels)
+
+
+def detect_layout(root: str) -> str | None:
+    """'gta5', 'synthia' or 'cityscapes' when `root` holds that layout's top-level folders, else None."""
+    for name, folders in LAYOUTS.items():
+        if all(os.path.isdir(os.path.join(root, f)) for f in folders):
+            return name
+    return None
+
+
+def _check_layout(root: str, expected: str, field: str) -> None:
+    """A clear error when `root` (the config field `field`) is missing or holds another dataset's layout."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"{field}={root}: folder not found")
+    found = detect_layout(root)
+    if found == expected:
+        return
+    if found:
+        what = f"a {_LAYOUT_WORDS[found]} folder (source and target roots swapped?)"
+    else:
+        what = f"none of the known layouts (it holds: {', '.join(sorted(os.listdir(root))[:8]) or 'nothing'})"
+    raise DatasetError(f"{field}={root}: expected the {_LAYOUT_WORDS[expected]} layout, found {what}")
+
+
+def check_data(cfg: Config, source: bool = True, target_train: bool = True, eval_split: bool = True) -> None:
+    """Every root, split and layout the run will read, checked now (folders, file pairs; not every pixel):
+    the source (when `source`), Cityscapes' train split (when `target_train`) and its labelled eval split (when
+    `eval_split`).
+    Each problem is a DatasetError naming the config field and the path."""
+    d = cfg.data
+    src_root, tgt_root = dataset_roots(cfg)
+    fields = ("data.source_root", "data.target_root") if d.source != "synthetic" else ("data.synthetic_root",) * 2
+    checks = []
+    if source:
+        kind = "synthia" if d.source == "synthia" else "gta5"
+        checks.append((fields[0], lambda: _check_layout(src_root, kind, fields[0])))
+        checks.append((fields[0], lambda: source_dataset(cfg)))
+    checks.append((fields[1], lambda: _check_layout(tgt_root, "cityscapes", fields[1])))
+    if target_train:
+        checks.append((fields[1], lambda: Cityscapes(tgt_root, "train", num_classes=cfg.model.num_classes,
+                                                     labels=False)))
+    if eval_split:
+        checks.append((f"data.eval_split={d.eval_split!r} of {fields[1]}",
+                       lambda: target_dataset(cfg, d.eval_split, True)))
+    for field, check in checks:
+        try:
+            check()
+        except DatasetError as e:
+            raise DatasetError(str(e) if str(e).startswith("data.") else f"{field}: {e}") from None

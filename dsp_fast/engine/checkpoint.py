@@ -12,12 +12,11 @@ from __future__ import annotations
 import glob
 import os
 import re
-import time
 from typing import Any
 
 import torch
 
-from dsp_fast.run_io import atomic_torch_save
+from dsp_fast.run_io import atomic_torch_save, read_checkpoint_file
 
 FORMAT = "dsp_fast.train/1"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -76,19 +75,6 @@ def clean_stale(run_dir: str) -> None:
         os.remove(tmp)
 
 
-def set_aside(run_dir: str) -> str | None:
-    """A fresh run in a folder holding another run's checkpoints: move them into a subfolder (nothing is lost,
-    and `--resume auto` can never mix the two runs). Returns the subfolder, or None when there was nothing."""
-    old = [p for _, p in list_checkpoints(run_dir)] + glob.glob(os.path.join(run_dir, BEST))
-    if not old:
-        return None
-    dest = os.path.join(run_dir, time.strftime("superseded_%Y%m%d_%H%M%S"))
-    os.makedirs(dest, exist_ok=True)
-    for p in old:
-        os.replace(p, os.path.join(dest, os.path.basename(p)))
-    return dest
-
-
 def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
     """The checkpoint file to resume from: spec '' -> none; 'auto' -> the newest in run_dir (none: a fresh start);
     a folder -> its newest (in <folder>/<sub> when that exists); a file -> that file."""
@@ -108,18 +94,17 @@ def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
         if not found:
             raise ResumeError(f"--resume {spec}: no checkpoint (ckpt_<step>.pt) in {folder}")
         return found[-1][1]
-    hint = " (an override after a bare --resume is read as its PATH: write --resume auto)" if "=" in spec else ""
-    raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder{hint}")
+    raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder")
 
 
 def load(path: str) -> dict[str, Any]:
     """A checkpoint of this trainer, read with weights_only=True; anything else is a ResumeError naming the file."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint_file(path)
     except FileNotFoundError:
         raise ResumeError(f"--resume: checkpoint not found: {path}") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
-        raise ResumeError(f"--resume: {path} could not be read ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ResumeError(f"--resume: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ResumeError(f"--resume: {path} was not written by dsp_fast.train (format {FORMAT}); a reference "
                           "checkpoint has no optimizer RNG or data position to continue from exactly")

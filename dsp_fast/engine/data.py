@@ -1,8 +1,15 @@
-"""The trainer's data: prepared folders (the built-in synthetic shift is prepared here, once, and cached) and the
+"""The trainer's data: every configured root checked at start-up, the prepared folders the loaders read, and the
 step-indexed loader of `dsp_fast.pipelines`.
 
-Rank 0 prepares; the other ranks wait for its answer (the folders, or the error it hit), so a bad dataset stops
-every rank with the same message instead of leaving them in a barrier.
+The config's roots and sizes are the truth. The trainer prepares each dataset once (resized to data.source_size /
+data.target_size) into a cache beside the data, `<parent of the root>/prepared/<root name>_<W>x<H>_<format>`
+(or under fast.prepared_dir), with a progress bar, and re-uses it while the root, size and format match. A
+prepared folder given with --prepared-source / --prepared-target overrides that; its manifest must agree with
+the config (dataset, size), or the run stops naming both values. Input files that cannot be read stop the run
+(exit 2) naming them, how many, and the list (rejects.txt); everything already prepared is kept.
+
+Rank 0 checks and prepares; the other ranks wait for its answer (the folders, or the error it hit), so a bad
+dataset stops every rank with the same message instead of leaving them in a barrier.
 """
 
 from __future__ import annotations
@@ -12,15 +19,16 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from dsp_fast.config import Config
-from dsp_fast.data import GTA5, Cityscapes, DatasetError, ensure_synthetic
+from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
+from dsp_fast.data.build import check_data, dataset_roots
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
 from dsp_fast.engine.options import FastOptions, OptionsError
 
 PREPARED_SUBDIR = "prepared"
-PREPARE_HINT = ("prepare the data once with `python -m dsp_fast.prepare` (see its --help), then pass "
-                "--prepared-source DIR --prepared-target DIR/train")
+_SHOWN_REJECTS = 5  # rejected files named in the message (all are in rejects.txt)
 
 
 @contextlib.contextmanager
@@ -35,58 +43,158 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _is_prepared(out: str, count: int) -> bool:
+def _read_manifest(folder: str) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(out, "manifest.json")) as f:
-            m = json.load(f)
+        with open(os.path.join(folder, "manifest.json")) as f:
+            return json.load(f)
     except (OSError, ValueError):
-        return False
-    return len(m.get("stems", [])) == count and not m.get("rejects")
+        return None
 
 
-def _prepare_one(dataset, out: str, name: str, split: str | None, root: str, size: tuple[int, int],
-                 num_classes: int, labels: bool) -> None:
+def rejects_error(folder: str, rejects: list[dict[str, str]], total: int) -> DatasetError:
+    """The error for input files that could not be read: which, how many, where the list is, what to do."""
+    shown = "; ".join(f"{r['path']} ({r['error']})" for r in rejects[:_SHOWN_REJECTS])
+    more = f"; and {len(rejects) - _SHOWN_REJECTS} more" if len(rejects) > _SHOWN_REJECTS else ""
+    return DatasetError(f"{len(rejects)} of {total} input images could not be read and would be skipped: {shown}"
+                        f"{more}. The full list is {os.path.join(folder, 'rejects.txt')}. Replace or remove those "
+                        "files and run again (the images already prepared are kept)")
+
+
+def cache_dir(cfg: Config, root: str, size: tuple[int, int], fmt: str) -> str:
+    """Where the trainer prepares `root` at `size`: under fast.prepared_dir, else `prepared/` beside the root."""
+    base = cfg.fast.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(root)), PREPARED_SUBDIR)
+    return os.path.join(base, f"{os.path.basename(os.path.abspath(root))}_{size[0]}x{size[1]}_{fmt}")
+
+
+def _prepare_cached(dataset, out: str, options, say) -> None:
+    """Prepare `dataset` into `out` unless a complete preparation with the same options is there; a folder
+    prepared with other options (another root of the same name, say) is refused, naming both values."""
+    with _file_lock(os.path.join(out, ".lock")):
+        _prepare_locked(dataset, out, options, say)
+
+
+def _prepare_locked(dataset, out: str, options, say) -> None:
     from dsp_fast import prepare  # prepare pulls tqdm and process pools: only when there is work to do
 
-    if _is_prepared(out, len(dataset)):
+    manifest = _read_manifest(out)
+    wanted = options.to_dict()
+    old_options = manifest or _read_options(out)
+    if old_options is not None:
+        diff = [(k, old_options.get(k), v) for k, v in wanted.items() if old_options.get(k) != v]
+        if diff:
+            text = ", ".join(f"{k}: {a!r} there, {b!r} wanted" for k, a, b in diff)
+            raise DatasetError(f"{out} holds another preparation ({text}); delete it or set fast.prepared_dir")
+    if manifest is not None and not manifest.get("rejects") and len(manifest.get("stems", [])) == len(dataset):
         return
-    # PNG: lossless, so the fast trainer sees the pixels the reference trainer crops from the same files.
-    options = prepare.Options(name, split, os.path.abspath(root), tuple(size), "png", 95, num_classes, labels, 8, 0)
-    summary = prepare.prepare_set(dataset, out, options, workers=min(4, os.cpu_count() or 1), progress=False)
-    print(summary.report(), flush=True)
+    if manifest is not None and manifest.get("rejects"):  # replaced files are read again, the rest is kept
+        say(f"{out}: retrying the {len(manifest['rejects'])} input images rejected last time")
+    else:
+        say(f"preparing {len(dataset)} images of {dataset.root} at {options.size[0]}x{options.size[1]} into {out} "
+            "(once; later runs re-use it)")
+    workers = min(8, os.cpu_count() or 1)
+    summary = prepare.prepare_set(dataset, out, options, workers=workers, progress=True)
+    say(summary.report())
     if summary.rejects:
-        raise DatasetError(f"{out}: {len(summary.rejects)} synthetic images could not be prepared (rejects.txt)")
+        raise rejects_error(out, summary.rejects, summary.total)
+
+
+def _read_options(out: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(out, "prepare_options.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_from_roots(cfg: Config, say=print, source: bool = True, target: bool = True) -> tuple[str, str]:
+    """(prepared source, prepared target train split) from the config's roots and sizes, prepared when needed."""
+    from dsp_fast.prepare import Options
+
+    d = cfg.data
+    src_root, tgt_root = (os.path.abspath(r) for r in dataset_roots(cfg))
+    fmt = cfg.fast.prepared_format
+    if fmt == "auto":  # lossless for the synthetic shift: the fast trainer sees the reference trainer's pixels
+        fmt = "png" if d.source == "synthetic" else "jpeg"
+    src_out = cache_dir(cfg, src_root, d.source_size, fmt)
+    tgt_out = os.path.join(cache_dir(cfg, tgt_root, d.target_size, fmt), "train")
+    if source:
+        ds = SYNTHIA(src_root) if d.source == "synthia" else GTA5(src_root)
+        opts = Options(ds.name, None, src_root, tuple(d.source_size), fmt, 95, ds.num_classes, True, 8, 0)
+        _prepare_cached(ds, src_out, opts, say)
+    if target:
+        # images only, so the class count does not matter: a 19- and a 16-class config share the preparation
+        ds = Cityscapes(tgt_root, "train", num_classes=19, labels=False)
+        opts = Options("cityscapes", "train", tgt_root, tuple(d.target_size), fmt, 95, 19, False, 8, 0)
+        _prepare_cached(ds, tgt_out, opts, say)
+    return src_out, tgt_out
 
 
 def prepare_synthetic(cfg: Config) -> tuple[str, str]:
     """(prepared source, prepared target train split) of the synthetic shift, under <synthetic_root>/prepared/."""
+    return prepare_from_roots(cfg, say=lambda msg: print(msg, flush=True))
+
+
+def find_prepared(path: str, role: str, want_split: str | None) -> tuple[str, dict[str, Any]]:
+    """The prepared folder `path` names (a Cityscapes parent folder given without its split: its `want_split`
+    subfolder) and its manifest; a clear error naming the subfolder it wants otherwise."""
+    manifest = _read_manifest(path)
+    if manifest is None and want_split and (sub := _read_manifest(os.path.join(path, want_split))) is not None:
+        return os.path.join(path, want_split), sub
+    if manifest is None:
+        if not os.path.isdir(path):
+            raise DatasetError(f"{role} {path}: folder not found")
+        subs = sorted(n for n in os.listdir(path) if _read_manifest(os.path.join(path, n)) is not None)
+        wants = f"; the trainer wants the '{want_split}' split's folder ({os.path.join(path, want_split)})" \
+            if want_split else ""
+        found = f"; prepared subfolders here: {', '.join(subs)}" if subs else ""
+        raise DatasetError(f"{role} {path}: not a prepared folder (no manifest.json){wants}{found}")
+    return path, manifest
+
+
+def check_prepared(cfg: Config, path: str, manifest: dict[str, Any], role: str, dataset: str,
+                   size: tuple[int, int], size_field: str, split: str | None) -> None:
+    """A prepared folder given on the command line must be what the config describes: dataset, size, split."""
+    field = "data.source" if role.endswith("source") else "data.target"
+    checks = [("dataset", manifest.get("dataset"), dataset, field),
+              ("size", list(manifest.get("size", [])), list(size), size_field)]
+    if split:
+        checks.append(("split", manifest.get("split"), split, "the training split"))
+    for key, got, want, field in checks:
+        if got != want:
+            raise DatasetError(f"{role} {path} was prepared with {key} {got!r}, but {field} is {want!r}; prepare it "
+                               f"again with the config's value (or change the config)")
+    if manifest.get("rejects"):
+        raise rejects_error(path, manifest["rejects"], len(manifest["stems"]) + len(manifest["rejects"]))
+
+
+def resolve_data(cfg: Config, opts: FastOptions, say=print, check_eval: bool = True) -> tuple[str, str]:
+    """Check every configured root (the eval split too, unless not `check_eval`), then the prepared (source,
+    target train) folders: given, or prepared now."""
     d = cfg.data
-    gta5_root, cs_root = ensure_synthetic(d.synthetic_root, seed=d.synthetic_seed)
-    base = os.path.join(os.path.abspath(d.synthetic_root), PREPARED_SUBDIR)
-    (sw, sh), (tw, th) = d.source_size, d.target_size
-    src_out = os.path.join(base, f"gta5_{sw}x{sh}_png")
-    tgt_out = os.path.join(base, f"cityscapes_{tw}x{th}_png", "train")
-    with _file_lock(os.path.join(base, ".lock")):
-        _prepare_one(GTA5(gta5_root), src_out, "gta5", None, gta5_root, d.source_size, 19, True)
-        target = Cityscapes(cs_root, "train", num_classes=cfg.model.num_classes, labels=False)
-        _prepare_one(target, tgt_out, "cityscapes", "train", cs_root, d.target_size, cfg.model.num_classes, False)
-    return src_out, tgt_out
+    check_data(cfg, source=not opts.prepared_source, target_train=not opts.prepared_target, eval_split=check_eval)
+    src, tgt = "", ""
+    if opts.prepared_source:
+        src, m = find_prepared(opts.prepared_source, "--prepared-source", None)
+        kind = "synthia" if d.source == "synthia" else "gta5"
+        check_prepared(cfg, src, m, "--prepared-source", kind, d.source_size, "data.source_size", None)
+    if opts.prepared_target:
+        tgt, m = find_prepared(opts.prepared_target, "--prepared-target", "train")
+        check_prepared(cfg, tgt, m, "--prepared-target", "cityscapes", d.target_size, "data.target_size", "train")
+    if not (src and tgt):
+        own_src, own_tgt = prepare_from_roots(cfg, say, source=not src, target=not tgt)
+        src, tgt = src or own_src, tgt or own_tgt
+    say(f"data: source {src}\n      target {tgt}")
+    return src, tgt
 
 
-def prepared_dirs(cfg: Config, opts: FastOptions, info: DistInfo) -> tuple[str, str]:
-    """The prepared (source, target) folders the loader reads; prepared on rank 0 for the synthetic shift."""
-    if opts.prepared_source or opts.prepared_target:
-        if not (opts.prepared_source and opts.prepared_target):
-            raise DatasetError("--prepared-source and --prepared-target go together")
-        return opts.prepared_source, opts.prepared_target
-    if cfg.data.source != "synthetic":
-        raise DatasetError(f"data.source {cfg.data.source!r}: the fast trainer reads prepared data; {PREPARE_HINT}")
+def prepared_dirs(cfg: Config, opts: FastOptions, info: DistInfo, check_eval: bool = True) -> tuple[str, str]:
+    """The prepared (source, target) folders the loader reads, checked and (when needed) prepared on rank 0."""
     answer: tuple[str, object] | None = None
     if info.is_main:
         try:
-            answer = ("ok", prepare_synthetic(cfg))
-        except (DatasetError, OSError, SystemExit) as e:
-            answer = ("error", f"preparing the synthetic dataset failed: {e}")
+            answer = ("ok", resolve_data(cfg, opts, lambda msg: print(msg, flush=True), check_eval))
+        except (DatasetError, OSError) as e:
+            answer = ("error", str(e))
     answer = broadcast_object(answer, info)
     if answer[0] == "error":
         raise DatasetError(str(answer[1]))

@@ -22,6 +22,7 @@ from torch import nn
 
 from dsp_fast.augment import blur_kernel_size
 from dsp_fast.config import Config
+from dsp_fast.data import DatasetError
 from dsp_fast.data.build import target_dataset
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.data import build_step_loader
@@ -200,7 +201,14 @@ def _loop(run: Run, loader) -> None:
     try:
         for step in range(run.start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
-            batch = next(loader)
+            try:
+                batch = next(loader)
+            except DatasetError as e:  # a prepared file went bad after preparation: keep what was trained
+                if run.info.enabled or step == run.start_step:  # a checkpoint is collective; one rank is failing
+                    raise
+                save_checkpoint(run, step)
+                raise DatasetError(f"{e}\nThe run stopped at step {step} with a checkpoint in {run.run_dir} "
+                                   "(--resume continues it once the file is fixed)") from None
             wait += time.perf_counter() - t0
             if buf is None:
                 buf = StepBuffers.like(batch, cfg.model.num_classes, opts.channels_last)

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from dsp_fast.config import Config
+from dsp_fast.data import class_names
 from dsp_fast.engine.features import unwrap
 from dsp_fast.method import dsp_mix, seg_forward
 from dsp_fast.run_io import RunLog
@@ -33,8 +34,8 @@ class FastRunLog(RunLog):
 
     _said_no_tensorboard = False
 
-    def __init__(self, cfg: Config, sub: str, title: str, tensorboard: bool) -> None:
-        super().__init__(cfg, sub, title)
+    def __init__(self, cfg: Config, folder: str, title: str, tensorboard: bool) -> None:
+        super().__init__(cfg, folder, title)
         self._tb = None
         if tensorboard:
             try:
@@ -95,10 +96,42 @@ def _colour(label_HW: torch.Tensor) -> np.ndarray:
     return PALETTE[label_HW.clamp(0, 255).byte().cpu().numpy()]
 
 
+GRID_COLUMNS = ("template + long-tail", "mask M (white: pasted)", "mixed source", "mixed target",
+                "pseudo-label (teacher)", "prediction (student)")
+"""Captions of the image grid's columns, left to right."""
+CAPTION_H, _SWATCH, _LEGEND_ROW = 14, 10, 14
+
+
+def labelled_grid(rows: list[list[np.ndarray]], class_names: list[str]) -> Image.Image:
+    """The grid of `rows` (equal-size RGB tiles, one list per image), with a caption above each column and a
+    colour legend of the classes below (black: ignore / no class)."""
+    tile_h, tile_w = rows[0][0].shape[:2]
+    body = np.concatenate([np.concatenate(tiles, axis=1) for tiles in rows], axis=0)
+    width = body.shape[1]
+    font = ImageFont.load_default()
+    entries = [(name, tuple(int(v) for v in PALETTE[i])) for i, name in enumerate(class_names)]
+    entries.append(("ignore", (0, 0, 0)))
+    entry_w = _SWATCH + 4 + 6 * max(len(n) for n, _ in entries) + 8
+    per_row = max(1, width // entry_w)
+    legend_rows = -(-len(entries) // per_row)
+    canvas = Image.new("RGB", (width, CAPTION_H + body.shape[0] + 4 + legend_rows * _LEGEND_ROW), (255, 255, 255))
+    canvas.paste(Image.fromarray(body), (0, CAPTION_H))
+    draw = ImageDraw.Draw(canvas)
+    for c, caption in enumerate(GRID_COLUMNS[: width // tile_w]):
+        draw.text((c * tile_w + 2, 1), caption, fill=(0, 0, 0), font=font)  # clipped by the next column's text
+    top = CAPTION_H + body.shape[0] + 4
+    for k, (name, colour) in enumerate(entries):
+        x, y = (k % per_row) * entry_w + 2, top + (k // per_row) * _LEGEND_ROW
+        draw.rectangle((x, y + 1, x + _SWATCH, y + 1 + _SWATCH), fill=colour, outline=(128, 128, 128))
+        draw.text((x + _SWATCH + 4, y), name, fill=(0, 0, 0), font=font)
+    return canvas
+
+
 @torch.no_grad()
 def save_image_grid(path: str, ctx, buf) -> None:
     """One row per image of the step held in `buf`: template (with long-tail pastes), mask M, mixed source, mixed
-    target, teacher pseudo-label, student prediction on the mixed target. Drawn after the step's update."""
+    target, teacher pseudo-label, student prediction on the mixed target; captions and a class legend. Drawn
+    after the step's update."""
     student = unwrap(ctx.student)  # the module itself: no DDP hooks for a picture
     with preserved_buffers(student, ctx.teacher):
         mix = dsp_mix(ctx.settings, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t,
@@ -107,10 +140,9 @@ def save_image_grid(path: str, ctx, buf) -> None:
     rows = []
     for b in range(buf.x_s.shape[0]):
         m = mix.mask[b].byte().cpu().numpy()[..., None].repeat(3, axis=2) * 255
-        tiles = [_rgb(mix.x_m[b]), m, _rgb(mix.xs_mix[b]), _rgb(mix.xt_mix[b]), _colour(mix.yhat_t[b]),
-                 _colour(pred[b])]
-        rows.append(np.concatenate(tiles, axis=1))
+        rows.append([_rgb(mix.x_m[b]), m, _rgb(mix.xs_mix[b]), _rgb(mix.xt_mix[b]), _colour(mix.yhat_t[b]),
+                     _colour(pred[b])])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.png"
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+    labelled_grid(rows, class_names(ctx.settings.num_classes)).save(tmp)
     os.replace(tmp, path)

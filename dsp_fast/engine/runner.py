@@ -4,6 +4,7 @@ DSP, and print the target-IoU table of each and the comparison, as `dsp_fast.ref
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -11,14 +12,15 @@ import torch
 
 from dsp_fast.config import Config
 from dsp_fast.engine import checkpoint as ckpt_io
+from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.data import prepared_dirs, resolve_backend
-from dsp_fast.engine.distributed import DistInfo, barrier, init_distributed, teardown
+from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, teardown
 from dsp_fast.engine.loop import setup, train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
 from dsp_fast.engine.options import FastOptions, OptionsError
-from dsp_fast.evaluate import format_iou_table, mean_iou
+from dsp_fast.evaluate import format_iou_table
 from dsp_fast.kernels import set_value_checks
-from dsp_fast.run_io import resolve_device
+from dsp_fast.run_io import latest_run_dir, new_run_dir, resolve_device, write_summary
 
 
 def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
@@ -56,14 +58,20 @@ def configure_backends(opts: FastOptions, info: DistInfo) -> None:
 
 
 def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
-    """Train every planned run; returns {name: target mIoU} (on rank 0; empty elsewhere)."""
+    """Train every planned run in a new run folder (or the one --resume continues); returns {name: target mIoU}
+    (on rank 0; empty elsewhere)."""
     t0 = time.time()
     device = resolve_device(cfg.train.device)
     check_supported(cfg)
     runs = plan_runs(cfg)
-    dirs = {sub: os.path.join(cfg.train.out_dir, sub) if sub else cfg.train.out_dir for _, _, sub in runs}
-    # a bad --resume fails here, before any data is generated or any process group joined
-    resumes = {sub: _read_resume(opts.resume, dirs[sub], sub, run_cfg) for _, run_cfg, sub in runs}
+    # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
+    # before init_distributed, so every rank finds the same folder
+    top = resume_dir(opts.resume, cfg.train.out_dir)
+    resumes = {sub: _read_resume(opts.resume, os.path.join(top, sub) if sub else top, sub, run_cfg) if top else None
+               for _, run_cfg, sub in runs}
+    if top is not None and opts.resume == "auto" and not any(resumes.values()):
+        print(f"--resume auto: no checkpoint in {top}, starting a fresh run", flush=True)
+        top = None
     if opts.graphs_on(device):
         # NOT YET RUN ON A GPU: NCCL collectives inside a captured graph need the watchdog's async error
         # handling off (PyTorch CUDA-graph notes, "Usage with DistributedDataParallel").
@@ -73,21 +81,45 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
         configure_backends(opts, info)
         resolve_backend(opts, info)  # an unusable --data-backend fails here, before any data is prepared
         data_dirs = prepared_dirs(cfg, opts, info)
+        if top is None:
+            top = broadcast_object(new_run_dir(cfg.train.out_dir) if info.is_main else None, info)
+        if info.is_main:
+            print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(resumes.values()) else ''}", flush=True)
         results: dict[str, float] = {}
+        summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
         for name, run_cfg, sub in runs:
-            iou = _train_one(run_cfg, opts, info, data_dirs, dirs[sub], sub, name, resumes.pop(sub))
+            folder = os.path.join(top, sub) if sub else top
+            record = _train_one(run_cfg, opts, info, data_dirs, folder, name, resumes.pop(sub))
             if info.is_main:
-                print(f"\n[{name}] target IoU after {run_cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n",
-                      flush=True)
-                results[name] = mean_iou(iou)
+                results[name] = math.nan if record["mIoU"] is None else record["mIoU"]
+                summary["models"][name] = {"folder": os.path.abspath(folder), "steps": run_cfg.train.max_steps,
+                                           **record}
         if info.is_main:
             print(f"{'model':<16}target mIoU")
             for name, value in results.items():
-                print(f"{name:<16}{100 * value:5.1f}")
-            print(f"total time {time.time() - t0:.0f} s (world size {info.world_size}, {info.device})", flush=True)
+                n = summary["models"][name]["classes_evaluated"]
+                print(f"{name:<16}{100 * value:5.1f}  (over {n} of {cfg.model.num_classes} classes)")
+            summary.update(total_s=round(time.time() - t0, 1), world_size=info.world_size, device=str(info.device))
+            path = write_summary(top, summary)
+            print(f"total time {time.time() - t0:.0f} s (world size {info.world_size}, {info.device})")
+            print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(path)})", flush=True)
         return results
     finally:
         teardown(info)
+
+
+def resume_dir(spec: str, out_dir: str) -> str | None:
+    """The run folder a --resume continues: 'auto' -> the newest of train.out_dir (None: none yet); a folder ->
+    itself; a checkpoint file -> its folder. '' (a fresh run) -> None."""
+    if not spec:
+        return None
+    if spec == "auto":
+        return latest_run_dir(out_dir)
+    if os.path.isfile(spec):
+        return os.path.dirname(os.path.abspath(spec))
+    if os.path.isdir(spec):
+        return spec
+    raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder")
 
 
 def _read_resume(spec: str, run_dir: str, sub: str, cfg: Config) -> tuple[str, dict] | None:
@@ -100,19 +132,27 @@ def _read_resume(spec: str, run_dir: str, sub: str, cfg: Config) -> tuple[str, d
     return path, ckpt
 
 
-def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[str, str], run_dir: str, sub: str,
-               name: str, resume: tuple[str, dict] | None) -> torch.Tensor | None:
+def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[str, str], run_dir: str,
+               name: str, resume: tuple[str, dict] | None) -> dict | None:
+    """Train one model in `run_dir`; on rank 0, print its target IoU table and return its final figures (also the
+    last record of its metrics.jsonl)."""
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
         ckpt_io.clean_stale(run_dir)
-        if not resume and (moved := ckpt_io.set_aside(run_dir)):
-            print(f"[fast {name}] fresh start: earlier checkpoints of {run_dir} moved to {moved}", flush=True)
-        if opts.resume == "auto" and not resume:
-            print(f"[fast {name}] --resume auto: no checkpoint in {run_dir}, starting fresh", flush=True)
-    barrier(info)  # nobody reads the folder while rank 0 rearranges it
-    log = FastRunLog(cfg, sub, f"fast {name}", opts.tensorboard) if info.is_main else NullLog()
+        old_log = os.path.join(run_dir, "metrics.jsonl")
+        if not resume and os.path.exists(old_log):  # a resumed run whose model had no checkpoint yet
+            kept = next(p for k in range(1, 10_000) if not os.path.exists(p := f"{old_log[:-6]}.{k}.jsonl"))
+            os.replace(old_log, kept)
+            print(f"[fast {name}] no checkpoint to continue in {run_dir}: this model starts at step 0; the log of "
+                  f"its earlier start is kept as {kept}", flush=True)
+    barrier(info)  # nobody reads the folder while rank 0 prepares it
+    log = FastRunLog(cfg, run_dir, f"fast {name}", opts.tensorboard) if info.is_main else NullLog()
     try:
         run = setup(cfg, opts, info, run_dir, log, resume)
-        return train(run, data_dirs)
+        iou = train(run, data_dirs)
+        if not info.is_main:
+            return None
+        print(f"\n[{name}] target IoU after {cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n", flush=True)
+        return log.final(cfg.train.max_steps, iou)
     finally:
         log.close()
