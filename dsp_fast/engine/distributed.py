@@ -1,6 +1,6 @@
 """Process-group setup and teardown for torchrun (gloo on CPU, NCCL on CUDA), and a few collectives.
 
-Teardown follows shared/FACTS.md: every DDP wrapper must be gone (`del`, `gc.collect()`) before
+Teardown as measured on the CPU machines: every DDP wrapper must be gone (`del`, `gc.collect()`) before
 `destroy_process_group()`, or gloo aborts at exit in about 5% of runs.
 """
 

@@ -1,6 +1,6 @@
 """CUDA-graph capture of the training step. NOT YET RUN ON A GPU: written from the PyTorch CUDA-graph notes and
-shared/FACTS.md, checked on CPU only as far as the eager path goes; `tests/test_train_step.py` holds the
-eager-vs-graphed test that a GPU run must pass before graphs are trusted.
+what was read and checked on CPU (DALI threads during a capture, DDP's warm-up); `tests/test_train_step.py` holds
+the eager-vs-graphed test that a GPU run must pass before graphs are trusted.
 
 Recipe: the first `warmup` steps run eagerly on a side stream (real training steps, not throw-away ones: they
 let cuDNN pick algorithms, allocate the gradients and, under DDP, rebuild its buckets, which takes about 11
@@ -52,7 +52,7 @@ class GraphedStep:
         graph, reason = torch.cuda.CUDAGraph(), ""
         stream = torch.cuda.current_stream()
         try:
-            # thread_local: DALI's worker threads may call CUDA during the capture (FACTS.md)
+            # thread_local: DALI's worker threads may call CUDA during the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.fn()
         except Exception as e:  # noqa: BLE001 - any capture failure means: keep training eagerly, say why

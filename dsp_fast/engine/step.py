@@ -5,7 +5,7 @@ a CUDA graph and replayed: the batch is copied into the same buffers every step,
 into them in place from a device generator, and the lr and the step number live in device tensors filled before
 the call. A non-finite loss or gradient sets `found_inf` on the device: the optimizer (fused SGD reads the flag)
 and the EMA (its weight is multiplied by 1 - found_inf) then leave every weight as it was, and the step is
-counted. Step numbers in comments refer to shared/DSP_METHOD.md.
+counted. Step numbers in comments refer to docs/method.md.
 
 Shapes: B batch, K classes, L long-tail crops, H x W crop.
 """
