@@ -109,7 +109,7 @@ def worker(spec_path: str, result_path: str) -> int:
                            "rounds": rows}, f, indent=1)
     finally:
         if fast is not None:
-            fast.close()  # drops the DDP wrapper before the process group goes (FACTS.md)
+            fast.close()  # drops the DDP wrapper before the process group goes (gloo aborts at exit otherwise)
         del fast
         teardown(info)
     return 0

@@ -173,7 +173,7 @@ class FastTrainer:
             raise FloatingPointError(f"{self.name}: {skipped} steps had a non-finite loss or gradient ({means})")
 
     def close(self) -> None:
-        """Loader first, then the DDP wrapper before any process-group teardown (FACTS.md)."""
+        """Loader first, then the DDP wrapper before any process-group teardown (gloo aborts at exit otherwise)."""
         with contextlib.suppress(Exception):
             self.loader.close()
         if self.run.ctx is not None:

@@ -8,7 +8,7 @@ Why plain PyTorch for the MMD itself, not a Triton kernel: its inputs are (2B, C
 are nil (8 KB, ~10 kFLOP), so any kernel is bound by launch latency, and the only thing a fused kernel could win is
 launches. Counted with a dispatch mode (bench/bench_kernels.py::test_mmd_rbf_fwd_bwd): this version runs 25 ATen
 kernels forward and 14 backward (the textbook twin 41 + 44); inside the trainer's CUDA graph that is ~40 tiny
-kernels, on the order of 0.1 ms, ~1% of the ~10 ms compute floor of a step (FACTS.md). A single-program Triton
+kernels, on the order of 0.1 ms, ~1% of the ~10 ms compute floor of a step (counted FLOPs). A single-program Triton
 forward + backward (the gradient is 4 * sum_j G_ij (x_i - x_j), G = dL/dd2) would make it 2 launches: worth doing
 only if a GPU profile of the step shows those 0.1 ms; not yet measured. The two MMDs of weighted_mmd are stacked
 into one batched evaluation so that they share every launch. Autograd's backward of these ops is exact.
@@ -47,7 +47,7 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_nu
     """Biased multi-bandwidth Gaussian MMD between the rows of x (N, C) and y (M, C): a float32 scalar.
 
     Bandwidths beta * kernel_mul**(j - kernel_num//2), beta = mean off-diagonal pairwise squared distance over the
-    N + M rows, detached (no gradient through the bandwidth), as DSP_METHOD.md.
+    N + M rows, detached (no gradient through the bandwidth), as docs/method.md.
     """
     check_mmd(x, y, kernel_mul, kernel_num)
     return mmd_rbf_stacked(x[None], y[None], kernel_mul, kernel_num)[0]

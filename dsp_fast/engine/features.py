@@ -65,7 +65,7 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
     opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused or None,
                           foreach=True if not fused else None)
     if o.momentum:
-        # Fused SGD leaves the momentum buffers uninitialised when its first step is skipped (FACTS.md); zeros give
+        # Fused SGD leaves the momentum buffers uninitialised when its first step is skipped (seen on CPU); zeros give
         # the same first update as the lazy clone (0 * momentum + grad).
         for g in opt.param_groups:
             for p in g["params"]:

@@ -169,7 +169,7 @@ def train(run: Run, dirs: tuple[str, str]) -> torch.Tensor | None:
             check_ranks_in_sync(run)
         return evaluate_target(run) if run.info.is_main else None
     finally:
-        # Drop the DDP wrapper before the process group goes (FACTS.md), even while an exception's traceback
+        # Drop the DDP wrapper before the process group goes (gloo aborts otherwise), even while a traceback
         # still holds the loop's frames (and so the step context).
         if run.ctx is not None:
             run.ctx.student = None  # type: ignore[assignment]
