@@ -13,12 +13,12 @@
 #   3. the Triton kernels compiled for this GPU's toolchain (registers, spills)
 #   4. the GPU tests: compiled kernels against their twins in fp32/fp16/bf16, the graphed step against eager
 #   5. the throughput comparison at the paper's config with the ablations that matter (graphs, AMP, kernels); its
-#      JSON is rewritten after every round, so a timeout keeps what was measured
+#      JSON is rewritten after every round, so a timeout keeps what was measured; then a short one on MiT-B5
 #   6. kernel microbenchmarks (kernel vs twin; no cold torch.compile), 7. MMD memory, 8. GPU data path (nvJPEG)
 # Without a C toolchain the Triton kernels cannot run: steps 3, 4 and 6 are skipped and the throughput runs the twins.
 # At most 8 files land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log (every step's
-# output), compile_kernels.json, throughput_*.json + .png, kernels_bench.json, mmd_memory_cuda.json,
-# data_throughput_*.json. Exit status: 0 when every step exited 0, else 1.
+# output, the compiled kernels' registers among it), throughput_*.json + .png, throughput_*_mitb5.json,
+# kernels_bench.json, mmd_memory_cuda.json, data_throughput_*.json. Exit status: 0 when every step exited 0, else 1.
 set -u
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -119,8 +119,7 @@ cd "$WORK" || exit 2
 
 if ((TOOLCHAIN)); then
     # 3. the kernels through this machine's Triton and ptxas
-    step compile_kernels 20 "$PY" -W ignore -m bench.compile_kernels --arch 90 --only step \
-        --json "$OUT/compile_kernels.json"
+    step compile_kernels 20 "$PY" -W ignore -m bench.compile_kernels --arch 90 --only step
     # 4. GPU tests (TRITON_INTERPRET=0: conftest would otherwise turn the interpreter on)
     step gpu_tests 70 env TRITON_INTERPRET=0 "$PY" -m pytest tests -q -p no:cacheprovider -x \
         -k "gpu or cuda or graph or bf16"
@@ -131,19 +130,23 @@ else
     THROUGHPUT_KERNELS=(--twins --ablations graphs amp)
 fi
 # 5. the paper config on generated scenes of GTA5 / Cityscapes sizes (no DALI on the GPU machine)
-step throughput 130 "$PY" -m bench.throughput --config gta2cs --data paper --paper-images 8 4 \
+step throughput 110 "$PY" -m bench.throughput --config gta2cs --data paper --paper-images 8 4 \
     --device cuda --data-backend torch --rounds 3 --steps 8 --warmup 2 --scaling 0 "${THROUGHPUT_KERNELS[@]}" \
     --out "$OUT"
+# 5b. the MiT-B5 backbone with DAFormer's recipe, fast vs reference only (JSON only: the file count is capped)
+step throughput_mitb5 35 "$PY" -m bench.throughput --config gta2cs_mitb5 --data paper \
+    --paper-images 8 4 --device cuda --data-backend torch --rounds 1 --steps 4 --warmup 2 --scaling 0 \
+    --ablations - --no-chart --tag mitb5 --out "$OUT"
 if ((TOOLCHAIN)); then
     # 6. kernel vs twin only: a cold torch.compile of each twin costs more than the whole step's budget
-    step kernel_bench 35 env TRITON_INTERPRET=0 "$PY" -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
+    step kernel_bench 30 env TRITON_INTERPRET=0 "$PY" -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
         -k "not compiled_twin" --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3 \
         --benchmark-json "$OUT/kernels_bench.json"
 else
     skip kernel_bench "no C compiler or Python.h"
 fi
 step mmd_memory 15 "$PY" -m bench.mmd_memory --device cuda
-step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
+step data_throughput 20 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
 
 if [[ "$DRY_RUN" != "1" ]]; then
     [[ -f bench/results/mmd_memory_cuda.json ]] && cp bench/results/mmd_memory_cuda.json "$OUT/"

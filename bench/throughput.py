@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
     p.add_argument("--twins", action="store_true",
                    help="the fast trainer with the kernels' plain-PyTorch twins (where Triton cannot run)")
     args = p.parse_args(argv)
@@ -221,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.config, overrides, args.arch, args.crop, str(device))
         path = result_path(args.out, device, args.tag or ("smoke" if args.smoke else ""))
         result = measure(args, cfg, opts, device, save=lambda partial: dump_json(partial, path))
-    write_results(result, path)
+    write_results(result, path, args.chart)
     print_summary(result)
-    print(f"wrote {path} and {path[:-5]}.png")
+    print(f"wrote {path}" + (f" and {path[:-5]}.png" if args.chart else ""))
     return 0
 
 
@@ -307,9 +308,10 @@ def dump_json(result: dict, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def write_results(result: dict, path: str) -> None:
+def write_results(result: dict, path: str, chart: bool = True) -> None:
     dump_json(result, path)
-    write_chart(result, path[:-5] + ".png")
+    if chart:
+        write_chart(result, path[:-5] + ".png")
 
 
 if __name__ == "__main__":
