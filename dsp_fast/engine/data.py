@@ -45,13 +45,14 @@ def _is_prepared(out: str, count: int) -> bool:
 
 
 def _prepare_one(dataset, out: str, name: str, split: str | None, root: str, size: tuple[int, int],
-                 num_classes: int, labels: bool) -> None:
+                 num_classes: int, labels: bool, **long_tail) -> None:
     from dsp_fast import prepare  # prepare pulls tqdm and process pools: only when there is work to do
 
     if _is_prepared(out, len(dataset)):
         return
     # PNG: lossless, so the fast trainer sees the pixels the reference trainer crops from the same files.
-    options = prepare.Options(name, split, os.path.abspath(root), tuple(size), "png", 95, num_classes, labels, 8, 0)
+    options = prepare.Options(name, split, os.path.abspath(root), tuple(size), "png", 95, num_classes, labels,
+                              prepare.RESAMPLE[name], **long_tail)
     summary = prepare.prepare_set(dataset, out, options, workers=min(4, os.cpu_count() or 1), progress=False)
     print(summary.report(), flush=True)
     if summary.rejects:
@@ -63,11 +64,14 @@ def prepare_synthetic(cfg: Config) -> tuple[str, str]:
     d = cfg.data
     gta5_root, cs_root = ensure_synthetic(d.synthetic_root, seed=d.synthetic_seed)
     base = os.path.join(os.path.abspath(d.synthetic_root), PREPARED_SUBDIR)
-    (sw, sh), (tw, th) = d.source_size, d.target_size
-    src_out = os.path.join(base, f"gta5_{sw}x{sh}_png")
+    (sw, sh), (tw, th), (lw, lh), (cw, ch) = d.source_size, d.target_size, cfg.dsp.long_tail_size, d.crop_size
+    classes = tuple(cfg.dsp.long_tail_classes)
+    # the folder names every option that changes its bytes (a different config prepares a new folder)
+    src_out = os.path.join(base, f"gta5_{sw}x{sh}_png_lt{lw}x{lh}_crop{cw}x{ch}_c{'-'.join(map(str, classes))}")
     tgt_out = os.path.join(base, f"cityscapes_{tw}x{th}_png", "train")
     with _file_lock(os.path.join(base, ".lock")):
-        _prepare_one(GTA5(gta5_root), src_out, "gta5", None, gta5_root, d.source_size, 19, True)
+        _prepare_one(GTA5(gta5_root), src_out, "gta5", None, gta5_root, d.source_size, 19, True,
+                     long_tail_classes=classes, long_tail_size=(lw, lh), crop=(cw, ch))
         target = Cityscapes(cs_root, "train", num_classes=cfg.model.num_classes, labels=False)
         _prepare_one(target, tgt_out, "cityscapes", "train", cs_root, d.target_size, cfg.model.num_classes, False)
     return src_out, tgt_out
