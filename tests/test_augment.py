@@ -90,11 +90,12 @@ def test_jitter_order_is_per_image():
 
 
 def test_fast_path_staged_jitter_equals_the_per_image_one():
+    # bit for bit: the fused stages only add exact identities (x * 1, + 0, S * 1, fmod(H + 0)); 64 images cover
+    # many of the 24 orders
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(6, 3, 8, 8, generator=gen)
-    aug = draw_strong_aug(6, 8, jitter=True, blur=False, strength=0.25, gen=gen)
-    torch.testing.assert_close(color_jitter_staged(x, aug.factors, aug.order), color_jitter(x, aug.factors, aug.order),
-                               rtol=0, atol=1e-6)
+    x = torch.rand(64, 3, 8, 8, generator=gen)
+    aug = draw_strong_aug(64, 8, jitter=True, blur=False, strength=0.25, gen=gen)
+    assert torch.equal(color_jitter_staged(x, aug.factors, aug.order), color_jitter(x, aug.factors, aug.order))
 
 
 def test_blur():

@@ -17,6 +17,7 @@ from dsp_fast.config import Config
 from dsp_fast.data import GTA5, Cityscapes, DatasetError, ensure_synthetic
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
 from dsp_fast.engine.options import FastOptions
+from dsp_fast.pipelines.prepared import FORMAT_VERSION
 
 PREPARED_SUBDIR = "prepared"
 PREPARE_HINT = ("prepare the data once with `python -m dsp_fast.prepare` (see its --help), then pass "
@@ -66,9 +67,11 @@ def prepare_synthetic(cfg: Config) -> tuple[str, str]:
     base = os.path.join(os.path.abspath(d.synthetic_root), PREPARED_SUBDIR)
     (sw, sh), (tw, th), (lw, lh), (cw, ch) = d.source_size, d.target_size, cfg.dsp.long_tail_size, d.crop_size
     classes = tuple(cfg.dsp.long_tail_classes)
-    # the folder names every option that changes its bytes (a different config prepares a new folder)
-    src_out = os.path.join(base, f"gta5_{sw}x{sh}_png_lt{lw}x{lh}_crop{cw}x{ch}_c{'-'.join(map(str, classes))}")
-    tgt_out = os.path.join(base, f"cityscapes_{tw}x{th}_png", "train")
+    # the folder names every option that changes its bytes, and the format version (a different config or an older
+    # preparation left in synthetic_root gets a new folder, never an error)
+    v = FORMAT_VERSION
+    src_out = os.path.join(base, f"gta5_{sw}x{sh}_png_v{v}_lt{lw}x{lh}_crop{cw}x{ch}_c{'-'.join(map(str, classes))}")
+    tgt_out = os.path.join(base, f"cityscapes_{tw}x{th}_png_v{v}", "train")
     with _file_lock(os.path.join(base, ".lock")):
         _prepare_one(GTA5(gta5_root), src_out, "gta5", None, gta5_root, d.source_size, 19, True,
                      long_tail_classes=classes, long_tail_size=(lw, lh), crop=(cw, ch))
