@@ -78,7 +78,7 @@ def forever(loader: DataLoader):
 
 class LongTailSource:
     """Step 3's crops: a source image resized to the long-tail size (bicubic image, nearest label, as the authors'
-    rand_mixer), cut by a 512x512 window that holds the class.
+    rand_mixer), cut by a crop-sized window that holds the class.
 
     'retry' is the authors' loop literally: redraw (image of the class's list, uniform window) until the window holds
     the class, at most 1000 times (None when it never does). 'counts' draws from the same distribution without the
