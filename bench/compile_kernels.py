@@ -145,9 +145,10 @@ def step_plan() -> list[Callable[[], object]]:
     256 channels, fp32 images (the loader's /255) and int64 labels, NCHW and channels_last. The pixel weight is not
     launched by the step (the loss reads the mask and q directly); the api plan covers it."""
     calls: list[Callable[[], object]] = []
+    pasted = torch.zeros(2, 512, 512, dtype=torch.bool)  # the long-tail pixels, which join the mask
     for cl in (False, True):
         calls.append(lambda cl=cl: kernels.dual_soft_paste(*_paste_inputs(2, 3, 512, 512, torch.float32,
-                                                                          torch.int64, cl), 0.9))
+                                                                          torch.int64, cl), 0.9, pasted))
         fmt = torch.channels_last if cl else torch.contiguous_format
         feat = torch.zeros(2, 256, 65, 65).contiguous(memory_format=fmt)
         calls.append(lambda f=feat: kernels.weighted_mmd(f, f, torch.zeros(2, 512, 512, dtype=torch.bool),
@@ -163,6 +164,8 @@ def api_plan() -> list[Callable[[], object]]:
             for cl in (False, True):
                 calls.append(lambda dt=dt, ld=label_dtype, cl=cl: kernels.dual_soft_paste(
                     *_paste_inputs(2, 3, 17, 33, dt, ld, cl), 0.9))
+        calls.append(lambda dt=dt: kernels.dual_soft_paste(*_paste_inputs(2, 3, 17, 33, dt, torch.int64, False), 0.9,
+                                                           torch.zeros(2, 17, 33, dtype=torch.bool)))
         calls.append(lambda dt=dt: kernels.pixel_weight(torch.zeros(2, 17, 33, dtype=torch.bool),
                                                         torch.zeros(2, 17, 33, dtype=dt), 0.968))
         calls.append(lambda dt=dt: kernels.masked_upsample_pool(torch.zeros(2, 5, 7, 9, dtype=dt),

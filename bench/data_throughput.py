@@ -34,14 +34,14 @@ import torch
 from PIL import Image
 
 from dsp_fast import prepare
-from dsp_fast.data import GTA5, Cityscapes, load_or_build_class_index
+from dsp_fast.data import GTA5, SOURCE_RESAMPLE, Cityscapes, load_or_build_class_index
 from dsp_fast.pipelines import build_loaders
 from dsp_fast.pipelines.plan import CropPlan, ShardedSampler, random_window
 from dsp_fast.pipelines.prepared import load_prepared
-from dsp_fast.reference import RandomCrops, long_tail_crop
+from dsp_fast.reference import LongTailSource, RandomCrops
 
 GTA5_SIZE, CITYSCAPES_SIZE = (1914, 1052), (2048, 1024)
-SOURCE_BASE, TARGET_BASE, CROP = (1280, 720), (1024, 512), (512, 512)
+SOURCE_BASE, TARGET_BASE, CROP, LONG_TAIL_SIZE = (1280, 720), (1024, 512), (512, 512), (1920, 1080)
 LONG_TAIL = (12, 15, 16, 17, 18)
 _IDS = (7, 8, 11, 21, 23, 24, 26, 25, 28, 32, 33)  # Cityscapes ids: road ... car, rider, bus, motorcycle, bicycle
 
@@ -97,9 +97,10 @@ def timed(it: Iterator, warmup: int, batches: int, per_batch: int) -> dict[str, 
     return {"images_per_s": round(batches * per_batch / seconds, 2), "ms_per_batch": round(1e3 * seconds / batches, 2)}
 
 
-def reference_stream(dataset, base: tuple[int, int], batch: int, threads: int) -> Iterator:
+def reference_stream(dataset, base: tuple[int, int], batch: int, threads: int, resample: str = "bilinear"
+                     ) -> Iterator:
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)  # no epoch restarts
-    loader = torch.utils.data.DataLoader(RandomCrops(dataset, base, CROP), batch_size=batch, sampler=sampler,
+    loader = torch.utils.data.DataLoader(RandomCrops(dataset, base, CROP, resample), batch_size=batch, sampler=sampler,
                                          num_workers=threads, persistent_workers=threads > 0, drop_last=True)
     return iter(loader)
 
@@ -126,16 +127,17 @@ def reference_steps(gta: str, cs: str, batch: int, threads: int) -> Iterator:
     """The reference trainer's data per step: three loaders, then the long-tail crops on the main thread."""
     source, target = GTA5(gta), Cityscapes(cs, "train", labels=False)
     index = load_or_build_class_index(source, 19)
-    streams = [reference_stream(source, SOURCE_BASE, batch, threads), reference_stream(source, SOURCE_BASE, batch,
-               threads), reference_stream(target, TARGET_BASE, batch, threads)]
+    streams = [reference_stream(source, SOURCE_BASE, batch, threads, SOURCE_RESAMPLE),
+               reference_stream(source, SOURCE_BASE, batch, threads, SOURCE_RESAMPLE),
+               reference_stream(target, TARGET_BASE, batch, threads)]
     gen = torch.Generator().manual_seed(0)
+    long_tail = LongTailSource(source, index, LONG_TAIL_SIZE, CROP)
     candidates = [c for c in LONG_TAIL if index[c]]
     while True:
         out = [next(s) for s in streams]
         for p in torch.randperm(len(candidates), generator=gen)[:2].tolist():
-            images = index[candidates[p]]
-            i = images[int(torch.randint(0, len(images), (1,), generator=gen))]
-            out.append(long_tail_crop(source, i, candidates[p], SOURCE_BASE, CROP, "around_class", gen))
+            for _ in range(batch):  # each template image its own crop
+                out.append(long_tail.draw(candidates[p], "counts", gen))
         yield out
 
 
@@ -198,11 +200,11 @@ def run(args: argparse.Namespace, work: str) -> dict:
         for be in backends(device):
             row("stream", "source", f"{be}-jpeg", t, lambda: prepared_stream(be, src_dir, True, b, t, device), b)
             row("stream", "target", f"{be}-jpeg", t, lambda: prepared_stream(be, tgt_dir, False, b, t, device), b)
-        row("step", "all", "reference-png", t, lambda: reference_steps(gta, cs, b, t), 3 * b + 2)
+        row("step", "all", "reference-png", t, lambda: reference_steps(gta, cs, b, t), 5 * b)
         for be in backends(device):
             row("step", "all", f"{be}-jpeg", t, lambda: build_loaders(
                 src_dir, tgt_dir, batch_size=b, backend=be, device=device, num_threads=t,
-                long_tail_classes=LONG_TAIL, num_long_tail=2), 3 * b + 2)
+                long_tail_classes=LONG_TAIL, num_long_tail=2), 5 * b)
     return {"info": info, "rows": rows}
 
 

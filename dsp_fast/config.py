@@ -154,18 +154,24 @@ class DSPConfig:
     """Number of Gaussian kernels of the MMD."""
     ema_max: float = 0.99
     """Cap of the teacher's EMA coefficient alpha_t = min(1 - 1/(t+1), ema_max)."""
+    long_tail_size: tuple[int, int] = (1920, 1080)
+    """[width, height] a source image is resized to (bicubic) before a long-tail crop is cut from it (the authors'
+    1920x1080, larger than data.source_size: pasted objects are 1.5 times the size of the source crops')."""
     jitter_p: float = 0.8
-    """Probability of colour jitter on each mixed image."""
+    """Probability of colour jitter, one coin per step shared by every mixed image (kornia 0.2.0 semantics)."""
     jitter_strength: float = 0.25
-    """Brightness, contrast, saturation and hue jitter amplitude."""
+    """Jitter amplitude s: brightness adds U(-s, s), contrast and saturation multiply by U(1-s, 1+s), hue adds
+    U(-s, s) radians."""
     blur_p: float = 0.5
-    """Probability of Gaussian blur on each mixed image."""
+    """Probability of Gaussian blur, one coin per step shared by every mixed image."""
     share_first_mask: bool = False
-    """True restores the authors' indexing bug: every image of the batch is pasted with image 0's mask."""
+    """True restores the authors' indexing bug (reference trainer): image 1 pasted with image 0's mask, image 1's
+    pixel weights from its own chosen classes, image 0's mask collecting every image's long-tail pixels."""
     paste_ignore_label: bool = False
     """True restores the authors' script, where the ignore label can be drawn as a pasted class."""
-    long_tail_search: str = "around_class"
-    """'around_class': one crop drawn around a pixel of the class; 'retry': the authors' up to 1000 random crops."""
+    long_tail_search: str = "counts"
+    """'counts': (image, window) drawn from per-image counts of the windows that hold the class (the retry loop's
+    distribution, no loop); 'retry': the authors' loop literally, up to 1000 redraws (reference trainer only)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
@@ -181,8 +187,9 @@ class DSPConfig:
             _check(0.0 <= getattr(self, name) <= 1.0, f"dsp.{name}", f"must be in [0, 1], got {getattr(self, name)}")
         _check(0.0 <= self.jitter_strength <= 0.5, "dsp.jitter_strength",
                f"must be in [0, 0.5], got {self.jitter_strength}")
-        _check(self.long_tail_search in ("around_class", "retry"), "dsp.long_tail_search",
-               f"must be 'around_class' or 'retry', got {self.long_tail_search!r}")
+        _check(self.long_tail_search in ("counts", "retry"), "dsp.long_tail_search",
+               f"must be 'counts' or 'retry', got {self.long_tail_search!r}")
+        self.long_tail_size = _pair(self.long_tail_size, "dsp.long_tail_size")
 
 
 @dataclass
@@ -328,6 +335,8 @@ class Config:
     def __post_init__(self) -> None:
         bad = [c for c in self.dsp.long_tail_classes if c >= self.model.num_classes]
         _check(not bad, "dsp.long_tail_classes", f"{bad} not below model.num_classes={self.model.num_classes}")
+        (w, h), (cw, ch) = self.dsp.long_tail_size, self.data.crop_size
+        _check(w >= cw and h >= ch, "dsp.long_tail_size", f"{w}x{h} is smaller than data.crop_size {cw}x{ch}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

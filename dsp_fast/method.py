@@ -5,7 +5,7 @@ and their classes), class selection is a sort over a fixed (B, K) table instead 
 three foreach ops with a device weight, and the losses read the mask and q directly. Step numbers refer to
 shared/DSP_METHOD.md; `dsp_fast.reference` is the readable oracle this module is tested against.
 
-Shapes: B batch, K classes, L long-tail crops per step, H x W crop, h x w stride-8 features.
+Shapes: B batch, K classes, L long-tail classes per step, H x W crop, h x w stride-8 features.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from dsp_fast.augment import color_jitter, gaussian_blur
+from dsp_fast.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, TWO_PI, gaussian_blur, hsv_to_rgb, rgb_to_hsv
 from dsp_fast.kernels import dual_soft_paste, weighted_mmd
 
 IGNORE_LABEL = 255
@@ -26,11 +26,16 @@ class DeviceChoices:
     """One step's random choices as device tensors of fixed shape (graph-capturable inputs)."""
 
     class_u: torch.Tensor  # (B, K) uniform draws ranking the present classes (step 2)
-    lt_img: torch.Tensor  # (L, 3, H, W) long-tail crops (step 3)
-    lt_label: torch.Tensor  # (L, H, W) their labels
-    lt_cls: torch.Tensor  # (L,) int64 the class each crop is pasted for; -1: no crop this step
-    aug_src: torch.Tensor  # (B, 7) jitter coin, 4 jitter factors, blur coin, blur sigma (mixed source images)
-    aug_tgt: torch.Tensor  # (B, 7) the same for the mixed target images
+    lt_img: torch.Tensor  # (B*L, 3, H, W) long-tail crops, image-major: crop l of template b at b*L + l (step 3)
+    lt_label: torch.Tensor  # (B*L, H, W) their labels
+    lt_cls: torch.Tensor  # (L,) int64 the class crop l is pasted for (the same for every image); -1: no crop
+    aug_src: torch.Tensor  # (B, AUG_COLS) jitter coin, 4 jitter factors, blur coin, sigma, 4 order keys
+    aug_tgt: torch.Tensor  # (B, AUG_COLS) the same for the mixed target images
+
+
+AUG_COLS = 11
+"""Columns of DeviceChoices.aug_*: [jitter coin, brightness offset, contrast, saturation, hue (rad), blur coin,
+sigma, 4 order keys]: the jitter order of an image is argsort of its keys (a uniform random permutation)."""
 
 
 def present_classes(y_BHW: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -53,26 +58,52 @@ def select_classes(y_m_BHW: torch.Tensor, class_u_BK: torch.Tensor) -> torch.Ten
     return rank < n_chosen
 
 
-def paste_long_tail(x_m: torch.Tensor, y_m: torch.Tensor, class_sel_BK: torch.Tensor, lt_img: torch.Tensor,
-                    lt_label: torch.Tensor, lt_cls: torch.Tensor):
-    """Step 3: hard-paste each crop's class pixels onto every template image; the class joins the chosen set."""
-    num_classes = class_sel_BK.shape[1]
-    for i in range(lt_cls.shape[0]):  # L is fixed (cfg.dsp.num_long_tail): an unrolled loop, graph-friendly
-        cls = lt_cls[i]
-        hit_HW = lt_label[i] == cls  # never true for cls = -1
-        x_m = torch.where(hit_HW, lt_img[i].to(x_m.dtype), x_m)
-        y_m = torch.where(hit_HW, lt_label[i].to(y_m.dtype), y_m)
-        class_sel_BK = class_sel_BK | (torch.arange(num_classes, device=cls.device) == cls)
-    return x_m, y_m, class_sel_BK
+def paste_long_tail(x_m: torch.Tensor, y_m: torch.Tensor, lt_img: torch.Tensor, lt_label: torch.Tensor,
+                    lt_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3: hard-paste each template image's own crops (their class's pixels only) onto it.
+
+    Returns (x_m, y_m, pasted): pasted (B, H, W) bool marks the pixels written, which join M whatever their class."""
+    b, n_lt = x_m.shape[0], lt_cls.shape[0]
+    img = lt_img.unflatten(0, (b, n_lt))
+    lab = lt_label.unflatten(0, (b, n_lt))
+    pasted = torch.zeros_like(y_m, dtype=torch.bool)
+    for i in range(n_lt):  # L is fixed (cfg.dsp.num_long_tail): an unrolled loop, graph-friendly
+        hit_BHW = lab[:, i] == lt_cls[i]  # never true for cls = -1
+        x_m = torch.where(hit_BHW[:, None], img[:, i].to(x_m.dtype), x_m)
+        y_m = torch.where(hit_BHW, lab[:, i].to(y_m.dtype), y_m)
+        pasted = pasted | hit_BHW
+    return x_m, y_m, pasted
 
 
-def strong_augment(x_B3HW: torch.Tensor, aug_B7: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def color_jitter_staged(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor) -> torch.Tensor:
+    """The reference's per-image jitter (augment.color_jitter) with fixed shapes: four stages; at stage j every
+    image applies its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
+    clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
+    evaluations per stage instead of four, bit for bit the reference's (x * 1, + 0, fmod(h + 0), s * 1 are exact)."""
+    b, c, s, h = factors_B4.to(x_B3HW).unbind(1)
+    one, zero = torch.ones_like(b), torch.zeros_like(b)
+    x = x_B3HW
+    for j in range(4):
+        op = order_B4[:, j]
+        mul = torch.where(op == CONTRAST, c, one)
+        add = torch.where(op == BRIGHTNESS, b, zero)
+        affine = (x * mul.view(-1, 1, 1, 1) + add.view(-1, 1, 1, 1)).clamp(0, 1)
+        hue, sat, val = rgb_to_hsv(x).unbind(1)
+        sat = (sat * torch.where(op == SATURATION, s, one).view(-1, 1, 1)).clamp(0, 1)
+        hue = torch.fmod(hue + torch.where(op == HUE, h, zero).view(-1, 1, 1), TWO_PI)
+        hsv = hsv_to_rgb(torch.stack([hue, sat, val], 1))
+        x = torch.where(((op == BRIGHTNESS) | (op == CONTRAST)).view(-1, 1, 1, 1), affine, hsv)
+    return x
+
+
+def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Step 4's colour jitter and blur, computed for every image and selected per image by its coin: no
-    data-dependent branch, so it can be captured."""
-    jit = aug_B7[:, 0].bool().view(-1, 1, 1, 1)
-    x = torch.where(jit, color_jitter(x_B3HW, aug_B7[:, 1:5]), x_B3HW)
-    blur = aug_B7[:, 5].bool().view(-1, 1, 1, 1)
-    return torch.where(blur, gaussian_blur(x, aug_B7[:, 6], kernel_size), x)
+    data-dependent branch, so it can be captured. aug: (B, AUG_COLS), see DeviceChoices."""
+    order = aug[:, 7:11].argsort(dim=1)
+    jit = aug[:, 0].bool().view(-1, 1, 1, 1)
+    x = torch.where(jit, color_jitter_staged(x_B3HW, aug[:, 1:5], order), x_B3HW)
+    blur = aug[:, 5].bool().view(-1, 1, 1, 1)
+    return torch.where(blur, gaussian_blur(x, aug[:, 6], kernel_size), x)
 
 
 def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +116,13 @@ def nll(logp_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tensor:
     valid = label_BHW != IGNORE_LABEL
     idx = torch.where(valid, label_BHW, 0).long().unsqueeze(1)
     return -logp_BKHW.gather(1, idx).squeeze(1) * valid
+
+
+def source_ce(logits_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tensor:
+    """L_src: mean CE over the valid pixels, 0 when there is none (as the authors' CrossEntropy2d), with no host
+    branch: the sum over at least one pixel."""
+    total = F.cross_entropy(logits_BKHW, label_BHW, ignore_index=IGNORE_LABEL, reduction="sum")
+    return total / (label_BHW != IGNORE_LABEL).sum().clamp(min=1)
 
 
 @dataclasses.dataclass
@@ -120,9 +158,9 @@ def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: De
         prob = torch.softmax(seg_forward(teacher, x_t, normalize)[0].float(), dim=1)
         conf, yhat_t = prob.max(dim=1)
         q = (conf >= s.conf_threshold).float().mean()
-    class_sel = select_classes(y_m, ch.class_u)
-    x_m, y_m, class_sel = paste_long_tail(x_m, y_m, class_sel, ch.lt_img, ch.lt_label, ch.lt_cls)
-    xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m, y_m, class_sel, x_s, y_s, x_t, yhat_t, s.lam)
+    class_sel = select_classes(y_m, ch.class_u)  # from the template's own labels, before the long-tail paste
+    x_m, y_m, pasted = paste_long_tail(x_m, y_m, ch.lt_img, ch.lt_label, ch.lt_cls)
+    xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m, y_m, class_sel, x_s, y_s, x_t, yhat_t, s.lam, pasted)
     xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel)
     xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel)
     return Mixed(x_m, mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
@@ -132,7 +170,7 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
                ) -> dict[str, torch.Tensor]:
     """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
     logits_s, _ = seg_forward(student, x_s, normalize)
-    l_src = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL)
+    l_src = source_ce(logits_s.float(), y_s)
     if not s.enabled:
         return {"loss": l_src, "src": l_src}
     mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)

@@ -5,9 +5,13 @@
 
 Why: the originals are 1914x1052 (GTA5) or 2048x1024 (Cityscapes) PNGs, which DALI can only decode on CPU
 threads (about 30 ms each), and GTA5's palette labels lose their ids in DALI. Each image is resized once to the
-dataset's base size exactly as the reference trainer does (PIL bilinear / nearest), written as a baseline JPEG
-(decoded by nvJPEG on the GPU) or a lossless PNG, with its label as an 8-bit train-id PNG. The layout and the
-manifest are described in `dsp_fast.pipelines.prepared`.
+dataset's base size exactly as the reference trainer does (PIL bicubic for GTA5 / SYNTHIA, bilinear for
+Cityscapes; nearest for labels), written as a baseline JPEG (decoded by nvJPEG on the GPU) or a lossless PNG, with
+its label as an 8-bit train-id PNG. The layout and the manifest are described in `dsp_fast.pipelines.prepared`.
+
+A source set also gets `longtail/`: the images that hold a long-tail class, resized to the long-tail size
+(1920x1080, as the authors' long-tail crops), with the number of crop windows that hold each long-tail class per
+image: the long-tail sampler draws from those counts (the distribution of the authors' retry loop, no loop).
 
 Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
 done, so a rerun after an interruption skips finished images. A file that cannot be read is listed with its error
@@ -25,18 +29,25 @@ import json
 import os
 import sys
 import time
-import zlib
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError, resize_image, resize_label
+from dsp_fast.data import GTA5, SOURCE_RESAMPLE, SYNTHIA, Cityscapes, DatasetError, resize_image, resize_label
+from dsp_fast.data.windows import count_valid_windows
 from dsp_fast.pipelines import prepared
 
 BASE_SIZES = {"gta5": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
 """(width, height) each dataset is resized to before cropping (DSP paper and the authors' script)."""
+RESAMPLE = {"gta5": SOURCE_RESAMPLE, "synthia": SOURCE_RESAMPLE, "cityscapes": "bilinear"}
+"""PIL filter of the image resize per dataset, as the authors' loaders."""
+LONG_TAIL_SIZE = (1920, 1080)
+"""(width, height) a source image is resized to before a long-tail crop (the authors' rand_mixer)."""
+LONG_TAIL_CLASSES = {"gta5": (12, 15, 16, 17, 18), "synthia": (3, 4, 6, 13)}
+"""The authors' long-tail classes (train ids): GTA5 rider, bus, train, motorcycle, bicycle; SYNTHIA wall, fence,
+traffic light, bus."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +62,20 @@ class Options:
     quality: int
     num_classes: int
     labels: bool
-    num_points: int
-    seed: int
+    resample: str = "bilinear"
+    long_tail_classes: tuple[int, ...] = ()
+    long_tail_size: tuple[int, int] | None = None  # a source set: make longtail/ at this size (None: none)
+    crop: tuple[int, int] = (512, 512)  # the training crop the long-tail windows are counted for
+    is_long_tail: bool = False  # this set is a longtail/ subset: count the windows of long_tail_classes
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["size"] = list(self.size)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def long_tail_options(self) -> Options:
+        """The options of this source set's longtail/ subset."""
+        assert self.long_tail_size is not None
+        return dataclasses.replace(self, size=self.long_tail_size, long_tail_size=None, is_long_tail=True)
 
 
 @dataclasses.dataclass
@@ -71,6 +89,7 @@ class Summary:
     rejects: list[dict[str, str]]
     bytes: int
     seconds: float
+    long_tail: Summary | None = None  # the longtail/ subset of a source set
     resized_pairs: int = 0
 
     def report(self) -> str:
@@ -84,6 +103,8 @@ class Summary:
         if self.rejects:
             lines.append(f"  {len(self.rejects)} of {self.total} images rejected, listed in "
                          f"{os.path.join(self.out, prepared.REJECTS)}")
+        if self.long_tail is not None:
+            lines.append(self.long_tail.report())
         return "\n".join(lines)
 
 
@@ -153,12 +174,17 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
     except (DatasetError, OSError) as e:
         return "reject", _reject(ds, i, stem, e)
     h, w = image.shape[:2]
+    side: dict[str, Any] = {"stem": stem, "source_size": [w, h], "resized_pair": bool(mismatch)}
+    if label is not None and opt.long_tail_size is not None:
+        # which long-tail classes this image holds at the long-tail size (nearest upsampling keeps every class)
+        lt_label = resize_label(label, opt.long_tail_size)
+        side["long_tail"] = [c for c in opt.long_tail_classes if (lt_label == c).any()]
     if mismatch:
         # Real GTA5 has a few pairs whose image and label sizes differ; the authors resize both straight to the
         # base size (image bicubic, label nearest), which aligns them again. Counted in the summary.
         image = np.asarray(Image.fromarray(image).resize(tuple(opt.size), Image.Resampling.BICUBIC))
     else:
-        image = resize_image(image, opt.size)
+        image = resize_image(image, opt.size, opt.resample)
     data = encode_image(image, opt.format, opt.quality)
     prepared.write_atomic(prepared.image_path(out, stem, opt.format), data)
     nbytes = len(data)
@@ -167,9 +193,9 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         data = encode_label(label)
         prepared.write_atomic(prepared.label_path(out, stem), data)
         nbytes += len(data)
-    seed = zlib.crc32(stem.encode()) ^ opt.seed  # the same points whether converted now or in a resumed run
-    side = {"stem": stem, "source_size": [w, h], "bytes": nbytes, "resized_pair": bool(mismatch),
-            **prepared.image_stats(label, opt.num_classes, opt.num_points, seed)}
+    side.update(bytes=nbytes, **prepared.image_stats(label, opt.num_classes))
+    if label is not None and opt.is_long_tail:
+        side["windows"] = count_valid_windows(label, opt.long_tail_classes, opt.crop)
     prepared.write_atomic(prepared.stats_path(out, stem), json.dumps(side).encode())
     return "ok", side
 
@@ -218,7 +244,7 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
         for tmp in glob.glob(os.path.join(out, sub, "*.tmp-*")):  # left by an interrupted run
             os.remove(tmp)
     _check_options(out, options)
-    stems = stems_of(dataset.image_paths)
+    stems = getattr(dataset, "stems", None) or stems_of(dataset.image_paths)
     todo = [i for i, s in enumerate(stems) if not _is_done(out, s, options)]
     rejects: list[dict[str, str]] = []
     bar = tqdm(total=len(stems), initial=len(stems) - len(todo), desc=f"prepare {os.path.basename(out)}",
@@ -231,7 +257,15 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
             bar.update(1)
     rejected = {r["stem"] for r in rejects}
     done = [s for s in stems if s not in rejected]
-    prepared.build_manifest(out, options.to_dict(), done, rejects)
+    long_tail = None
+    if options.long_tail_size is not None and options.labels:
+        # a second pass over the images that hold a long-tail class: resized to the long-tail size, windows counted
+        holders = [i for i, s in enumerate(stems) if s not in rejected and _sidecar(out, s).get("long_tail")]
+        lt_out = os.path.join(out, prepared.LONG_TAIL_DIR)
+        long_tail = prepare_set(Subset(dataset, holders, [stems[i] for i in holders]), lt_out,
+                                options.long_tail_options(), workers, progress)
+    prepared.build_manifest(out, options.to_dict(), done, rejects,
+                            long_tail=prepared.LONG_TAIL_DIR if long_tail is not None else None)
     nbytes = resized = 0
     for s in done:
         with open(prepared.stats_path(out, s)) as f:
@@ -239,7 +273,33 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
         nbytes += side["bytes"]
         resized += bool(side.get("resized_pair"))
     return Summary(out, len(stems), len(todo) - len(rejects), len(stems) - len(todo), rejects, nbytes,
-                   time.perf_counter() - start, resized)
+                   time.perf_counter() - start, long_tail, resized)
+
+
+def _sidecar(out: str, stem: str) -> dict[str, Any]:
+    with open(prepared.stats_path(out, stem)) as f:
+        return json.load(f)
+
+
+class Subset:
+    """Some images of a dataset, under the stems the full set gave them (the long-tail pass)."""
+
+    def __init__(self, dataset, indices: list[int], stems: list[str]) -> None:
+        self.dataset, self.indices, self.stems = dataset, indices, stems
+        self.image_paths = [dataset.image_paths[i] for i in indices]
+        self.label_paths = [dataset.label_paths[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        return self.dataset[self.indices[j]]
+
+    def read_image(self, j: int) -> np.ndarray:
+        return self.dataset.read_image(self.indices[j])
+
+    def read_label(self, j: int) -> np.ndarray:
+        return self.dataset.read_label(self.indices[j])
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -255,9 +315,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), help="override the dataset's base size")
     p.add_argument("--num-classes", type=int, default=None, help="Cityscapes: 19 (default) or 16 (SYNTHIA model)")
     p.add_argument("--no-labels", action="store_true", help="Cityscapes: images only (no gtFine)")
-    p.add_argument("--points", type=int, default=8, help="stored pixels per (image, class) for long-tail crops")
+    p.add_argument("--long-tail-size", type=int, nargs=2, metavar=("W", "H"), default=list(LONG_TAIL_SIZE),
+                   help="GTA5 / SYNTHIA: size of the longtail/ images (default 1920 1080; dsp.long_tail_size)")
+    p.add_argument("--long-tail-classes", type=int, nargs="+", default=None,
+                   help="GTA5 / SYNTHIA: train ids of the long-tail classes (default: the authors'; "
+                        "dsp.long_tail_classes)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("W", "H"), default=[512, 512],
+                   help="training crop the long-tail windows are counted for (default 512 512; data.crop_size)")
+    p.add_argument("--no-long-tail", action="store_true", help="GTA5 / SYNTHIA: no longtail/ subset")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.dataset != "cityscapes" and (args.split or args.num_classes or args.no_labels):
@@ -266,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--quality must be in 1..100, got {args.quality}")
     if args.size and min(args.size) < 1:
         p.error(f"--size must be positive, got {args.size}")
+    (lw, lh), (cw, ch) = args.long_tail_size, args.crop
+    if min(cw, ch) < 1 or lw < cw or lh < ch:
+        p.error(f"--crop {cw} {ch} must be positive and fit in --long-tail-size {lw} {lh}")
     return args
 
 
@@ -282,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             hint = " (images only: --no-labels)" if args.dataset == "cityscapes" and labels else ""
             print(f"error: {e}{hint}", file=sys.stderr)
             return 2
+        source = args.dataset in LONG_TAIL_CLASSES and not args.no_long_tail
         options = Options(args.dataset, split, os.path.abspath(args.root), tuple(args.size or BASE_SIZES[args.dataset]),
-                          args.format, args.quality, ds.num_classes, labels, args.points, args.seed)
+                          args.format, args.quality, ds.num_classes, labels, RESAMPLE[args.dataset],
+                          tuple(args.long_tail_classes or LONG_TAIL_CLASSES.get(args.dataset, ())),
+                          tuple(args.long_tail_size) if source else None, tuple(args.crop))
         out = os.path.join(args.out, split) if split else args.out
         summary = prepare_set(ds, out, options, args.workers, progress=not args.no_progress)
         print(summary.report())

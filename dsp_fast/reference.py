@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -24,10 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dsp_fast.augment import StrongAug, draw_strong_aug, strong_augment
+from dsp_fast.augment import StrongAug, draw_step_aug, strong_augment
 from dsp_fast.config import Config, ConfigError, load_config, split_overrides
-from dsp_fast.data import IGNORE_LABEL, DatasetError, load_or_build_class_index, resize_image, resize_label
+from dsp_fast.data import (
+    IGNORE_LABEL,
+    SOURCE_RESAMPLE,
+    DatasetError,
+    load_or_build_class_index,
+    resize_image,
+    resize_label,
+)
 from dsp_fast.data.build import check_data, source_dataset, target_dataset
+from dsp_fast.data.windows import valid_windows
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
 from dsp_fast.kernels.reference import weighted_mmd
 from dsp_fast.models import build_student_teacher, normalize_input, param_groups
@@ -48,17 +57,18 @@ def to_tensor(image_uint8_HWC: np.ndarray) -> torch.Tensor:
 
 
 class RandomCrops(Dataset):
-    """Resize to the domain's base size (as the authors do), then one random crop; labels never interpolated."""
+    """Resize to the domain's base size (as the authors do: bicubic for the labelled source, bilinear for
+    Cityscapes), then one random crop; labels never interpolated."""
 
-    def __init__(self, dataset, base_size: tuple[int, int], crop_size: tuple[int, int]):
-        self.dataset, self.base_size, self.crop_size = dataset, base_size, crop_size
+    def __init__(self, dataset, base_size: tuple[int, int], crop_size: tuple[int, int], resample: str = "bilinear"):
+        self.dataset, self.base_size, self.crop_size, self.resample = dataset, base_size, crop_size, resample
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
         image, label = self.dataset[i]
-        image = resize_image(image, self.base_size)
+        image = resize_image(image, self.base_size, self.resample)
         (cw, ch), (w, h) = self.crop_size, self.base_size
         y0, x0 = random_window(h, w, cw, ch)
         crop = to_tensor(image[y0:y0 + ch, x0:x0 + cw])
@@ -73,35 +83,54 @@ def forever(loader: DataLoader):
         yield from loader
 
 
-def long_tail_crop(dataset, index: int, cls: int, base_size: tuple[int, int], crop_size: tuple[int, int],
-                   mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Step 3: a crop of source image `index` that contains class `cls`.
+class LongTailSource:
+    """Step 3's crops: a source image resized to the long-tail size (bicubic image, nearest label, as the authors'
+    rand_mixer), cut by a crop-sized window that holds the class.
 
-    'around_class' draws one pixel of the class, then a window uniformly among those that hold that pixel.
-    'retry' is the authors' loop: up to 1000 uniformly random windows until one holds the class (None if none).
+    'retry' is the authors' loop literally: redraw (image of the class's list, uniform window) until the window holds
+    the class, at most 1000 times (None when it never does). 'counts' draws from the same distribution without the
+    loop: the image in proportion to its number of windows that hold the class (counted once per class, on first
+    use, from every label of the class's list), then one of those windows uniformly.
     """
-    image, label = dataset[index]
-    image, label = resize_image(image, base_size), resize_label(label, base_size)
-    (cw, ch), (w, h) = crop_size, base_size
-    if mode == "around_class":
-        ys, xs = np.nonzero(label == cls)
-        if len(ys) == 0:
-            return None
-        k = int(torch.randint(0, len(ys), (1,), generator=gen))
-        py, px = int(ys[k]), int(xs[k])
-        y_lo, y_hi = max(0, py - ch + 1), min(h - ch, py)
-        x_lo, x_hi = max(0, px - cw + 1), min(w - cw, px)
-        y0 = int(torch.randint(y_lo, y_hi + 1, (1,), generator=gen))
-        x0 = int(torch.randint(x_lo, x_hi + 1, (1,), generator=gen))
-    else:
-        for _ in range(1000):
-            y0, x0 = random_window(h, w, cw, ch, gen)
-            if (label[y0:y0 + ch, x0:x0 + cw] == cls).any():
-                break
+
+    def __init__(self, dataset, class_index: list[list[int]], size: tuple[int, int], crop: tuple[int, int]):
+        self.dataset, self.class_index, self.size, self.crop = dataset, class_index, size, crop
+        self._counts: dict[int, torch.Tensor] = {}
+
+    @functools.lru_cache(maxsize=32)  # a few recent images (the retry loop redraws them); lives as long as the run
+    def resized(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.dataset[index]
+        return resize_image(image, self.size, SOURCE_RESAMPLE), resize_label(label, self.size)
+
+    def window_counts(self, cls: int) -> torch.Tensor:
+        """(len(class_index[cls]),) float64: valid windows of each image of the class's list."""
+        if cls not in self._counts:
+            counts = [valid_windows(resize_label(self.dataset.read_label(i), self.size), cls, self.crop).sum()
+                      for i in self.class_index[cls]]
+            self._counts[cls] = torch.tensor(counts, dtype=torch.float64)
+        return self._counts[cls]
+
+    def draw(self, cls: int, mode: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(image 3xHxW in 0..1, label HxW) of one crop holding `cls`, or None when the class cannot be found."""
+        images = self.class_index[cls]
+        (cw, ch), (w, h) = self.crop, self.size
+        if mode == "retry":
+            for _ in range(1000):
+                image, label = self.resized(images[int(torch.randint(0, len(images), (1,), generator=gen))])
+                y0, x0 = random_window(h, w, cw, ch, gen)
+                if (label[y0:y0 + ch, x0:x0 + cw] == cls).any():
+                    break
+            else:
+                return None
         else:
-            return None
-    crop_label = torch.from_numpy(label[y0:y0 + ch, x0:x0 + cw].astype(np.int64))
-    return to_tensor(image[y0:y0 + ch, x0:x0 + cw]), crop_label
+            counts = self.window_counts(cls)
+            if counts.sum() == 0:
+                return None
+            image, label = self.resized(images[int(torch.multinomial(counts, 1, generator=gen))])
+            valid = np.flatnonzero(valid_windows(label, cls, self.crop))
+            y0, x0 = divmod(int(valid[int(torch.randint(0, len(valid), (1,), generator=gen))]), w - cw + 1)
+        crop_label = torch.from_numpy(label[y0:y0 + ch, x0:x0 + cw].astype(np.int64))
+        return to_tensor(image[y0:y0 + ch, x0:x0 + cw]), crop_label
 
 
 # ----------------------------------------------------------------------------------------------- random choices
@@ -110,7 +139,7 @@ class StepChoices:
     """Every random decision of one DSP step, drawn before the step so two implementations can share them."""
 
     class_sel: torch.Tensor  # (B, K+1) bool: classes chosen per template image; column K is the ignore label
-    long_tail: list[tuple[int, torch.Tensor, torch.Tensor]]  # (class, image 3xHxW, label HxW) crops to hard-paste
+    long_tail: list[list[tuple[int, torch.Tensor, torch.Tensor]]]  # per template image: (class, 3xHxW, HxW) crops
     aug_src: StrongAug  # strong augmentation of the mixed source images
     aug_tgt: StrongAug  # strong augmentation of the mixed target images
 
@@ -128,25 +157,21 @@ def select_classes(y_m: torch.Tensor, num_classes: int, paste_ignore_label: bool
     return sel
 
 
-def draw_choices(cfg: Config, y_m: torch.Tensor, source, class_index: list[list[int]], gen: torch.Generator
-                 ) -> StepChoices:
+def draw_choices(cfg: Config, y_m: torch.Tensor, long_tail: LongTailSource, gen: torch.Generator) -> StepChoices:
     d = cfg.dsp
     class_sel = select_classes(y_m, cfg.model.num_classes, d.paste_ignore_label, gen)
-    long_tail = []
-    candidates = [c for c in d.long_tail_classes if class_index[c]]  # a class no source image holds is skipped
-    picks = torch.randperm(len(candidates), generator=gen)[: d.num_long_tail].tolist()
-    for cls in (candidates[p] for p in picks):
-        images = class_index[cls]
-        index = images[int(torch.randint(0, len(images), (1,), generator=gen))]
-        crop = long_tail_crop(source, index, cls, cfg.data.source_size, cfg.data.crop_size, d.long_tail_search, gen)
-        if crop is not None:
-            long_tail.append((cls, *crop))
-    b, ch = len(y_m), cfg.data.crop_size[1]
-    aug = [draw_strong_aug(b, ch, d.jitter_p, d.jitter_strength, d.blur_p, gen) for _ in range(2)]
-    return StepChoices(class_sel, long_tail, aug[0], aug[1])
+    # step 3: the classes once per step, as the script; then each template image its own crops
+    candidates = [c for c in d.long_tail_classes if long_tail.class_index[c]]  # a class no image holds is skipped
+    classes = [candidates[p] for p in torch.randperm(len(candidates), generator=gen)[: d.num_long_tail].tolist()]
+    crops = []
+    for _ in range(len(y_m)):
+        drawn = [(cls, long_tail.draw(cls, d.long_tail_search, gen)) for cls in classes]
+        crops.append([(cls, *crop) for cls, crop in drawn if crop is not None])
+    aug_src, aug_tgt = draw_step_aug(len(y_m), cfg.data.crop_size[1], d.jitter_p, d.jitter_strength, d.blur_p, gen)
+    return StepChoices(class_sel, crops, aug_src, aug_tgt)
 
 
-# ----------------------------------------------------------------------------------------------- the DSP step
+# ----------------------------------------------------------------------------------------------- the step
 def seg_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits upsampled to the input size (bilinear, align_corners=True as DeepLab), and the stride-8 MMD features."""
     logits, feat = model(normalize_input(x, model.input_kind))
@@ -165,32 +190,62 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
         g.mul_(alpha).add_(f, alpha=1 - alpha)
 
 
-def paste_long_tail(x_m, y_m, class_sel, long_tail):
-    """Step 3: hard-paste each crop's class pixels onto every template image; the class joins the chosen set,
-    so its pixels join M."""
-    x_m, y_m, class_sel = x_m.clone(), y_m.clone(), class_sel.clone()
-    for cls, lt_img, lt_label in long_tail:
-        hit = lt_label == cls
-        x_m = torch.where(hit, lt_img, x_m)
-        y_m = torch.where(hit, lt_label, y_m)
-        class_sel[:, cls] = True
-    return x_m, y_m, class_sel
+def class_mask(y_m: torch.Tensor, class_sel: torch.Tensor) -> torch.Tensor:
+    """Step 2's mask: M_i = y_m[i] in the chosen classes (the ignore label is its own column K of class_sel)."""
+    k = class_sel.shape[1] - 1
+    return torch.stack([class_sel[i][torch.where(y_m[i] == IGNORE_LABEL, k, y_m[i])] for i in range(len(y_m))])
 
 
-def soft_paste(cfg: Config, x_s, y_s, x_m, y_m, x_t, yhat_t, class_sel):
+def paste_long_tail(x_m, y_m, long_tail):
+    """Step 3: hard-paste each template image's own crops (the crop's class pixels only) onto it.
+
+    Returns (x_m, y_m, pasted): pasted (B, H, W) marks the pixels written, which join M whatever their class."""
+    x_m, y_m = x_m.clone(), y_m.clone()
+    pasted = torch.zeros_like(y_m, dtype=torch.bool)
+    for i, crops in enumerate(long_tail):
+        for cls, lt_img, lt_label in crops:
+            hit = lt_label == cls
+            x_m[i] = torch.where(hit, lt_img, x_m[i])
+            y_m[i] = torch.where(hit, lt_label, y_m[i])
+            pasted[i] |= hit
+    return x_m, y_m, pasted
+
+
+def step_masks(cfg: Config, chosen: torch.Tensor, pasted: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(paste mask, weight mask, MMD mask), each (B, H, W): all three are chosen | pasted.
+
+    dsp.share_first_mask reproduces the script's bug: every image is mixed with image 0's mask tensor, which the
+    long-tail paste of each image writes into (a view) before that image is mixed: image i is pasted with
+    chosen_0 | pasted_0 | ... | pasted_i. Image 0's weights and the MMD of every image use that tensor at the end
+    (chosen_0 | every image's pasted pixels); the other images' weights use their own chosen classes only.
+    """
+    mask = chosen | pasted
+    if not cfg.dsp.share_first_mask:
+        return mask, mask, mask
+    shared = chosen[0] | pasted.cummax(dim=0).values  # row i: chosen_0 | pasted_0..i
+    final = shared[-1]
+    weight = torch.cat([final[None], chosen[1:]])
+    return shared, weight, final.expand_as(mask)
+
+
+def soft_paste(cfg: Config, x_s, y_s, x_m, y_m, x_t, yhat_t, mask):
     """Step 4: the same mask M pastes the template softly onto the source and the target images."""
     lam = cfg.dsp.lam
-    k = cfg.model.num_classes
-    # M_i = y_m[i] in chosen classes; the ignore label is its own column k of class_sel
-    mask = torch.stack([class_sel[i][torch.where(y_m[i] == IGNORE_LABEL, k, y_m[i])] for i in range(len(y_m))])
-    if cfg.dsp.share_first_mask:  # the authors' indexing bug: every image pasted with image 0's mask
-        mask = mask[:1].expand_as(mask)
     m = mask[:, None].float()
     xs_mix = lam * m * x_m + (1 - lam * m) * x_s
     xt_mix = lam * m * x_m + (1 - lam * m) * x_t
     ys_mix = torch.where(mask, y_m, y_s)
     yt_mix = torch.where(mask, y_m, yhat_t)
-    return xs_mix, ys_mix, xt_mix, yt_mix, mask
+    return xs_mix, ys_mix, xt_mix, yt_mix
+
+
+def source_loss(logits, y_s):
+    """L_src: mean CE over the valid pixels; 0 when there is none (as the authors' CrossEntropy2d)."""
+    n_valid = int((y_s != IGNORE_LABEL).sum())
+    if n_valid == 0:
+        return logits.sum() * 0.0  # keeps the graph, so backward runs as on any step
+    return F.cross_entropy(logits, y_s, ignore_index=IGNORE_LABEL)
 
 
 def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: StepChoices
@@ -199,7 +254,7 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
     d, lam = cfg.dsp, cfg.dsp.lam
     ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="none")
     logits_s, _ = seg_forward(student, x_s)
-    l_src = F.cross_entropy(logits_s, y_s, ignore_index=IGNORE_LABEL)
+    l_src = source_loss(logits_s, y_s)
     if not d.enabled:
         return {"loss": l_src, "src": l_src}
     # 1. pseudo-labels from the teacher
@@ -207,9 +262,12 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
         prob = torch.softmax(seg_forward(teacher, x_t)[0], dim=1)
         conf, yhat_t = prob.max(dim=1)
         q = (conf >= d.conf_threshold).float().mean()
-    x_m, y_m, class_sel = paste_long_tail(x_m, y_m, choices.class_sel, choices.long_tail)
+    # 2.-3. the chosen classes' mask (on the template's own labels), then the long-tail paste
+    chosen = class_mask(y_m, choices.class_sel)
+    x_m, y_m, pasted = paste_long_tail(x_m, y_m, choices.long_tail)
+    mix_mask, weight_mask, mmd_mask = step_masks(cfg, chosen, pasted)
     # 4. dual soft paste + strong augmentation
-    xs_mix, ys_mix, xt_mix, yt_mix, mask = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat_t, class_sel)
+    xs_mix, ys_mix, xt_mix, yt_mix = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat_t, mix_mask)
     xs_mix = strong_augment(xs_mix, choices.aug_src)
     xt_mix = strong_augment(xt_mix, choices.aug_tgt)
     # 5. student forwards (separate calls: BN batch statistics differ per call)
@@ -217,12 +275,12 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
     logits_tm, feat_tm = seg_forward(student, xt_mix)
     # 6. losses; an ignored pixel contributes 0 but still counts in the mean over B*H*W
     l_srcmix = (lam * ce(logits_sm, ys_mix) + (1 - lam) * ce(logits_sm, y_s)).mean()
-    weight = torch.where(mask, torch.ones_like(conf), q)
+    weight = torch.where(weight_mask, torch.ones_like(conf), q)
     tgt_terms = lam * weight * ce(logits_tm, yt_mix)
     if not d.drop_target_soft_term:
         tgt_terms = tgt_terms + (1 - lam) * weight * ce(logits_tm, yhat_t)
     l_tgtmix = tgt_terms.mean()
-    l_mmd = d.mmd_weight * weighted_mmd(feat_sm, feat_tm, mask, tuple(x_s.shape[-2:]))
+    l_mmd = d.mmd_weight * weighted_mmd(feat_sm, feat_tm, mmd_mask, tuple(x_s.shape[-2:]))
     loss = l_src + l_srcmix + l_tgtmix + l_mmd
     return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": q}
 
@@ -276,6 +334,7 @@ class ReferenceRun:
     student: torch.nn.Module
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    long_tail: LongTailSource | None = None  # step 3's crops (set by build_run)
 
 
 def build_run(cfg: Config) -> ReferenceRun:
@@ -288,7 +347,8 @@ def build_run(cfg: Config) -> ReferenceRun:
     d = cfg.data
 
     def loader(dataset, base_size, seed):
-        return forever(DataLoader(RandomCrops(dataset, base_size, d.crop_size), batch_size=d.batch_size,
+        resample = SOURCE_RESAMPLE if dataset is source else "bilinear"
+        return forever(DataLoader(RandomCrops(dataset, base_size, d.crop_size, resample), batch_size=d.batch_size,
                                   shuffle=True, drop_last=True, num_workers=d.num_workers,
                                   generator=torch.Generator().manual_seed(seed)))
 
@@ -297,16 +357,18 @@ def build_run(cfg: Config) -> ReferenceRun:
     tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
     student, teacher = build_student_teacher(cfg.model, device)
     optimizer = build_optimizer(cfg, student)
+    long_tail = LongTailSource(source, class_index, cfg.dsp.long_tail_size, d.crop_size)
     return ReferenceRun(cfg, device, source, class_index, gen, src_iter, tmpl_iter, tgt_iter, student, teacher,
-                        optimizer)
+                        optimizer, long_tail)
 
 
 def next_batch(run: ReferenceRun) -> tuple[list[torch.Tensor], StepChoices]:
     """One step's data: source, template and target crops, and the step's random choices, on the device."""
     (x_s, y_s), (x_m, y_m), x_t = next(run.src_iter), next(run.tmpl_iter), next(run.tgt_iter)
-    choices = draw_choices(run.cfg, y_m, run.source, run.class_index, run.gen)
+    choices = draw_choices(run.cfg, y_m, run.long_tail, run.gen)
     if run.device.type != "cpu":
-        choices.long_tail = [(c, i.to(run.device), lb.to(run.device)) for c, i, lb in choices.long_tail]
+        choices.long_tail = [[(c, i.to(run.device), lb.to(run.device)) for c, i, lb in crops]
+                             for crops in choices.long_tail]
         choices.class_sel = choices.class_sel.to(run.device)
     return [t.to(run.device) for t in (x_s, y_s, x_m, y_m, x_t)], choices
 

@@ -96,7 +96,7 @@ def _same_device(named: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------------- dual soft paste
 def check_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
                      src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
-                     tgt_pseudo: torch.Tensor, lam: float) -> None:
+                     tgt_pseudo: torch.Tensor, lam: float, pasted: torch.Tensor | None = None) -> None:
     """Shape, dtype and device checks of dual_soft_paste (no host sync)."""
     imgs = {"tmpl_img": tmpl_img, "src_img": src_img, "tgt_img": tgt_img}
     labels = {"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo}
@@ -119,6 +119,11 @@ def check_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel
     _need(isinstance(lam, (int, float)) and not isinstance(lam, bool), f"lam must be a number, got {type(lam)}")
     _need(0.0 <= lam <= 1.0, f"lam must be in [0, 1], got {lam}")
     _same_device({**imgs, **labels, "class_sel": class_sel})
+    if pasted is not None:
+        _need(isinstance(pasted, torch.Tensor) and pasted.dtype == torch.bool,
+              f"pasted must be a bool tensor, got {getattr(pasted, 'dtype', type(pasted))}")
+        _need(tuple(pasted.shape) == (b, h, w), f"pasted must be (B, H, W) = {(b, h, w)}, got {tuple(pasted.shape)}")
+        _same_device({"tmpl_img": tmpl_img, "pasted": pasted})
 
 
 def bad_label_message(name: str, num_classes: int) -> str:

@@ -57,7 +57,8 @@ def _weighted_mmd_fused(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.
                         kernel_mul: float, kernel_num: int) -> torch.Tensor:
     n_b = feat_s.shape[0]
     feat_hw = tuple(feat_s.shape[-2:])
-    a_ones_1hw = adjoint_map(None, feat_hw, size, True, feat_s.dtype, feat_s.device)
+    # the global term pools the stride-8 map itself (as the authors' script): a uniform 1/(h*w) map
+    a_ones_1hw = torch.full((1, *feat_hw), 1.0 / (feat_hw[0] * feat_hw[1]), dtype=feat_s.dtype, device=feat_s.device)
     a_mask_Bhw = adjoint_map(mask, feat_hw, size, True, feat_s.dtype, feat_s.device)
     # both pools of one feature map in one product: feat is read once for the global and the masked pool
     a_B2hw = torch.stack([a_ones_1hw.expand(n_b, -1, -1), a_mask_Bhw], dim=1)
@@ -68,8 +69,9 @@ def _weighted_mmd_fused(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.
 
 def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
                  kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
-    """DSP's MMD term before its factor c: MMD(GAP(up(feat_s)), GAP(up(feat_t))) +
-    MMD(GAP(M*up(feat_s)), GAP(M*up(feat_t))), with up = bilinear to `size`, align_corners=True.
+    """DSP's MMD term before its factor c: MMD(GAP(feat_s), GAP(feat_t)) + MMD(GAP(M*up(feat_s)), GAP(M*up(feat_t))),
+    with up = bilinear to `size`, align_corners=True: the global term pools the stride-8 maps, the masked term the
+    upsampled ones (as the authors' script).
 
     feat_s, feat_t (B, C, h, w); mask (B, H, W) bool or float at `size`. Differentiable w.r.t. both features;
     no tensor of size B*C*H*W is built, forward or backward.

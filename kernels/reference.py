@@ -23,13 +23,14 @@ from ._common import (
 
 def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
                     src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
-                    tgt_pseudo: torch.Tensor, lam: float
+                    tgt_pseudo: torch.Tensor, lam: float, pasted: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DSP step 4: M = tmpl_label in the chosen classes; the same M pastes the template onto both destinations.
+    """DSP step 4: M = tmpl_label in the chosen classes, or pasted by the long-tail paste (`pasted`, (B, H, W)
+    bool, optional); the same M pastes the template onto both destinations.
 
     Returns (src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW).
     """
-    check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam)
+    check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted)
     num_classes = class_sel.shape[1]
     check_label_values({"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo}, num_classes)
     # M[b, y, x] = class_sel[b, tmpl_label[b, y, x]], read from the table (not isin over its nonzero entries, whose
@@ -39,6 +40,8 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     ids = tmpl_label.long()
     ids_BP = torch.where((ids < 0) | (ids >= num_classes), num_classes, ids).flatten(1)
     mask_BHW = table_BK1.gather(1, ids_BP).view_as(tmpl_label)
+    if pasted is not None:
+        mask_BHW = mask_BHW | pasted
     m_B1HW = mask_BHW[:, None].to(tmpl_img.dtype)
     src_mix_img = lam * m_B1HW * tmpl_img + (1 - lam * m_B1HW) * src_img
     tgt_mix_img = lam * m_B1HW * tmpl_img + (1 - lam * m_B1HW) * tgt_img
@@ -92,14 +95,14 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_nu
 
 def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
                  kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
-    """DSP's MMD term (before the factor c): MMD of the global pools + MMD of the mask-weighted pools of the
-    upsampled features (bilinear, align_corners=True, as the authors' nn.Upsample)."""
+    """DSP's MMD term (before the factor c): MMD of the global pools of the stride-8 features + MMD of the
+    mask-weighted pools of the upsampled features (bilinear, align_corners=True, as the authors' nn.Upsample)."""
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
-    # as the authors: upsample once per feature map, pool it as is and multiplied by M
+    # as the authors: the global pool of the stride-8 map; the upsampled map, times M, for the masked pool
+    global_mmd = mmd_rbf(feat_s.mean(dim=(2, 3)), feat_t.mean(dim=(2, 3)), kernel_mul, kernel_num)
     up_s_BCHW = F.interpolate(feat_s, size=size, mode="bilinear", align_corners=True)
     up_t_BCHW = F.interpolate(feat_t, size=size, mode="bilinear", align_corners=True)
     m_B1HW = mask[:, None].to(up_s_BCHW.dtype)
-    global_mmd = mmd_rbf(up_s_BCHW.mean(dim=(2, 3)), up_t_BCHW.mean(dim=(2, 3)), kernel_mul, kernel_num)
     masked_mmd = mmd_rbf((m_B1HW * up_s_BCHW).mean(dim=(2, 3)), (m_B1HW * up_t_BCHW).mean(dim=(2, 3)),
                          kernel_mul, kernel_num)
     return global_mmd + masked_mmd

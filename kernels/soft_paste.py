@@ -5,10 +5,11 @@ Shapes: B batch, C channels, H x W crop, P = H*W pixels, K number of classes.
 Grid: (pixel blocks, B). Each program handles BLOCK_P pixels of one image and loops over channel blocks, so the
 class lookup and the label selects are done once per pixel, not once per channel.
 
-Bytes per pixel (what the benchmark assumes): read 3*C image values + 3 labels, write 2*C image values + 2 labels +
-1 mask byte; the template's image values are read only where the mask is set (a masked load), so the count is an
-upper bound. The kernel needs no host sync and has fixed shapes, so it can be captured in a CUDA graph; the label
-value check (one sync) is skipped during a capture (see `_common.set_value_checks`).
+Bytes per pixel (what the benchmark assumes): read 3*C image values + 3 labels (+ 1 pasted-flag byte when given),
+write 2*C image values + 2 labels + 1 mask byte; the template's image values are read only where the mask is set
+(a masked load), so the count is an upper bound. The kernel needs no host sync and has fixed shapes, so it can be
+captured in a CUDA graph; the label value check (one sync) is skipped during a capture (see
+`_common.set_value_checks`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ._common import (
 def _dual_soft_paste_kernel(
     tmpl_img, src_img, tgt_img, src_out, tgt_out,
     tmpl_lbl, src_lbl, tgt_lbl, src_lbl_out, tgt_lbl_out, mask_out,
-    sel_ptr, err_ptr, lam,
+    sel_ptr, pasted_ptr, err_ptr, lam,
     C, H, W, K,
     s_ti_b, s_ti_c, s_ti_h, s_ti_w,
     s_si_b, s_si_c, s_si_h, s_si_w,
@@ -44,7 +45,8 @@ def _dual_soft_paste_kernel(
     s_sl_b, s_sl_h, s_sl_w,
     s_gl_b, s_gl_h, s_gl_w,
     s_sel_b, s_sel_k,
-    IGNORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    s_pa_b, s_pa_h, s_pa_w,
+    IGNORE: tl.constexpr, HAS_PASTED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     # the batch offset in int64, once per program on the base pointers (a whole batch may pass 2**31 elements);
@@ -60,6 +62,7 @@ def _dual_soft_paste_kernel(
     src_lbl += b * s_sl_b
     tgt_lbl += b * s_gl_b
     sel_ptr += b * s_sel_b
+    pasted_ptr += b * s_pa_b
     out_base = b * H * W
     src_lbl_out += out_base
     tgt_lbl_out += out_base
@@ -78,6 +81,9 @@ def _dual_soft_paste_kernel(
     cls = tl.where(valid_t, lbl_t, 0).to(tl.int32)
     sel = tl.load(sel_ptr + cls * s_sel_k, mask=inb & valid_t, other=0)
     m = sel != 0
+    if HAS_PASTED:  # long-tail pixels pasted onto the template join M whatever their class (step 3)
+        pa = tl.load(pasted_ptr + y * s_pa_h + x * s_pa_w, mask=inb, other=0)
+        m = m | (pa != 0)
 
     # bad labels are counted, not trusted: the launcher turns a nonzero count into a ValueError
     bad = (~valid_t & (lbl_t != IGNORE)).to(tl.int32)
@@ -126,14 +132,15 @@ def _alloc_outputs(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, src_img: to
 
 def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
                             src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
-                            tgt_pseudo: torch.Tensor, lam: float
+                            tgt_pseudo: torch.Tensor, lam: float, pasted: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel (inputs already checked)."""
     n_b, n_c, n_h, n_w = tmpl_img.shape
     src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW = _alloc_outputs(tmpl_img, tmpl_label, src_img,
                                                                           src_label, tgt_img, tgt_pseudo)
     err = torch.zeros((1,), dtype=torch.int32, device=tmpl_label.device)
-    for t in (tmpl_img, src_img, tgt_img, src_out, tgt_out, tmpl_label, src_label, tgt_pseudo):
+    for t in (tmpl_img, src_img, tgt_img, src_out, tgt_out, tmpl_label, src_label, tgt_pseudo,
+              *([] if pasted is None else [pasted])):
         # the kernel offsets inside one image in int32 (the batch offset is int64)
         if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
             raise ValueError(f"dual_soft_paste: one image spans more than 2**31 elements, shape {tuple(t.shape)}")
@@ -148,12 +155,12 @@ def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, cl
     _dual_soft_paste_kernel[grid](
         tmpl_img, src_img, tgt_img, src_out, tgt_out,
         tmpl_label, src_label, tgt_pseudo, src_lbl_out, tgt_lbl_out, mask_BHW.view(torch.uint8),
-        class_sel.view(torch.uint8), err, float(lam),
+        class_sel.view(torch.uint8), mask_BHW if pasted is None else pasted.view(torch.uint8), err, float(lam),
         n_c, n_h, n_w, class_sel.shape[1],
         *tmpl_img.stride(), *src_img.stride(), *tgt_img.stride(), *src_out.stride(), *tgt_out.stride(),
         *tmpl_label.stride(), *src_label.stride(), *tgt_pseudo.stride(),
-        *class_sel.stride(),
-        IGNORE=IGNORE_LABEL, BLOCK_P=block_p, BLOCK_C=block_c,
+        *class_sel.stride(), *(mask_BHW if pasted is None else pasted).stride(),
+        IGNORE=IGNORE_LABEL, HAS_PASTED=pasted is not None, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     if value_checks_active(tmpl_label) and int(err.item()) > 0:
         # name the offending tensor: the kernel only counted; finding which one costs nothing on this error path
@@ -168,21 +175,23 @@ def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, cl
 
 def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
                     src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
-                    tgt_pseudo: torch.Tensor, lam: float
+                    tgt_pseudo: torch.Tensor, lam: float, pasted: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DSP step 4 in one pass. Returns (src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW).
 
-    mask[b,h,w] = class_sel[b, tmpl_label[b,h,w]] (False for 255); mix_img = lam*mask*tmpl + (1 - lam*mask)*dst;
-    mix_label = where(mask, tmpl_label, dst_label). Images float32/float16/bfloat16, NCHW or channels_last;
-    labels int64 or uint8 (a mixed label map takes the promoted dtype of its two sources, as torch.where).
-    Not differentiable: the images come from the data pipeline.
+    mask[b,h,w] = class_sel[b, tmpl_label[b,h,w]] (False for 255) or pasted[b,h,w];
+    mix_img = lam*mask*tmpl + (1 - lam*mask)*dst; mix_label = where(mask, tmpl_label, dst_label).
+    Images float32/float16/bfloat16, NCHW or channels_last; labels int64 or uint8 (a mixed label map takes the
+    promoted dtype of its two sources, as torch.where).
+    pasted (B, H, W) bool, optional: pixels the long-tail paste wrote onto the template; they join the mask
+    whatever their class (DSP step 3). Not differentiable: the images come from the data pipeline.
     """
-    check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam)
+    check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted)
     if not use_triton(tmpl_img):
         return reference.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
-                                         tgt_pseudo, lam)
+                                         tgt_pseudo, lam, pasted)
     return tuple(torch.ops.dsp_fast.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
-                                                    tgt_pseudo, float(lam)))
+                                                    tgt_pseudo, float(lam), pasted))
 
 
 # The launch as a torch operator: fake tensors (shape propagation with no device), torch.compile and an op
@@ -190,11 +199,12 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
 @torch.library.custom_op("dsp_fast::dual_soft_paste", mutates_args=())
 def _dual_soft_paste_op(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel: torch.Tensor,
                         src_img: torch.Tensor, src_label: torch.Tensor, tgt_img: torch.Tensor,
-                        tgt_pseudo: torch.Tensor, lam: float
+                        tgt_pseudo: torch.Tensor, lam: float, pasted: torch.Tensor | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _dual_soft_paste_triton(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam)
+    return _dual_soft_paste_triton(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam,
+                                   pasted)
 
 
 @_dual_soft_paste_op.register_fake
-def _(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam):
+def _(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted):
     return _alloc_outputs(tmpl_img, tmpl_label, src_img, src_label, tgt_img, tgt_pseudo)

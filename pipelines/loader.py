@@ -1,6 +1,6 @@
 """`build_loaders`: the per-step data of the fast trainer, from prepared folders, with a switchable backend.
 
-Legend: B = batch_size (per domain), K = long-tail crops per step, H, W = crop height and width.
+Legend: B = batch_size (per domain), L = long-tail classes per step, H, W = crop height and width.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class StepLoader:
 
         src_img, tmpl_img  (B, 3, H, W) uint8, channels_last    source batch and template batch
         src_label, tmpl_label (B, H, W) uint8                  train ids, 255 = ignore
-        lt_img (K, 3, H, W) uint8, lt_label (K, H, W) uint8    long-tail crops, crop k contains class lt_class[k]
-        lt_class (K,) int64                                    K = min(num_long_tail, classes present), fixed
+        lt_img (B*L, 3, H, W) uint8, lt_label (B*L, H, W) uint8 long-tail crops: crop b*L + l is template b's
+                                                               crop of class lt_class[l] (it holds that class)
+        lt_class (L,) int64                                    L = min(num_long_tail, classes present), fixed
         tgt_img (B, 3, H, W) uint8, channels_last              target batch
 
     Everything random (images, windows, flips, long-tail classes) is planned on the host from (seed, rank, step)
@@ -38,26 +39,32 @@ class StepLoader:
     continues the same sequence. Images stay uint8: the trainer converts and normalises on the device.
     """
 
-    def __init__(self, planner: Planner, source, target, device: torch.device, start_step: int) -> None:
-        self.planner, self.source, self.target, self.device = planner, source, target, device
-        self.step = start_step
+    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device, start_step: int) -> None:
+        self.planner, self.source, self.target, self.long_tail = planner, source, target, long_tail
+        self.device, self.step = device, start_step
 
     def __iter__(self) -> StepLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        s_img, s_label, s_plan = next(self.source)
+        s_img, s_label, _ = next(self.source)
         t_img, _, _ = next(self.target)
         s_img, b = _nchw(s_img), self.planner.batch_size
-        classes = torch.tensor(s_plan.classes, dtype=torch.int64).to(self.device, non_blocking=True)
+        if self.long_tail is not None:
+            lt_img, lt_label, lt_plan = next(self.long_tail)
+            lt_img, classes = _nchw(lt_img), lt_plan.classes
+        else:  # no long-tail crops: empty tensors of the right shapes
+            lt_img, lt_label, classes = s_img[:0], s_label[:0], []
         self.step += 1
         return {"src_img": s_img[:b], "src_label": s_label[:b], "tmpl_img": s_img[b:2 * b],
-                "tmpl_label": s_label[b:2 * b], "lt_img": s_img[2 * b:], "lt_label": s_label[2 * b:],
-                "lt_class": classes, "tgt_img": _nchw(t_img)}
+                "tmpl_label": s_label[b:2 * b], "lt_img": lt_img, "lt_label": lt_label,
+                "lt_class": torch.tensor(classes, dtype=torch.int64).to(self.device, non_blocking=True),
+                "tgt_img": _nchw(t_img)}
 
     def close(self) -> None:
-        self.source.close()
-        self.target.close()
+        for stream in (self.source, self.target, self.long_tail):
+            if stream is not None:
+                stream.close()
 
 
 def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int] = (512, 512), batch_size: int = 2,
@@ -83,9 +90,10 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     if batch_size < 1 or num_threads < 0:
         raise ValueError(f"batch_size must be >= 1 and num_threads >= 0, got {batch_size} and {num_threads}")
     source, target = load_prepared(source_dir), load_prepared(target_dir)
+    long_tail = load_prepared(source.long_tail) if source.long_tail and num_long_tail > 0 else None
     crop = (int(crop_size[0]), int(crop_size[1]))
     planner = Planner(source, target, crop, batch_size, rank, world_size, seed, tuple(long_tail_classes),
-                      num_long_tail, flip)
+                      num_long_tail, flip, long_tail)
     if backend == "dali":
         from .dali_backend import DaliCropStream as Stream
 
@@ -96,4 +104,9 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
         kwargs = {"num_threads": num_threads, "gpu_decode": backend == "torchvision"}
     src = Stream(source, planner.source_plan, crop, True, device, start_step=start_step, prefetch=prefetch, **kwargs)
     tgt = Stream(target, planner.target_plan, crop, False, device, start_step=start_step, prefetch=prefetch, **kwargs)
-    return StepLoader(planner, src, tgt, device, start_step)
+    lt = None
+    if planner.num_long_tail > 0:
+        assert long_tail is not None  # the planner checked it
+        lt = Stream(long_tail, planner.long_tail_plan, crop, True, device, start_step=start_step, prefetch=prefetch,
+                    **kwargs)
+    return StepLoader(planner, src, tgt, lt, device, start_step)

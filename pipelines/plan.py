@@ -1,6 +1,11 @@
 """Host-side planning of every random choice of the data streams: which images, which crop windows, which flips,
-which long-tail classes. Pure numpy, shared by all backends: the same (seed, rank, step) gives the same plan, so
-the DALI and torch backends produce the same crops, and a resumed run continues the same sequence.
+which long-tail classes and crops. Numpy (plus the long-tail labels, decoded on the host), shared by all backends:
+the same (seed, rank, step) gives the same plan, so the DALI and torch backends produce the same crops, and a
+resumed run continues the same sequence.
+
+Long-tail crops (DSP step 3) follow the distribution of the authors' retry loop without the loop: the image in
+proportion to its number of crop windows that hold the class (counted at preparation), then one of those windows
+uniformly (found in that image's label: `dsp_fast.data.windows`).
 
 Sharding: each stream walks an endless sequence of per-epoch permutations (seed + stream + epoch). Position g of
 that global sequence goes to rank g % world_size, so within every epoch each sample goes to exactly one rank,
@@ -14,9 +19,12 @@ import dataclasses
 
 import numpy as np
 
-from .prepared import PreparedSet
+from dsp_fast.data.windows import draw_valid_window
+
+from .prepared import PreparedSet, read_label_array
 
 STREAM_SOURCE, STREAM_TEMPLATE, STREAM_TARGET = 0, 1, 2
+SIDE_SOURCE, SIDE_TARGET, SIDE_LONG_TAIL = 0, 1, 2
 
 
 class ShardedSampler:
@@ -56,15 +64,6 @@ def random_window(rng: np.random.Generator, size: tuple[int, int], crop: tuple[i
     return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
 
 
-def window_around(rng: np.random.Generator, size: tuple[int, int], crop: tuple[int, int], y: int, x: int
-                  ) -> tuple[int, int]:
-    """Top-left (x0, y0) of a window drawn uniformly among those holding pixel (y, x) (reference 'around_class')."""
-    (w, h), (cw, ch) = size, crop
-    x0 = int(rng.integers(max(0, x - cw + 1), min(w - cw, x) + 1))
-    y0 = int(rng.integers(max(0, y - ch + 1), min(h - ch, y) + 1))
-    return x0, y0
-
-
 @dataclasses.dataclass
 class CropPlan:
     """The crops one pipeline produces in one step: image index, window top-left (x0, y0) and flip per crop."""
@@ -72,15 +71,16 @@ class CropPlan:
     indices: list[int]
     windows: list[tuple[int, int]]
     flips: list[bool]
-    classes: list[int]  # long-tail class of each crop (source plan only; the last len(classes) crops)
+    classes: list[int]  # long-tail plan only: the step's L classes; crop b*L + l is template b's crop of class l
 
 
 class Planner:
-    """Plans for every step of the source side (source + template + long-tail crops) and the target side."""
+    """Plans for every step of the source side (source + template crops), the long-tail crops (from the source
+    set's longtail/ set, `long_tail`) and the target side."""
 
     def __init__(self, source: PreparedSet, target: PreparedSet, crop: tuple[int, int], batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, long_tail_classes: tuple[int, ...] = (),
-                 num_long_tail: int = 0, flip: bool = False) -> None:
+                 num_long_tail: int = 0, flip: bool = False, long_tail: PreparedSet | None = None) -> None:
         for s in (source, target):
             if crop[0] > s.size[0] or crop[1] > s.size[1]:
                 raise ValueError(f"crop {crop[0]}x{crop[1]} is larger than {s.root} ({s.size[0]}x{s.size[1]})")
@@ -94,8 +94,21 @@ class Planner:
         if bad:
             raise ValueError(f"long-tail classes {bad} are not train ids of {source.root} "
                              f"(0..{source.num_classes - 1})")
-        # As the reference: a class no source image holds is skipped, so every step has the same crop count.
-        self.candidates = [c for c in long_tail_classes if source.class_images[c]]
+        self.long_tail = long_tail
+        self.candidates: list[int] = []
+        if num_long_tail > 0:
+            if long_tail is None or long_tail.window_counts is None:
+                raise ValueError(f"{source.root}: no longtail/ set; prepare the source again (python -m "
+                                 "dsp_fast.prepare, without --no-long-tail) to draw long-tail crops")
+            if tuple(long_tail.crop) != tuple(crop):
+                raise ValueError(f"{long_tail.root}: windows counted for {long_tail.crop[0]}x{long_tail.crop[1]} "
+                                 f"crops, data.crop_size is {crop[0]}x{crop[1]}; prepare again with --crop")
+            missing = [c for c in long_tail_classes if c not in long_tail.long_tail_classes]
+            if missing:
+                raise ValueError(f"{long_tail.root}: dsp.long_tail_classes {missing} were not counted at "
+                                 f"preparation ({long_tail.long_tail_classes}); prepare with --long-tail-classes")
+            # As the reference: a class no source image holds is skipped, so every step has the same crop count.
+            self.candidates = [c for c in long_tail_classes if long_tail.window_counts[:, c].sum() > 0]
         self.num_long_tail = min(num_long_tail, len(self.candidates))
 
     def _rng(self, step: int, side: int) -> np.random.Generator:
@@ -104,33 +117,36 @@ class Planner:
     def _flips(self, rng: np.random.Generator, n: int) -> list[bool]:
         return [bool(f) for f in rng.integers(0, 2, n)] if self.flip else [False] * n
 
-    def long_tail(self, rng: np.random.Generator) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-        """(classes, images, windows): distinct random classes, a random image holding each, a window around one
-        of its stored class pixels, so the crop contains the class by construction."""
-        picks = rng.permutation(len(self.candidates))[: self.num_long_tail]
-        classes, images, windows = [], [], []
-        for cls in (self.candidates[p] for p in picks):
-            holders = self.source.class_images[cls]
-            i = holders[int(rng.integers(len(holders)))]
-            pts = self.source.points[i, cls]
-            pts = pts[pts[:, 0] >= 0]
-            y, x = (int(v) for v in pts[int(rng.integers(len(pts)))])
-            classes.append(cls)
-            images.append(i)
-            windows.append(window_around(rng, self.source.size, self.crop, y, x))
-        return classes, images, windows
+    def draw_long_tail(self, rng: np.random.Generator, cls: int) -> tuple[int, tuple[int, int]]:
+        """(image of the longtail/ set, window top-left (x0, y0)) holding `cls`, with the retry loop's law."""
+        assert self.long_tail is not None and self.long_tail.window_counts is not None
+        counts = self.long_tail.window_counts[:, cls].astype(np.float64)
+        i = int(rng.choice(len(counts), p=counts / counts.sum()))
+        y0, x0 = draw_valid_window(rng, read_label_array(self.long_tail, i), cls, self.crop)
+        return i, (x0, y0)
+
+    def long_tail_plan(self, step: int) -> CropPlan:
+        """B*L crops of the longtail/ set: L distinct classes for the step, then each template image its own crop
+        of each (image-major: crop b*L + l)."""
+        rng = self._rng(step, SIDE_LONG_TAIL)
+        classes = [self.candidates[p] for p in rng.permutation(len(self.candidates))[: self.num_long_tail]]
+        indices, windows = [], []
+        for _ in range(self.batch_size):
+            for cls in classes:
+                i, window = self.draw_long_tail(rng, cls)
+                indices.append(i)
+                windows.append(window)
+        return CropPlan(indices, windows, self._flips(rng, len(indices)), classes)
 
     def source_plan(self, step: int) -> CropPlan:
-        """Crops 0..B-1: source batch; B..2B-1: template batch; then the long-tail crops."""
-        b, rng = self.batch_size, self._rng(step, 0)
+        """Crops 0..B-1: source batch; B..2B-1: template batch."""
+        b, rng = self.batch_size, self._rng(step, SIDE_SOURCE)
         indices = self.samplers[0].take(step * b, b) + self.samplers[1].take(step * b, b)
         windows = [random_window(rng, self.source.size, self.crop) for _ in indices]
-        classes, lt_images, lt_windows = self.long_tail(rng)
-        flips = self._flips(rng, len(indices) + len(classes))
-        return CropPlan(indices + lt_images, windows + lt_windows, flips, classes)
+        return CropPlan(indices, windows, self._flips(rng, len(indices)), [])
 
     def target_plan(self, step: int) -> CropPlan:
-        b, rng = self.batch_size, self._rng(step, 1)
+        b, rng = self.batch_size, self._rng(step, SIDE_TARGET)
         indices = self.samplers[2].take(step * b, b)
         windows = [random_window(rng, self.target.size, self.crop) for _ in indices]
         return CropPlan(indices, windows, self._flips(rng, b), [])

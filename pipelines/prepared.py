@@ -6,10 +6,11 @@ One prepared set (a dataset, or one Cityscapes split) is a folder:
     labels/<stem>.png          8-bit grayscale train ids, 255 = ignore (never a palette: DALI expands palettes)
     stats/<stem>.json          per-image sidecar, written last: its presence marks the image as done (resume)
     manifest.json              the set: stems in order, sizes, per-class pixel counts, class -> images, rejects
-    index.npz                  counts (N, C) int32 pixels per class; points (N, C, P, 2) int16 (y, x) of up to P
-                               random pixels of each class, -1 padded: a long-tail crop window is drawn around
-                               one of them on the host, without decoding the label
+    index.npz                  counts (N, C) int32 pixels per class; in a longtail/ set also window_counts (N, C)
+                               int64: the crop windows (manifest "crop") that hold each long-tail class
     rejects.txt                input files that could not be read, one per line with the error
+    longtail/                  a source set only: the images holding a long-tail class, at the long-tail size
+                               (1920x1080), as a prepared set of its own (manifest "long_tail" names it)
 
 The manifest is rebuilt from the sidecars at the end of every run, so an interrupted run loses no finished image.
 """
@@ -17,17 +18,20 @@ The manifest is rebuilt from the sidecars at the end of every run, so an interru
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import struct
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dsp_fast.data.errors import DatasetError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bicubic source images, longtail/ subset with window counts (no stored points)
 MANIFEST = "manifest.json"
+LONG_TAIL_DIR = "longtail"
 INDEX = "index.npz"
 REJECTS = "rejects.txt"
 OPTIONS = "prepare_options.json"  # the options an output folder was started with; a resume must match them
@@ -54,28 +58,21 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def image_stats(label_HW: np.ndarray | None, num_classes: int, num_points: int, seed: int) -> dict[str, Any]:
-    """Per-class pixel counts and up to `num_points` random (y, x) pixels of each present class."""
+def image_stats(label_HW: np.ndarray | None, num_classes: int) -> dict[str, Any]:
+    """Per-class pixel counts."""
     if label_HW is None:
-        return {"counts": [], "points": {}}
-    counts = np.bincount(label_HW.ravel(), minlength=256)[:num_classes]
-    rng = np.random.default_rng(seed)
-    points: dict[str, list[list[int]]] = {}
-    flat = label_HW.ravel()
-    for c in np.flatnonzero(counts):
-        where = np.flatnonzero(flat == c)
-        pick = rng.choice(where, size=min(num_points, len(where)), replace=False)
-        ys, xs = np.divmod(pick, label_HW.shape[1])
-        points[str(int(c))] = [[int(y), int(x)] for y, x in zip(ys, xs)]
-    return {"counts": counts.astype(int).tolist(), "points": points}
+        return {"counts": []}
+    return {"counts": np.bincount(label_HW.ravel(), minlength=256)[:num_classes].astype(int).tolist()}
 
 
-def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects: list[dict[str, str]]) -> dict:
-    """Gather the finished images' sidecars (in `stems` order) into manifest.json + index.npz; return the manifest."""
-    num_classes, num_points = options["num_classes"], options["num_points"]
+def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects: list[dict[str, str]],
+                   long_tail: str | None = None) -> dict:
+    """Gather the finished images' sidecars (in `stems` order) into manifest.json + index.npz; return the manifest.
+    long_tail: the subfolder of this source set's longtail/ set, if it has one."""
+    num_classes = options["num_classes"]
     has_labels = options["labels"]
     counts = np.zeros((len(stems), num_classes), dtype=np.int32)
-    points = np.full((len(stems), num_classes, num_points, 2), -1, dtype=np.int16)
+    windows = np.zeros((len(stems), num_classes), dtype=np.int64)
     source_sizes = []
     for i, stem in enumerate(stems):
         with open(stats_path(root, stem)) as f:
@@ -83,8 +80,8 @@ def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects
         source_sizes.append(side["source_size"])
         if has_labels:
             counts[i] = side["counts"]
-            for c, pts in side["points"].items():
-                points[i, int(c), : len(pts)] = pts
+            for c, n in side.get("windows", {}).items():
+                windows[i, int(c)] = n
     manifest = {
         **options,
         "format_version": FORMAT_VERSION,
@@ -94,10 +91,12 @@ def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects
         "class_pixels": counts.sum(0, dtype=np.int64).tolist(),
         "class_images": [np.flatnonzero(counts[:, c]).tolist() for c in range(num_classes)] if has_labels else [],
         "rejects": rejects,
+        "long_tail": long_tail,
     }
+    arrays = {"counts": counts, **({"window_counts": windows} if options.get("is_long_tail") else {})}
     buf_path = os.path.join(root, INDEX)
     with open(f"{buf_path}.tmp-{os.getpid()}", "wb") as f:
-        np.savez_compressed(f, counts=counts, points=points)
+        np.savez_compressed(f, **arrays)
     os.replace(f"{buf_path}.tmp-{os.getpid()}", buf_path)
     write_atomic(os.path.join(root, MANIFEST), json.dumps(manifest).encode())
     lines = [f"{r['path']}\t{r['error']}" for r in rejects]
@@ -117,7 +116,10 @@ class PreparedSet:
     stems: list[str]
     has_labels: bool
     class_images: list[list[int]]  # class -> indices of the images that contain it
-    points: np.ndarray  # (N, C, P, 2) int16 (y, x), -1 padded
+    crop: tuple[int, int]  # (width, height) the window counts are for
+    window_counts: np.ndarray | None  # (N, C) int64 windows holding each class (a longtail/ set), else None
+    long_tail_classes: list[int]  # the classes whose windows were counted (prepare --long-tail-classes)
+    long_tail: str | None  # the longtail/ set's folder (a source set prepared with one), else None
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -147,12 +149,14 @@ def load_prepared(root: str) -> PreparedSet:
     index_file = os.path.join(root, INDEX)
     try:
         with np.load(index_file) as z:
-            points = z["points"]
+            windows = z["window_counts"] if m.get("is_long_tail") else None
     except (OSError, KeyError, ValueError) as e:
         raise DatasetError(f"{index_file}: unreadable class index ({e}); rerun python -m dsp_fast.prepare") from None
+    long_tail = os.path.join(os.path.abspath(root), m["long_tail"]) if m.get("long_tail") else None
     return PreparedSet(root=os.path.abspath(root), dataset=m["dataset"], size=tuple(m["size"]), format=m["format"],
                        num_classes=m["num_classes"], stems=m["stems"], has_labels=m["labels"],
-                       class_images=m["class_images"], points=points)
+                       class_images=m["class_images"], crop=tuple(m["crop"]), window_counts=windows,
+                       long_tail_classes=list(m["long_tail_classes"]), long_tail=long_tail)
 
 
 # --------------------------------------------------------------------------------------------- encoded sizes
@@ -204,6 +208,17 @@ def check_gray8(data: bytes | np.ndarray, path: str) -> None:
     head = bytes(memoryview(data)[:26])
     if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[24] != 8 or head[25] != 0:
         raise DatasetError(f"{path}: not an 8-bit grayscale PNG label (prepared labels are 'L' train-id PNGs)")
+
+
+def read_label_array(ds: PreparedSet, i: int) -> np.ndarray:
+    """Label i of a prepared set, decoded on the host: (H, W) uint8 train ids."""
+    path = ds.label_path(i)
+    data = read_checked(path, ds.size, gray8=True)
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: corrupt or truncated label ({e})") from None
 
 
 def read_checked(path: str, size: tuple[int, int], gray8: bool = False) -> np.ndarray:

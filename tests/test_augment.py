@@ -1,36 +1,101 @@
-"""Strong augmentation: identities, hand values, and the drawn-parameter semantics."""
+"""Strong augmentation against values worked out by hand from kornia 0.2.0's formulas (kornia is not a dependency),
+the blur, and the drawn-parameter semantics (shared coins, per-image factors and order).
 
+kornia 0.2.0, on 0..1 RGB: brightness x + b, clamp [0, 1]; contrast x * c, clamp [0, 1]; saturation: HSV S * s,
+clamp [0, 1]; hue: H (radians) + h, fmod 2pi, no clamp; HSV -> RGB by the sectors hi = floor(6 H / 2pi) % 6,
+f = (6 H / 2pi) % 6 - hi, p = v(1-s), q = v(1-fs), t = v(1-(1-f)s). Tolerance 1e-5: float32 rounding through a
+division and a few products.
+"""
+
+import math
+
+import pytest
 import torch
 
 from dsp_fast.augment import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    SATURATION,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
     blur_kernel_size,
     color_jitter,
+    draw_step_aug,
     draw_strong_aug,
     gaussian_blur,
     hsv_to_rgb,
     rgb_to_hsv,
     strong_augment,
 )
+from dsp_fast.method import color_jitter_staged
 
 
-def test_hsv_roundtrip_and_known_colours():
+def px(*rgb: float) -> torch.Tensor:
+    return torch.tensor(rgb).view(1, 3, 1, 1)
+
+
+def close(got: torch.Tensor, *want: float) -> None:
+    assert torch.allclose(got.flatten(), torch.tensor(want), atol=1e-5), (got.flatten().tolist(), want)
+
+
+def test_hsv_roundtrip_and_radians():
     x = torch.rand(2, 3, 5, 7)
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)  # fp32 rounding through division only
     red_green_blue = torch.eye(3).view(1, 3, 1, 3)
-    assert torch.allclose(rgb_to_hsv(red_green_blue)[0, 0, 0], torch.tensor([0.0, 1 / 3, 2 / 3]))
+    assert torch.allclose(rgb_to_hsv(red_green_blue)[0, 0, 0], torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3]))
+    # (0.8, 0.4, 0.2): V = 0.8, S = 0.6 / 0.8, H = (g - b) / delta / 6 turns = 1/18 turn = pi/9 rad
+    close(rgb_to_hsv(px(0.8, 0.4, 0.2)), math.pi / 9, 0.75, 0.8)
+    close(rgb_to_hsv(px(0.0, 0.0, 0.0)), 0.0, 0.0, 0.0)  # black: S = 0 (kornia's NaN -> 0), H = 0
 
 
-def test_jitter_identity_and_hand_values():
-    x = torch.rand(2, 3, 4, 4) * 0.5
-    assert torch.allclose(color_jitter(x, torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)), x, atol=1e-5)
-    bright = color_jitter(x, torch.tensor([[1.5, 1.0, 1.0, 0.0]] * 2))
-    assert torch.allclose(bright, x * 1.5, atol=1e-5)
-    gray = color_jitter(x, torch.tensor([[1.0, 1.0, 0.0, 0.0]] * 2))  # saturation 0 -> grey
-    assert torch.allclose(gray[:, 0], gray[:, 1], atol=1e-5) and torch.allclose(gray[:, 1], gray[:, 2], atol=1e-5)
-    red = torch.zeros(1, 3, 1, 1)
-    red[:, 0] = 1
-    assert torch.allclose(color_jitter(red, torch.tensor([[1.0, 1.0, 1.0, 1 / 3]]))[0, :, 0, 0],
-                          torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)  # a third of a turn: red -> green
+def test_brightness_adds_and_contrast_multiplies_without_blend():
+    x = px(0.8, 0.4, 0.2)
+    close(adjust_brightness(x, torch.tensor([0.1])), 0.9, 0.5, 0.3)
+    close(adjust_brightness(x, torch.tensor([0.25])), 1.0, 0.65, 0.45)  # clamped at 1
+    close(adjust_brightness(x, torch.tensor([-0.25])), 0.55, 0.15, 0.0)  # clamped at 0
+    close(adjust_contrast(x, torch.tensor([0.75])), 0.6, 0.3, 0.15)  # a blend to the mean would give 0.65, ...
+    close(adjust_contrast(x, torch.tensor([1.25])), 1.0, 0.5, 0.25)
+
+
+def test_saturation_scales_hsv_s():
+    # S 0.75 -> 0.375, H = pi/9 (sector 0, f = 1/3), V = 0.8: (v, t, p) = (0.8, 0.8 (1 - 2/3 0.375), 0.8 (1 - 0.375))
+    close(adjust_saturation(px(0.8, 0.4, 0.2), torch.tensor([0.5])), 0.8, 0.6, 0.5)
+    # S 0.9 * 1.25 clamped to 1: p = 0, f = 4/9, t = 1 - (1 - 4/9) = 4/9
+    close(adjust_saturation(px(1.0, 0.5, 0.1), torch.tensor([1.25])), 1.0, 4 / 9, 0.0)
+
+
+def test_hue_shifts_radians_and_wraps_like_kornia():
+    # H = pi/9 + 0.25 rad: 6H/2pi = 0.572066 (sector 0, f = 0.572066); t = 0.8 (1 - (1 - f) 0.75) = 0.5432396
+    close(adjust_hue(px(0.8, 0.4, 0.2), torch.tensor([0.25])), 0.8, 0.5432396, 0.2)
+    # H = 0 - 0.25 rad: fmod keeps it negative; floor(-0.238732) % 6 = sector 5, f = 0.761268, S = 0.8, V = 1:
+    # (v, p, q) = (1, 0.2, 1 - 0.761268 * 0.8)
+    close(adjust_hue(px(1.0, 0.2, 0.2), torch.tensor([-0.25])), 1.0, 0.2, 1 - 0.761268 * 0.8)
+    # 0.25 turns (the old reading) would have moved this red pixel to chartreuse; 0.25 rad barely moves it
+    assert float(adjust_hue(px(1.0, 0.2, 0.2), torch.tensor([0.25]))[0, 1]) < 0.4
+
+
+def test_jitter_order_is_per_image():
+    grey = px(0.5, 0.5, 0.5).expand(2, 3, 1, 1).clone()
+    factors = torch.tensor([[0.25, 1.25, 1.0, 0.0]] * 2)
+    order = torch.tensor([[BRIGHTNESS, CONTRAST, SATURATION, HUE], [CONTRAST, BRIGHTNESS, HUE, SATURATION]])
+    out = color_jitter(grey, factors, order)
+    close(out[0], 0.9375, 0.9375, 0.9375)  # (0.5 + 0.25) * 1.25
+    close(out[1], 0.875, 0.875, 0.875)  # 0.5 * 1.25 + 0.25
+    ident = torch.tensor([[0.0, 1.0, 1.0, 0.0]] * 2)
+    x = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(color_jitter(x, ident, order), x, atol=1e-5)
+
+
+def test_fast_path_staged_jitter_equals_the_per_image_one():
+    # bit for bit: the fused stages only add exact identities (x * 1, + 0, S * 1, fmod(H + 0)); 64 images cover
+    # many of the 24 orders
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 8, 8, generator=gen)
+    aug = draw_strong_aug(64, 8, jitter=True, blur=False, strength=0.25, gen=gen)
+    assert torch.equal(color_jitter_staged(x, aug.factors, aug.order), color_jitter(x, aug.factors, aug.order))
 
 
 def test_blur():
@@ -41,17 +106,31 @@ def test_blur():
     impulse[..., 4, 4] = 1
     out = gaussian_blur(impulse.expand(1, 3, 9, 9).contiguous(), torch.tensor([1.0]), 5)
     assert abs(float(out[0, 0].sum()) - 1) < 1e-5 and out[0, 0, 4, 4] < 1 and out[0, 0, 4, 5] == out[0, 0, 4, 3]
+    # the centre tap of a 5-tap kernel at sigma 1: exp(0) / sum_k exp(-k^2 / 2), squared (separable)
+    centre = 1 / sum(math.exp(-k * k / 2) for k in range(-2, 3))
+    assert float(out[0, 0, 4, 4]) == pytest.approx(centre ** 2, rel=1e-5)
 
 
-def test_coins_select_images():
+def test_coins_are_shared_per_step_and_select_images():
     x = torch.rand(4, 3, 16, 16)
-    aug = draw_strong_aug(4, 16, jitter_p=1.0, strength=0.25, blur_p=0.0)
-    aug.jitter = torch.tensor([True, False, True, False])
-    y = strong_augment(x, aug)
-    assert torch.equal(y[1], x[1]) and torch.equal(y[3], x[3]) and not torch.equal(y[0], x[0])
-    never = draw_strong_aug(4, 16, jitter_p=0.0, strength=0.25, blur_p=0.0)
-    assert torch.equal(strong_augment(x, never), x)
-    f = draw_strong_aug(1000, 16, 0.8, 0.25, 0.5, torch.Generator().manual_seed(0))
-    assert f.factors[:, :3].min() >= 0.75 and f.factors[:, :3].max() <= 1.25 and f.factors[:, 3].abs().max() <= 0.25
-    assert 0.7 < f.jitter.float().mean() < 0.9 and 0.4 < f.blur.float().mean() < 0.6
+    on = draw_strong_aug(4, 16, jitter=True, blur=False, strength=0.25)
+    assert not torch.equal(strong_augment(x, on)[0], x[0])
+    off = draw_strong_aug(4, 16, jitter=False, blur=False, strength=0.25)
+    assert torch.equal(strong_augment(x, off), x)
+    gen = torch.Generator().manual_seed(0)
+    jit, blur = [], []
+    for _ in range(1000):
+        src, tgt = draw_step_aug(2, 16, 0.8, 0.25, 0.5, gen)
+        coins = torch.stack([src.jitter, tgt.jitter, src.blur, tgt.blur])
+        assert (coins[:2] == coins[0, 0]).all() and (coins[2:] == coins[2, 0]).all()  # one of each per step
+        jit.append(bool(src.jitter[0]))
+        blur.append(bool(src.blur[0]))
+        for a in (src, tgt):
+            assert sorted(a.order[0].tolist()) == [0, 1, 2, 3]
+    # 1000 steps: 3 sigma of the frequency is 0.04 (jitter) and 0.05 (blur)
+    assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
+    f = draw_strong_aug(1000, 16, True, True, 0.25, torch.Generator().manual_seed(0))
+    assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians
+    assert f.factors[:, 1:3].min() >= 0.75 and f.factors[:, 1:3].max() <= 1.25
     assert f.sigma.min() >= 0.15 and f.sigma.max() <= 1.15
+    assert len(torch.unique(f.order, dim=0)) == 24  # every order occurs

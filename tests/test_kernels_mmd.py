@@ -16,6 +16,8 @@ both are tested. Tolerances, relative to the largest magnitude of the reference:
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +166,35 @@ def test_weighted_mmd_matches_twin(b, mask_kind, channels_last):
     for g, w, what in zip(got, want, ("wmmd", "d/dfeat_s", "d/dfeat_t")):
         assert torch.isfinite(g).all(), what
         close(g, w, 1e-4, what)
+
+
+def textbook_mmd(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The authors' mmd_rbf written out in float64 with loops: 5 bandwidths beta * 2**(j-2), beta the mean
+    off-diagonal squared distance."""
+    z = torch.cat([x, y]).double()
+    n = len(z)
+    d2 = [[float(((z[i] - z[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
+    beta = sum(d2[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+    k = [[sum(math.exp(-d2[i][j] / (beta * 2 ** (e - 2))) for e in range(5)) for j in range(n)] for i in range(n)]
+    nx = len(x)
+    sign = [1.0 / nx] * nx + [-1.0 / (n - nx)] * (n - nx)
+    return sum(sign[i] * sign[j] * k[i][j] for i in range(n) for j in range(n))
+
+
+@pytest.mark.parametrize("impl", ["fused", "twin"])
+def test_weighted_mmd_global_term_pools_the_stride8_map(impl):
+    """With an all-false mask the masked term is 0 (all pooled vectors equal), so the value is the global term:
+    the MMD of the plain means of the stride-8 maps (the authors' AdaptiveAvgPool2d before upsampling), not of the
+    upsampled maps' means (align_corners=True weights border cells less: a different value)."""
+    gen = torch.Generator().manual_seed(0)
+    feat_s, feat_t = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen) + 0.5
+    mask = torch.zeros(2, 17, 33, dtype=torch.bool)
+    fn = mmd_mod._weighted_mmd_fused if impl == "fused" else reference.weighted_mmd
+    got = float(fn(feat_s, feat_t, mask, (17, 33), 2.0, 5))
+    want = textbook_mmd(feat_s.mean((2, 3)), feat_t.mean((2, 3)))
+    up = [F.interpolate(f, size=(17, 33), mode="bilinear", align_corners=True).mean((2, 3)) for f in (feat_s, feat_t)]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert abs(textbook_mmd(*up) - want) > 1e-3  # the test can tell the two formulations apart
 
 
 def test_weighted_mmd_float16_features():

@@ -81,6 +81,36 @@ def test_extreme_selections_and_lam(sel, lam):
     assert torch.equal(tgt_lbl, torch.where(mask, tmpl_label, tgt_pseudo))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pasted_pixels_join_the_mask_whatever_their_class(channels_last):
+    """DSP step 3: pixels the long-tail paste wrote join M even when their class was not chosen; the expectation
+    is built pixel by pixel here, independently of both implementations."""
+    args = make_inputs(2, 3, 9, 11, k=5, channels_last=channels_last)
+    tmpl_img, tmpl_label, class_sel = args[:3]
+    class_sel[:, 2] = False  # the pasted class, not chosen
+    tmpl_label[:, 3:6, 4:8] = 2
+    pasted = torch.zeros(2, 9, 11, dtype=torch.bool)
+    pasted[0, 3:6, 4:8] = True  # image 0 got a crop there; image 1's class-2 pixels are its own, not pasted
+    want = torch.zeros(2, 9, 11, dtype=torch.bool)
+    for b in range(2):
+        for y in range(9):
+            for x in range(11):
+                lbl = int(tmpl_label[b, y, x])
+                want[b, y, x] = bool(pasted[b, y, x]) or (lbl != 255 and bool(class_sel[b, lbl]))
+    assert want[0, 3:6, 4:8].all() and not want[1, 3:6, 4:8].any()
+    for impl in (lambda *a: sp_mod._dual_soft_paste_triton(*a), reference.dual_soft_paste, kernels.dual_soft_paste):
+        src_img, src_lbl, tgt_img, tgt_lbl, mask = impl(*args, 0.9, pasted)
+        assert torch.equal(mask, want)
+        assert torch.equal(src_lbl, torch.where(want, tmpl_label, args[4]))
+        m = want[:, None].float()
+        torch.testing.assert_close(src_img, 0.9 * m * tmpl_img + (1 - 0.9 * m) * args[3], atol=1e-6, rtol=0)
+        torch.testing.assert_close(tgt_img, 0.9 * m * tmpl_img + (1 - 0.9 * m) * args[5], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pasted must be"):
+        kernels.dual_soft_paste(*args, 0.9, pasted[:1])
+    with pytest.raises(ValueError, match="pasted must be a bool"):
+        kernels.dual_soft_paste(*args, 0.9, pasted.to(torch.uint8))
+
+
 def test_ignore_label_everywhere():
     args = list(make_inputs(3, 3, 17, 33, sel="all"))
     args[1] = torch.full_like(args[1], 255)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsp_fast import method, reference
-from dsp_fast.augment import draw_strong_aug
+from dsp_fast.augment import draw_step_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig, OptimConfig
 from dsp_fast.models import build_model, normalize_input, param_groups
 
@@ -25,30 +25,42 @@ def make_cfg(**dsp) -> Config:
                   optim=OptimConfig(lr=1e-2))
 
 
+LT_PRESENT = 12  # a long-tail class already present in the template
+
+
 def make_batch(gen):
     def labels():
         y = torch.randint(0, 6, (B, H, W), generator=gen)
         y[:, :3] = 255
-        y[:, 10:14, 10:14] = 12  # a long-tail class present in the template
+        y[:, 10:14, 10:14] = LT_PRESENT
         return y
 
     x_s, x_m, x_t = (torch.rand(B, 3, H, W, generator=gen) for _ in range(3))
     return x_s, labels(), x_m, labels(), x_t
 
 
-def make_choices(cfg, y_m, gen):
-    sel = reference.select_classes(y_m, K, paste_ignore_label=False, gen=gen)
-    lt = []
-    for cls in (15, 18):
-        lab = torch.full((H, W), 255)
-        lab[5:9, 20:30] = cls
-        lab[20:22, :] = 3  # other classes in the crop must not be pasted
-        lt.append((cls, torch.rand(3, H, W, generator=gen), lab))
-    augs = [draw_strong_aug(B, H, 0.8, 0.25, 0.5, gen) for _ in range(2)]
-    for a in augs:  # make sure both branches of each coin are exercised
-        a.jitter[:] = torch.tensor([True, False])
-        a.blur[:] = torch.tensor([False, True])
-    return reference.StepChoices(sel, lt, augs[0], augs[1])
+def make_choices(cfg, y_m, gen, jitter: bool = True, blur: bool = True):
+    # half the present classes (rounded up), never LT_PRESENT: its template pixels must stay out of M while the
+    # pixels pasted for it join M
+    sel = torch.zeros(B, K + 1, dtype=torch.bool)
+    for i in range(B):
+        present = [c for c in torch.unique(y_m[i]).tolist() if c != 255]
+        others = [c for c in present if c != LT_PRESENT]
+        chosen = torch.tensor(others)[torch.randperm(len(others), generator=gen)[: (len(present) + 1) // 2]]
+        sel[i, chosen] = True
+    crops = []
+    for b in range(B):  # each template image its own crops (other windows), the classes shared by the step
+        per_image = []
+        for cls in (LT_PRESENT, 18):
+            lab = torch.full((H, W), 255)
+            lab[5 + 3 * b:9 + 3 * b, 20 - 4 * b:30 - 4 * b] = cls
+            lab[20:22, :] = 3  # other classes in the crop must not be pasted
+            per_image.append((cls, torch.rand(3, H, W, generator=gen), lab))
+        crops.append(per_image)
+    aug_src, aug_tgt = draw_step_aug(B, H, 0.8, 0.25, 0.5, gen)
+    for a in (aug_src, aug_tgt):  # the step's shared coins, forced so that both branches can be tested
+        a.jitter[:], a.blur[:] = jitter, blur
+    return reference.StepChoices(sel, crops, aug_src, aug_tgt)
 
 
 def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
@@ -56,13 +68,14 @@ def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
     class_u = torch.where(sel, 0.1, 0.9)  # the chosen classes rank first among the present ones
 
     def aug_tensor(a):
-        return torch.cat([a.jitter[:, None].float(), a.factors, a.blur[:, None].float(), a.sigma[:, None]], 1)
+        keys = torch.zeros(a.order.shape).scatter_(1, a.order, torch.arange(4.0).expand(a.order.shape[0], 4))
+        return torch.cat([a.jitter[:, None].float(), a.factors, a.blur[:, None].float(), a.sigma[:, None], keys], 1)
 
     return method.DeviceChoices(
         class_u=class_u,
-        lt_img=torch.stack([img for _, img, _ in ch.long_tail]),
-        lt_label=torch.stack([lab for _, _, lab in ch.long_tail]),
-        lt_cls=torch.tensor([c for c, _, _ in ch.long_tail]),
+        lt_img=torch.stack([img for crops in ch.long_tail for _, img, _ in crops]),
+        lt_label=torch.stack([lab for crops in ch.long_tail for _, _, lab in crops]),
+        lt_cls=torch.tensor([c for c, _, _ in ch.long_tail[0]]),
         aug_src=aug_tensor(ch.aug_src), aug_tgt=aug_tensor(ch.aug_tgt))
 
 
@@ -82,12 +95,14 @@ def test_select_classes_counts_and_uniformity():
     assert (counts[0, :5] / 400 - 0.6).abs().max() < 0.1  # each of 5 classes chosen with probability 3/5
 
 
-@pytest.mark.parametrize("dsp", [{}, {"drop_target_soft_term": True, "lam": 0.8}, {"enabled": False}])
-def test_fast_step_matches_reference(dsp):
+@pytest.mark.parametrize("dsp,coins", [({}, (True, True)), ({}, (False, False)),
+                                       ({"drop_target_soft_term": True, "lam": 0.8}, (True, False)),
+                                       ({"enabled": False}, (True, True))])
+def test_fast_step_matches_reference(dsp, coins):
     cfg = make_cfg(**dsp)
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
-    choices = make_choices(cfg, batch[3], gen)
+    choices = make_choices(cfg, batch[3], gen, *coins)
     torch.manual_seed(0)
     student = build_model(cfg.model)
     teacher = copy.deepcopy(student)

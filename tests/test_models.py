@@ -153,6 +153,18 @@ def test_init_aspp_normal_001():
     assert abs(w.std().item() - 0.01) < 0.0005
 
 
+def test_init_mmd_projection_and_aspp_biases_as_the_authors():
+    model = DeepLabV2.from_arch("deeplabv2_r101", num_classes=19)
+    c1 = model.c1.weight
+    # 256*2048 samples of N(0, 0.01): the sample std is 0.01 within 0.2%, the mean 0 within 1e-4 (5 sigma = 7e-5)
+    assert c1.shape == (256, 2048, 1, 1) and abs(c1.std().item() - 0.01) < 2e-5 and abs(c1.mean().item()) < 1e-4
+    # ASPP biases keep PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 2048*3*3: not zeros
+    bound = 1 / (2048 * 9) ** 0.5
+    for conv in model.layer5.conv2d_list:
+        assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > bound / 4
+
+
+
 # ---------------------------------------------------------------- batch norm
 
 

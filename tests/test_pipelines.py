@@ -32,7 +32,8 @@ def sets(tmp_path_factory) -> dict[str, str]:
     cs = make_cityscapes(str(base / "cs"), {"train": 5}, (48, 32), seed=1)
     out = {fmt: str(base / f"src_{fmt}") for fmt in ("png", "jpeg")}
     for fmt, path in out.items():
-        assert run_prepare(gta5, path, "--size", "64", "40", "--format", fmt) == 0
+        assert run_prepare(gta5, path, "--size", "64", "40", "--format", fmt, "--long-tail-size", "96", "60",
+                           "--crop", *map(str, CROP)) == 0
     assert run_prepare(cs, str(base / "tgt"), "--size", "48", "32", "--split", "train", dataset="cityscapes") == 0
     out["tgt"] = str(base / "tgt" / "train")
     return out
@@ -72,9 +73,14 @@ def test_dali_and_torch_give_the_planned_crops_pixel_for_pixel(sets, fmt):
             assert a[key].shape == b[key].shape and torch.equal(a[key], b[key]), (step, key)
         plan = dali.planner.source_plan(step)
         img, lab = expected_crops(src, plan, labels=True)
-        got = torch.cat([a["src_img"], a["tmpl_img"], a["lt_img"]]).permute(0, 2, 3, 1).numpy()
+        got = torch.cat([a["src_img"], a["tmpl_img"]]).permute(0, 2, 3, 1).numpy()
         np.testing.assert_array_equal(got, img)
-        np.testing.assert_array_equal(torch.cat([a["src_label"], a["tmpl_label"], a["lt_label"]]).numpy(), lab)
+        np.testing.assert_array_equal(torch.cat([a["src_label"], a["tmpl_label"]]).numpy(), lab)
+        lt_plan = dali.planner.long_tail_plan(step)
+        img, lab = expected_crops(dali.planner.long_tail, lt_plan, labels=True)
+        np.testing.assert_array_equal(a["lt_img"].permute(0, 2, 3, 1).numpy(), img)
+        np.testing.assert_array_equal(a["lt_label"].numpy(), lab)
+        assert a["lt_class"].tolist() == lt_plan.classes
         img, _ = expected_crops(tgt, dali.planner.target_plan(step), labels=False)
         np.testing.assert_array_equal(a["tgt_img"].permute(0, 2, 3, 1).numpy(), img)
         flips += sum(plan.flips)
@@ -87,7 +93,8 @@ def test_outputs_are_channels_last_uint8_and_labels_hold_only_train_ids(sets):
         x = batch[key]
         assert x.dtype == torch.uint8 and x.shape[1:] == (3, CROP[1], CROP[0])
         assert x.is_contiguous(memory_format=torch.channels_last), key
-    assert batch["src_img"].shape[0] == batch["tgt_img"].shape[0] == 2 and batch["lt_img"].shape[0] == 2
+    # B = 2 images per domain; each template image its own crop of each of the 2 long-tail classes
+    assert batch["src_img"].shape[0] == batch["tgt_img"].shape[0] == 2 and batch["lt_img"].shape[0] == 4
     labels = torch.cat([batch["src_label"], batch["tmpl_label"], batch["lt_label"]])
     assert labels.dtype == torch.uint8 and labels.shape[1:] == (CROP[1], CROP[0])
     assert set(labels.unique().tolist()) <= set(range(19)) | {255}
@@ -138,8 +145,8 @@ def test_long_tail_crops_contain_their_class(sets):
         batch = next(loader)
         classes = batch["lt_class"].tolist()
         assert len(set(classes)) == 2
-        for label, cls in zip(batch["lt_label"], classes):
-            assert (label == cls).any(), cls
+        for k, label in enumerate(batch["lt_label"]):  # crop b*L + l holds class l
+            assert (label == classes[k % 2]).any(), (k, classes)
         seen.update(classes)
     assert seen == {12, 18}
 
@@ -181,7 +188,7 @@ def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, s
     shutil.copytree(sets[fmt], src)
     ds = prepared.load_prepared(src)
     planner = Planner(ds, prepared.load_prepared(sets["tgt"]), CROP, 2, seed=3, long_tail_classes=LONG_TAIL,
-                      num_long_tail=2, flip=True)  # make_loader's plan, before a worker can read a file
+                      num_long_tail=2, flip=True, long_tail=prepared.load_prepared(ds.long_tail))  # make_loader's plan
     i = planner.source_plan(0).indices[0]
     path = ds.label_path(i) if what in ("missing label", "label size") else ds.image_path(i)
     if what == "truncated":  # header intact, entropy-coded data cut: only the decoder can notice
@@ -234,3 +241,39 @@ def test_unprepared_folder_and_bad_arguments_are_named(sets, tmp_path):
         build_loaders(sets["png"], sets["tgt"], backend="pil")
     with pytest.raises(ValueError, match="crop 512x512 is larger"):
         build_loaders(sets["png"], sets["tgt"], backend="torch", crop_size=(512, 512))
+
+
+def test_long_tail_sampler_matches_the_retry_loop(tmp_path):
+    """Planner.draw_long_tail against the retry loop's law, P(image, window) uniform over the (image, window) pairs
+    whose window holds the class, enumerated here by brute force on a tiny prepared set."""
+    root, crop = str(tmp_path / "gta5"), (4, 4)
+    for sub in ("images", "labels"):
+        os.makedirs(os.path.join(root, sub))
+    layouts = [(slice(0, 1), slice(0, 1)), (slice(4, 6), slice(5, 7)), (slice(0, 10), slice(11, 12))]
+    for i, (ys, xs) in enumerate(layouts):  # a pixel in a corner, a blob in the middle, a stripe at the edge
+        ids = np.full((10, 12), 7, np.uint8)  # road
+        ids[ys, xs] = 25  # rider: train id 12
+        Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(os.path.join(root, "images", f"{i:05d}.png"))
+        Image.fromarray(ids, mode="L").save(os.path.join(root, "labels", f"{i:05d}.png"))
+    out = str(tmp_path / "prep")
+    assert run_prepare(root, out, "--size", "12", "10", "--format", "png", "--long-tail-size", "12", "10",
+                       "--crop", "4", "4") == 0
+    src = prepared.load_prepared(out)
+    lt = prepared.load_prepared(src.long_tail)
+    planner = Planner(src, src, crop, 2, seed=0, long_tail_classes=(12,), num_long_tail=1, long_tail=lt)
+    labels = [prepared.read_label_array(lt, i) for i in range(len(lt))]
+    valid = [(i, x0, y0) for i, lb in enumerate(labels) for y0 in range(7) for x0 in range(9)
+             if (lb[y0:y0 + 4, x0:x0 + 4] == 12).any()]
+    assert len(valid) == 1 + 25 + 7  # 1 window, 5 x 5 windows, 7 windows
+    n, got = 3300, {}
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        i, (x0, y0) = planner.draw_long_tail(rng, 12)
+        got[(i, x0, y0)] = got.get((i, x0, y0), 0) + 1
+    assert set(got) <= set(valid)
+    # TV over 33 cells of p = 1/33 with n = 3300: expected 0.5 * 33 * sqrt(p(1-p)/n) * sqrt(2/pi) = 0.036;
+    # drawing the image uniformly instead of by its window count would give 0.55
+    tv = 0.5 * sum(abs(got.get(k, 0) / n - 1 / len(valid)) for k in valid)
+    assert tv < 0.07, tv
+    plan = planner.long_tail_plan(5)  # B = 2 crops of the one class, image-major
+    assert plan.classes == [12] and len(plan.indices) == len(plan.windows) == 2

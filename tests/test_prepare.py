@@ -72,8 +72,13 @@ def make_cityscapes(root: str, counts: dict[str, int], size: tuple[int, int], se
     return root
 
 
+LT_SIZE, LT_CROP = (90, 54), (16, 12)  # small long-tail images and crops for the tests (defaults 1920x1080, 512)
+
+
 def run_prepare(root: str, out: str, *extra: str, dataset: str = "gta5") -> int:
-    return prepare.main(["--dataset", dataset, "--root", root, "--out", out, "--workers", "0", "--no-progress", *extra])
+    small = ["--long-tail-size", *map(str, LT_SIZE), "--crop", *map(str, LT_CROP)] if dataset != "cityscapes" else []
+    return prepare.main(["--dataset", dataset, "--root", root, "--out", out, "--workers", "0", "--no-progress",
+                         *small, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +102,48 @@ def test_palette_labels_keep_their_ids_and_manifest_counts_them(gta5_root, tmp_p
             got = np.asarray(im)
         np.testing.assert_array_equal(got, expected)
         with Image.open(prepared.image_path(out, stem, "png")) as im:  # lossless: exactly the reference's resize
-            np.testing.assert_array_equal(np.asarray(im), resize_image(ds.read_image(i), (40, 24)))
+            # GTA5 images: bicubic, as the authors' loader
+            np.testing.assert_array_equal(np.asarray(im), resize_image(ds.read_image(i), (40, 24), "bicubic"))
         counts = np.bincount(got.ravel(), minlength=256)[:19]
         np.testing.assert_array_equal(index["counts"][i], counts)
         for c in np.flatnonzero(counts):
             assert i in m["class_images"][c]
-            pts = index["points"][i, c]
-            pts = pts[pts[:, 0] >= 0]
-            assert 1 <= len(pts) <= 8 and (got[pts[:, 0], pts[:, 1]] == c).all()
     assert {12, 18} & {c for c in range(19) if m["class_images"][c]}  # rider / bicycle drawn: long-tail material
     assert set(np.unique(np.concatenate([np.asarray(Image.open(prepared.label_path(out, s))).ravel()
                                          for s in m["stems"]]))) <= set(range(19)) | {255}
+
+
+def brute_force_windows(label: np.ndarray, cls: int, crop: tuple[int, int]) -> int:
+    cw, ch = crop
+    h, w = label.shape
+    return sum(bool((label[y:y + ch, x:x + cw] == cls).any()) for y in range(h - ch + 1) for x in range(w - cw + 1))
+
+
+def test_long_tail_subset_at_its_size_with_window_counts(gta5_root, tmp_path):
+    out = str(tmp_path / "out")
+    assert run_prepare(gta5_root, out, "--size", "40", "24", "--format", "png") == 0
+    m = json.load(open(os.path.join(out, prepared.MANIFEST)))
+    assert m["long_tail"] == prepared.LONG_TAIL_DIR
+    lt_dir = os.path.join(out, prepared.LONG_TAIL_DIR)
+    lt = prepared.load_prepared(lt_dir)
+    assert lt.size == LT_SIZE and lt.crop == LT_CROP and prepared.load_prepared(out).long_tail == lt_dir
+    ds = GTA5(gta5_root)
+    holders = []
+    for i, stem in enumerate(m["stems"]):
+        want = resize_label(ds.read_label(i), LT_SIZE)  # the original label, nearest to the long-tail size
+        present = [c for c in (12, 15, 16, 17, 18) if (want == c).any()]
+        if not present:
+            assert stem not in lt.stems
+            continue
+        holders.append(stem)
+        j = lt.stems.index(stem)
+        np.testing.assert_array_equal(prepared.read_label_array(lt, j), want)
+        with Image.open(lt.image_path(j)) as im:
+            np.testing.assert_array_equal(np.asarray(im), resize_image(ds.read_image(i), LT_SIZE, "bicubic"))
+        for c in range(19):  # counted for the long-tail classes only, by brute force here
+            n = brute_force_windows(want, c, LT_CROP) if c in (12, 15, 16, 17, 18) else 0
+            assert lt.window_counts[j, c] == n, (stem, c)
+    assert lt.stems == holders and holders  # the fixture draws riders and bicycles
 
 
 def test_resume_after_interruption_redoes_nothing_finished(gta5_root, tmp_path, monkeypatch):
@@ -130,14 +166,17 @@ def test_resume_after_interruption_redoes_nothing_finished(gta5_root, tmp_path, 
     open(prepared.image_path(resumed, "00003", "jpeg"), "wb").write(b"half")
     monkeypatch.setattr(prepare, "convert_one", real)
     ds = GTA5(gta5_root)
-    opts = prepare.Options("gta5", None, os.path.abspath(gta5_root), (40, 24), "jpeg", 95, 19, True, 8, 0)
+    opts = prepare.Options("gta5", None, os.path.abspath(gta5_root), (40, 24), "jpeg", 95, 19, True, "bicubic",
+                           (12, 15, 16, 17, 18), LT_SIZE, LT_CROP)
     summary = prepare.prepare_set(ds, resumed, opts, progress=False)
     assert (summary.converted, summary.skipped, summary.rejects) == (3, 3, [])
     assert not os.path.exists(os.path.join(resumed, "images", "00004.jpg.tmp-1"))
     for name in (prepared.MANIFEST, "images/00003.jpg", "labels/00005.png"):
         assert open(os.path.join(resumed, name), "rb").read() == open(os.path.join(fresh, name), "rb").read(), name
     a, b = np.load(os.path.join(fresh, prepared.INDEX)), np.load(os.path.join(resumed, prepared.INDEX))
-    np.testing.assert_array_equal(a["points"], b["points"])
+    np.testing.assert_array_equal(a["counts"], b["counts"])
+    lt = [np.load(os.path.join(d, prepared.LONG_TAIL_DIR, prepared.INDEX))["window_counts"] for d in (fresh, resumed)]
+    np.testing.assert_array_equal(*lt)
     assert "6 images ready (3 converted now, 3 already done)" in summary.report()
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,14 +10,17 @@ from dsp_fast.augment import draw_strong_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig
 from dsp_fast.kernels.reference import mmd_rbf
 from dsp_fast.reference import (
+    LongTailSource,
     StepChoices,
+    class_mask,
     dsp_losses,
     ema_alpha,
     ema_update,
-    long_tail_crop,
     paste_long_tail,
     select_classes,
     soft_paste,
+    source_loss,
+    step_masks,
 )
 
 
@@ -55,8 +59,8 @@ def batch():
 
 
 def choices_for(class_sel, long_tail=()):
-    no_aug = draw_strong_aug(1, 4, jitter_p=0.0, strength=0.25, blur_p=0.0)
-    return StepChoices(class_sel, list(long_tail), no_aug, no_aug)
+    no_aug = draw_strong_aug(1, 4, jitter=False, blur=False, strength=0.25)
+    return StepChoices(class_sel, [list(long_tail)], no_aug, no_aug)
 
 
 def test_soft_paste_by_hand():
@@ -64,7 +68,8 @@ def test_soft_paste_by_hand():
     x_s, y_s, x_m, y_m, x_t = batch()
     yhat = torch.ones_like(y_s)
     sel = torch.tensor([[False, True, False]])  # class 1 chosen -> M = columns 0-1
-    xs_mix, ys_mix, xt_mix, yt_mix, mask = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat, sel)
+    mask = class_mask(y_m, sel)
+    xs_mix, ys_mix, xt_mix, yt_mix = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat, mask)
     assert mask[0, :, :2].all() and not mask[0, :, 2:].any()
     # inside M: 0.9 * template + 0.1 * destination; outside: the destination untouched
     assert torch.allclose(xs_mix[..., :2], 0.9 * x_m[..., :2] + 0.1 * x_s[..., :2])
@@ -74,17 +79,36 @@ def test_soft_paste_by_hand():
     assert torch.equal(yt_mix, torch.ones_like(yt_mix))
 
 
-def test_ignore_label_and_first_mask_bug():
-    x_s, y_s, x_m, y_m, x_t = (torch.cat([t, t]) for t in batch())
+def test_ignore_label_column():
+    y_m = torch.zeros(2, 4, 4, dtype=torch.long)
     y_m[0, 0] = 255
-    y_m[1] = 0
     sel = torch.tensor([[False, True, True], [True, False, False]])  # column 2 = the ignore label
-    _, ys_mix, *_, mask = soft_paste(small_cfg(), x_s, y_s, x_m, y_m, x_t, y_s, sel)
-    assert mask[0, 0].all() and ys_mix[0, 0].eq(255).all()  # ignore pixels pasted only when their column is set
+    mask = class_mask(y_m, sel)
+    assert mask[0, 0].all() and not mask[0, 1:].any()  # ignore pixels in M only when their column is set
     assert mask[1].all()
-    bug = small_cfg(share_first_mask=True)
-    *_, mask_bug = soft_paste(bug, x_s, y_s, x_m, y_m, x_t, y_s, sel)
-    assert torch.equal(mask_bug[1], mask[0])
+
+
+def test_first_mask_bug_reproduces_the_script():
+    # image 0 chose the left column, image 1 the right one; each image's long-tail paste wrote one pixel
+    chosen = torch.zeros(2, 4, 4, dtype=torch.bool)
+    chosen[0, :, 0] = True
+    chosen[1, :, 3] = True
+    pasted = torch.zeros(2, 4, 4, dtype=torch.bool)
+    pasted[0, 0, 2] = True
+    pasted[1, 3, 1] = True
+    mix, weight, mmd = step_masks(small_cfg(), chosen, pasted)
+    assert torch.equal(mix, chosen | pasted) and torch.equal(weight, mix) and torch.equal(mmd, mix)
+    mix, weight, mmd = step_masks(small_cfg(share_first_mask=True), chosen, pasted)
+    # the script: image 0 mixed with MixMask0 after its own paste; image 1 with MixMask0 after both pastes
+    want0 = chosen[0].clone()
+    want0[0, 2] = True
+    want1 = want0.clone()
+    want1[3, 1] = True
+    assert torch.equal(mix[0], want0) and torch.equal(mix[1], want1)
+    # W: image 0 from MixMask0 at the end, image 1 from its own MixMask1 (its chosen classes, no pasted pixel)
+    assert torch.equal(weight[0], want1) and torch.equal(weight[1], chosen[1])
+    # the masked MMD multiplies both images by MixMask0 at the end
+    assert torch.equal(mmd[0], want1) and torch.equal(mmd[1], want1)
 
 
 def test_select_classes_half_rounded_up():
@@ -98,39 +122,88 @@ def test_select_classes_half_rounded_up():
     assert 0 < hits < 200  # with the authors' behaviour the ignore label is one of 6 candidates
 
 
-def test_long_tail_paste_joins_mask():
+def test_only_pasted_long_tail_pixels_join_the_mask():
     x_s, y_s, x_m, y_m, x_t = batch()
     y_m[:] = 0
+    y_m[0, 0, 0] = 1  # class 1 already in the template, not chosen
     lt_label = torch.full((4, 4), 255)
     lt_label[3, 3] = 1
     lt_img = torch.full((3, 4, 4), 0.5)
     sel = torch.tensor([[False, False, False]])
-    x_m2, y_m2, sel2 = paste_long_tail(x_m, y_m, sel, [(1, lt_img, lt_label)])
-    assert y_m2[0, 3, 3] == 1 and (y_m2 == 1).sum() == 1  # only the class's pixels, not the crop's ignore pixels
+    chosen = class_mask(y_m, sel)
+    x_m2, y_m2, pasted = paste_long_tail(x_m, y_m, [[(1, lt_img, lt_label)]])
+    assert y_m2[0, 3, 3] == 1 and (y_m2 == 1).sum() == 2  # only the class's pixels, not the crop's ignore pixels
     assert torch.all(x_m2[0, :, 3, 3] == 0.5) and torch.equal(x_m2[0, :, :3], x_m[0, :, :3])
-    assert sel2[0, 1] and not sel[0, 1]  # the input selection is not modified
-    *_, mask = soft_paste(small_cfg(), x_s, y_s, x_m2, y_m2, x_t, y_s, sel2)
-    assert mask.sum() == 1 and mask[0, 3, 3]
+    assert y_m[0, 3, 3] == 0  # the input is not modified
+    mask, *_ = step_masks(small_cfg(), chosen, pasted)
+    assert mask.sum() == 1 and mask[0, 3, 3]  # the pasted pixel, not the template's own class-1 pixel
 
 
-class OneImageSource:
-    def __init__(self, label):
-        self.label = label.numpy()
+class LabelSource:
+    """A source dataset of given labels (black images), with the reader interface LongTailSource uses."""
+
+    def __init__(self, labels):
+        self.labels = [np.asarray(lb, dtype=np.int64) for lb in labels]
+
+    def read_label(self, i):
+        return self.labels[i]
 
     def __getitem__(self, i):
-        return (torch.zeros(*self.label.shape, 3, dtype=torch.uint8).numpy(), self.label)
+        return np.zeros((*self.labels[i].shape, 3), dtype=np.uint8), self.labels[i]
 
 
-@pytest.mark.parametrize("mode", ["around_class", "retry"])
+@pytest.mark.parametrize("mode", ["counts", "retry"])
 def test_long_tail_crop_contains_class(mode):
-    label = torch.zeros(40, 60, dtype=torch.long)
+    label = np.zeros((40, 60), dtype=np.int64)
     label[37, 2] = 7  # one pixel near a corner
+    source = LongTailSource(LabelSource([label]), [[0] if c == 7 else [] for c in range(8)], (60, 40), (16, 16))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        crop = long_tail_crop(OneImageSource(label), 0, 7, (60, 40), (16, 16), mode, gen)
+        crop = source.draw(7, mode, gen)
         if crop is not None:  # 'retry' can give up, as the authors' loop does
             assert crop[0].shape == (3, 16, 16) and (crop[1] == 7).any()
-    assert long_tail_crop(OneImageSource(label), 0, 7, (60, 40), (16, 16), "around_class", gen) is not None
+    assert source.draw(7, "counts", gen) is not None
+
+
+def exact_window_distribution(labels, cls, crop):
+    """P(image, window) of the retry loop conditional on success, by brute force: uniform over the valid pairs."""
+    cw, ch = crop
+    cells = {}
+    for i, lb in enumerate(labels):
+        h, w = lb.shape
+        for y0 in range(h - ch + 1):
+            for x0 in range(w - cw + 1):
+                if (lb[y0:y0 + ch, x0:x0 + cw] == cls).any():
+                    cells[(i, y0, x0)] = 1.0
+    return {k: v / len(cells) for k, v in cells.items()}
+
+
+def test_counts_sampler_matches_the_retry_loop():
+    # three images of different valid-window counts (one class pixel, a blob, a stripe): crops 4x4 of 9x7 images
+    labels = [np.zeros((7, 9), dtype=np.int64) for _ in range(3)]
+    labels[0][0, 0] = 1
+    labels[1][3:5, 4:6] = 1
+    labels[2][:, 8] = 1
+    index = [[], [0, 1, 2]]
+    want = exact_window_distribution(labels, 1, (4, 4))
+    n = 3000
+    for mode in ("counts", "retry"):
+        source = LongTailSource(LabelSource(labels), index, (9, 7), (4, 4))
+        gen = torch.Generator().manual_seed(1)
+        got: dict = {}
+        for _ in range(n):
+            img, lab = source.draw(1, mode, gen)
+            # recover (image, window) from the crop: labels differ per image, the window is where it matches
+            hits = [(i, y0, x0) for (i, y0, x0) in want
+                    if np.array_equal(labels[i][y0:y0 + 4, x0:x0 + 4], lab.numpy())]
+            for key in hits:
+                got[key] = got.get(key, 0) + 1 / len(hits)
+        assert set(got) <= set(want)
+        # total variation over the 25 valid (image, window) cells, n = 3000 draws: a correct sampler's expected TV
+        # is 0.5 * 25 * sqrt(p(1-p)/n) * sqrt(2/pi) = 0.036 at p = 1/25 (measured 0.021-0.040 over seeds);
+        # drawing the image uniformly instead of by its count would give 0.47
+        tv = 0.5 * sum(abs(got.get(k, 0) / n - p) for k, p in want.items())
+        assert tv < 0.07, (mode, tv)
 
 
 @pytest.mark.parametrize("drop, threshold", [(False, 0.968), (True, 0.968), (False, 0.5)])
@@ -172,3 +245,16 @@ def test_ema():
         teacher.weight.fill_(3.0)
     ema_update(teacher, student, alpha=0.75)
     assert torch.allclose(teacher.weight, torch.full((1, 2), 0.75 * 3 + 0.25 * 1))
+
+
+def test_source_loss_is_zero_without_valid_pixels():
+    from dsp_fast.method import source_ce
+
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone().requires_grad_()
+    labels = torch.tensor([[[0, 0], [1, 255]]])
+    for fn in (source_loss, source_ce):
+        assert float(fn(logits, labels).detach()) == pytest.approx((2 * A + B) / 3)  # mean over the 3 valid pixels
+        none = fn(logits, torch.full((1, 2, 2), 255))
+        none.backward()  # as the authors' CrossEntropy2d: 0, not NaN, and a step that still runs
+        assert float(none.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+        logits.grad = None

@@ -19,7 +19,7 @@ from dsp_fast.engine.loop import loss_settings
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
 from dsp_fast.kernels import force_twins, set_value_checks
-from dsp_fast.method import DeviceChoices, mmd_term
+from dsp_fast.method import AUG_COLS, DeviceChoices, mmd_term
 
 CPU = torch.device("cpu")
 AMP = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -202,11 +202,13 @@ def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
         ctx = cuda_like_context(cfg, student, teacher, AMP[amp], cuda)
         ctx.set_schedule_(3, 1e-3)
         b = 2
+        n_lt = cfg.dsp.num_long_tail  # one crop per template image and long-tail class
         choices = DeviceChoices(class_u=torch.zeros(b, cfg.model.num_classes, device=cuda),
-                                lt_img=torch.zeros(2, 3, H, W, device=cuda),
-                                lt_label=torch.zeros(2, H, W, dtype=torch.int64, device=cuda),
-                                lt_cls=torch.zeros(2, dtype=torch.int64, device=cuda),
-                                aug_src=torch.zeros(b, 7, device=cuda), aug_tgt=torch.zeros(b, 7, device=cuda))
+                                lt_img=torch.zeros(b * n_lt, 3, H, W, device=cuda),
+                                lt_label=torch.zeros(b * n_lt, H, W, dtype=torch.int64, device=cuda),
+                                lt_cls=torch.zeros(n_lt, dtype=torch.int64, device=cuda),
+                                aug_src=torch.zeros(b, AUG_COLS, device=cuda),
+                                aug_tgt=torch.zeros(b, AUG_COLS, device=cuda))
         img = [torch.zeros(b, 3, H, W, device=cuda) for _ in range(3)]
         lab = [torch.zeros(b, H, W, dtype=torch.int64, device=cuda) for _ in range(2)]
         buf = StepBuffers(img[0], lab[0], img[1], lab[1], img[2], choices)

@@ -11,12 +11,13 @@ from dsp_fast.data.labels import (
     SYNTHIA16_CLASSES,
     class_names,
 )
-from dsp_fast.data.transforms import resize_image, resize_label
+from dsp_fast.data.transforms import SOURCE_RESAMPLE, resize_image, resize_label
 
 __all__ = [
     "CITYSCAPES_CLASSES",
     "GTA5",
     "IGNORE_LABEL",
+    "SOURCE_RESAMPLE",
     "SYNTHIA",
     "SYNTHIA13_INDICES",
     "SYNTHIA16_CLASSES",

@@ -1,7 +1,8 @@
 """Resizing shared by the reference trainer and the one-time preparation step, so both resize the same way.
 
-Images use PIL's bilinear filter, which widens its support when shrinking (it antialiases, like torchvision's
-`antialias=True`); labels use PIL's nearest neighbour, which only ever copies existing ids.
+Images use PIL's bicubic filter for the synthetic sources (GTA5, SYNTHIA: the authors' loaders) and bilinear for
+Cityscapes; both widen their support when shrinking (they antialias, like torchvision's `antialias=True`). Labels
+use PIL's nearest neighbour, which only ever copies existing ids.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
-def resize_image(img_HWC: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 HxWx3 image to (width, height) with PIL bilinear; a no-op copy when already that size."""
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+SOURCE_RESAMPLE = "bicubic"
+"""How GTA5 / SYNTHIA (and the synthetic source) images are resized, as the authors' loaders; Cityscapes: bilinear."""
+
+
+def resize_image(img_HWC: np.ndarray, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """Resize a uint8 HxWx3 image to (width, height) with PIL `resample` ('bilinear' or 'bicubic'); a no-op copy
+    when already that size."""
     w, h = _check_size(size)
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
     if img_HWC.dtype != np.uint8 or img_HWC.ndim != 3:
         raise ValueError(f"expected a uint8 HxWxC image, got {img_HWC.dtype} with shape {img_HWC.shape}")
     if img_HWC.shape[1] == w and img_HWC.shape[0] == h:
         return img_HWC.copy()
-    return np.asarray(Image.fromarray(img_HWC).resize((w, h), Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(img_HWC).resize((w, h), RESAMPLE[resample]))
 
 
 def resize_label(label_HW: np.ndarray, size: tuple[int, int]) -> np.ndarray:

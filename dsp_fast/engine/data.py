@@ -26,6 +26,7 @@ from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.build import check_data, dataset_roots
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
 from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.pipelines.prepared import FORMAT_VERSION
 
 PREPARED_SUBDIR = "prepared"
 _SHOWN_REJECTS = 5  # rejected files named in the message (all are in rejects.txt)
@@ -60,10 +61,16 @@ def rejects_error(folder: str, rejects: list[dict[str, str]], total: int) -> Dat
                         "files and run again (the images already prepared are kept)")
 
 
-def cache_dir(cfg: Config, root: str, size: tuple[int, int], fmt: str) -> str:
-    """Where the trainer prepares `root` at `size`: under fast.prepared_dir, else `prepared/` beside the root."""
+def cache_dir(cfg: Config, root: str, size: tuple[int, int], fmt: str, long_tail: bool = False) -> str:
+    """Where the trainer prepares `root` at `size`: under fast.prepared_dir, else `prepared/` beside the root. The
+    name holds every setting that changes the bytes (and the format version), so another config or an older
+    preparation gets its own folder; a source folder also names its long-tail set (size, crop, classes)."""
     base = cfg.fast.prepared_dir or os.path.join(os.path.dirname(os.path.abspath(root)), PREPARED_SUBDIR)
-    return os.path.join(base, f"{os.path.basename(os.path.abspath(root))}_{size[0]}x{size[1]}_{fmt}")
+    name = f"{os.path.basename(os.path.abspath(root))}_{size[0]}x{size[1]}_{fmt}_v{FORMAT_VERSION}"
+    if long_tail:
+        (lw, lh), (cw, ch) = cfg.dsp.long_tail_size, cfg.data.crop_size
+        name += f"_lt{lw}x{lh}_crop{cw}x{ch}_c{'-'.join(map(str, cfg.dsp.long_tail_classes))}"
+    return os.path.join(base, name)
 
 
 def _prepare_cached(dataset, out: str, options, say) -> None:
@@ -108,23 +115,27 @@ def _read_options(out: str) -> dict[str, Any] | None:
 
 def prepare_from_roots(cfg: Config, say=print, source: bool = True, target: bool = True) -> tuple[str, str]:
     """(prepared source, prepared target train split) from the config's roots and sizes, prepared when needed."""
-    from dsp_fast.prepare import Options
+    from dsp_fast.prepare import RESAMPLE, Options
 
     d = cfg.data
     src_root, tgt_root = (os.path.abspath(r) for r in dataset_roots(cfg))
     fmt = cfg.fast.prepared_format
     if fmt == "auto":  # lossless for the synthetic shift: the fast trainer sees the reference trainer's pixels
         fmt = "png" if d.source == "synthetic" else "jpeg"
-    src_out = cache_dir(cfg, src_root, d.source_size, fmt)
+    src_out = cache_dir(cfg, src_root, d.source_size, fmt, long_tail=True)
     tgt_out = os.path.join(cache_dir(cfg, tgt_root, d.target_size, fmt), "train")
     if source:
         ds = SYNTHIA(src_root) if d.source == "synthia" else GTA5(src_root)
-        opts = Options(ds.name, None, src_root, tuple(d.source_size), fmt, 95, ds.num_classes, True, 8, 0)
+        # with its longtail/ set: the long-tail classes' images at dsp.long_tail_size, their valid windows counted
+        opts = Options(ds.name, None, src_root, tuple(d.source_size), fmt, 95, ds.num_classes, True, RESAMPLE[ds.name],
+                       long_tail_classes=tuple(cfg.dsp.long_tail_classes),
+                       long_tail_size=tuple(cfg.dsp.long_tail_size), crop=tuple(d.crop_size))
         _prepare_cached(ds, src_out, opts, say)
     if target:
         # images only, so the class count does not matter: a 19- and a 16-class config share the preparation
         ds = Cityscapes(tgt_root, "train", num_classes=19, labels=False)
-        opts = Options("cityscapes", "train", tgt_root, tuple(d.target_size), fmt, 95, 19, False, 8, 0)
+        opts = Options("cityscapes", "train", tgt_root, tuple(d.target_size), fmt, 95, 19, False,
+                       RESAMPLE["cityscapes"])
         _prepare_cached(ds, tgt_out, opts, say)
     return src_out, tgt_out
 

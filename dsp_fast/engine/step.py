@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsp_fast.config import DSPConfig
-from dsp_fast.method import DeviceChoices, LossSettings, dsp_losses, ema_update
+from dsp_fast.method import AUG_COLS, DeviceChoices, LossSettings, dsp_losses, ema_update
 
 LOSS_KEYS_DSP = ("loss", "src", "srcmix", "tgtmix", "mmd", "q")
 LOSS_KEYS_SOURCE_ONLY = ("loss", "src")
@@ -42,7 +42,7 @@ class StepBuffers:
         """Buffers shaped after one loader batch (the loader's shapes are fixed for a run)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         b, _, h, w = batch["src_img"].shape
-        lt = batch["lt_img"].shape[0]
+        lt = batch["lt_class"].shape[0]  # long-tail classes per step; lt_img holds B * lt crops, image-major
         dev = batch["src_img"].device
 
         def img(n: int) -> torch.Tensor:
@@ -51,9 +51,10 @@ class StepBuffers:
         def lab(n: int) -> torch.Tensor:
             return torch.zeros(n, h, w, dtype=torch.int64, device=dev)
 
-        choices = DeviceChoices(class_u=torch.zeros(b, num_classes, device=dev), lt_img=img(lt), lt_label=lab(lt),
-                                lt_cls=torch.full((lt,), -1, dtype=torch.int64, device=dev),
-                                aug_src=torch.zeros(b, 7, device=dev), aug_tgt=torch.zeros(b, 7, device=dev))
+        choices = DeviceChoices(class_u=torch.zeros(b, num_classes, device=dev), lt_img=img(b * lt),
+                                lt_label=lab(b * lt), lt_cls=torch.full((lt,), -1, dtype=torch.int64, device=dev),
+                                aug_src=torch.zeros(b, AUG_COLS, device=dev),
+                                aug_tgt=torch.zeros(b, AUG_COLS, device=dev))
         return cls(img(b), lab(b), img(b), lab(b), img(b), choices)
 
     def load_(self, batch: dict[str, torch.Tensor]) -> None:
@@ -69,18 +70,24 @@ class StepBuffers:
 
 
 def draw_choices_(ch: DeviceChoices, gen: torch.Generator, d: DSPConfig) -> None:
-    """Steps 2 and 4's random choices, drawn in place on the device (the distributions of augment.draw_strong_aug):
-    class ranks U(0,1); per image [jitter coin, brightness, contrast, saturation in 1 +- s, hue in +- s, blur coin,
-    sigma in U(0.15, 1.15)]. Long-tail crops come from the loader."""
+    """Steps 2 and 4's random choices, drawn in place on the device (the distributions of augment.draw_step_aug):
+    class ranks U(0,1); one jitter coin and one blur coin for the whole step (every mixed image shares them); per
+    image brightness in +- s, contrast and saturation in 1 +- s, hue in +- s rad, sigma in U(0.15, 1.15), and four
+    uniform keys whose argsort is the jitter order. Long-tail crops come from the loader."""
     ch.class_u.uniform_(generator=gen)
     s = d.jitter_strength
     for aug in (ch.aug_src, ch.aug_tgt):
         aug.uniform_(generator=gen)
-        aug[:, 0] = aug[:, 0] < d.jitter_p
-        aug[:, 1:4].mul_(2 * s).add_(1 - s)
+        aug[:, 1].mul_(2 * s).sub_(s)
+        aug[:, 2:4].mul_(2 * s).add_(1 - s)
         aug[:, 4].mul_(2 * s).sub_(s)
-        aug[:, 5] = aug[:, 5] < d.blur_p
         aug[:, 6].add_(0.15)
+    # the coins: column 0 and 5 of the source rows' first image, copied to every row of both tables
+    jitter = ch.aug_src[0, 0] < d.jitter_p
+    blur = ch.aug_src[0, 5] < d.blur_p
+    for aug in (ch.aug_src, ch.aug_tgt):
+        aug[:, 0] = jitter
+        aug[:, 5] = blur
 
 
 @dataclasses.dataclass

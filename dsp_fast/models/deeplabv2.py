@@ -86,8 +86,8 @@ class ASPPClassifier(nn.Module):
         # The authors' Classifier_Module returns inside its loop, after the second branch.
         self.num_used = 2 if two_branch_bug else len(rates)
         for i, conv in enumerate(self.conv2d_list):
+            # As the authors: weights N(0, 0.01), biases keep PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
             nn.init.normal_(conv.weight, 0.0, 0.01)
-            nn.init.zeros_(conv.bias)
             if i >= self.num_used:
                 # Unused branches never receive a gradient; marking them frozen keeps them out of the optimizer
                 # and lets DDP run without find_unused_parameters. Their weights stay in the state dict.
@@ -155,10 +155,13 @@ class DeepLabV2(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        # Kaiming for the backbone and projection (torchvision's choice for ReLU nets); the ASPP keeps DeepLab's
-        # N(0, 0.01), set in ASPPClassifier. BN starts as the identity.
+        # Kaiming for the backbone (torchvision's choice for ReLU nets; pretrained weights replace it anyway); the
+        # ASPP keeps DeepLab's N(0, 0.01), set in ASPPClassifier, and the MMD projection N(0, 0.01) as the authors'
+        # c1 (no checkpoint holds it, so this init is what every run starts from). BN starts as the identity.
         for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d) and not name.startswith(CLASSIFIER_ROOT):
+            if m is self.c1:
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            elif isinstance(m, nn.Conv2d) and not name.startswith(CLASSIFIER_ROOT):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, _BatchNorm):
                 nn.init.ones_(m.weight)
