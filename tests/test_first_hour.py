@@ -122,8 +122,11 @@ def test_trainer_prepares_the_configured_roots_at_the_configured_sizes_once(synt
         return resolve_data(cfg, opts, say=said.append)
 
     src, tgt = resolve()
-    assert (src, tgt) == (str(cache / "gta5_64x36_jpeg"), str(cache / "cityscapes_64x32_jpeg" / "train"))
-    manifest = json.loads((cache / "gta5_64x36_jpeg" / "manifest.json").read_text())
+    # named after the root, the size, the format (and the format version; the source also after its long-tail set)
+    assert os.path.dirname(src) == str(cache) and os.path.basename(src).startswith("gta5_64x36_jpeg_v")
+    tgt_folder = os.path.dirname(tgt)
+    assert os.path.basename(tgt) == "train" and os.path.basename(tgt_folder).startswith("cityscapes_64x32_jpeg_v")
+    manifest = json.loads((cache / src / "manifest.json").read_text())
     assert manifest["size"] == [64, 36] and manifest["source_root"] == gta and len(manifest["stems"]) == 4
     assert Image.open(os.path.join(src, "images", manifest["stems"][0] + ".jpg")).size == (64, 36)
     assert sum("preparing" in s for s in said) == 2
@@ -134,7 +137,7 @@ def test_trainer_prepares_the_configured_roots_at_the_configured_sizes_once(synt
     with pytest.raises(DatasetError, match=r"size \[64, 36\], but data.source_size is \[96, 54\]"):
         resolve("--prepared-source", src, "data.source_size=[96,54]")
     # the target's parent folder is enough: its train split is found
-    assert resolve("--prepared-target", str(cache / "cityscapes_64x32_jpeg"))[1] == tgt
+    assert resolve("--prepared-target", tgt_folder)[1] == tgt
     with pytest.raises(DatasetError, match=r"wants the 'train' split's folder"):
         resolve("--prepared-target", str(cache))
 
@@ -165,14 +168,15 @@ def test_a_corrupt_source_image_is_named_by_both_trainers(synthetic_root, tmp_pa
     cache = tmp_path / "cache"
     assert train.main(real_args(gta, cs, tmp_path, *fast_only(str(cache)))) == 2
     err = capsys.readouterr().err
-    assert bad in err and "1 of 4 input images" in err and str(cache / "gta5_64x36_jpeg" / "rejects.txt") in err
-    assert len(os.listdir(cache / "gta5_64x36_jpeg" / "images")) == 3  # the good ones stay prepared
+    [prepared_src] = [p for p in cache.iterdir() if p.name.startswith("gta5_64x36_jpeg")]
+    assert bad in err and "1 of 4 input images" in err and str(prepared_src / "rejects.txt") in err
+    assert len(os.listdir(prepared_src / "images")) == 3  # the good ones stay prepared
     assert not (tmp_path / "runs").exists()
     good = os.path.join(gta, "images", sorted(os.listdir(os.path.join(gta, "images")))[0])
     shutil.copy(good, bad)  # the file replaced: the next run prepares just that one and goes on
     data = resolve_data(*apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache))))))
-    assert data[0] == str(cache / "gta5_64x36_jpeg")
-    assert len(os.listdir(cache / "gta5_64x36_jpeg" / "images")) == 4
+    assert data[0] == str(prepared_src)
+    assert len(os.listdir(prepared_src / "images")) == 4
     with open(bad, "r+b") as f:
         f.truncate(200)
 
