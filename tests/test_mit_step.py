@@ -20,7 +20,7 @@ from test_method_equivalence import to_device_choices
 from test_train_step import CPU, buffers, fast_context
 
 from dsp_fast import reference
-from dsp_fast.augment import draw_strong_aug
+from dsp_fast.augment import draw_step_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig, OptimConfig, TrainConfig
 from dsp_fast.engine.features import build_models, scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
@@ -49,19 +49,24 @@ def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     return x_s, labels(), x_m, labels(), x_t
 
 
-def make_choices(y_m: torch.Tensor, gen: torch.Generator) -> reference.StepChoices:
+def make_choices(y_m: torch.Tensor, gen: torch.Generator, jitter: bool = True, blur: bool = True
+                 ) -> reference.StepChoices:
+    """Revision 2's choices: per template image its own crop of each of the step's two long-tail classes, and one
+    jitter coin and one blur coin per step, shared by the mixed images."""
     sel = reference.select_classes(y_m, K, paste_ignore_label=False, gen=gen)
-    lt = []
-    for cls in (15, 18):
-        lab = torch.full((S, S), 255)
-        lab[10:18, 40:60] = cls
-        lab[40:44, :] = 3  # other classes in the crop must not be pasted
-        lt.append((cls, torch.rand(3, S, S, generator=gen), lab))
-    augs = [draw_strong_aug(B, S, 0.8, 0.25, 0.5, gen) for _ in range(2)]
-    for a in augs:  # both branches of each coin
-        a.jitter[:] = torch.tensor([True, False])
-        a.blur[:] = torch.tensor([False, True])
-    return reference.StepChoices(sel, lt, augs[0], augs[1])
+    crops = []
+    for b in range(B):
+        per_image = []
+        for cls in (15, 18):
+            lab = torch.full((S, S), 255)
+            lab[10 + 4 * b:18 + 4 * b, 40 - 6 * b:60 - 6 * b] = cls
+            lab[40:44, :] = 3  # other classes in the crop must not be pasted
+            per_image.append((cls, torch.rand(3, S, S, generator=gen), lab))
+        crops.append(per_image)
+    aug_src, aug_tgt = draw_step_aug(B, S, 0.8, 0.25, 0.5, gen)
+    for a in (aug_src, aug_tgt):
+        a.jitter[:], a.blur[:] = jitter, blur
+    return reference.StepChoices(sel, crops, aug_src, aug_tgt)
 
 
 @pytest.mark.parametrize("algorithm,dsp,channels_last", [
