@@ -63,7 +63,8 @@ class DataConfig:
     eval_size: tuple[int, int] = (1024, 512)
     """[width, height] target validation images are evaluated at (single scale)."""
     batch_size: int = 2
-    """Images per domain per step (source, template and target batches each hold this many)."""
+    """Images per domain per step over all ranks (the global batch: source, template and target batches each hold
+    this many; the paper: 2). With N ranks each takes batch_size / N, so it must divide by N."""
     num_workers: int = 4
     """DataLoader worker processes per loader (0: load in the training process)."""
     eval_split: str = "val"
