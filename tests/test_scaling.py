@@ -142,3 +142,20 @@ def test_global_batch_splits_over_ranks_or_names_the_field():
     assert per_rank_batch(8, 4) == 2 and per_rank_batch(2, 1) == 2
     with pytest.raises(ConfigError, match="data.batch_size"):
         per_rank_batch(2, 4)
+
+
+@pytest.mark.parametrize("rule,lr_factor", [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_lr_scaling_keeps_the_number_of_images(rule, lr_factor):
+    from dsp_fast.config import load_config
+
+    cfg = load_config(None, ["data.batch_size=8", f"optim.lr_scaling={rule}", "train.max_steps=1000"])
+    assert cfg.optim.lr == pytest.approx(2.5e-4 * lr_factor)
+    assert cfg.train.max_steps == (1000 if rule == "none" else 250)  # 1000 steps x 2 images = 250 x 8
+    assert cfg.optim.lr_scaling == "none"  # applied once: the saved config does not scale again
+
+
+def test_lr_scaling_rejects_an_unknown_rule():
+    from dsp_fast.config import load_config
+
+    with pytest.raises(ConfigError, match="optim.lr_scaling"):
+        load_config(None, ["optim.lr_scaling=cubic"])
