@@ -129,7 +129,9 @@ def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: De
         if s.sum_ranks is None:
             q = (conf >= s.conf_threshold).float().mean()
         else:  # q over the global batch: one all-reduce of [confident pixels, pixels]
-            counts = torch.stack([(conf >= s.conf_threshold).sum().float(), conf.new_tensor(float(conf.numel()))])
+            confident = (conf >= s.conf_threshold).sum().float()
+            # full_like, not new_tensor: a fill kernel, where new_tensor would copy from the host (no graph capture)
+            counts = torch.stack([confident, torch.full_like(confident, conf.numel())])
             counts = s.sum_ranks(counts)
             q = counts[0] / counts[1]
     class_sel = select_classes(y_m, ch.class_u)
