@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from op_recorder import OpRecorder
 from test_method_equivalence import make_batch, make_cfg, make_choices, to_device_choices
 from test_train_run import REPO, assert_same_state, env, read, tiny_args
 from test_train_step import buffers, fast_context
@@ -57,12 +58,17 @@ def _rank_slice(batch, ch: DeviceChoices, rank: int, n: int):
     return part, dataclasses.replace(ch, class_u=ch.class_u[per], aug_src=ch.aug_src[per], aug_tgt=ch.aug_tgt[per])
 
 
-def _step(cfg, student, teacher, batch, choices, settings=None, sync=False):
+def _step(cfg, student, teacher, batch, choices, settings=None, sync=False, syncs: list | None = None):
+    """One fast step; `syncs` collects the host syncs the op recorder sees in it (the collectives included)."""
     ctx = fast_context(cfg, student, teacher)
     if settings is not None:
         ctx.settings, ctx.sync_flag = settings, sync
     ctx.set_schedule_(STEP, poly_lr(cfg.optim.lr, STEP, cfg.train.max_steps, cfg.optim.poly_power))
-    train_step(ctx, buffers(batch, choices))
+    buf = buffers(batch, choices)
+    with OpRecorder() as rec:
+        train_step(ctx, buf)
+    if syncs is not None:
+        syncs.extend(str(f) for f in rec.syncs)
     losses, skipped, _ = read_stats(ctx)
     assert skipped == 0
     return losses
@@ -84,10 +90,12 @@ def _worker(rank: int, port: int, out: dict) -> None:
             if variant == "no_mmd_gather":
                 settings.gather_rows = None
             ddp = apply_ddp(student, info, find_unused=False)
-            losses = _step(cfg, ddp, teacher, part, ch, settings, sync=True)
+            syncs: list[str] = []
+            losses = _step(cfg, ddp, teacher, part, ch, settings, sync=True, syncs=syncs)
             del ddp
             if rank == 0:
                 out[variant] = (losses, copy.deepcopy(student.state_dict()), copy.deepcopy(teacher.state_dict()))
+                out[f"{variant}_syncs"] = syncs
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +141,7 @@ def test_two_ranks_compute_the_one_rank_step(two_ranks, one_process):
     assert set(losses) == set(one_process[0])
     for k, v in one_process[0].items():
         assert losses[k] == pytest.approx(v, rel=LOSS_REL, abs=1e-8), k
+    assert two_ranks["all_syncs"] == []  # global BN, q, L_src counts and the MMD gather: no host read
     for sa, sb in ((two_ranks["all"][1], one_process[1]), (two_ranks["all"][2], one_process[2])):
         for (name, a), b in zip(sb.items(), sa.values()):
             torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=WEIGHT_ATOL, msg=name)
