@@ -96,8 +96,8 @@ def setup(cfg: Config, opts: FastOptions, info: DistInfo, run_dir: str, log: Any
     per_rank_batch(cfg.data.batch_size, info.world_size)
     student, teacher = build_models(cfg, device)
     if info.enabled:  # BN statistics over the global batch, the teacher's too (DSP_METHOD "Scaling out")
-        convert_global_bn(student)
-        convert_global_bn(teacher)
+        convert_global_bn(student, device)
+        convert_global_bn(teacher, device)
     if opts.channels_last:
         apply_channels_last(student, teacher)
     optimizer, device_skip = build_optimizer(cfg, student, opts, device)

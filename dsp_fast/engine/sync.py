@@ -2,8 +2,11 @@
 collectives the DSP losses call (a sum over ranks for q and the pixel counts, an autograd-aware all-gather of the
 pooled MMD vectors). All of them are plain collectives on device tensors: no host read, so the step still captures.
 
-Why our own synchronised BN and not torch.nn.SyncBatchNorm: torch's refuses CPU tensors, and the 2-rank gloo test
-that shows the N-rank step equals the one-rank step runs on CPU. This one works on any backend: each rank computes
+On CUDA the BN layers become torch.nn.SyncBatchNorm (its fused kernels save memory, and it skips its one host sync
+while a CUDA graph is captured). torch's refuses CPU tensors, so elsewhere, and in the 2-rank gloo test that shows
+the N-rank step equals the one-rank step, they become GlobalBatchNorm2d, the same statistics in plain PyTorch
+(which keeps a few fp32 copies of each BN input for autograd: fine on CPU, the reason not to use it on GPUs). It
+works on any backend: each rank computes
 its per-channel mean and biased variance, one autograd-aware all-gather shares them, and the global statistics are
 combined exactly (every rank holds the same number of pixels: the global batch splits evenly, see
 `per_rank_batch`). Its backward is autograd's through the gather (a sum of every rank's gradients).
@@ -53,9 +56,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def convert_global_bn(model: nn.Module) -> nn.Module:
-    """Replace every 2-d BN layer in place by a GlobalBatchNorm2d holding the same parameters and buffers (the
-    optimizer's and the checkpoint's tensors stay the same objects, the state_dict keys the same)."""
+def convert_global_bn(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """Replace every 2-d BN layer in place by one with statistics over all ranks, holding the same parameters and
+    buffers (the optimizer's and the checkpoint's tensors stay the same objects, the state_dict keys the same):
+    torch.nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere. `model` itself must not be a BN layer."""
+    if device is not None and device.type == "cuda":
+        # NOT YET RUN ON A GPU: torch's converter replaces the children in place and keeps parameters and buffers
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
             new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
