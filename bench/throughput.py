@@ -16,7 +16,8 @@ Ablation: the fast trainer with one optimisation off at a time (DALI, fused kern
 graphs), or one turned on (`dali_on`, `compile_on`: torch.compile of steps 1-6, its compile time reported apart as
 the variant's warm-up seconds), each alternated round by round with the full fast trainer; an optimisation the
 fast trainer does not use on this device is reported as n/a with the reason, not measured. Scaling: the fast
-trainer on 1 and on N processes (torchrun, gloo on CPU, NCCL on >= N GPUs), efficiency = img/s(N) / (N x img/s(1)).
+trainer on 1 and on N processes (torchrun, gloo on CPU, NCCL on >= N GPUs), at the same global batch (strong
+scaling) and at the same batch per process (weak), efficiency = img/s(N) / (N x img/s(1)).
 Writes bench/results/throughput_<device>_<date>.json and .png (see --out); the JSON is rewritten after every timed
 round ("complete": false until the end), so a run stopped by a timeout keeps what it measured.
 """

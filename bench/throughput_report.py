@@ -96,8 +96,12 @@ def print_summary(result: dict) -> None:
     s = result["scaling"]
     if s.get("status") == "measured":
         runs = s["runs"]
-        print(f"scaling ({s['backend']}, {s['threads_per_process']} thread(s)/process): 1 process "
-              f"{runs['1']['images_per_s']:.2f} img/s, {s['processes']} processes "
-              f"{runs[str(s['processes'])]['images_per_s']:.2f} img/s: efficiency {100 * s['efficiency']:.0f}%")
+        n = s["processes"]
+        print(f"scaling ({s['backend']}, {s['threads_per_process']} thread(s)/process): 1 process, global batch "
+              f"{runs['1']['global_batch']}: {runs['1']['images_per_s']:.2f} img/s")
+        for key, what in (("strong", "same global batch"), ("weak", "same batch per process")):
+            r = runs[key]
+            print(f"  {key} ({what}): {n} processes, global batch {r['global_batch']}: {r['images_per_s']:.2f} img/s, "
+                  f"efficiency {100 * s[f'{key}_efficiency']:.0f}%")
     else:
         print(f"scaling: {s.get('status')} {s.get('reason', '')}")

@@ -1,5 +1,8 @@
-"""Scaling of the fast trainer: the same timed steps on 1 and on N processes (torchrun; gloo on CPU, NCCL on CUDA
-with one GPU per process), efficiency = img/s(N) / (N x img/s(1)), where img/s counts every rank's crops.
+"""Scaling of the fast trainer: timed steps on 1 and on N processes (torchrun; gloo on CPU, NCCL on CUDA with one
+GPU per process), efficiency = img/s(N) / (N x img/s(1)), where img/s counts every rank's crops. Two N-process
+runs: strong scaling keeps the global batch (data.batch_size, the paper's setting: each rank takes batch/N) and weak
+scaling keeps the per-rank batch (global batch N x batch). Both are measured against the 1-process run at
+data.batch_size.
 
 The parent (`run_scaling`, called by bench/throughput.py) writes the resolved config and the fast options to a
 spec file and launches `torchrun -m bench.throughput_scaling --worker SPEC --result OUT` once per world size;
@@ -40,14 +43,16 @@ def run_scaling(args, cfg, opts, dirs: tuple[str, str], device: torch.device, sa
     out: dict = {"status": "measured", "backend": "nccl" if device.type == "cuda" else "gloo",
                  "threads_per_process": threads, "processes": n, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="dsp_throughput_scaling_") as tmp:
-        spec = os.path.join(tmp, "spec.yaml")
-        with open(spec, "w") as f:
-            yaml.safe_dump({"config": _plain(cfg.to_dict()), "options": dataclasses.asdict(opts),
-                            "device": device.type, "rounds": args.rounds, "steps": args.steps,
-                            "warmup": args.warmup}, f)
-        for world in (1, n):
-            say(f"[scaling] {world} process(es), {threads} thread(s) each: torchrun")
-            result = os.path.join(tmp, f"world{world}.json")
+        b = cfg.data.batch_size
+        for key, world, batch in (("1", 1, b), ("strong", n, b), ("weak", n, n * b)):
+            spec = os.path.join(tmp, f"spec_{key}.yaml")
+            run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
+            with open(spec, "w") as f:
+                yaml.safe_dump({"config": _plain(run_cfg.to_dict()), "options": dataclasses.asdict(opts),
+                                "device": device.type, "rounds": args.rounds, "steps": args.steps,
+                                "warmup": args.warmup}, f)
+            say(f"[scaling] {key}: {world} process(es), global batch {batch}, {threads} thread(s) each: torchrun")
+            result = os.path.join(tmp, f"{key}.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                    "-m", "bench.throughput_scaling", "--worker", spec, "--result", result]
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -59,15 +64,16 @@ def run_scaling(args, cfg, opts, dirs: tuple[str, str], device: torch.device, sa
             except subprocess.TimeoutExpired:
                 rc, tail = 124, f"timed out after {args.scaling_timeout} s"
             if rc != 0 or not os.path.exists(result):
-                say(f"[scaling] world {world} failed (exit {rc}):\n{tail}")
+                say(f"[scaling] {key} ({world} processes) failed (exit {rc}):\n{tail}")
                 return {**out, "status": "failed", "exit_code": rc, "log_tail": tail}
             with open(result) as f:
-                out["runs"][str(world)] = json.load(f)
-            out["runs"][str(world)]["wall_s"] = time.perf_counter() - t0
-            say(f"[scaling] world {world}: {out['runs'][str(world)]['images_per_s']:.2f} img/s (all ranks)")
-    one, many = out["runs"]["1"]["images_per_s"], out["runs"][str(n)]["images_per_s"]
-    out["efficiency"] = many / (n * one)
-    out["speedup"] = many / one
+                out["runs"][key] = {**json.load(f), "global_batch": batch}
+            out["runs"][key]["wall_s"] = time.perf_counter() - t0
+            say(f"[scaling] {key}: {out['runs'][key]['images_per_s']:.2f} img/s (all ranks)")
+    one = out["runs"]["1"]["images_per_s"]
+    for key in ("strong", "weak"):
+        out[f"{key}_efficiency"] = out["runs"][key]["images_per_s"] / (n * one)
+        out[f"{key}_speedup"] = out["runs"][key]["images_per_s"] / one
     return out
 
 

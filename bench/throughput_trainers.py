@@ -126,7 +126,7 @@ class FastTrainer:
         self.graphs = opts.graphs_on(info.device) and self.run.ctx.device_skip
         self.buf: StepBuffers | None = None
         self.step_fn: Callable[[], None] | None = None
-        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size * info.world_size
+        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size  # the global batch
         self.step_index = 0
 
     @property

@@ -23,6 +23,8 @@ OPTIMIZERS = ("auto", "fused", "foreach", "apex")
 MIT_ARCHS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 MODEL_ARCHS = ("deeplabv2_r101", "tiny", *MIT_ARCHS)
 OPTIM_ALGORITHMS = ("sgd", "adamw")
+LR_SCALINGS = ("none", "linear", "sqrt")
+PAPER_BATCH = 2  # images per domain per step in the paper: the batch optim.lr_scaling scales from
 
 
 class ConfigError(ValueError):
@@ -63,7 +65,8 @@ class DataConfig:
     eval_size: tuple[int, int] = (1024, 512)
     """[width, height] target validation images are evaluated at (single scale)."""
     batch_size: int = 2
-    """Images per domain per step (source, template and target batches each hold this many)."""
+    """Images per domain per step over all ranks (the global batch: source, template and target batches each hold
+    this many; the paper: 2). With N ranks each takes batch_size / N, so it must divide by N."""
     num_workers: int = 4
     """DataLoader worker processes per loader (0: load in the training process)."""
     eval_split: str = "val"
@@ -215,6 +218,11 @@ class OptimConfig:
     1 - (1 - step / warmup_steps) * (1 - warmup_ratio), as mmcv's linear warm-up."""
     warmup_ratio: float = 1e-6
     """Fraction of the poly lr at step 0 of the warm-up (DAFormer: 1e-6)."""
+    lr_scaling: str = "none"
+    """How a global batch other than the paper's 2 changes the schedule: 'none' (lr and steps as written), 'linear'
+    (lr x batch/2) or 'sqrt' (lr x sqrt(batch/2)); both also divide train.max_steps (and optim.warmup_steps) by
+    batch/2, so the run sees as many images as the paper's. A rule the paper did not test. Applied once when the
+    config is loaded: the resolved config in the run folder holds the scaled lr and steps, with 'none' here."""
 
     def __post_init__(self) -> None:
         _check(self.algorithm in OPTIM_ALGORITHMS, "optim.algorithm",
@@ -228,6 +236,8 @@ class OptimConfig:
         _check(self.poly_power >= 0, "optim.poly_power", f"must be >= 0, got {self.poly_power}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(0.0 < self.warmup_ratio <= 1.0, "optim.warmup_ratio", f"must be in (0, 1], got {self.warmup_ratio}")
+        _check(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling",
+               f"must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
 
 
 def _betas(value: Any) -> tuple[float, float]:
@@ -444,9 +454,22 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         _check(isinstance(raw[section], dict), section, "expected a mapping of fields")
         raw[section][key] = value
     try:
-        return config_from_dict(raw)
+        return apply_lr_scaling(config_from_dict(raw))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def apply_lr_scaling(cfg: Config) -> Config:
+    """optim.lr_scaling resolved: lr x k (linear) or x sqrt(k), train.max_steps and optim.warmup_steps / k, with
+    k = data.batch_size / 2; the result says 'none' so that loading it again does not scale twice."""
+    o = cfg.optim
+    if o.lr_scaling == "none":
+        return cfg
+    k = cfg.data.batch_size / PAPER_BATCH
+    lr = o.lr * (k if o.lr_scaling == "linear" else k ** 0.5)
+    optim = dataclasses.replace(o, lr=lr, lr_scaling="none", warmup_steps=round(o.warmup_steps / k))
+    train = dataclasses.replace(cfg.train, max_steps=max(1, round(cfg.train.max_steps / k)))
+    return dataclasses.replace(cfg, optim=optim, train=train)
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -11,6 +11,7 @@ Shapes: B batch, K classes, L long-tail classes per step, H x W crop, h x w stri
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +137,12 @@ class LossSettings:
     drop_target_soft_term: bool
     enabled: bool
     blur_kernel: int
+    # Several ranks (engine/sync.py): the step of one rank on the global batch. world_size scales each rank's loss
+    # so that DDP's mean of the gradients is the global loss's gradient; sum_ranks all-reduces (sums) a tensor that
+    # needs no gradient (q's and L_src's pixel counts); gather_rows all-gathers the pooled MMD vectors with autograd.
+    world_size: int = 1
+    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -157,7 +164,14 @@ def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: De
     with torch.no_grad():
         prob = torch.softmax(seg_forward(teacher, x_t, normalize)[0].float(), dim=1)
         conf, yhat_t = prob.max(dim=1)
-        q = (conf >= s.conf_threshold).float().mean()
+        if s.sum_ranks is None:
+            q = (conf >= s.conf_threshold).float().mean()
+        else:  # q over the global batch: one all-reduce of [confident pixels, pixels]
+            confident = (conf >= s.conf_threshold).sum().float()
+            # full_like, not new_tensor: a fill kernel, where new_tensor would copy from the host (no graph capture)
+            counts = torch.stack([confident, torch.full_like(confident, conf.numel())])
+            counts = s.sum_ranks(counts)
+            q = counts[0] / counts[1]
     class_sel = select_classes(y_m, ch.class_u)  # from the template's own labels, before the long-tail paste
     x_m, y_m, pasted = paste_long_tail(x_m, y_m, ch.lt_img, ch.lt_label, ch.lt_cls)
     xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m, y_m, class_sel, x_s, y_s, x_t, yhat_t, s.lam, pasted)
@@ -170,7 +184,7 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
                ) -> dict[str, torch.Tensor]:
     """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
     logits_s, _ = seg_forward(student, x_s, normalize)
-    l_src = source_ce(logits_s.float(), y_s)
+    l_src = source_loss(s, logits_s, y_s)
     if not s.enabled:
         return {"loss": l_src, "src": l_src}
     mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
@@ -182,6 +196,8 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
         logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
         logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
         lam = s.lam
+        # the mixed losses' mean runs over all B*H*W pixels; every rank holds the same number, so a rank's own mean
+        # is its share of the global mean times world_size, which DDP's mean over ranks divides back out
         l_srcmix = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
         weight = torch.where(mix.mask, 1.0, mix.q)
         tgt = lam * nll(logp_tm, mix.yt_mix)
@@ -193,12 +209,22 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
     return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": mix.q}
 
 
+def source_loss(s: LossSettings, logits_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
+    """L_src: CE over the valid pixels. Several ranks: the sum over this rank's pixels divided by the global valid
+    count, times world_size (DDP averages the gradients over ranks); 0 when no pixel of the global batch is valid."""
+    if s.sum_ranks is None:
+        return source_ce(logits_s.float(), y_s)
+    total = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL, reduction="sum")
+    valid = s.sum_ranks((y_s != IGNORE_LABEL).sum().float())
+    return total * s.world_size / valid.clamp(min=1.0)
+
+
 def mmd_term(s: LossSettings, feat_s: torch.Tensor, feat_t: torch.Tensor, mask_BHW: torch.Tensor,
              size: tuple[int, int]) -> torch.Tensor:
     """Step 6's c * weighted MMD, in fp32 even inside an autocast region (the spec keeps the MMD in fp32)."""
     with torch.autocast(feat_s.device.type, enabled=False):
         return s.mmd_weight * weighted_mmd(feat_s.float(), feat_t.float(), mask_BHW, size, s.mmd_kernel_mul,
-                                           s.mmd_kernel_num)
+                                           s.mmd_kernel_num, s.gather_rows)
 
 
 @torch.no_grad()

@@ -16,11 +16,15 @@ into one batched evaluation so that they share every launch. Autograd's backward
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import reference
 from ._common import check_mmd, check_weighted_mmd, twins_forced
 from .upsample_pool import adjoint_map, pool_with_maps
+
+RowGather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def mmd_rbf_stacked(x_SNC: torch.Tensor, y_SMC: torch.Tensor, kernel_mul: float = 2.0,
@@ -54,7 +58,7 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_nu
 
 
 def _weighted_mmd_fused(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
-                        kernel_mul: float, kernel_num: int) -> torch.Tensor:
+                        kernel_mul: float, kernel_num: int, gather: RowGather | None = None) -> torch.Tensor:
     n_b = feat_s.shape[0]
     feat_hw = tuple(feat_s.shape[-2:])
     # the global term pools the stride-8 map itself (as the authors' script): a uniform 1/(h*w) map
@@ -64,20 +68,26 @@ def _weighted_mmd_fused(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.
     a_B2hw = torch.stack([a_ones_1hw.expand(n_b, -1, -1), a_mask_Bhw], dim=1)
     pools_s_BC2 = pool_with_maps(feat_s, a_B2hw)
     pools_t_BC2 = pool_with_maps(feat_t, a_B2hw)
+    if gather is not None:  # every rank's pooled vectors: the MMD of the global batch, in one collective
+        pools_s_BC2, pools_t_BC2 = gather(torch.cat([pools_s_BC2, pools_t_BC2], dim=2)).chunk(2, dim=2)
     return mmd_rbf_stacked(pools_s_BC2.permute(2, 0, 1), pools_t_BC2.permute(2, 0, 1), kernel_mul, kernel_num).sum()
 
 
 def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
-                 kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
+                 kernel_mul: float = 2.0, kernel_num: int = 5, gather: RowGather | None = None) -> torch.Tensor:
     """DSP's MMD term before its factor c: MMD(GAP(feat_s), GAP(feat_t)) + MMD(GAP(M*up(feat_s)), GAP(M*up(feat_t))),
     with up = bilinear to `size`, align_corners=True: the global term pools the stride-8 maps, the masked term the
     upsampled ones (as the authors' script).
 
     feat_s, feat_t (B, C, h, w); mask (B, H, W) bool or float at `size`. Differentiable w.r.t. both features;
-    no tensor of size B*C*H*W is built, forward or backward.
+    no tensor of size B*C*H*W is built, forward or backward. gather: with several ranks, an autograd-aware
+    all-gather along dim 0 (each rank's pooled vectors in rank order), applied to the (B, C, ...) pooled vectors
+    before the MMD, so that the MMD runs over the global batch's 2B vectors; None on one process. It is called
+    once per step (one collective: several autograd gathers in one backward need not run in the same order on
+    every rank).
     """
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     check_mmd(feat_s[:, :, 0, 0], feat_t[:, :, 0, 0], kernel_mul, kernel_num)
     if twins_forced():
-        return reference.weighted_mmd(feat_s, feat_t, mask, size, kernel_mul, kernel_num)
-    return _weighted_mmd_fused(feat_s, feat_t, mask, size, kernel_mul, kernel_num)
+        return reference.weighted_mmd(feat_s, feat_t, mask, size, kernel_mul, kernel_num, gather)
+    return _weighted_mmd_fused(feat_s, feat_t, mask, size, kernel_mul, kernel_num, gather)

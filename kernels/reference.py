@@ -94,17 +94,22 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_nu
 
 
 def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor, size: tuple[int, int],
-                 kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
+                 kernel_mul: float = 2.0, kernel_num: int = 5, gather=None) -> torch.Tensor:
     """DSP's MMD term (before the factor c): MMD of the global pools of the stride-8 features + MMD of the
-    mask-weighted pools of the upsampled features (bilinear, align_corners=True, as the authors' nn.Upsample)."""
+    mask-weighted pools of the upsampled features (bilinear, align_corners=True, as the authors' nn.Upsample).
+    gather: as the fast twin's."""
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     # as the authors: the global pool of the stride-8 map; the upsampled map, times M, for the masked pool
-    global_mmd = mmd_rbf(feat_s.mean(dim=(2, 3)), feat_t.mean(dim=(2, 3)), kernel_mul, kernel_num)
     up_s_BCHW = F.interpolate(feat_s, size=size, mode="bilinear", align_corners=True)
     up_t_BCHW = F.interpolate(feat_t, size=size, mode="bilinear", align_corners=True)
     m_B1HW = mask[:, None].to(up_s_BCHW.dtype)
-    masked_mmd = mmd_rbf((m_B1HW * up_s_BCHW).mean(dim=(2, 3)), (m_B1HW * up_t_BCHW).mean(dim=(2, 3)),
-                         kernel_mul, kernel_num)
+    pools_B4C = torch.stack([feat_s.mean(dim=(2, 3)), feat_t.mean(dim=(2, 3)),
+                             (m_B1HW * up_s_BCHW).mean(dim=(2, 3)), (m_B1HW * up_t_BCHW).mean(dim=(2, 3))], dim=1)
+    if gather is not None:
+        pools_B4C = gather(pools_B4C)
+    glob_s, glob_t, mask_s, mask_t = pools_B4C.unbind(1)
+    global_mmd = mmd_rbf(glob_s, glob_t, kernel_mul, kernel_num)
+    masked_mmd = mmd_rbf(mask_s, mask_t, kernel_mul, kernel_num)
     return global_mmd + masked_mmd
 
 __all__ = ["IGNORE_LABEL", "dual_soft_paste", "pixel_weight", "masked_upsample_pool", "mmd_rbf", "weighted_mmd"]

@@ -26,6 +26,7 @@ from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.build import check_data, dataset_roots
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
 from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.pipelines.prepared import FORMAT_VERSION
 
 PREPARED_SUBDIR = "prepared"
@@ -233,11 +234,13 @@ def resolve_backend(opts: FastOptions, info: DistInfo) -> str:
 
 
 def build_step_loader(cfg: Config, opts: FastOptions, info: DistInfo, dirs: tuple[str, str], start_step: int):
-    """The per-step batches of this rank from `start_step` on (the loader is step-indexed: resuming is exact)."""
+    """The per-step batches of this rank from `start_step` on (the loader is step-indexed: resuming is exact):
+    data.batch_size / world_size images per domain (data.batch_size is the global batch)."""
     from dsp_fast.pipelines import build_loaders
 
     threads = opts.data_threads if opts.data_threads >= 0 else cfg.data.num_workers
-    return build_loaders(dirs[0], dirs[1], crop_size=cfg.data.crop_size, batch_size=cfg.data.batch_size,
+    return build_loaders(dirs[0], dirs[1], crop_size=cfg.data.crop_size,
+                         batch_size=per_rank_batch(cfg.data.batch_size, info.world_size),
                          backend=resolve_backend(opts, info), device=info.device, rank=info.rank,
                          world_size=info.world_size, seed=cfg.train.seed, num_threads=threads,
                          long_tail_classes=cfg.dsp.long_tail_classes,

@@ -41,6 +41,7 @@ from dsp_fast.engine.graphs import make_step_runner
 from dsp_fast.engine.monitor import memory_figures, save_image_grid
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
+from dsp_fast.engine.sync import convert_global_bn, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
 from dsp_fast.method import LossSettings
 
@@ -72,10 +73,14 @@ class Run:
             print(msg, flush=True)
 
 
-def loss_settings(cfg: Config) -> LossSettings:
+def loss_settings(cfg: Config, world_size: int = 1) -> LossSettings:
+    """The step's settings; with several ranks, the collectives that make it the step of the global batch."""
     d = cfg.dsp
-    return LossSettings(cfg.model.num_classes, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul,
-                        d.mmd_kernel_num, d.drop_target_soft_term, d.enabled, blur_kernel_size(cfg.data.crop_size[1]))
+    s = LossSettings(cfg.model.num_classes, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul,
+                     d.mmd_kernel_num, d.drop_target_soft_term, d.enabled, blur_kernel_size(cfg.data.crop_size[1]))
+    if world_size > 1:
+        s.world_size, s.sum_ranks, s.gather_rows = world_size, sum_over_ranks, gather_rows
+    return s
 
 
 def choice_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
@@ -88,7 +93,11 @@ def setup(cfg: Config, opts: FastOptions, info: DistInfo, run_dir: str, log: Any
     """Models, optimizer and features in order (channels_last, optimizer, scaler, resume, DDP), and the step context.
     resume: (path, checkpoint already read and checked by checkpoint.load / check_compatible)."""
     device = info.device
+    per_rank_batch(cfg.data.batch_size, info.world_size)
     student, teacher = build_models(cfg, device)
+    if info.enabled:  # BN statistics over the global batch, the teacher's too (DSP_METHOD "Scaling out")
+        convert_global_bn(student, device)
+        convert_global_bn(teacher, device)
     if opts.channels_last:
         apply_channels_last(student, teacher)
     optimizer, device_skip = build_optimizer(cfg, student, opts, device)
@@ -100,8 +109,9 @@ def setup(cfg: Config, opts: FastOptions, info: DistInfo, run_dir: str, log: Any
         _load_state(ckpt, student, teacher, optimizer, scaler, gen, info, cfg)
     ddp = apply_ddp(student, info, find_unused=not cfg.dsp.enabled)
     graphs = opts.graphs_on(device) and device_skip
-    ctx = StepContext(loss_settings(cfg), ddp, teacher, optimizer, make_normalize(student.input_kind, device), dtype,
-                      scaler, cfg.dsp.ema_max, device_skip, sync_flag=info.enabled, autocast_cache=not graphs)
+    ctx = StepContext(loss_settings(cfg, info.world_size), ddp, teacher, optimizer,
+                      make_normalize(student.input_kind, device), dtype, scaler, cfg.dsp.ema_max, device_skip,
+                      sync_flag=info.enabled, autocast_cache=not graphs)
     ctx.compiled_losses = apply_compile(opts.compile, student, teacher)
     run = Run(cfg, opts, info, run_dir, log, student, teacher, optimizer, ctx, gen)
     if ckpt is not None:
@@ -193,8 +203,7 @@ def check_ranks_in_sync(run: Run) -> None:
 
 def _loop(run: Run, loader) -> None:
     cfg, opts, ctx = run.cfg, run.opts, run.ctx
-    b = cfg.data.batch_size * run.info.world_size
-    run.log.start(cfg.train.max_steps, (3 if cfg.dsp.enabled else 1) * b, run.start_step)
+    run.log.start(cfg.train.max_steps, (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size, run.start_step)
     buf: StepBuffers | None = None
     step_fn = None
     wait = 0.0

@@ -18,6 +18,7 @@ from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, ini
 from dsp_fast.engine.loop import setup, train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
 from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.run_io import latest_run_dir, new_run_dir, resolve_device, write_summary
@@ -78,6 +79,7 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     info = init_distributed(device)
     try:
+        per_rank_batch(cfg.data.batch_size, info.world_size)  # before any data is prepared
         configure_backends(opts, info)
         resolve_backend(opts, info)  # an unusable --data-backend fails here, before any data is prepared
         data_dirs = prepared_dirs(cfg, opts, info)

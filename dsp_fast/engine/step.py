@@ -192,8 +192,14 @@ def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
 
 def read_stats(ctx: StepContext) -> tuple[dict[str, float], int, int]:
     """The means of the terms over the good steps since the last read, the skipped steps since then, and the
-    current run of consecutive skipped steps; then reset. One host sync (call it on log steps only)."""
-    values = torch.cat([torch.stack(list(ctx.sums.values())), ctx.counts]).tolist()
+    current run of consecutive skipped steps; then reset. One host sync (call it on log steps only). With several
+    ranks (every rank calls it on the same steps) the figures are the means over ranks: a rank's loss terms are its
+    share of the global batch's terms scaled by world_size (method.source_loss), so their mean is the global value."""
+    values_t = torch.cat([torch.stack(list(ctx.sums.values())), ctx.counts])
+    if ctx.sync_flag:
+        dist.all_reduce(values_t)
+        values_t = values_t / dist.get_world_size()  # the counts agree on every rank (found_inf is all-reduced)
+    values = values_t.tolist()
     n = len(ctx.sums)
     good, skipped, run = values[n:]
     means = {k: v / good for k, v in zip(ctx.sums, values[:n])} if good else {}
