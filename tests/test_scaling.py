@@ -52,10 +52,14 @@ def _inputs(cfg):
 
 
 def _rank_slice(batch, ch: DeviceChoices, rank: int, n: int):
-    """This rank's images and per-image choices; the long-tail crops are per step, so every rank has them all."""
+    """This rank's images and per-image choices: class ranks, augmentation rows and the long-tail crops of its
+    template images (image-major, L per image); the long-tail classes are the step's, shared."""
     per = slice(rank * n, (rank + 1) * n)
+    n_lt = ch.lt_cls.shape[0]
+    per_crop = slice(rank * n * n_lt, (rank + 1) * n * n_lt)
     part = tuple(t[per] for t in batch)
-    return part, dataclasses.replace(ch, class_u=ch.class_u[per], aug_src=ch.aug_src[per], aug_tgt=ch.aug_tgt[per])
+    return part, dataclasses.replace(ch, class_u=ch.class_u[per], aug_src=ch.aug_src[per], aug_tgt=ch.aug_tgt[per],
+                                     lt_img=ch.lt_img[per_crop], lt_label=ch.lt_label[per_crop])
 
 
 def _step(cfg, student, teacher, batch, choices, settings=None, sync=False, syncs: list | None = None):
