@@ -12,8 +12,8 @@ import torch
 from test_method_equivalence import make_batch, make_cfg, make_choices, to_device_choices
 from test_train_step import buffers, fast_context
 
-from dsp_fast.engine.features import apply_compile, build_models
-from dsp_fast.engine.step import poly_lr, read_stats, train_step
+from dsp_fast.engine.features import apply_compile, build_models, scheduled_lr
+from dsp_fast.engine.step import read_stats, train_step
 
 
 @pytest.mark.parametrize("mode", ["model", "step"])
@@ -30,7 +30,7 @@ def test_compiled_step_matches_eager(mode):
         ctx = fast_context(cfg, s, t)
         if compiled:
             ctx.compiled_losses = apply_compile(mode, s, t)
-        ctx.set_schedule_(3, poly_lr(cfg.optim.lr, 3, cfg.train.max_steps, cfg.optim.poly_power))
+        ctx.set_schedule_(3, scheduled_lr(cfg.optim, 3, cfg.train.max_steps))
         train_step(ctx, buffers(batch, ch))
         losses, skipped, _ = read_stats(ctx)
         assert skipped == 0

@@ -21,9 +21,9 @@ from test_train_step import buffers, fast_context
 
 from dsp_fast.config import ConfigError
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.features import apply_ddp, build_models
+from dsp_fast.engine.features import apply_ddp, build_models, scheduled_lr
 from dsp_fast.engine.loop import loss_settings
-from dsp_fast.engine.step import poly_lr, read_stats, train_step
+from dsp_fast.engine.step import read_stats, train_step
 from dsp_fast.engine.sync import convert_global_bn, per_rank_batch
 from dsp_fast.method import DeviceChoices
 
@@ -60,7 +60,7 @@ def _step(cfg, student, teacher, batch, choices, settings=None, sync=False, sync
     ctx = fast_context(cfg, student, teacher)
     if settings is not None:
         ctx.settings, ctx.sync_flag = settings, sync
-    ctx.set_schedule_(STEP, poly_lr(cfg.optim.lr, STEP, cfg.train.max_steps, cfg.optim.poly_power))
+    ctx.set_schedule_(STEP, scheduled_lr(cfg.optim, STEP, cfg.train.max_steps))
     buf = buffers(batch, choices)
     with OpRecorder() as rec:
         train_step(ctx, buf)

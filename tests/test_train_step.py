@@ -25,11 +25,12 @@ from dsp_fast.engine.features import (
     build_models,
     build_optimizer,
     make_normalize,
+    scheduled_lr,
 )
 from dsp_fast.engine.loop import loss_settings
 from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
 from dsp_fast.engine.options import FastOptions
-from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, poly_lr, read_stats, train_step
+from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices
 from dsp_fast.models import build_model, normalize_input, param_groups
@@ -69,7 +70,7 @@ def test_fast_step_matches_reference_step(dsp, channels_last):
     ref_losses = reference.train_step(cfg, student, teacher, ref_opt, step, batch, choices)
 
     ctx = fast_context(cfg, fast_student, fast_teacher, channels_last=channels_last)
-    ctx.set_schedule_(step, poly_lr(cfg.optim.lr, step, cfg.train.max_steps, cfg.optim.poly_power))
+    ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
     train_step(ctx, buffers(batch, to_device_choices(choices), channels_last))
     losses, skipped, _ = read_stats(ctx)
 
@@ -193,7 +194,7 @@ def test_graphed_step_matches_eager_step():
             for dst, src in zip((buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t), batch):
                 dst.copy_(src)
             draw_choices_(buf.choices, choice_gen, cfg.dsp)
-            ctx.set_schedule_(step, poly_lr(cfg.optim.lr, step, cfg.train.max_steps, cfg.optim.poly_power))
+            ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
             runner()
             losses.append(read_stats(ctx)[0])
         if graphed:

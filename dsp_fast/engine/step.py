@@ -184,12 +184,6 @@ def _check_finite_(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
     return ctx.found_inf
 
 
-@torch.no_grad()
-def poly_lr(base_lr: float, step: int, max_steps: int, power: float) -> float:
-    """lr * (1 - step / max_steps) ** power, as the reference trainer's schedule."""
-    return base_lr * (1 - step / max_steps) ** power
-
-
 def read_stats(ctx: StepContext) -> tuple[dict[str, float], int, int]:
     """The means of the terms over the good steps since the last read, the skipped steps since then, and the
     current run of consecutive skipped steps; then reset. One host sync (call it on log steps only). With several
