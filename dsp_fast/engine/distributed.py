@@ -41,10 +41,39 @@ def init_distributed(device: torch.device) -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=30)
         # NOT YET RUN ON A GPU: device_id binds NCCL to this rank's GPU (eager init, no first-collective guessing).
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        store = attempt_store(rank, world, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return DistInfo(rank, world, local, device)
+
+
+def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun's shared store, this restart attempt's own key space; None: init_process_group's env://.
+
+    torchrun (torch >= 2.4, c10d rendezvous) hosts one TCPStore in its agent and hands it to every attempt of the
+    workers, and env:// adds no per-attempt prefix. After `--max-restarts` restarts the workers, the previous
+    attempt's keys are still there: a restarted rank can read a dead rank's gloo address ("Gloo connectFullMesh
+    ... Connection refused") or a finished barrier's counter (a hang). pytorch/pytorch#135712 reports the same for
+    NCCL. TORCHELASTIC_RESTART_COUNT is the same for all workers of one agent, so on one node it isolates the
+    attempts. Across nodes it is not (an agent that restarts its workers for another node's failure does not count
+    that restart), and different prefixes would never meet: there the job is left as torchrun makes it, with a
+    warning, and multi-node restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on torchrun (a fresh store per
+    attempt; README, "Several GPUs and nodes")."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return None
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print("warning: torchrun --max-restarts across nodes with its shared TCPStore: a restart can read the "
+                  "previous attempt's keys and fail to connect; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for "
+                  "torchrun on every node", flush=True)
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return dist.PrefixStore(f"dsp_fast/attempt_{attempt}", store)
 
 
 def teardown(info: DistInfo) -> None:
