@@ -81,7 +81,8 @@ def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
         if fast.twins:
             return "n/a: --twins, the fast trainer already runs the twins"
         if not (HAS_TRITON and (dev.type == "cuda" or interpreting())):
-            return f"n/a {where}: the kernels already dispatch to their twins (Triton runs on CUDA tensors only)"
+            # no Triton here, but the weighted MMD's adjoint (interpolation matrices) still runs: off = naive twin
+            return Variant(key, "adjoint MMD off (naive twins)", {}, twins=True)
         return Variant(key, "fused kernels off (twins)", {}, twins=True)
     if key == "channels_last":
         if not o.channels_last:

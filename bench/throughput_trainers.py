@@ -33,6 +33,7 @@ from dsp_fast.engine.graphs import make_step_runner
 from dsp_fast.engine.loop import setup
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.runner import value_checks_wanted
 from dsp_fast.engine.step import StepBuffers, draw_choices_, read_stats, train_step
 from dsp_fast.kernels import force_twins, set_value_checks
 
@@ -136,12 +137,12 @@ class FastTrainer:
 
     @contextlib.contextmanager
     def flags(self) -> Iterator[None]:
-        """What runner.configure_backends sets for a fast run (cuDNN autotuning, no value checks on CUDA), and the
+        """What runner.configure_backends sets for a fast run (cuDNN autotuning, value checks), and the
         kernels' dispatch of this variant."""
         saved = torch.backends.cudnn.benchmark
         cuda = self.info.device.type == "cuda"
         torch.backends.cudnn.benchmark = cuda and not self.opts.deterministic
-        set_value_checks(not cuda)
+        set_value_checks(value_checks_wanted(self.opts, self.info.device))
         try:
             with force_twins(self.twins):
                 yield
