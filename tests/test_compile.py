@@ -1,7 +1,9 @@
 """fast.compile on CPU: the step with torch.compile (inductor) of the models ('model') or of steps 1-6 ('step')
 gives the eager step's losses and weights. Tolerance: inductor fuses and reorders float32 arithmetic (and its CPU
 convolutions may pick other kernels): 1e-4 relative on the losses, 1e-5 absolute on the weights after one step at
-lr 1e-2 (the eager-vs-reference tolerances of test_train_step, widened 10x for reordering)."""
+lr 1e-2 (the eager-vs-reference tolerances of test_train_step, widened 10x for reordering). The step runs as a CPU
+user's does (the kernels' twins, not the interpreter) and, with the settings the runner uses under compile (no
+label-value checks), the compiled region has no graph break."""
 
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ from test_method_equivalence import make_batch, make_cfg, make_choices, to_devic
 from test_train_step import buffers, fast_context
 
 from dsp_fast.engine.features import apply_compile, build_models, scheduled_lr
+from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.runner import value_checks_wanted
 from dsp_fast.engine.step import read_stats, train_step
+from dsp_fast.kernels import set_value_checks
 
 
 @pytest.mark.parametrize("mode", ["model", "step"])
-def test_compiled_step_matches_eager(mode):
+def test_compiled_step_matches_eager(mode, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # CPU tensors then go to the twins, as outside the tests
     torch._dynamo.reset()
     cfg = make_cfg()
     gen = torch.Generator().manual_seed(1)
@@ -31,7 +37,13 @@ def test_compiled_step_matches_eager(mode):
         if compiled:
             ctx.compiled_losses = apply_compile(mode, s, t)
         ctx.set_schedule_(3, scheduled_lr(cfg.optim, 3, cfg.train.max_steps))
-        train_step(ctx, buffers(batch, ch))
+        torch._dynamo.utils.counters.clear()
+        set_value_checks(value_checks_wanted(FastOptions(compile=mode if compiled else "off"), torch.device("cpu")))
+        try:
+            train_step(ctx, buffers(batch, ch))
+        finally:
+            set_value_checks(True)
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
         losses, skipped, _ = read_stats(ctx)
         assert skipped == 0
         results.append((losses, [p.detach().clone() for p in [*s.parameters(), *t.parameters()]]))
