@@ -4,21 +4,26 @@
 
 The fast trainer is built as the throughput comparison builds it (bench/throughput_trainers.py) on the config's
 data, warmed up, then `--steps` steps are profiled. Each aten operator's self time goes to one class: convolution
-(forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators (`dsp_fast::*`; on a CPU
-the kernels' twins run instead, as plain aten operators counted in their classes), optimizer + EMA (foreach / fused
-SGD) and data wait (what the trainer reports blocked on its loader). Writes a table (top operators and the classes,
-as text and JSON) and a bar chart of the classes.
+(forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators, optimizer + EMA (foreach /
+fused SGD) and data wait (what the trainer reports blocked on its loader). The DSP operators are the step's two
+calls into dsp_fast.kernels (dual soft-paste, weighted MMD), wrapped in profiler ranges here: every aten operator
+they run (the Triton launch on a GPU; the twin or the adjoint's plain-PyTorch operators elsewhere) counts as DSP,
+forward only (autograd's backward of the MMD runs outside the range and counts in its classes). Writes a table (top
+operators and the classes, as text and JSON) and a bar chart of the classes.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 from PIL import Image, ImageDraw
@@ -26,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.throughput_setup import build_config, fast_data_dirs
 from bench.throughput_trainers import FastTrainer, warm_up
+from dsp_fast import method
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.options import FastOptions
 from dsp_fast.run_io import resolve_device
@@ -55,9 +61,44 @@ def op_class(name: str) -> str | None:
     return "elementwise / reduction"
 
 
+DSP_RANGE = "dsp_range::"
+DSP_CALLS = ("dual_soft_paste", "weighted_mmd")
+
+
+@contextlib.contextmanager
+def dsp_ranges() -> Iterator[None]:
+    """The step's calls into dsp_fast.kernels (looked up in dsp_fast.method at call time) inside profiler ranges."""
+    saved = {name: getattr(method, name) for name in DSP_CALLS}
+
+    def ranged(name, fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with record_function(DSP_RANGE + name):
+                return fn(*args, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(method, name, ranged(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(method, name, fn)
+
+
+def event_class(evt) -> str | None:
+    """op_class, except that anything inside a DSP range is a DSP op."""
+    parent = evt
+    while parent is not None:
+        if parent.name.startswith(DSP_RANGE):
+            return "DSP ops" if evt.name.startswith("aten::") or evt.name.startswith("dsp_fast::") else None
+        parent = parent.cpu_parent
+    return op_class(evt.name)
+
+
 def profile_steps(trainer: FastTrainer, steps: int) -> profile:
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
-                 record_shapes=False) as prof, trainer.flags():
+                 record_shapes=False) as prof, trainer.flags(), dsp_ranges():
         for _ in range(steps):
             with record_function("step"):
                 trainer.step()
@@ -68,13 +109,13 @@ def summarise(prof: profile, steps: int, data_ms_per_step: float) -> dict:
     """Self time per class and the top operators, per step."""
     by_class: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
-    for evt in prof.key_averages():
-        cls = op_class(evt.key)
+    for evt in prof.events():
+        cls = event_class(evt)
         if cls is None or cls == "data wait":
             continue
         ms = evt.self_cpu_time_total / 1e3 / steps  # self time: nested aten calls are not counted twice
         by_class[cls] += ms
-        by_op[evt.key] += ms
+        by_op[evt.name + (" (DSP)" if cls == "DSP ops" and not evt.name.startswith("dsp_fast::") else "")] += ms
     by_class["data wait"] = data_ms_per_step
     total = sum(by_class.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]

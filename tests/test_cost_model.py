@@ -1,14 +1,18 @@
 """The GPU cost model and the step profile's classes, on CPU: the cost model's counted matrix FLOPs agree with
 bench.flops (an independent count: FlopCounterMode on real tensors), the fast step moves fewer bytes than the
-reference, and profiler event names land in the intended classes."""
+reference, profiler event names land in the intended classes, and the step's DSP calls count as DSP ops whatever
+operators they run (on CPU: the twins and the adjoint's plain-PyTorch operators)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
 
 from bench.cost_model import run
 from bench.flops import step_flops
-from bench.profile_step import op_class
+from bench.profile_step import dsp_ranges, event_class, op_class
+from dsp_fast import method
 
 
 def test_cost_model_counts_the_step_flops_and_predicts_the_fast_step_cheaper():
@@ -38,3 +42,18 @@ def test_cost_model_counts_the_step_flops_and_predicts_the_fast_step_cheaper():
                                       ("aten::add_", "elementwise / reduction"), ("step", None)])
 def test_profile_classes(name, cls):
     assert op_class(name) == cls
+
+
+def test_dsp_calls_count_as_dsp_ops_and_the_rest_keeps_its_class(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # the CPU user's path: the adjoint's plain-PyTorch operators
+    gen = torch.Generator().manual_seed(0)
+    feat_s, feat_t = torch.randn(2, 8, 5, 5, generator=gen), torch.randn(2, 8, 5, 5, generator=gen)
+    mask = torch.rand(2, 33, 33, generator=gen) > 0.5
+    with profile(activities=[ProfilerActivity.CPU]) as prof, dsp_ranges():
+        method.weighted_mmd(feat_s, feat_t, mask, (33, 33))
+        torch.mm(feat_s.flatten(1), feat_t.flatten(1).T)  # outside the DSP call: a matmul
+    classes = [(e.name, event_class(e)) for e in prof.events() if e.name.startswith("aten::")]
+    assert ("aten::mm", "matmul") in classes
+    inside = [name for name, cls in classes if cls == "DSP ops"]
+    assert "aten::exp" in inside and ("aten::bmm" in inside or "aten::matmul" in inside), inside
+    assert method.weighted_mmd.__name__ == "weighted_mmd" and not hasattr(method.weighted_mmd, "__wrapped__")
