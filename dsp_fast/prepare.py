@@ -168,7 +168,7 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         image = ds.read_image(i)
         label = ds.read_label(i) if ds.label_paths else None
         mismatch = label is not None and image.shape[:2] != label.shape
-        if mismatch and opt.dataset != "gta5":
+        if mismatch and not ds.resizes_mismatched_pairs:
             raise DatasetError(f"{ds.label_paths[i]}: label is {label.shape[1]}x{label.shape[0]} but its image "
                                f"{ds.image_paths[i]} is {image.shape[1]}x{image.shape[0]} (width x height)")
     except (DatasetError, OSError) as e:
@@ -286,6 +286,7 @@ class Subset:
 
     def __init__(self, dataset, indices: list[int], stems: list[str]) -> None:
         self.dataset, self.indices, self.stems = dataset, indices, stems
+        self.resizes_mismatched_pairs = dataset.resizes_mismatched_pairs
         self.image_paths = [dataset.image_paths[i] for i in indices]
         self.label_paths = [dataset.label_paths[i] for i in indices]
 

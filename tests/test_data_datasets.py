@@ -9,6 +9,8 @@ from PIL import Image
 
 from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.pngio import encode_png16
+from dsp_fast.data.transforms import SOURCE_RESAMPLE
+from dsp_fast.reference import RandomCrops
 
 H, W = 6, 10
 # Cityscapes label ids -> expected 19 train ids and 16 SYNTHIA ids, written out by hand.
@@ -233,11 +235,22 @@ def test_corrupt_or_truncated_png_names_the_file(tmp_path, which):
 
 
 def test_image_and_label_of_different_sizes(tmp_path):
+    root = make_cityscapes(tmp_path, cities=("aachen",), per_city=1)
+    stem = "aachen_000000_000019"
+    _save_gray(f"{root}/gtFine/train/aachen/{stem}_gtFine_labelIds.png", _label_grid(CS_IDS, (H, W + 1)))
+    msg = rf"{stem}_gtFine_labelIds\.png: label is 11x6 but its image .*{stem}_leftImg8bit\.png is 10x6"
+    with pytest.raises(DatasetError, match=msg):
+        Cityscapes(root, "train")[0]
+
+
+def test_gta5_pairs_of_different_sizes_are_read_for_resizing(tmp_path):
+    """Real GTA5 has a few such pairs; the authors resize both to the base size, which aligns them."""
     root = make_gta5(tmp_path, n=1)
     _save_palette(f"{root}/labels/00001.png", _label_grid(CS_IDS, (H, W + 1)))
-    msg = r"labels/00001\.png: label is 11x6 but its image .*images/00001\.png is 10x6"
-    with pytest.raises(DatasetError, match=msg):
-        GTA5(root)[0]
+    image, label = GTA5(root)[0]
+    assert image.shape[:2] == (H, W) and label.shape == (H, W + 1)
+    crop, crop_label = RandomCrops(GTA5(root), (8, 4), (4, 4), SOURCE_RESAMPLE)[0]  # the reference's source crops
+    assert crop.shape == (3, 4, 4) and crop_label.shape == (4, 4)
 
 
 def test_index_out_of_range(tmp_path):

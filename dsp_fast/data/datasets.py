@@ -66,6 +66,9 @@ class SegmentationDataset:
     """Shared behaviour of the readers; subclasses fill the path lists and implement `_map_label`."""
 
     name = "dataset"
+    resizes_mismatched_pairs = False
+    """True where the consumers resize image and label to the base size separately (GTA5, as the authors), so a pair
+    of different sizes is aligned again there; elsewhere such a pair is an error."""
 
     def __init__(self, root: str, num_classes: int) -> None:
         if num_classes not in (19, 16):
@@ -109,7 +112,7 @@ class SegmentationDataset:
         if not self.label_paths:
             return image, None
         label = self.read_label(i)
-        if image.shape[:2] != label.shape:
+        if image.shape[:2] != label.shape and not self.resizes_mismatched_pairs:
             raise DatasetError(f"{self.label_paths[i]}: label is {label.shape[1]}x{label.shape[0]} but its image "
                                f"{self.image_paths[i]} is {image.shape[1]}x{image.shape[0]} (width x height)")
         return image, label
@@ -176,6 +179,9 @@ class GTA5(SegmentationDataset):
     """
 
     name = "gta5"
+    # a few pairs of real GTA5 differ in size; the authors resize both straight to 1280x720 (bicubic image, nearest
+    # label), which aligns them, and both trainers do the same (the reference when it reads, prepare when it converts)
+    resizes_mismatched_pairs = True
 
     def __init__(self, root: str) -> None:
         super().__init__(root, 19)
