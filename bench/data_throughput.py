@@ -10,7 +10,9 @@ Generates GTA5-like (1914x1052 PNG, palette labels) and Cityscapes-like (2048x10
   `torch-<fmt>`    the `torch` backend over prepared data (PIL decode + crop in DataLoader workers);
   `dali-<fmt>`     the `dali` backend (CPU operators on a CPU device, GPU decode with --device cuda);
 - per training step (3B crops + K long-tail crops): the reference's three loaders plus its long-tail crops
-  (decoded on the main thread) vs `build_loaders` with each backend.
+  (decoded on the main thread) vs `build_loaders` with each backend;
+- the long-tail plan of one step (B x 2 windows, host only, on the DALI feeder's thread): drawn from the window maps
+  stored at preparation (what the loaders do) vs from the decoded 1920x1080 label (what the maps replace).
 images/s counts 512x512 crops delivered; threads = DataLoader workers or DALI threads per stream.
 Results go to bench/results/data_throughput_<date>.json with the device, git sha and versions.
 """
@@ -35,9 +37,10 @@ from PIL import Image
 
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, SOURCE_RESAMPLE, Cityscapes, load_or_build_class_index
+from dsp_fast.data.windows import draw_in_box, draw_valid_window
 from dsp_fast.pipelines import build_loaders
 from dsp_fast.pipelines.plan import CropPlan, ShardedSampler, random_window
-from dsp_fast.pipelines.prepared import load_prepared
+from dsp_fast.pipelines.prepared import LONG_TAIL_DIR, load_prepared, read_label_array, read_window_map
 from dsp_fast.reference import LongTailSource, RandomCrops
 
 GTA5_SIZE, CITYSCAPES_SIZE = (1914, 1052), (2048, 1024)
@@ -141,6 +144,27 @@ def reference_steps(gta: str, cs: str, batch: int, threads: int) -> Iterator:
         yield out
 
 
+def long_tail_plan_ms(src_dir: str, batch: int, steps: int) -> dict[str, float]:
+    """ms per step to draw the step's B x 2 long-tail windows, each way (images and classes drawn as the planner)."""
+    lt = load_prepared(os.path.join(src_dir, LONG_TAIL_DIR))
+    classes = [c for c in LONG_TAIL if lt.window_counts[:, c].sum() > 0]
+    rng = np.random.default_rng(0)
+    picks = []
+    for _ in range(steps):
+        for c in rng.permutation(classes)[:2].tolist():
+            p = lt.window_counts[:, c] / lt.window_counts[:, c].sum()
+            picks += [(int(rng.choice(len(lt), p=p)), c) for _ in range(batch)]
+    ways = {"stored map": lambda i, c: draw_in_box(rng, *read_window_map(lt, i, c)),
+            "label decode": lambda i, c: draw_valid_window(rng, read_label_array(lt, i), c, CROP)}
+    out = {}
+    for name, draw in ways.items():
+        start = time.perf_counter()
+        for i, c in picks:
+            draw(i, c)
+        out[name] = round(1e3 * (time.perf_counter() - start) / steps, 2)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the run
 def backends(device: torch.device) -> list[str]:
     names = ["torch"]
@@ -205,7 +229,10 @@ def run(args: argparse.Namespace, work: str) -> dict:
             row("step", "all", f"{be}-jpeg", t, lambda: build_loaders(
                 src_dir, tgt_dir, batch_size=b, backend=be, device=device, num_threads=t,
                 long_tail_classes=LONG_TAIL, num_long_tail=2), 5 * b)
-    return {"info": info, "rows": rows}
+    plan = long_tail_plan_ms(src_dir, b, n)
+    for name, ms in plan.items():
+        print(f"plan   longtail {name:14s}            {ms:8.1f} ms/step ({2 * b} windows)", flush=True)
+    return {"info": info, "rows": rows, "long_tail_plan_ms_per_step": plan}
 
 
 def environment() -> dict:

@@ -11,7 +11,8 @@ its label as an 8-bit train-id PNG. The layout and the manifest are described in
 
 A source set also gets `longtail/`: the images that hold a long-tail class, resized to the long-tail size
 (1920x1080, as the authors' long-tail crops), with the number of crop windows that hold each long-tail class per
-image: the long-tail sampler draws from those counts (the distribution of the authors' retry loop, no loop).
+image and the map of those windows: the long-tail sampler draws an image from the counts and a window from its map
+(the distribution of the authors' retry loop, with no loop and no label decoded while training).
 
 Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
 done, so a rerun after an interruption skips finished images. A file that cannot be read is listed with its error
@@ -36,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dsp_fast.data import GTA5, SOURCE_RESAMPLE, SYNTHIA, Cityscapes, DatasetError, resize_image, resize_label
-from dsp_fast.data.windows import count_valid_windows
+from dsp_fast.data.windows import valid_window_box
 from dsp_fast.pipelines import prepared
 
 BASE_SIZES = {"gta5": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
@@ -195,7 +196,10 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         nbytes += len(data)
     side.update(bytes=nbytes, **prepared.image_stats(label, opt.num_classes))
     if label is not None and opt.is_long_tail:
-        side["windows"] = count_valid_windows(label, opt.long_tail_classes, opt.crop)
+        maps = {int(c): valid_window_box(label, int(c), opt.crop) for c in opt.long_tail_classes}
+        maps = {c: m for c, m in maps.items() if m[0].any()}
+        prepared.write_atomic(prepared.windows_path(out, stem), prepared.encode_window_maps(maps))
+        side["windows"] = {c: int(m[0].sum()) for c, m in maps.items()}
     prepared.write_atomic(prepared.stats_path(out, stem), json.dumps(side).encode())
     return "ok", side
 
@@ -239,7 +243,7 @@ def _results(todo: list[int], workers: int, init_args: tuple):
 def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress: bool = True) -> Summary:
     """Convert one dataset (or one Cityscapes split) into `out`, resuming a previous run there."""
     start = time.perf_counter()
-    for sub in ("images", "labels", "stats"):
+    for sub in ("images", "labels", "stats", *(("windows",) if options.is_long_tail else ())):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
         for tmp in glob.glob(os.path.join(out, sub, "*.tmp-*")):  # left by an interrupted run
             os.remove(tmp)

@@ -1,11 +1,11 @@
 """Host-side planning of every random choice of the data streams: which images, which crop windows, which flips,
-which long-tail classes and crops. Numpy (plus the long-tail labels, decoded on the host), shared by all backends:
+which long-tail classes and crops. Numpy (plus the long-tail window maps stored at preparation), shared by all backends:
 the same (seed, rank, step) gives the same plan, so the DALI and torch backends produce the same crops, and a
 resumed run continues the same sequence.
 
 Long-tail crops (DSP step 3) follow the distribution of the authors' retry loop without the loop: the image in
 proportion to its number of crop windows that hold the class (counted at preparation), then one of those windows
-uniformly (found in that image's label: `dsp_fast.data.windows`).
+uniformly (from that image's window map, stored at preparation: `dsp_fast.data.windows`; no label is decoded).
 
 Sharding: each stream walks an endless sequence of per-epoch permutations (seed + stream + epoch). Position g of
 that global sequence goes to rank g % world_size, so within every epoch each sample goes to exactly one rank,
@@ -19,9 +19,9 @@ import dataclasses
 
 import numpy as np
 
-from dsp_fast.data.windows import draw_valid_window
+from dsp_fast.data.windows import draw_in_box
 
-from .prepared import PreparedSet, read_label_array
+from .prepared import PreparedSet, read_window_map
 
 STREAM_SOURCE, STREAM_TEMPLATE, STREAM_TARGET = 0, 1, 2
 SIDE_SOURCE, SIDE_TARGET, SIDE_LONG_TAIL = 0, 1, 2
@@ -122,7 +122,7 @@ class Planner:
         assert self.long_tail is not None and self.long_tail.window_counts is not None
         counts = self.long_tail.window_counts[:, cls].astype(np.float64)
         i = int(rng.choice(len(counts), p=counts / counts.sum()))
-        y0, x0 = draw_valid_window(rng, read_label_array(self.long_tail, i), cls, self.crop)
+        y0, x0 = draw_in_box(rng, *read_window_map(self.long_tail, i, cls))
         return i, (x0, y0)
 
     def long_tail_plan(self, step: int) -> CropPlan:

@@ -8,6 +8,9 @@ One prepared set (a dataset, or one Cityscapes split) is a folder:
     manifest.json              the set: stems in order, sizes, per-class pixel counts, class -> images, rejects
     index.npz                  counts (N, C) int32 pixels per class; in a longtail/ set also window_counts (N, C)
                                int64: the crop windows (manifest "crop") that hold each long-tail class
+    windows/<stem>.npz         a longtail/ set only: per long-tail class the image holds, its valid-window map
+                               (dsp_fast.data.windows.valid_window_box), bit-packed, so the loader draws a window
+                               without decoding the 1920x1080 label
     rejects.txt                input files that could not be read, one per line with the error
     longtail/                  a source set only: the images holding a long-tail class, at the long-tail size
                                (1920x1080), as a prepared set of its own (manifest "long_tail" names it)
@@ -29,7 +32,7 @@ from PIL import Image
 
 from dsp_fast.data.errors import DatasetError
 
-FORMAT_VERSION = 2  # 2: bicubic source images, longtail/ subset with window counts (no stored points)
+FORMAT_VERSION = 3  # 2: bicubic source images, longtail/ subset with window counts; 3: and window maps
 MANIFEST = "manifest.json"
 LONG_TAIL_DIR = "longtail"
 INDEX = "index.npz"
@@ -48,6 +51,35 @@ def label_path(root: str, stem: str) -> str:
 
 def stats_path(root: str, stem: str) -> str:
     return os.path.join(root, "stats", stem + ".json")
+
+
+def windows_path(root: str, stem: str) -> str:
+    return os.path.join(root, "windows", stem + ".npz")
+
+
+def encode_window_maps(maps: dict[int, tuple[np.ndarray, int, int]]) -> bytes:
+    """{class: (valid (h, w) bool, y_lo, x_lo)} as one compressed npz: the bits and [y_lo, x_lo, h, w] per class."""
+    arrays = {}
+    for c, (valid, y_lo, x_lo) in maps.items():
+        arrays[f"bits_{c}"] = np.packbits(valid, axis=None)
+        arrays[f"box_{c}"] = np.array([y_lo, x_lo, *valid.shape], dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def read_window_map(ds: PreparedSet, i: int, cls: int) -> tuple[np.ndarray, int, int]:
+    """The stored valid-window map of class `cls` in image i of a longtail/ set: (valid (h, w) bool, y_lo, x_lo)."""
+    path = windows_path(ds.root, ds.stems[i])
+    try:
+        with np.load(path) as z:
+            y_lo, x_lo, h, w = (int(v) for v in z[f"box_{cls}"])
+            valid = np.unpackbits(z[f"bits_{cls}"], count=h * w).astype(bool).reshape(h, w)
+    except KeyError:
+        raise DatasetError(f"{path}: no window map of class {cls}; rerun python -m dsp_fast.prepare") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(f"{path}: unreadable window maps ({e}); rerun python -m dsp_fast.prepare") from None
+    return valid, y_lo, x_lo
 
 
 def write_atomic(path: str, data: bytes) -> None:

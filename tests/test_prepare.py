@@ -143,6 +143,8 @@ def test_long_tail_subset_at_its_size_with_window_counts(gta5_root, tmp_path):
         for c in range(19):  # counted for the long-tail classes only, by brute force here
             n = brute_force_windows(want, c, LT_CROP) if c in (12, 15, 16, 17, 18) else 0
             assert lt.window_counts[j, c] == n, (stem, c)
+            if n:  # and mapped: the stored map holds exactly those windows
+                assert prepared.read_window_map(lt, j, c)[0].sum() == n, (stem, c)
     assert lt.stems == holders and holders  # the fixture draws riders and bicycles
 
 

@@ -4,7 +4,10 @@ The authors draw a long-tail crop by redrawing (image of the class's list, unifo
 a pixel of the class. Every image has the same number of windows, so, conditional on success, a pair
 (image, window) is drawn with probability proportional to [window holds the class]: the image in proportion to
 its number of valid windows, then a window uniformly among them. `valid_windows` finds them all at once with a
-summed-area table of the class's pixels; `count_valid_windows` is what preparation stores per (image, class).
+summed-area table of the class's pixels. Preparation stores, per (image, long-tail class), the count and the
+valid-window map restricted to the windows that can reach the class (`valid_window_box`), so that the loader draws
+a window from the stored map (`draw_in_box`) without decoding the label: the same draw, bit for bit, as
+`draw_valid_window` on the label.
 
 Shapes: label (H, W) integer ids; crop (width, height); windows indexed by their top-left corner (y0, x0), a
 (H - ch + 1, W - cw + 1) grid.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _valid_in_box(label_HW: np.ndarray, cls: int, crop: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+def valid_window_box(label_HW: np.ndarray, cls: int, crop: tuple[int, int]) -> tuple[np.ndarray, int, int]:
     """(valid, y_lo, x_lo): the valid-window map restricted to the windows that can reach the class's bounding box
     (every other window is invalid), and the top-left corner of that sub-grid. Working on the box keeps a small
     object's search small in a 1920x1080 label."""
@@ -40,24 +43,23 @@ def valid_windows(label_HW: np.ndarray, cls: int, crop: tuple[int, int]) -> np.n
     """(H - ch + 1, W - cw + 1) bool: window with top-left (y0, x0) holds at least one pixel of `cls`."""
     cw, ch = crop
     h, w = label_HW.shape
-    sub, y_lo, x_lo = _valid_in_box(label_HW, cls, crop)
+    sub, y_lo, x_lo = valid_window_box(label_HW, cls, crop)
     out = np.zeros((h - ch + 1, w - cw + 1), dtype=bool)
     out[y_lo:y_lo + sub.shape[0], x_lo:x_lo + sub.shape[1]] = sub
     return out
 
 
-def count_valid_windows(label_HW: np.ndarray, classes, crop: tuple[int, int]) -> dict[int, int]:
-    """{class: number of valid windows} for each class of `classes` present in the label (absent classes left out)."""
-    counts = {int(c): int(_valid_in_box(label_HW, int(c), crop)[0].sum()) for c in classes}
-    return {c: n for c, n in counts.items() if n > 0}
-
-
 def draw_valid_window(rng: np.random.Generator, label_HW: np.ndarray, cls: int, crop: tuple[int, int]
                       ) -> tuple[int, int]:
     """Top-left (y0, x0) of a window drawn uniformly among those holding `cls` (ValueError when there is none)."""
-    sub, y_lo, x_lo = _valid_in_box(label_HW, cls, crop)
-    flat = np.flatnonzero(sub)
-    if len(flat) == 0:
+    sub, y_lo, x_lo = valid_window_box(label_HW, cls, crop)
+    if not sub.any():
         raise ValueError(f"no {crop[0]}x{crop[1]} window holds class {cls}")
-    dy, dx = np.divmod(int(flat[int(rng.integers(len(flat)))]), sub.shape[1])
+    return draw_in_box(rng, sub, y_lo, x_lo)
+
+
+def draw_in_box(rng: np.random.Generator, valid_hw: np.ndarray, y_lo: int, x_lo: int) -> tuple[int, int]:
+    """Top-left (y0, x0) of a window drawn uniformly among the True cells of a `valid_window_box` map."""
+    flat = np.flatnonzero(valid_hw)
+    dy, dx = np.divmod(int(flat[int(rng.integers(len(flat)))]), valid_hw.shape[1])
     return y_lo + int(dy), x_lo + int(dx)
