@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 B, C_IMG, H, W = 2, 3, 512, 512
 C_FEAT, H_FEAT, W_FEAT = 256, 65, 65
-NUM_CLASSES, LAM, THRESHOLD = 19, 0.9, 0.968
+NUM_CLASSES, LAM = 19, 0.9
 IMPLS = ["twin", "compiled_twin", "kernel"]
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 RESULTS_CSV = f"kernels_{DEVICE}.csv"
@@ -99,15 +99,6 @@ def test_dual_soft_paste(benchmark, copy_gbs, impl, dtype):
     args = paste_inputs(dtype)
     fn = pick(impl, kernels.reference.dual_soft_paste, kernels.dual_soft_paste, lambda f: f(*args))
     run_case(benchmark, "dual_soft_paste", impl, dtype, lambda: fn(*args), paste_bytes(dtype), copy_gbs)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_pixel_weight(benchmark, copy_gbs, impl):
-    mask = torch.rand(B, H, W, device=DEVICE) < 0.5
-    conf = torch.rand(B, H, W, device=DEVICE)
-    fn = pick(impl, kernels.reference.pixel_weight, kernels.pixel_weight, lambda f: f(mask, conf, THRESHOLD))
-    nbytes = B * H * W * (4 + 1 + 4)  # read conf and mask, write W (float32)
-    run_case(benchmark, "pixel_weight", impl, torch.float32, lambda: fn(mask, conf, THRESHOLD), nbytes, copy_gbs)
 
 
 # ---------------------------------------------------------------------------------------------------- MMD

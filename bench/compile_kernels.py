@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from dsp_fast import kernels  # noqa: E402
-from dsp_fast.kernels import soft_paste, upsample_pool, weight_map  # noqa: E402
+from dsp_fast.kernels import soft_paste, upsample_pool  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,7 +65,7 @@ class StandInDriver:
 def compiling_for(arch: int, sink: list[dict]) -> Iterator[None]:
     """Route every kernel launch to a compile for `arch` (no launch); each compiled kernel goes to `sink`."""
     real_run = JITFunction.run
-    real_use = {m: m.use_triton for m in (soft_paste, weight_map, upsample_pool)}
+    real_use = {m: m.use_triton for m in (soft_paste, upsample_pool)}
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         compiled = real_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -92,7 +92,7 @@ def compiling_for(arch: int, sink: list[dict]) -> Iterator[None]:
 
 
 def _jit_kernels() -> list[JITFunction]:
-    return [v for m in (soft_paste, weight_map, upsample_pool) for v in vars(m).values() if isinstance(v, JITFunction)]
+    return [v for m in (soft_paste, upsample_pool) for v in vars(m).values() if isinstance(v, JITFunction)]
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
@@ -166,8 +166,6 @@ def api_plan() -> list[Callable[[], object]]:
                     *_paste_inputs(2, 3, 17, 33, dt, ld, cl), 0.9))
         calls.append(lambda dt=dt: kernels.dual_soft_paste(*_paste_inputs(2, 3, 17, 33, dt, torch.int64, False), 0.9,
                                                            torch.zeros(2, 17, 33, dtype=torch.bool)))
-        calls.append(lambda dt=dt: kernels.pixel_weight(torch.zeros(2, 17, 33, dtype=torch.bool),
-                                                        torch.zeros(2, 17, 33, dtype=dt), 0.968))
         calls.append(lambda dt=dt: kernels.masked_upsample_pool(torch.zeros(2, 5, 7, 9, dtype=dt),
                                                                 torch.zeros(2, 33, 49, dtype=torch.bool), (33, 49)))
         calls.append(lambda dt=dt: kernels.masked_upsample_pool(torch.zeros(2, 5, 7, 9, dtype=dt), None, (33, 49)))

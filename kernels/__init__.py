@@ -8,7 +8,6 @@ on CUDA, from two interpolation matrices elsewhere): they never build the upsamp
 installed (no `gpu` extra) everything still imports. `force_twins()` runs every naive twin (the ablation).
 
     dual_soft_paste       fused DSP step 4 (soft_paste.py)
-    pixel_weight          W = 1 on the mask, q elsewhere, q on the device (weight_map.py)
     masked_upsample_pool  mean of mask * bilinear_upsample(feat) without the upsampled tensor (upsample_pool.py)
     mmd_rbf               multi-bandwidth Gaussian MMD (mmd.py)
     weighted_mmd          DSP's global + masked MMD of upsampled features (mmd.py)
@@ -19,7 +18,6 @@ from ._common import HAS_TRITON, IGNORE_LABEL, force_twins, set_value_checks
 from .mmd import mmd_rbf, weighted_mmd
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
-from .weight_map import pixel_weight
 
 __all__ = [
     "HAS_TRITON",
@@ -28,7 +26,6 @@ __all__ = [
     "force_twins",
     "masked_upsample_pool",
     "mmd_rbf",
-    "pixel_weight",
     "reference",
     "set_value_checks",
     "weighted_mmd",

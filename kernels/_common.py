@@ -142,19 +142,6 @@ def check_label_values(labels: dict[str, torch.Tensor], num_classes: int) -> Non
         _need(not bool(bad.any()), bad_label_message(name, num_classes))
 
 
-# --------------------------------------------------------------------------------------------- pixel weight
-def check_pixel_weight(mask: torch.Tensor, conf: torch.Tensor, threshold: float) -> None:
-    _need(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool, "mask must be a bool tensor")
-    _need(isinstance(conf, torch.Tensor) and conf.dtype in IMAGE_DTYPES,
-          f"conf must be a float32, float16 or bfloat16 tensor, got {getattr(conf, 'dtype', type(conf))}")
-    _need(mask.dim() == 3 and mask.shape == conf.shape,
-          f"mask and conf must both be (B, H, W), got {tuple(mask.shape)} and {tuple(conf.shape)}")
-    _need(mask.numel() > 0, "mask and conf must not be empty")
-    _need(isinstance(threshold, (int, float)) and not isinstance(threshold, bool),
-          f"threshold must be a number, got {type(threshold)}")
-    _same_device({"mask": mask, "conf": conf})
-
-
 # ------------------------------------------------------------------------------------------------------ MMD
 def check_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int]) -> tuple[int, int]:
     """Checks of masked_upsample_pool; returns size as a tuple of ints."""

@@ -14,7 +14,6 @@ from ._common import (
     IGNORE_LABEL,
     check_label_values,
     check_mmd,
-    check_pixel_weight,
     check_soft_paste,
     check_upsample_pool,
     check_weighted_mmd,
@@ -48,17 +47,6 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     src_mix_label = torch.where(mask_BHW, tmpl_label, src_label)
     tgt_mix_label = torch.where(mask_BHW, tmpl_label, tgt_pseudo)
     return src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW
-
-
-def pixel_weight(mask: torch.Tensor, conf: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DSP step 6 weight map: W = 1 on the pasted pixels, q elsewhere; q = fraction of confident target pixels.
-
-    Returns (W_BHW float32, q as a 0-d float32 tensor on the device: no host sync).
-    """
-    check_pixel_weight(mask, conf, threshold)
-    q = (conf >= threshold).float().mean()
-    weight_BHW = torch.where(mask, torch.ones_like(conf, dtype=torch.float32), q)
-    return weight_BHW, q
 
 
 def masked_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int],
@@ -112,4 +100,4 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     masked_mmd = mmd_rbf(mask_s, mask_t, kernel_mul, kernel_num)
     return global_mmd + masked_mmd
 
-__all__ = ["IGNORE_LABEL", "dual_soft_paste", "pixel_weight", "masked_upsample_pool", "mmd_rbf", "weighted_mmd"]
+__all__ = ["IGNORE_LABEL", "dual_soft_paste", "masked_upsample_pool", "mmd_rbf", "weighted_mmd"]

@@ -1,4 +1,4 @@
-"""dual_soft_paste and pixel_weight: the Triton kernels (interpreter on CPU, compiled on a GPU) against their twins.
+"""dual_soft_paste: the Triton kernel (interpreter on CPU, compiled on a GPU) against its twin.
 
 Shapes: B batch, C channels, H x W crop, K classes. Images are drawn in [0, 1), the range the trainers paste in.
 Tolerances (images only; labels and masks must match exactly):
@@ -22,7 +22,6 @@ from dsp_fast import kernels
 
 reference = kernels.reference
 sp_mod = kernels.soft_paste
-pw_mod = kernels.weight_map
 
 ATOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 / compiled kernels)")
@@ -199,38 +198,6 @@ def test_bad_labels_never_fault_with_checks_off():
     assert not mask.any()
 
 
-# -------------------------------------------------------------------------------------------- pixel weight
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 17, 33)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.968, 2.0])
-def test_pixel_weight_matches_twin(shape, dtype, threshold):
-    mask = torch.rand(shape) < 0.5
-    conf = torch.rand(shape).to(dtype)
-    weight, q = pw_mod._pixel_weight_triton(mask, conf, threshold)
-    ref_weight, ref_q = reference.pixel_weight(mask, conf, threshold)
-    # exact: q is an integer count over the same float32 division, W a select between 1 and q
-    assert q.dim() == 0 and q.dtype == torch.float32 and torch.equal(q, ref_q)
-    assert torch.equal(weight, ref_weight)
-
-
-def test_pixel_weight_strided_inputs():
-    mask, conf = torch.rand(2, 33, 17) < 0.5, torch.rand(2, 33, 17)
-    mask_t, conf_t = mask.transpose(1, 2), conf.transpose(1, 2)
-    weight, q = kernels.pixel_weight(mask_t, conf_t, 0.5)
-    ref_weight, ref_q = reference.pixel_weight(mask_t, conf_t, 0.5)
-    assert torch.equal(weight, ref_weight) and torch.equal(q, ref_q)
-
-
-@pytest.mark.parametrize("impl", [kernels.pixel_weight, reference.pixel_weight])
-def test_pixel_weight_bad_input(impl):
-    with pytest.raises(ValueError):
-        impl(torch.zeros(2, 3, 4, dtype=torch.bool), torch.rand(2, 3, 5), 0.9)
-    with pytest.raises(ValueError):
-        impl(torch.zeros(2, 3, 4), torch.rand(2, 3, 4), 0.9)  # a float mask
-    with pytest.raises(ValueError):
-        impl(torch.zeros(2, 3, 4, dtype=torch.bool), torch.rand(2, 3, 4).double(), 0.9)
-
-
 # ------------------------------------------------------------------------------------------------- GPU only
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -239,11 +206,6 @@ def test_gpu_compiled_kernel_matches_twin(dtype, channels_last):
     for shape in [(1, 3, 1, 1), (3, 3, 17, 33), (2, 3, 512, 512)]:
         args = make_inputs(*shape, dtype=dtype, channels_last=channels_last, device="cuda")
         check_against_twin(args, lam=0.9)
-    mask = torch.rand(2, 512, 512, device="cuda") < 0.5
-    conf = torch.rand(2, 512, 512, device="cuda")
-    weight, q = kernels.pixel_weight(mask, conf, 0.968)
-    ref_weight, ref_q = reference.pixel_weight(mask, conf, 0.968)
-    assert torch.equal(q, ref_q) and torch.equal(weight, ref_weight)
 
 
 # ----------------------------------------------------------------------------------------------- packaging
@@ -255,9 +217,8 @@ def test_imports_without_triton():
         "from dsp_fast import kernels\n"
         "assert not kernels.HAS_TRITON\n"
         "m = torch.rand(1, 8, 8) < 0.5\n"
-        "w, q = kernels.pixel_weight(m, torch.rand(1, 8, 8), 0.5)\n"
         "f = torch.randn(1, 4, 2, 2)\n"
-        "print(float(kernels.weighted_mmd(f, f + 1, m, (8, 8))), float(q))\n"
+        "print(float(kernels.weighted_mmd(f, f + 1, m, (8, 8))))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
