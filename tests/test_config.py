@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from dsp_fast.config import ConfigError, load_config, save_config
+from dsp_fast.config import ConfigError, load_config, preset_names, save_config
 from dsp_fast.engine.options import add_cli_args, apply_cli_args
 
 
@@ -12,6 +12,17 @@ from dsp_fast.engine.options import add_cli_args, apply_cli_args
 def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.data.crop_size[0] <= cfg.data.source_size[0]
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_long_tail_size_is_the_authors_or_scaled_like_it(preset):
+    """The authors cut long-tail crops from the source resized to 1920x1080 (GTA5 and SYNTHIA alike): 1.5x GTA5's
+    1280x720. A synthetic preset, at a smaller source size, scales it the same way, or its long-tail crops come from
+    a more magnified image than the paper's."""
+    cfg = load_config(preset)
+    (w, h), got = cfg.data.source_size, tuple(cfg.dsp.long_tail_size)
+    want = (round(1.5 * w), round(1.5 * h)) if cfg.data.source == "synthetic" else (1920, 1080)
+    assert got == want, f"{preset}: dsp.long_tail_size {got} for a {w}x{h} {cfg.data.source} source"
 
 
 def test_paper_settings():
