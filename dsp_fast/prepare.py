@@ -166,16 +166,12 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
     """Convert image i: ('ok', sidecar) or ('reject', record). Only unreadable input files become rejects."""
     ds, out, opt, stem = _STATE["dataset"], _STATE["out"], _STATE["options"], _STATE["stems"][i]
     try:
-        image = ds.read_image(i)
-        label = ds.read_label(i) if ds.label_paths else None
-        mismatch = label is not None and image.shape[:2] != label.shape
-        if mismatch and not ds.resizes_mismatched_pairs:
-            raise DatasetError(f"{ds.label_paths[i]}: label is {label.shape[1]}x{label.shape[0]} but its image "
-                               f"{ds.image_paths[i]} is {image.shape[1]}x{image.shape[0]} (width x height)")
+        image, label = ds[i]  # the reader's checks, including a pair of different sizes where the reader refuses it
     except (DatasetError, OSError) as e:
         return "reject", _reject(ds, i, stem, e)
     h, w = image.shape[:2]
-    side: dict[str, Any] = {"stem": stem, "source_size": [w, h], "resized_pair": bool(mismatch)}
+    mismatch = label is not None and (h, w) != label.shape
+    side: dict[str, Any] = {"stem": stem, "source_size": [w, h], "resized_pair": mismatch}
     if label is not None and opt.long_tail_size is not None:
         # which long-tail classes this image holds at the long-tail size (nearest upsampling keeps every class)
         lt_label = resize_label(label, opt.long_tail_size)
