@@ -27,7 +27,7 @@ from dsp_fast.data.build import check_data, dataset_roots
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
 from dsp_fast.engine.options import FastOptions, OptionsError
 from dsp_fast.engine.sync import per_rank_batch
-from dsp_fast.pipelines.prepared import FORMAT_VERSION
+from dsp_fast.pipelines.prepared import FORMAT_VERSION, MANIFEST, OPTIONS
 
 PREPARED_SUBDIR = "prepared"
 _SHOWN_REJECTS = 5  # rejected files named in the message (all are in rejects.txt)
@@ -45,12 +45,16 @@ def _file_lock(path: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read_manifest(folder: str) -> dict[str, Any] | None:
+def _read_json(path: str) -> dict[str, Any] | None:
     try:
-        with open(os.path.join(folder, "manifest.json")) as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _read_manifest(folder: str) -> dict[str, Any] | None:
+    return _read_json(os.path.join(folder, MANIFEST))
 
 
 def rejects_error(folder: str, rejects: list[dict[str, str]], total: int) -> DatasetError:
@@ -86,7 +90,7 @@ def _prepare_locked(dataset, out: str, options, say) -> None:
 
     manifest = _read_manifest(out)
     wanted = options.to_dict()
-    old_options = manifest or _read_options(out)
+    old_options = manifest or _read_json(os.path.join(out, OPTIONS))
     if old_options is not None:
         diff = [(k, old_options.get(k), v) for k, v in wanted.items() if old_options.get(k) != v]
         if diff:
@@ -104,14 +108,6 @@ def _prepare_locked(dataset, out: str, options, say) -> None:
     say(summary.report())
     if summary.rejects:
         raise rejects_error(out, summary.rejects, summary.total)
-
-
-def _read_options(out: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(out, "prepare_options.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def prepare_from_roots(cfg: Config, say=print, source: bool = True, target: bool = True) -> tuple[str, str]:
