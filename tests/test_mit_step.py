@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 from test_method_equivalence import to_device_choices
-from test_train_step import CPU, buffers, fast_context
+from test_train_step import CPU, assert_same_losses, buffers, fast_context
 
 from dsp_fast import reference
 from dsp_fast.augment import draw_step_aug
@@ -92,10 +92,7 @@ def test_fast_step_matches_reference_step_on_mit_b0(algorithm, dsp, channels_las
     train_step(ctx, buffers(batch, to_device_choices(choices), channels_last))
     losses, skipped, _ = read_stats(ctx)
 
-    rel, atol = (1e-4, 1e-5) if channels_last else (1e-5, 1e-6)
-    assert skipped == 0 and set(losses) == set(ref_losses)
-    for k, v in ref_losses.items():
-        assert losses[k] == pytest.approx(v, rel=rel, abs=1e-7), k
+    rel, atol = assert_same_losses(losses, skipped, ref_losses, channels_last)
     pairs = [(n, p.grad, q.grad) for (n, p), q in zip(student.named_parameters(), fast_student.parameters())]
     assert all((g is None) == (h is None) for _, g, h in pairs)  # source-only never uses the MMD projection
     grads = [(n, g, h) for n, g, h in pairs if g is not None]
