@@ -1,14 +1,18 @@
 """Latency of one small collective between processes on this machine: what each global-BN layer of the multi-rank
 step pays per forward and per backward (README, "Several GPUs and nodes").
 
-    torchrun --standalone --nproc_per_node=2 -m bench.gloo_latency [--floats 128] [--iters 2000]
+    torchrun --standalone --nproc_per_node=2 -m bench.gloo_latency [--floats 128] [--iters 2000] [--out DIR]
 
-gloo on CPU, NCCL on CUDA; one thread per process. Prints the median over 5 blocks of the mean time per call.
+gloo on CPU, NCCL on CUDA; one thread per process. Prints the median over 5 blocks of the mean time per call and
+writes it, with the device, date, git sha and command, to bench/results/gloo_latency_<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
 import statistics
 import sys
 import time
@@ -16,11 +20,14 @@ import time
 import torch
 import torch.distributed as dist
 
+from bench._env import environment
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--floats", type=int, default=128, help="elements per collective (a BN layer's mean and var: 2C)")
     p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -45,8 +52,17 @@ def main(argv: list[str] | None = None) -> int:
             blocks.append((time.perf_counter() - t0) / (args.iters // 5))
         results[name] = statistics.median(blocks)
     if rank == 0:
+        backend = dist.get_backend()
         for name, s in results.items():
-            print(f"{dist.get_backend()} {name} of {args.floats} floats, {world} processes: {1e6 * s:.0f} us per call")
+            print(f"{backend} {name} of {args.floats} floats, {world} processes: {1e6 * s:.0f} us per call")
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"gloo_latency_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
+        with open(path, "w") as f:
+            json.dump({"command": f"torchrun --nproc_per_node={world} -m bench.gloo_latency {' '.join(sys.argv[1:])}",
+                       "env": environment(str(device)), "backend": backend, "processes": world,
+                       "floats": args.floats, "iters": args.iters,
+                       "us_per_call": {k: round(1e6 * v, 1) for k, v in results.items()}}, f, indent=1)
+        print(f"wrote {path}")
     dist.destroy_process_group()
     return 0
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench._env import environment
 from bench.throughput_setup import build_config, fast_data_dirs
 from bench.throughput_trainers import FastTrainer, warm_up
 from dsp_fast import method
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
     summary = summarise(prof, args.steps, sum(data_ms) / max(1, len(data_ms)))
-    summary.update({"command": " ".join(["python -m bench.profile_step", *sys.argv[1:]]), "device": str(device),
+    summary.update({"command": " ".join(["python -m bench.profile_step", *sys.argv[1:]]),
+                    "env": environment(str(device)), "device": str(device),
                     "arch": cfg.model.arch, "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size,
                     "steps": args.steps, "threads": torch.get_num_threads(),
                     "fast_options": dataclasses.asdict(opts)})
