@@ -356,20 +356,35 @@ _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "o
                   "train": TrainConfig, "fast": FastConfig}
 
 
+def _as_float(value: Any, name: str) -> float:
+    """A number as typed: ints, floats, and every string Python's float() reads. PyYAML follows YAML 1.1, where
+    `1e-3` and `1e9` (no dot, or no sign in the exponent) are strings while `2.5e-3` is a float; a user who typed
+    either means the number, on the command line and in a YAML file alike."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"config field '{name}': expected a number, got {value!r}")
+
+
 def _coerce(value: Any, default: Any, name: str) -> Any:
-    """Type-check one value against the field's default; ints are accepted where floats are expected."""
+    """Type-check one value against the field's default; ints, and strings float() reads, are accepted where
+    floats are expected (in lists of floats too)."""
     if isinstance(default, bool):
         _check(isinstance(value, bool), name, f"expected true/false, got {value!r}")
     elif isinstance(default, float):
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
-               f"expected a number, got {value!r}")
-        return float(value)
+        return _as_float(value, name)
     elif isinstance(default, int):
         _check(isinstance(value, int) and not isinstance(value, bool), name, f"expected an integer, got {value!r}")
     elif isinstance(default, str):
         _check(isinstance(value, str), name, f"expected a string, got {value!r}")
     elif isinstance(default, (list, tuple)):
         _check(isinstance(value, (list, tuple)), name, f"expected a list, got {value!r}")
+        if default and all(isinstance(v, float) for v in default):  # e.g. optim.betas: [0.9, 1e-3]
+            value = [_as_float(v, name) for v in value]
         return list(value) if isinstance(default, list) else tuple(value)
     return value
 

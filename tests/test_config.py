@@ -92,3 +92,22 @@ def test_fast_section_and_its_flags(tmp_path):
     assert (cfg.fast.amp, cfg.fast.cuda_graphs, cfg.fast.channels_last) == ("fp32", False, True)  # saved as run
     with pytest.raises(ConfigError, match=r"fast\.image_every"):
         apply_cli_args(cfg, parser.parse_args(["--image-every", "-1"]))
+
+
+@pytest.mark.parametrize("text, want", [("1e-3", 1e-3), ("1e9", 1e9), ("1.0e9", 1e9), ("2.5e-3", 2.5e-3),
+                                        ("3", 3.0), ("1E-4", 1e-4)])
+def test_floats_as_typed(tmp_path, text, want):
+    """PyYAML (YAML 1.1) reads `1e-3` and `1e9` as strings; a float field takes every spelling float() takes, on the
+    command line and in a YAML file."""
+    assert load_config(None, [f"optim.lr={text}"]).optim.lr == want
+    assert load_config(_write(tmp_path, f"optim:\n  lr: {text}\n")).optim.lr == want
+    cfg = load_config(None, [f"optim.betas=[0.9, {text}]"] if want < 1 else [])
+    assert cfg.optim.betas[1] == (want if want < 1 else 0.999)
+
+
+@pytest.mark.parametrize("text", ["fast", "1e-3x", "true", "[1e-3]"])
+def test_a_float_field_still_refuses_what_is_not_a_number(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"optim\.lr.*expected a number"):
+        load_config(None, [f"optim.lr={text}"])
+    with pytest.raises(ConfigError, match=r"optim\.lr.*expected a number"):
+        load_config(_write(tmp_path, f"optim:\n  lr: {text}\n"))
