@@ -47,7 +47,7 @@ class DataConfig:
     source: str = "synthetic"
     """Labelled source domain: 'gta5', 'synthia' or 'synthetic' (the built-in generated scenes)."""
     source_root: str = ""
-    """Folder of the source dataset in its official layout (unused with source 'synthetic')."""
+    """Folder of the source dataset in its official layout ('' with source 'synthetic', which does not read it)."""
     target: str = "cityscapes"
     """Unlabelled target domain: always 'cityscapes' (the synthetic target is written in the Cityscapes layout)."""
     target_root: str = ""
@@ -405,7 +405,44 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             _check(key in known, f"{section}.{key}", f"unknown field (known: {', '.join(sorted(known))})")
             kwargs[key] = _coerce(value, getattr(defaults, key), f"{section}.{key}")
         sections[section] = cls(**kwargs)
-    return Config(**sections)
+    cfg = Config(**sections)
+    check_fields_read(cfg)
+    return cfg
+
+
+def _presets_for_source(source: str) -> list[str]:
+    """The shipped presets whose data.source is `source` (read from their YAML, so the list follows the files)."""
+    names = []
+    for name in preset_names():
+        with open(os.path.join(PRESET_DIR, f"{name}.yaml")) as f:
+            raw = yaml.safe_load(f) or {}
+        if (raw.get("data") or {}).get("source", DataConfig.source) == source:
+            names.append(name)
+    return names
+
+
+def check_fields_read(cfg: Config) -> None:
+    """A field set to something the chosen data source never reads is an error naming the field and the presets
+    that read it: a real data root under the synthetic source would otherwise train on generated scenes and exit
+    0. Only fields that are unread whatever else is set count (a preset's own defaults never trip it)."""
+    d, default = cfg.data, DataConfig()
+
+    def presets(source: str) -> str:
+        found = _presets_for_source(source)
+        return f"--config {' or --config '.join(found)}" if found else f"data.source={source}"
+
+    if d.source == "synthetic":
+        for name in ("source_root", "target_root"):
+            _check(not getattr(d, name), f"data.{name}",
+                   f"{getattr(d, name)!r} is not read with data.source 'synthetic' (the built-in generated scenes "
+                   f"under data.synthetic_root); for GTA5 use {presets('gta5')}, for SYNTHIA {presets('synthia')} "
+                   "(or set data.source)")
+    else:
+        for name in ("synthetic_root", "synthetic_seed"):
+            value = getattr(d, name)
+            _check(value == getattr(default, name), f"data.{name}",
+                   f"{value!r} is read only with data.source 'synthetic' ({presets('synthetic')}); this config "
+                   f"trains on {d.source!r} from data.source_root")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -111,3 +111,23 @@ def test_a_float_field_still_refuses_what_is_not_a_number(tmp_path, text):
         load_config(None, [f"optim.lr={text}"])
     with pytest.raises(ConfigError, match=r"optim\.lr.*expected a number"):
         load_config(_write(tmp_path, f"optim:\n  lr: {text}\n"))
+
+
+def test_fields_the_data_source_does_not_read_are_refused(tmp_path):
+    """Real roots under the synthetic source used to train on generated scenes and exit 0; now the error names the
+    field and the presets that read it. The synthetic root under a real source is the mirror case."""
+    for args in (["data.source_root=/data/gta5"], ["data.target_root=/data/cityscapes"]):
+        with pytest.raises(ConfigError, match=r"data\.\w+_root.*not read with data.source 'synthetic'.*--config gta2cs"
+                           r".*--config synthia2cs"):
+            load_config("synthetic", args)
+    with pytest.raises(ConfigError, match=r"data\.synthetic_root.*read only with data.source 'synthetic'.*--config "
+                       r"synthetic"):
+        load_config("gta2cs", ["data.synthetic_root=/tmp/syn"])
+    with pytest.raises(ConfigError, match=r"data\.source_root"):
+        load_config(_write(tmp_path, "data:\n  source: synthetic\n  source_root: /data/gta5\n"))
+    # what the presets read stays allowed, and switching a synthetic preset to a real source keeps its (default)
+    # synthetic_root without complaint
+    assert load_config(None).data.source == "synthetic"
+    cfg = load_config("synthetic", ["data.source=gta5", "data.source_root=/g", "data.target_root=/c"])
+    assert (cfg.data.source_root, cfg.data.target_root) == ("/g", "/c")
+    assert load_config("synthetic", ["data.synthetic_root=/tmp/syn"]).data.synthetic_root == "/tmp/syn"
