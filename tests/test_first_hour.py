@@ -188,6 +188,23 @@ def test_a_corrupt_source_image_is_named_by_both_trainers(synthetic_root, tmp_pa
     assert torch.load(last, weights_only=True)["step"] < 10  # what was trained is kept
 
 
+def test_a_corrupt_validation_image_stops_both_trainers_before_the_first_step(synthetic_root, tmp_path, capsys):
+    """Until the eval split was decoded at start-up, training ran to the end and only the final evaluation found
+    the file (no final figure written)."""
+    gta, cs = small_layout(synthetic_root, tmp_path)
+    val = os.path.join(cs, "leftImg8bit", "val")
+    city = sorted(os.listdir(val))[0]
+    bad = os.path.join(val, city, sorted(os.listdir(os.path.join(val, city)))[1])
+    with open(bad, "r+b") as f:  # a truncated PNG: the header survives, the pixels do not
+        f.truncate(200)
+    for main in (train.main, reference.main):
+        code = main(real_args(gta, cs, tmp_path, *(fast_only(str(tmp_path / "cache")) if main is train.main else ())))
+        out, err = capsys.readouterr()
+        assert code == 2 and bad in err and "data.eval_split='val'" in err and "Traceback" not in err, err
+        assert "step 1/" not in out, out  # stopped before training
+        assert not (tmp_path / "runs").exists()
+
+
 def test_missing_or_garbage_checkpoints_exit_2_naming_the_file(synthetic_root, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert f"checkpoint not found: {tmp_path / 'nope.pt'}" in capsys.readouterr().err
