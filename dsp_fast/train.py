@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsp_fast.config import ConfigError, load_config, split_overrides
+from dsp_fast.config import Config, ConfigError, load_config, split_overrides
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.loop import NonFiniteStop
 from dsp_fast.engine.options import OptionsError, add_cli_args, apply_cli_args
-from dsp_fast.engine.runner import run_all
+from dsp_fast.engine.runner import resume_config, run_all
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, opts = apply_cli_args(load_config(args.config, args.overrides), args)
+        def command_config() -> Config:
+            return load_config(args.config, args.overrides)
+
+        # --resume: the run folder's own config, the overrides on top
+        cfg = resume_config(args.resume, args.overrides, command_config) if args.resume else command_config()
+        cfg, opts = apply_cli_args(cfg, args)
         run_all(cfg, opts)
     except (ConfigError, OptionsError, ResumeError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -117,3 +117,23 @@ def test_reference_only_switches_are_refused(tmp_path, capsys):
     args = tiny_args(str(tmp_path / "unused"), str(tmp_path / "run"), 2)
     assert train.main(args + ["dsp.paste_ignore_label=true"]) == 2
     assert "dsp.paste_ignore_label: not implemented by the fast trainer" in capsys.readouterr().err
+
+
+def test_resume_continues_with_the_run_folders_config_and_overrides_on_top(synthetic_root, tmp_path, capsys):
+    """--resume used to start from --config (the synthetic preset by default) and blame its values ("was trained
+    with train.max_steps=4, this run has 600"); it now starts from the run folder's config.yaml."""
+    out = str(tmp_path / "run")
+    assert train.main(tiny_args(synthetic_root, out, 4, "dsp.enabled=false", "train.checkpoint_every=2",
+                                "--image-every", "0", "--no-tensorboard")) == 0
+    os.remove(os.path.join(out, "ckpt_00000004.pt"))  # as if killed after step 2
+    capsys.readouterr()
+    assert train.main(["--resume", out, "data.max_eval_images=1"]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert f"with its saved config {os.path.join(out, 'config.yaml')}; overrides applied on top: " \
+           "data.max_eval_images=1" in stdout, stdout
+    assert "at step 2" in stdout and "step 4/4" in stdout
+    saved = read(os.path.join(out, "ckpt_00000004.pt"))["config"]
+    assert saved["dsp"]["enabled"] is False and saved["data"]["max_eval_images"] == 1
+    assert train.main(["--resume", out, "dsp.enabled=true"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with dsp.enabled=False; the override dsp.enabled=true would make it True" in err, err

@@ -111,11 +111,29 @@ def load(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def check_compatible(ckpt: dict[str, Any], path: str, cfg_dict: dict[str, Any]) -> None:
-    """A checkpoint continues only the run it came from: same model, same schedule length, same DSP switch."""
-    saved = ckpt.get("config", {})
-    for section, key in (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("train", "max_steps"),
-                         ("data", "batch_size"), ("data", "crop_size")):
+MUST_MATCH = (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("train", "max_steps"),
+              ("data", "batch_size"), ("data", "crop_size"))
+"""The fields a checkpoint fixes: same model, same schedule length, same DSP switch, same batch and crop."""
+
+
+def _plain(x: Any) -> Any:
+    return list(x) if isinstance(x, (list, tuple)) else x
+
+
+def mismatches(saved: dict[str, Any], cfg_dict: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, this config's value) for every MUST_MATCH field that differs."""
+    out = []
+    for section, key in MUST_MATCH:
         a, b = saved.get(section, {}).get(key), cfg_dict[section][key]
-        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            raise ResumeError(f"--resume: {path} was trained with {section}.{key}={a!r}, this run has {b!r}")
+        if _plain(a) != _plain(b):
+            out.append((f"{section}.{key}", a, b))
+    return out
+
+
+def check_compatible(ckpt: dict[str, Any], path: str, cfg_dict: dict[str, Any]) -> None:
+    """A checkpoint continues only the run it came from (MUST_MATCH). The resumed config is the run folder's own
+    (runner.resume_config), so a mismatch here comes from an override given with --resume, or from a checkpoint
+    file moved out of its run folder."""
+    for name, a, b in mismatches(ckpt.get("config", {}), cfg_dict)[:1]:
+        raise ResumeError(f"--resume: {path} was trained with {name}={a!r}, but the config resumed with has "
+                          f"{name}={b!r}; a checkpoint continues only the run it came from")

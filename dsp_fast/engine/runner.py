@@ -7,10 +7,11 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
-from dsp_fast.config import Config
+from dsp_fast.config import Config, load_config
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.data import prepared_dirs, resolve_backend
@@ -112,6 +113,46 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
         return results
     finally:
         teardown(info)
+
+
+def saved_config_path(run_dir: str) -> str | None:
+    """The resolved config a run folder holds: its own config.yaml, or (train.compare_source_only, which writes one
+    per model) the adapted model's dsp/config.yaml, from which plan_runs rebuilds both runs."""
+    for path in (os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "dsp", "config.yaml")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    return any(ckpt_io.list_checkpoints(os.path.join(run_dir, sub)) for sub in ("", "source_only", "dsp"))
+
+
+def resume_config(spec: str, overrides: list[str] | tuple[str, ...], command_config: Callable[[], Config]) -> Config:
+    """The config a --resume continues with: the run folder's resolved config (what the run was trained with,
+    flags and scaled lr included), the command line's `section.field=value` overrides applied on top (and
+    printed). `command_config()` (--config and the overrides) is read only to find the folder of `--resume auto`
+    (its train.out_dir), and is the config when there is nothing to resume. An override that changes a field the
+    checkpoint fixes is an error naming that override."""
+    cfg = command_config() if spec == "auto" else None
+    top = resume_dir(spec, cfg.train.out_dir if cfg else "")
+    if top is None or (spec == "auto" and not _has_checkpoint(top)):
+        return cfg or command_config()  # a fresh run: run_all says so
+    saved = saved_config_path(top)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    if saved is None:
+        say(f"--resume: {top} holds no config.yaml; continuing with --config and the overrides as given", flush=True)
+        return cfg or command_config()
+    base = load_config(saved)
+    resumed = load_config(saved, overrides)
+    for name, was, now in ckpt_io.mismatches(base.to_dict(), resumed.to_dict()):
+        given = [t for t in overrides if t.split("=", 1)[0].strip() == name] or list(overrides)
+        raise ResumeError(f"--resume {top}: the run was trained with {name}={was!r}; the override "
+                          f"{' '.join(given)} would make it {now!r}, and a checkpoint continues only the run it came "
+                          "from (drop the override, or start a fresh run without --resume)")
+    on_top = f"; overrides applied on top: {' '.join(overrides)}" if overrides else " (no overrides)"
+    say(f"--resume: continuing {os.path.abspath(top)} with its saved config {saved}{on_top}", flush=True)
+    return resumed
 
 
 def resume_dir(spec: str, out_dir: str) -> str | None:
