@@ -135,13 +135,31 @@ def load_checkpoint_model(cfg: Config, ckpt: dict, path: str, which: str, device
     """Build the configured model and load the student or teacher weights of a checkpoint."""
     if which not in ckpt:
         raise InputError(f"checkpoint {path} has no '{which}' weights (keys: {', '.join(ckpt)})")
+    saved_arch = (ckpt.get("config") or {}).get("model", {}).get("arch")
+    if saved_arch and saved_arch != cfg.model.arch:
+        raise InputError(f"checkpoint {path} holds a {saved_arch!r} model, but the config builds model.arch="
+                         f"{cfg.model.arch!r}; evaluate it with its own config (no --config, no model.arch override)")
     model = build_model(cfg.model)
     try:
         model.load_state_dict(ckpt[which])
-    except RuntimeError as e:
-        raise InputError(f"checkpoint {path} does not match model.arch={cfg.model.arch!r}: {e}") from None
+    except RuntimeError:
+        raise InputError(f"checkpoint {path} does not fit model.arch={cfg.model.arch!r} as configured: "
+                         f"{_state_dict_difference(model.state_dict(), ckpt[which])}") from None
     model.input_kind = ckpt.get("input_kind", "torchvision")
     return model.to(device)
+
+
+def _state_dict_difference(want: dict, got: dict) -> str:
+    """One line on how a checkpoint's weights differ from the model's (torch's own message lists every key, 12 KB
+    for a DeepLab): counts, and the first key of each kind."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shaped = [k for k in want if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    parts = [f"{len(missing)} missing (first {missing[0]})" if missing else "",
+             f"{len(unexpected)} unexpected (first {unexpected[0]})" if unexpected else "",
+             f"{len(shaped)} of another shape (first {shaped[0]}: {tuple(got[shaped[0]].shape)} in the checkpoint, "
+             f"{tuple(want[shaped[0]].shape)} in the model)" if shaped else ""]
+    return "weights: " + ", ".join(p for p in parts if p) if any(parts) else "the weights do not load"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(raw)
         else:
             cfg = load_config(args.config, args.overrides)
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
         model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.which, device)
         dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
     except (ConfigError, InputError, DatasetError) as e:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dsp_fast.config import Config, save_config
+from dsp_fast.config import Config, ConfigError, save_config
 from dsp_fast.data.labels import class_names
 
 ETA_SMOOTHING = 0.2
@@ -83,12 +83,13 @@ def write_summary(folder: str, summary: dict[str, Any]) -> str:
     return path
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a ConfigError naming `field` (the entry
+    points print it as `error: ...` and exit 2, as for any bad setting)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train.device is 'cuda' but torch sees no GPU (use 'auto' or 'cpu')")
+        raise ConfigError(f"{field} is 'cuda' but torch sees no GPU (torch {torch.__version__}; use 'auto' or 'cpu')")
     return torch.device(name)
 
 
@@ -191,6 +192,21 @@ class RunLog:
         record = iou_record(iou)
         self._write({"step": step, "final": True, "eval/mIoU": record["mIoU"], **record})
         return record
+
+    def recorded_final(self, step: int) -> dict[str, Any] | None:
+        """The final record metrics.jsonl already holds for `step` (a finished run resumed), else None."""
+        found = None
+        with open(self.path("metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill mid-write
+                    continue
+                if record.get("final") and record.get("step") == step:
+                    found = record
+        if found is None:
+            return None
+        return {k: found[k] for k in ("mIoU", "classes_evaluated", "num_classes", "iou") if k in found}
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -277,6 +277,11 @@ def ensure_synthetic(root: str, seed: int = 0, spec: SyntheticSpec | None = None
     if foreign or (os.path.exists(root) and not os.path.isdir(root)):
         raise DatasetError(f"{root}: exists and is not a synthetic dataset written by dsp_fast; remove it or choose "
                            "another data.synthetic_root")
+    # said aloud: a command run from another folder than usual (evaluate with a checkpoint's relative
+    # data.synthetic_root) would otherwise write tens of MB into the current folder without a word
+    print(f"generating the built-in synthetic domain-shift dataset into {root} (data.synthetic_root; "
+          f"{spec.source_count} source, {spec.target_train_count} + {spec.target_val_count} target images; once, "
+          "later runs re-use it)", flush=True)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)

@@ -44,6 +44,7 @@ from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_s
 from dsp_fast.engine.sync import convert_global_bn, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
 from dsp_fast.method import LossSettings
+from dsp_fast.models import PROJECTION_ROOT
 
 
 class NonFiniteStop(RuntimeError):
@@ -107,7 +108,9 @@ def setup(cfg: Config, opts: FastOptions, info: DistInfo, run_dir: str, log: Any
     ckpt = resume[1] if resume else None
     if ckpt is not None:
         _load_state(ckpt, student, teacher, optimizer, scaler, gen, info, cfg)
-    ddp = apply_ddp(student, info, find_unused=not cfg.dsp.enabled)
+    if not cfg.dsp.enabled:
+        freeze_projection(student)
+    ddp = apply_ddp(student, info, find_unused=False)
     graphs = opts.graphs_on(device) and device_skip
     ctx = StepContext(loss_settings(cfg, info.world_size), ddp, teacher, optimizer,
                       make_normalize(student.input_kind, device), dtype, scaler, cfg.dsp.ema_max, device_skip,
@@ -120,6 +123,17 @@ def setup(cfg: Config, opts: FastOptions, info: DistInfo, run_dir: str, log: Any
         ctx.counts[2].fill_(int(ckpt["consecutive_skipped"]))
         run.say(f"resumed from {resume[0]} at step {run.start_step}")
     return run
+
+
+def freeze_projection(student: nn.Module) -> None:
+    """Source-only training returns the MMD features and drops them: no gradient ever reaches the projection (its
+    grads stay None, so the optimizer skips it, as before). Frozen, DDP registers no hook on it and needs no
+    find_unused_parameters traversal, whose cost and warning ("did not find any unused parameters": the dropped
+    features are in the forward's output) every source-only torchrun paid."""
+    inner = getattr(student, "module", student)
+    root = getattr(inner, "param_roots", (None, None, PROJECTION_ROOT))[2]
+    for p in inner.get_submodule(root).parameters():
+        p.requires_grad_(False)
 
 
 def _load_state(ckpt: dict[str, Any], student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
@@ -169,15 +183,16 @@ def evaluate_target(run: Run) -> torch.Tensor:
     return iou_from_confusion(conf)
 
 
-def train(run: Run, dirs: tuple[str, str]) -> torch.Tensor | None:
-    """Train from run.start_step to train.max_steps; returns the final target IoU on rank 0 (None elsewhere)."""
+def train(run: Run, dirs: tuple[str, str], final_eval: bool = True) -> torch.Tensor | None:
+    """Train from run.start_step to train.max_steps; returns the final target IoU on rank 0 (None elsewhere, and
+    without `final_eval`: a finished run resumed, whose final figures are already recorded)."""
     cfg = run.cfg
     try:
         if run.start_step < cfg.train.max_steps:
             _loop(run, build_step_loader(cfg, run.opts, run.info, dirs, run.start_step))
         if run.info.enabled:
             check_ranks_in_sync(run)
-        return evaluate_target(run) if run.info.is_main else None
+        return evaluate_target(run) if run.info.is_main and final_eval else None
     finally:
         # Drop the DDP wrapper before the process group goes (gloo aborts otherwise), even while a traceback
         # still holds the loop's frames (and so the step context).

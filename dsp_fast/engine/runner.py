@@ -25,6 +25,11 @@ from dsp_fast.kernels import set_value_checks
 from dsp_fast.run_io import latest_run_dir, new_run_dir, resolve_device, write_summary
 
 
+def _iou_tensor(record: dict) -> torch.Tensor:
+    """Per-class IoU of a recorded final figure (null: a class neither in the labels nor predicted)."""
+    return torch.tensor([math.nan if v is None else v for v in record["iou"].values()], dtype=torch.float64)
+
+
 def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
     """(name, config, run sub-folder): the adapted run, preceded by its source-only twin when comparing."""
     runs = [("adapted (DSP)" if cfg.dsp.enabled else "source-only", cfg, "")]
@@ -78,6 +83,9 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
     if top is not None and opts.resume == "auto" and not any(resumes.values()):
         print(f"--resume auto: no checkpoint in {top}, starting a fresh run", flush=True)
         top = None
+    elif top is None and opts.resume == "auto" and os.environ.get("RANK", "0") == "0":
+        print(f"--resume auto: no earlier run in {os.path.abspath(cfg.train.out_dir)}, starting a fresh run",
+              flush=True)
     if opts.graphs_on(device):
         # NOT YET RUN ON A GPU: NCCL collectives inside a captured graph need the watchdog's async error
         # handling off (PyTorch CUDA-graph notes, "Usage with DistributedDataParallel").
@@ -196,9 +204,18 @@ def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[
     log = FastRunLog(cfg, run_dir, f"fast {name}", opts.tensorboard) if info.is_main else NullLog()
     try:
         run = setup(cfg, opts, info, run_dir, log, resume)
-        iou = train(run, data_dirs)
+        # a finished run resumed: its final record stands (a second one would make metrics.jsonl say the run
+        # ended twice); only rank 0 reads the log, and only rank 0 evaluates anyway
+        done = log.recorded_final(cfg.train.max_steps) if info.is_main and run.start_step >= cfg.train.max_steps \
+            else None
+        iou = train(run, data_dirs, final_eval=done is None)
         if not info.is_main:
             return None
+        if done is not None:
+            print(f"[{name}] already finished at step {cfg.train.max_steps}: its final figures as recorded in "
+                  f"{log.path('metrics.jsonl')} (python -m dsp_fast.evaluate evaluates a checkpoint again):\n"
+                  f"{format_iou_table(_iou_tensor(done))}\n", flush=True)
+            return done
         print(f"\n[{name}] target IoU after {cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n", flush=True)
         return log.final(cfg.train.max_steps, iou)
     finally:

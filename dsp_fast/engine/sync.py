@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -40,7 +40,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         # local mean and biased variance, then the exact combination over equal-sized shards
         var_l, mean_l = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        stats_R2C = torch.stack(dist_nn.all_gather(torch.stack([mean_l, var_l])))
+        stats_R2C = all_gather_autograd(torch.stack([mean_l, var_l])).unflatten(0, (-1, 2))
         mean = stats_R2C[:, 0].mean(0)
         var = (stats_R2C[:, 1] + (stats_R2C[:, 0] - mean).pow(2)).mean(0)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
@@ -86,6 +86,13 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_autograd(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` concatenated along dim 0 in rank order, differentiable: the backward hands each rank the
+    sum over ranks of the gradients of its own rows (a reduce-scatter), as torch.distributed.nn.functional's
+    all_gather did; torch 2.13 deprecates that one (a FutureWarning on every rank) for this functional collective."""
+    return funcol.all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)
+
+
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, concatenated along dim 0 in rank order; gradients flow back to each rank's own rows."""
-    return torch.cat(dist_nn.all_gather(t), dim=0)
+    return all_gather_autograd(t)
