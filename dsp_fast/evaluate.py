@@ -117,6 +117,15 @@ def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_cl
     return conf
 
 
+def target_iou(cfg: Config, model: torch.nn.Module) -> torch.Tensor:
+    """Per-class IoU of `model` on the configured eval split (data.eval_split, eval_size, max_eval_images), on the
+    model's device."""
+    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
+    device = next(model.parameters()).device
+    return iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
+                                       cfg.data.max_eval_images))
+
+
 def read_checkpoint(path: str) -> dict:
     """A trainer checkpoint, read with weights_only=True; a missing or unreadable file is an InputError naming it."""
     try:

@@ -37,10 +37,18 @@ from dsp_fast.data import (
 )
 from dsp_fast.data.build import check_data, source_dataset, target_dataset
 from dsp_fast.data.windows import valid_windows
-from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
+from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou, target_iou
 from dsp_fast.kernels.reference import weighted_mmd
 from dsp_fast.models import build_student_teacher, normalize_input, param_groups
-from dsp_fast.run_io import RunLog, new_run_dir, resolve_device, save_checkpoint, write_summary
+from dsp_fast.run_io import (
+    RunLog,
+    format_final_report,
+    format_final_table,
+    new_run_dir,
+    resolve_device,
+    save_checkpoint,
+    write_summary,
+)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -445,18 +453,15 @@ def run(cfg: Config) -> dict[str, float]:
         leaf = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
         log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, title=f"reference {name}")
         try:
-            student, _ = train(run_cfg, log)
-            iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps)
-            print(f"\n[{name}] target IoU after {run_cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n")
-            record = log.final(run_cfg.train.max_steps, iou)
+            student, teacher = train(run_cfg, log)
+            iou, teacher_iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps), target_iou(run_cfg, teacher)
+            print(format_final_report(name, run_cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)))
+            record = log.final(run_cfg.train.max_steps, iou, teacher_iou)
         finally:
             log.close()
         results[name] = mean_iou(iou)
         summary["models"][name] = {"folder": os.path.abspath(log.dir), "steps": run_cfg.train.max_steps, **record}
-    print(f"{'model':<16}target mIoU")
-    for name, value in results.items():
-        n = summary["models"][name]["classes_evaluated"]
-        print(f"{name:<16}{100 * value:5.1f}  (over {n} of {cfg.model.num_classes} classes)")
+    print(format_final_table(summary["models"], cfg.model.num_classes))
     summary["total_s"] = round(time.time() - t0, 1)
     print(f"total time {time.time() - t0:.0f} s")
     print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(write_summary(top, summary))})")

@@ -73,6 +73,43 @@ def iou_record(iou: torch.Tensor) -> dict[str, Any]:
             "iou": {name: (None if math.isnan(v) else v) for name, v in zip(class_names(len(values)), values)}}
 
 
+def final_record(iou: torch.Tensor, teacher_iou: torch.Tensor | None = None) -> dict[str, Any]:
+    """The final figures of one model: the student's (`iou_record`; the model scored, as the authors report) and,
+    when given, its mean teacher's as `teacher_mIoU`, `teacher_classes_evaluated`, `teacher_iou`."""
+    record = {**iou_record(iou), "scored": "student"}
+    if teacher_iou is not None:
+        record.update({f"teacher_{k}": v for k, v in iou_record(teacher_iou).items() if k != "num_classes"})
+    return record
+
+
+def _pct(value: float | None) -> str:
+    return "  n/a" if value is None or math.isnan(value) else f"{100 * value:5.1f}"
+
+
+def format_final_report(name: str, steps: int, iou: torch.Tensor, teacher_iou: torch.Tensor | None,
+                        table: str) -> str:
+    """One model's final block: the student's IoU table (`table`, evaluate.format_iou_table of `iou`), then the
+    teacher's mIoU."""
+    text = f"\n[{name}] target IoU of the student after {steps} steps (the model scored, as the authors report):\n"
+    text += table
+    if teacher_iou is not None:
+        t = iou_record(teacher_iou)
+        text += (f"\nteacher (the student's EMA) mIoU{len(teacher_iou)} {_pct(t['mIoU'])}  (over "
+                 f"{t['classes_evaluated']} of {len(teacher_iou)} classes)")
+    return text + "\n"
+
+
+def format_final_table(models: dict[str, dict[str, Any]], num_classes: int) -> str:
+    """The closing table of a run: each model's student mIoU (the figure reported) and its teacher's."""
+    lines = [f"{'model':<16}{'student mIoU (reported)':<33}teacher mIoU"]
+    for name, r in models.items():
+        row = f"{name:<16}{_pct(r['mIoU'])}  (over {r['classes_evaluated']} of {num_classes} classes)"
+        if "teacher_mIoU" in r:
+            row += f"    {_pct(r['teacher_mIoU'])}  (over {r['teacher_classes_evaluated']} of {num_classes} classes)"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def write_summary(folder: str, summary: dict[str, Any]) -> str:
     """summary.json of a whole run (written atomically); returns its path."""
     path = os.path.join(folder, "summary.json")
@@ -187,9 +224,10 @@ class RunLog:
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self._write({"step": step, **values})
 
-    def final(self, step: int, iou: torch.Tensor) -> dict[str, Any]:
-        """Write the final evaluation (per-class IoU, mIoU) as the last record of metrics.jsonl; returns it."""
-        record = iou_record(iou)
+    def final(self, step: int, iou: torch.Tensor, teacher_iou: torch.Tensor | None = None) -> dict[str, Any]:
+        """Write the final evaluation (the student's per-class IoU and mIoU, the teacher's too when given) as the
+        last record of metrics.jsonl; returns it."""
+        record = final_record(iou, teacher_iou)
         self._write({"step": step, "final": True, "eval/mIoU": record["mIoU"], **record})
         return record
 
@@ -206,7 +244,7 @@ class RunLog:
                     found = record
         if found is None:
             return None
-        return {k: found[k] for k in ("mIoU", "classes_evaluated", "num_classes", "iou") if k in found}
+        return {k: v for k, v in found.items() if k not in ("step", "final", "eval/mIoU")}
 
     def _write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -16,6 +16,9 @@ def test_reference_then_evaluate(tmp_path, capsys):
     assert reference.main(args) == 0
     printed = capsys.readouterr().out
     assert "source-only" in printed and "adapted (DSP)" in printed and "mIoU19" in printed
+    assert "target IoU of the student" in printed and "teacher mIoU" in printed  # which model is scored, said
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(m["scored"] == "student" and 0 <= m["teacher_mIoU"] <= 1 for m in summary["models"].values())
     for sub in ("source_only", "dsp"):
         lines = (out / sub / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(line) for line in lines if "loss" in json.loads(line)]

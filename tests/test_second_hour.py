@@ -69,6 +69,24 @@ def test_resume_auto_with_no_earlier_run_says_so_and_a_finished_run_is_not_score
     assert len(final_records(tiny_run)) == 1  # resumed, not scored again
 
 
+def test_the_final_table_names_the_student_and_the_summary_gives_the_teacher(synthetic_root, tmp_path, capsys):
+    """The printed mIoU was the student's without saying so, and the teacher's was nowhere (on the synthetic shift
+    the teacher scored 40.9 against the student's 29.3 on the same checkpoint)."""
+    out = str(tmp_path / "run")
+    assert train.main(tiny_args(synthetic_root, out, 2)) == 0
+    printed = capsys.readouterr().out
+    assert "target IoU of the student after 2 steps" in printed and "teacher (the student's EMA) mIoU19" in printed
+    assert "student mIoU (reported)" in printed and "teacher mIoU" in printed
+    with open(os.path.join(out, "summary.json")) as f:
+        model = json.load(f)["models"]["adapted (DSP)"]
+    assert model["scored"] == "student" and set(model["teacher_iou"]) == set(model["iou"])
+    assert final_records(out)[-1]["teacher_mIoU"] == model["teacher_mIoU"]
+    report = tmp_path / "teacher.json"
+    assert evaluate.main(["--checkpoint", os.path.join(out, "ckpt_00000002.pt"), "--which", "teacher",
+                          "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["mIoU19"] == pytest.approx(model["teacher_mIoU"], abs=1e-12)
+
+
 def test_generating_the_synthetic_set_says_where(tmp_path, capsys):
     """`evaluate` run from another folder (a checkpoint's relative data.synthetic_root) generated tens of MB in the
     current folder without a word; ensure_synthetic, which every command goes through, now says so, once."""

@@ -174,25 +174,29 @@ def _payload(run: Run, step: int, rng_all: list[Any]) -> dict[str, Any]:
             "input_kind": getattr(run.student, "input_kind", "torchvision"), "options": dataclasses.asdict(run.opts)}
 
 
-def evaluate_target(run: Run) -> torch.Tensor:
-    """Per-class target IoU of the student (rank 0 only: the other ranks go on to the next step's collectives)."""
+def evaluate_target(run: Run, model: nn.Module | None = None) -> torch.Tensor:
+    """Per-class target IoU of the student, or of `model` (the teacher, at the end) (rank 0 only: the other ranks
+    go on to the next step's collectives)."""
     cfg = run.cfg
     dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
-    conf = evaluate(run.student, dataset, cfg.data.eval_size, cfg.model.num_classes, run.info.device,
-                    cfg.data.max_eval_images)
+    conf = evaluate(run.student if model is None else model, dataset, cfg.data.eval_size, cfg.model.num_classes,
+                    run.info.device, cfg.data.max_eval_images)
     return iou_from_confusion(conf)
 
 
-def train(run: Run, dirs: tuple[str, str], final_eval: bool = True) -> torch.Tensor | None:
-    """Train from run.start_step to train.max_steps; returns the final target IoU on rank 0 (None elsewhere, and
-    without `final_eval`: a finished run resumed, whose final figures are already recorded)."""
+def train(run: Run, dirs: tuple[str, str], final_eval: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Train from run.start_step to train.max_steps; returns the final target IoU of the student (the figure
+    reported) and of the teacher on rank 0 (None elsewhere, and without `final_eval`: a finished run resumed,
+    whose final figures are already recorded)."""
     cfg = run.cfg
     try:
         if run.start_step < cfg.train.max_steps:
             _loop(run, build_step_loader(cfg, run.opts, run.info, dirs, run.start_step))
         if run.info.enabled:
             check_ranks_in_sync(run)
-        return evaluate_target(run) if run.info.is_main and final_eval else None
+        if not (run.info.is_main and final_eval):
+            return None
+        return evaluate_target(run), evaluate_target(run, run.teacher)
     finally:
         # Drop the DDP wrapper before the process group goes (gloo aborts otherwise), even while a traceback
         # still holds the loop's frames (and so the step context).

@@ -22,12 +22,19 @@ from dsp_fast.engine.options import FastOptions, OptionsError
 from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.kernels import set_value_checks
-from dsp_fast.run_io import latest_run_dir, new_run_dir, resolve_device, write_summary
+from dsp_fast.run_io import (
+    format_final_report,
+    format_final_table,
+    latest_run_dir,
+    new_run_dir,
+    resolve_device,
+    write_summary,
+)
 
 
-def _iou_tensor(record: dict) -> torch.Tensor:
+def _iou_tensor(by_class: dict[str, float | None]) -> torch.Tensor:
     """Per-class IoU of a recorded final figure (null: a class neither in the labels nor predicted)."""
-    return torch.tensor([math.nan if v is None else v for v in record["iou"].values()], dtype=torch.float64)
+    return torch.tensor([math.nan if v is None else v for v in by_class.values()], dtype=torch.float64)
 
 
 def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
@@ -110,10 +117,7 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
                 summary["models"][name] = {"folder": os.path.abspath(folder), "steps": run_cfg.train.max_steps,
                                            **record}
         if info.is_main:
-            print(f"{'model':<16}target mIoU")
-            for name, value in results.items():
-                n = summary["models"][name]["classes_evaluated"]
-                print(f"{name:<16}{100 * value:5.1f}  (over {n} of {cfg.model.num_classes} classes)")
+            print(format_final_table(summary["models"], cfg.model.num_classes))
             summary.update(total_s=round(time.time() - t0, 1), world_size=info.world_size, device=str(info.device))
             path = write_summary(top, summary)
             print(f"total time {time.time() - t0:.0f} s (world size {info.world_size}, {info.device})")
@@ -208,15 +212,16 @@ def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[
         # ended twice); only rank 0 reads the log, and only rank 0 evaluates anyway
         done = log.recorded_final(cfg.train.max_steps) if info.is_main and run.start_step >= cfg.train.max_steps \
             else None
-        iou = train(run, data_dirs, final_eval=done is None)
+        ious = train(run, data_dirs, final_eval=done is None)
         if not info.is_main:
             return None
         if done is not None:
             print(f"[{name}] already finished at step {cfg.train.max_steps}: its final figures as recorded in "
                   f"{log.path('metrics.jsonl')} (python -m dsp_fast.evaluate evaluates a checkpoint again):\n"
-                  f"{format_iou_table(_iou_tensor(done))}\n", flush=True)
+                  f"{format_iou_table(_iou_tensor(done['iou']))}\n", flush=True)
             return done
-        print(f"\n[{name}] target IoU after {cfg.train.max_steps} steps:\n{format_iou_table(iou)}\n", flush=True)
-        return log.final(cfg.train.max_steps, iou)
+        iou, teacher_iou = ious
+        print(format_final_report(name, cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)), flush=True)
+        return log.final(cfg.train.max_steps, iou, teacher_iou)
     finally:
         log.close()
