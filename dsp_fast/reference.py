@@ -47,6 +47,7 @@ from dsp_fast.run_io import (
     new_run_dir,
     resolve_device,
     save_checkpoint,
+    write_provenance,
     write_summary,
 )
 
@@ -448,6 +449,7 @@ def run(cfg: Config) -> dict[str, float]:
     # under <out_dir>/reference: the fast trainer owns <out_dir> itself
     top = new_run_dir(os.path.join(cfg.train.out_dir, "reference"))
     print(f"run folder: {os.path.abspath(top)}", flush=True)
+    write_provenance(top, resolve_device(cfg.train.device))
     summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
     for name, run_cfg in runs:
         leaf = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""

@@ -1,4 +1,5 @@
-"""The run folder: a new one per run, the resolved config, a progress line with img/s and ETA, metrics as JSONL,
+"""The run folder: a new one per run, its provenance (provenance.json: git sha, versions, device, command), the
+resolved config, a progress line with img/s and ETA, metrics as JSONL,
 the final IoU figures (metrics.jsonl and summary.json), atomic checkpoints.
 
 A run never writes into another run's folder: `new_run_dir(train.out_dir)` is `out_dir` itself when free, else
@@ -7,10 +8,15 @@ A run never writes into another run's folder: `new_run_dir(train.out_dir)` is `o
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import re
+import shlex
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -162,6 +168,79 @@ def save_checkpoint(path: str, student: torch.nn.Module, teacher: torch.nn.Modul
     atomic_torch_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
                        "optimizer": optimizer.state_dict(), "step": step, "config": cfg.to_dict(),
                        "input_kind": getattr(student, "input_kind", "torchvision")}, path)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def git_state(folder: str = PACKAGE_DIR) -> dict[str, Any] | str:
+    """{'sha', 'dirty'} of the git checkout the code runs from ('dirty': tracked files differ from the commit;
+    untracked ones, such as run and data folders, do not count), or 'unknown' (an installed package, no git).
+    Asks whether this very package is tracked there, so a virtualenv inside some other repository says 'unknown'
+    rather than that repository's sha."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha or git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return "unknown"
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": None if status is None else bool(status)}
+
+
+def _dist_version(*names: str, prefix: str = "") -> str:
+    """The installed version of the first distribution named (or, with `prefix`, whose name starts with it), read
+    from its metadata without importing it (DALI takes seconds to import); 'not installed' otherwise."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if prefix:
+        for dist in importlib.metadata.distributions():
+            if (dist.metadata["Name"] or "").lower().startswith(prefix):
+                return f"{dist.metadata['Name']} {dist.version}"
+    return "not installed"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
+           f"{torch.get_num_threads()})"
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """What produced a run: code (git), libraries, device, the command line and where it ran."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_state(), "torch": torch.__version__,
+            "triton": _dist_version("triton", "pytorch-triton"),
+            "dali": _dist_version(prefix="nvidia-dali"), "python": platform.python_version(),
+            "device": device_description(device), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "command": shlex.join(getattr(sys, "orig_argv", sys.argv)), "cwd": os.getcwd(),
+            "host": platform.node()}
+
+
+def write_provenance(folder: str, device: torch.device) -> str:
+    """provenance.json in a run folder (written atomically); returns its path. A resumed run keeps the first
+    start's record and appends its own to the list under 'resumes' (the code or the device may have changed)."""
+    path = os.path.join(folder, "provenance.json")
+    record = provenance(device)
+    try:
+        with open(path) as f:
+            first = json.load(f)
+    except (OSError, ValueError):
+        first = None
+    if isinstance(first, dict):
+        record = {**first, "resumes": [*first.get("resumes", []), record]}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def _fmt_time(seconds: float) -> str:

@@ -19,6 +19,8 @@ def test_reference_then_evaluate(tmp_path, capsys):
     assert "target IoU of the student" in printed and "teacher mIoU" in printed  # which model is scored, said
     summary = json.loads((out / "summary.json").read_text())
     assert all(m["scored"] == "student" and 0 <= m["teacher_mIoU"] <= 1 for m in summary["models"].values())
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["git"] and provenance["torch"] == torch.__version__ and provenance["device"]
     for sub in ("source_only", "dsp"):
         lines = (out / sub / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(line) for line in lines if "loss" in json.loads(line)]

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dsp_fast import evaluate, train
+from dsp_fast import evaluate, run_io, train
 from dsp_fast.data.synthetic import SyntheticSpec, ensure_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +85,21 @@ def test_the_final_table_names_the_student_and_the_summary_gives_the_teacher(syn
     assert evaluate.main(["--checkpoint", os.path.join(out, "ckpt_00000002.pt"), "--which", "teacher",
                           "--json", str(report)]) == 0
     assert json.loads(report.read_text())["mIoU19"] == pytest.approx(model["teacher_mIoU"], abs=1e-12)
+
+
+def test_every_run_folder_records_its_provenance(tiny_run, tmp_path):
+    """git sha and dirty flag (here: a git checkout), torch / triton / DALI versions, device, command line."""
+    with open(os.path.join(tiny_run, "provenance.json")) as f:
+        prov = json.load(f)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert prov["git"]["sha"] == head and isinstance(prov["git"]["dirty"], bool)
+    assert prov["torch"] == torch.__version__ and prov["triton"] and prov["dali"]  # a version or 'not installed'
+    assert prov["device"].startswith("cpu") and "pytest" in prov["command"] and prov["world_size"] == 1
+    assert run_io.git_state(str(tmp_path)) == "unknown"  # not a git checkout
+    run_io.write_provenance(tiny_run, torch.device("cpu"))  # as a resume does: the first start's record is kept
+    with open(os.path.join(tiny_run, "provenance.json")) as f:
+        again = json.load(f)
+    assert again["date"] == prov["date"] and len(again["resumes"]) == len(prov.get("resumes", [])) + 1
 
 
 def test_generating_the_synthetic_set_says_where(tmp_path, capsys):

@@ -28,6 +28,7 @@ from dsp_fast.run_io import (
     latest_run_dir,
     new_run_dir,
     resolve_device,
+    write_provenance,
     write_summary,
 )
 
@@ -107,6 +108,7 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
             top = broadcast_object(new_run_dir(cfg.train.out_dir) if info.is_main else None, info)
         if info.is_main:
             print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(resumes.values()) else ''}", flush=True)
+            write_provenance(top, info.device)
         results: dict[str, float] = {}
         summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
         for name, run_cfg, sub in runs:
