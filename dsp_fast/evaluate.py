@@ -91,12 +91,26 @@ def format_iou_table(iou: torch.Tensor) -> str:
 
 
 @torch.no_grad()
+def predict_batch(model: torch.nn.Module, images_uint8_HWC: list[np.ndarray], device: torch.device,
+                  out_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+    """Single-scale predictions of equal-size images in one forward: train ids (H, W) on the device, at the input
+    size, or at each image's `out_sizes` (width, height) entry (logits upsampled bilinearly, as at the input
+    size). The evaluation's preprocessing: [0, 1] floats normalised for the model's weights (`input_kind`)."""
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images_uint8_HWC])
+    x = x.float().div(255).to(device)
+    logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
+    preds = []
+    for i in range(len(images_uint8_HWC)):
+        size = x.shape[-2:] if out_sizes is None else (out_sizes[i][1], out_sizes[i][0])
+        up = F.interpolate(logits[i:i + 1], size=size, mode="bilinear", align_corners=True)
+        preds.append(up.argmax(1)[0])
+    return preds
+
+
+@torch.no_grad()
 def predict(model: torch.nn.Module, image_uint8_HWC: np.ndarray, device: torch.device) -> torch.Tensor:
     """Single-scale prediction (H, W) at the image's own size."""
-    x = torch.from_numpy(np.array(image_uint8_HWC)).permute(2, 0, 1)[None].float().div(255).to(device)
-    logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
-    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
-    return logits.argmax(1)[0]
+    return predict_batch(model, [image_uint8_HWC], device)[0]
 
 
 @torch.no_grad()
@@ -171,6 +185,18 @@ def _state_dict_difference(want: dict, got: dict) -> str:
     return "weights: " + ", ".join(p for p in parts if p) if any(parts) else "the weights do not load"
 
 
+def checkpoint_config(ckpt: dict, config: str | None, overrides: list[str]) -> Config:
+    """The config a checkpoint was trained with (`--config` instead when given), the overrides on top."""
+    if config is None and "config" in ckpt:
+        raw = ckpt["config"]
+        raw["model"]["pretrained"] = ""  # the checkpoint holds the weights; the init file may be gone
+        for text in overrides:
+            (section, key), value = parse_override(text)
+            raw.setdefault(section, {})[key] = value
+        return config_from_dict(raw)
+    return load_config(config, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by a dsp_fast trainer")
@@ -184,15 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*args.overrides, *overrides]
     try:
         ckpt = read_checkpoint(args.checkpoint)
-        if args.config is None and "config" in ckpt:
-            raw = ckpt["config"]
-            raw["model"]["pretrained"] = ""  # the checkpoint holds the weights; the init file may be gone
-            for text in args.overrides:
-                (section, key), value = parse_override(text)
-                raw.setdefault(section, {})[key] = value
-            cfg = config_from_dict(raw)
-        else:
-            cfg = load_config(args.config, args.overrides)
+        cfg = checkpoint_config(ckpt, args.config, args.overrides)
         device = resolve_device(args.device, "--device")
         model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.which, device)
         dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)

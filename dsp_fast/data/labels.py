@@ -98,3 +98,39 @@ def check_train_ids(label: np.ndarray, num_classes: int, path: str = "") -> None
         bad = np.unique(label[bad_mask])[:8].tolist()
         raise DatasetError(f"{path or 'label'}: ids {bad} are neither train ids 0..{num_classes - 1} nor "
                            f"{IGNORE_LABEL} (ignore)")
+
+
+# Cityscapes colours of the 19 train ids (cityscapesScripts' labels.py); the ignore label and anything else: black.
+CITYSCAPES_PALETTE: np.ndarray = np.zeros((256, 3), dtype=np.uint8)
+CITYSCAPES_PALETTE[:19] = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                           (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                           (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                           (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+CITYSCAPES_PALETTE.setflags(write=False)
+
+
+def _invert(lut: np.ndarray, fill: int) -> np.ndarray:
+    """256 entries: the inverse of an injective LUT over its non-ignored values (`fill` elsewhere)."""
+    inv = np.full(256, fill, dtype=np.uint8)
+    for src, dst in enumerate(lut.tolist()):
+        if dst != IGNORE_LABEL and src != IGNORE_LABEL:
+            inv[dst] = src
+    return inv
+
+
+def train_id_to_cityscapes19(num_classes: int) -> np.ndarray:
+    """256 entries: a model's train id -> the Cityscapes 19-class train id (the identity for 19 classes; SYNTHIA's
+    16 through the inverse of CITYSCAPES19_TO_SYNTHIA16); 255 elsewhere."""
+    class_names(num_classes)  # 19 or 16 only
+    if num_classes == 19:
+        lut = np.full(256, IGNORE_LABEL, dtype=np.uint8)
+        lut[:19] = np.arange(19)
+        return lut
+    return _invert(CITYSCAPES19_TO_SYNTHIA16, IGNORE_LABEL)
+
+
+def train_id_to_label_id(num_classes: int) -> np.ndarray:
+    """256 entries: a model's train id -> Cityscapes label id, the benchmark's submission format (labelIds PNGs):
+    the inverse of CITYSCAPES_ID_TO_TRAIN_ID after train_id_to_cityscapes19; 0 ('unlabeled') elsewhere."""
+    return _invert(CITYSCAPES_ID_TO_TRAIN_ID, 0)[train_id_to_cityscapes19(num_classes)]
+

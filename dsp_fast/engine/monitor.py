@@ -17,15 +17,12 @@ from torch import nn
 
 from dsp_fast.config import Config
 from dsp_fast.data import class_names
+from dsp_fast.data.labels import CITYSCAPES_PALETTE
 from dsp_fast.engine.features import unwrap
 from dsp_fast.method import dsp_mix, seg_forward
 from dsp_fast.run_io import RunLog
 
-# Cityscapes colours of the 19 train ids (the ignore label and anything else: black).
-PALETTE = np.zeros((256, 3), dtype=np.uint8)
-PALETTE[:19] = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-                (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-                (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+PALETTE = CITYSCAPES_PALETTE  # Cityscapes colours of the 19 train ids (the ignore label and anything else: black)
 
 
 class FastRunLog(RunLog):
