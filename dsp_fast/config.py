@@ -168,13 +168,20 @@ class DSPConfig:
     blur_p: float = 0.5
     """Probability of Gaussian blur, one coin per step shared by every mixed image."""
     share_first_mask: bool = False
-    """True restores the authors' indexing bug (reference trainer): image 1 pasted with image 0's mask, image 1's
-    pixel weights from its own chosen classes, image 0's mask collecting every image's long-tail pixels."""
+    """True restores the authors' indexing bug: image 1 pasted with image 0's mask, image 1's pixel weights from its
+    own chosen classes, image 0's mask collecting every image's long-tail pixels."""
     paste_ignore_label: bool = False
     """True restores the authors' script, where the ignore label can be drawn as a pasted class."""
     long_tail_search: str = "counts"
     """'counts': (image, window) drawn from per-image counts of the windows that hold the class (the retry loop's
     distribution, no loop); 'retry': the authors' loop literally, up to 1000 redraws (reference trainer only)."""
+    long_tail_paste: str = "class"
+    """'class': a long-tail crop's class pixels are pasted (the paper); 'columns': the authors' script, whose oneMix
+    reads the first row of the (H, W) mask: the crop's image and label are pasted in the full columns where the
+    crop's first row holds the class (M still gets the class's pixels only)."""
+    kornia_hsv_quirk: bool = False
+    """True restores kornia 0.2.0's hsv_to_rgb in the saturation and hue jitter: a sector-0 red value of exactly 1.0
+    is overwritten by the sector-1 formula (pure reds lose brightness; about 4.5% of a jittered scene's pixels)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
@@ -192,6 +199,8 @@ class DSPConfig:
                f"must be in [0, 0.5], got {self.jitter_strength}")
         _check(self.long_tail_search in ("counts", "retry"), "dsp.long_tail_search",
                f"must be 'counts' or 'retry', got {self.long_tail_search!r}")
+        _check(self.long_tail_paste in ("class", "columns"), "dsp.long_tail_paste",
+               f"must be 'class' or 'columns', got {self.long_tail_paste!r}")
         self.long_tail_size = _pair(self.long_tail_size, "dsp.long_tail_size")
 
 

@@ -167,7 +167,8 @@ def draw_choices(cfg: Config, y_m: torch.Tensor, long_tail: LongTailSource, gen:
     for _ in range(len(y_m)):
         drawn = [(cls, long_tail.draw(cls, d.long_tail_search, gen)) for cls in classes]
         crops.append([(cls, *crop) for cls, crop in drawn if crop is not None])
-    aug_src, aug_tgt = draw_step_aug(len(y_m), cfg.data.crop_size[1], d.jitter_p, d.jitter_strength, d.blur_p, gen)
+    (crop_w, crop_h) = cfg.data.crop_size
+    aug_src, aug_tgt = draw_step_aug(len(y_m), (crop_h, crop_w), d.jitter_p, d.jitter_strength, d.blur_p, gen)
     return StepChoices(class_sel, crops, aug_src, aug_tgt)
 
 
@@ -196,17 +197,20 @@ def class_mask(y_m: torch.Tensor, class_sel: torch.Tensor) -> torch.Tensor:
     return torch.stack([class_sel[i][torch.where(y_m[i] == IGNORE_LABEL, k, y_m[i])] for i in range(len(y_m))])
 
 
-def paste_long_tail(x_m, y_m, long_tail):
-    """Step 3: hard-paste each template image's own crops (the crop's class pixels only) onto it.
+def paste_long_tail(x_m, y_m, long_tail, columns=False):
+    """Step 3: hard-paste each template image's own crops (the crop's class pixels) onto it.
 
-    Returns (x_m, y_m, pasted): pasted (B, H, W) marks the pixels written, which join M whatever their class."""
+    columns (dsp.long_tail_paste 'columns'): as the script, whose oneMix takes mask[0], the first row of the crop's
+    (H, W) class mask, and broadcasts it down every row: the crop's image and label go in whole columns.
+    Returns (x_m, y_m, pasted): pasted (B, H, W) marks the class's pixels, which join M whatever their class."""
     x_m, y_m = x_m.clone(), y_m.clone()
     pasted = torch.zeros_like(y_m, dtype=torch.bool)
     for i, crops in enumerate(long_tail):
         for cls, lt_img, lt_label in crops:
             hit = lt_label == cls
-            x_m[i] = torch.where(hit, lt_img, x_m[i])
-            y_m[i] = torch.where(hit, lt_label, y_m[i])
+            where = hit[0].expand(hit.shape[0], -1) if columns else hit
+            x_m[i] = torch.where(where, lt_img, x_m[i])
+            y_m[i] = torch.where(where, lt_label, y_m[i])
             pasted[i] |= hit
     return x_m, y_m, pasted
 
@@ -264,12 +268,12 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
         q = (conf >= d.conf_threshold).float().mean()
     # 2.-3. the chosen classes' mask (on the template's own labels), then the long-tail paste
     chosen = class_mask(y_m, choices.class_sel)
-    x_m, y_m, pasted = paste_long_tail(x_m, y_m, choices.long_tail)
+    x_m, y_m, pasted = paste_long_tail(x_m, y_m, choices.long_tail, d.long_tail_paste == "columns")
     mix_mask, weight_mask, mmd_mask = step_masks(cfg, chosen, pasted)
     # 4. dual soft paste + strong augmentation
     xs_mix, ys_mix, xt_mix, yt_mix = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat_t, mix_mask)
-    xs_mix = strong_augment(xs_mix, choices.aug_src)
-    xt_mix = strong_augment(xt_mix, choices.aug_tgt)
+    xs_mix = strong_augment(xs_mix, choices.aug_src, d.kornia_hsv_quirk)
+    xt_mix = strong_augment(xt_mix, choices.aug_tgt, d.kornia_hsv_quirk)
     # 5. student forwards (separate calls: BN batch statistics differ per call)
     logits_sm, feat_sm = seg_forward(student, xs_mix)
     logits_tm, feat_tm = seg_forward(student, xt_mix)

@@ -57,7 +57,7 @@ def make_choices(cfg, y_m, gen, jitter: bool = True, blur: bool = True):
             lab[20:22, :] = 3  # other classes in the crop must not be pasted
             per_image.append((cls, torch.rand(3, H, W, generator=gen), lab))
         crops.append(per_image)
-    aug_src, aug_tgt = draw_step_aug(B, H, 0.8, 0.25, 0.5, gen)
+    aug_src, aug_tgt = draw_step_aug(B, (H, W), 0.8, 0.25, 0.5, gen)
     for a in (aug_src, aug_tgt):  # the step's shared coins, forced so that both branches can be tested
         a.jitter[:], a.blur[:] = jitter, blur
     return reference.StepChoices(sel, crops, aug_src, aug_tgt)

@@ -59,7 +59,7 @@ def batch():
 
 
 def choices_for(class_sel, long_tail=()):
-    no_aug = draw_strong_aug(1, 4, jitter=False, blur=False, strength=0.25)
+    no_aug = draw_strong_aug(1, (4, 4), jitter=False, blur=False, strength=0.25)
     return StepChoices(class_sel, [list(long_tail)], no_aug, no_aug)
 
 
