@@ -25,6 +25,10 @@ def make_cfg(**dsp) -> Config:
                   optim=OptimConfig(lr=1e-2))
 
 
+SCRIPT_DSP = {"long_tail_paste": "columns", "share_first_mask": True, "paste_ignore_label": True,
+              "kornia_hsv_quirk": True, "drop_target_soft_term": True, "train_mmd_projection": False, "lam": 0.8}
+"""Every dsp.* switch of the gta2cs_script preset at the script's value (tests/test_script_switches.py)."""
+
 LT_PRESENT = 12  # a long-tail class already present in the template
 
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from op_recorder import OpRecorder
-from test_method_equivalence import LT_PRESENT, B, K, make_batch, make_cfg, make_choices, settings
+from test_method_equivalence import LT_PRESENT, SCRIPT_DSP, B, K, make_batch, make_cfg, make_choices, settings
 from test_method_equivalence import to_device_choices as plain_device_choices
 from test_step_capturable import cuda_like_context, value_checks_off  # noqa: F401 (a fixture)
 from test_train_step import buffers
@@ -22,9 +22,6 @@ from dsp_fast.engine.step import train_step
 from dsp_fast.models import build_model, normalize_input, param_groups
 
 CPU = torch.device("cpu")
-SCRIPT_DSP = {"long_tail_paste": "columns", "share_first_mask": True, "paste_ignore_label": True,
-              "kornia_hsv_quirk": True, "drop_target_soft_term": True, "train_mmd_projection": False, "lam": 0.8}
-"""Every dsp.* switch of the gta2cs_script preset at the script's value."""
 
 
 # ------------------------------------------------------------------------------------------- the column paste

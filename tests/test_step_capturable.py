@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 from op_recorder import OpRecorder
-from test_method_equivalence import H, W, make_batch, make_cfg, make_choices, to_device_choices
+from test_method_equivalence import SCRIPT_DSP, H, W, make_batch, make_cfg, make_choices, to_device_choices
 from test_train_step import buffers
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -186,14 +186,15 @@ def cuda_autocast_allowed():
         common.amp_definitely_not_available, torch.cuda.is_bf16_supported = real
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp32"])
-def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
+@pytest.mark.parametrize("amp,script", [("bf16", False), ("fp32", False), ("bf16", True)])
+def test_whole_step_on_fake_cuda(amp, script, value_checks_off, fake_cuda_support):
     """Student, teacher, losses (fused operators through their fake implementations), fused SGD with a device lr
     and the EMA, on fake `cuda` tensors: any cuda/cpu mix raises, and no operator takes tensors of two devices
     (a CPU scalar tensor beside cuda ones would be baked into a graph). torch built without CUDA cannot record
     autograd on cuda tensors (autograd asks the CUDA runtime for a stream), so the forward runs without grad and
-    the update half gets fake gradients; the backward's operators mirror the forward's devices."""
-    cfg = make_cfg()
+    the update half gets fake gradients; the backward's operators mirror the forward's devices. script: with the
+    authors'-script switches (column paste, shared mask, ignore label pasteable, HSV quirk)."""
+    cfg = make_cfg(**(SCRIPT_DSP if script else {}))
     student, teacher = build_models(cfg, CPU)
     cuda = torch.device("cuda")
     with FakeTensorMode(allow_non_fake_inputs=True), OpRecorder() as rec:
@@ -203,7 +204,7 @@ def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
         ctx.set_schedule_(3, 1e-3)
         b = 2
         n_lt = cfg.dsp.num_long_tail  # one crop per template image and long-tail class
-        choices = DeviceChoices(class_u=torch.zeros(b, cfg.model.num_classes, device=cuda),
+        choices = DeviceChoices(class_u=torch.zeros(b, cfg.model.num_classes + script, device=cuda),
                                 lt_img=torch.zeros(b * n_lt, 3, H, W, device=cuda),
                                 lt_label=torch.zeros(b * n_lt, H, W, dtype=torch.int64, device=cuda),
                                 lt_cls=torch.zeros(n_lt, dtype=torch.int64, device=cuda),
