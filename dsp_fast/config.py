@@ -181,7 +181,7 @@ class DSPConfig:
     crop's first row holds the class (M still gets the class's pixels only)."""
     kornia_hsv_quirk: bool = False
     """True restores kornia 0.2.0's hsv_to_rgb in the saturation and hue jitter: a sector-0 red value of exactly 1.0
-    is overwritten by the sector-1 formula (pure reds lose brightness; about 4.5% of a jittered scene's pixels)."""
+    is overwritten by the sector-1 formula (saturated reds of full brightness come out darker)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
