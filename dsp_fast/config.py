@@ -232,6 +232,11 @@ class OptimConfig:
     (lr x batch/2) or 'sqrt' (lr x sqrt(batch/2)); both also divide train.max_steps (and optim.warmup_steps) by
     batch/2, so the run sees as many images as the paper's. A rule the paper did not test. Applied once when the
     config is loaded: the resolved config in the run folder holds the scaled lr and steps, with 'none' here."""
+    script_param_repeats: bool = False
+    """True: each DeepLabv2 backbone parameter takes as many SGD updates per step as the authors' optimizer lists
+    it (their parameter generator yields a bottleneck conv 3 times, a downsample conv 4 times, the stem conv once;
+    torch 1.7.1 stepped every occurrence), its gradient fixed within the step. The head and the projection: once.
+    SGD and DeepLabv2 only; not with fast.amp fp16 (fused SGD unscales the gradients in place on its first pass)."""
 
     def __post_init__(self) -> None:
         _check(self.algorithm in OPTIM_ALGORITHMS, "optim.algorithm",
@@ -247,6 +252,8 @@ class OptimConfig:
         _check(0.0 < self.warmup_ratio <= 1.0, "optim.warmup_ratio", f"must be in (0, 1], got {self.warmup_ratio}")
         _check(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling",
                f"must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
+        _check(not (self.script_param_repeats and self.algorithm != "sgd"), "optim.script_param_repeats",
+               f"repeats the authors' SGD updates: needs optim.algorithm sgd, got {self.algorithm!r}")
 
 
 def _betas(value: Any) -> tuple[float, float]:
@@ -356,6 +363,12 @@ class Config:
         _check(not bad, "dsp.long_tail_classes", f"{bad} not below model.num_classes={self.model.num_classes}")
         (w, h), (cw, ch) = self.dsp.long_tail_size, self.data.crop_size
         _check(w >= cw and h >= ch, "dsp.long_tail_size", f"{w}x{h} is smaller than data.crop_size {cw}x{ch}")
+        if self.optim.script_param_repeats:
+            _check(self.model.arch not in MIT_ARCHS, "optim.script_param_repeats",
+                   f"the authors' parameter listing is DeepLabv2's: not with model.arch {self.model.arch!r}")
+            _check(self.fast.amp != "fp16", "optim.script_param_repeats",
+                   "not with fast.amp fp16: fused SGD unscales the gradients in place, so a repeated update would "
+                   "unscale them again (use bf16 or fp32)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -210,6 +210,29 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
     _set_bn_training(model, model.training and not freeze_bn)
 
 
+def script_backbone_listing(model: nn.Module) -> list[nn.Parameter]:
+    """The backbone's trainable parameters as the authors' `get_1x_lr_params_NOscale` lists them, repeats included.
+
+    Their generator visits every module j under conv1, bn1, layer1..layer4 (`modules()`: the root and all below)
+    and yields `j.parameters()`, which recurses: a parameter is listed once by each module that holds it, however
+    deep. Their SGD (torch 1.7.1) stepped every entry, so the length of a parameter's run here is the number of
+    updates it took per step. Frozen parameters (DeepLab's BN) are left out, as theirs.
+    """
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, DeepLabV2):
+        raise TypeError(f"script_backbone_listing: the authors' listing is DeepLabv2's, got {type(inner).__name__}")
+    return [p for root in BACKBONE_ROOTS for j in inner.get_submodule(root).modules()
+            for p in j.parameters() if p.requires_grad]
+
+
+def script_multiplicity(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many times `script_backbone_listing` holds it (backbone parameters only)."""
+    counts: dict[int, int] = {}
+    for p in script_backbone_listing(model):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (all, or those with requires_grad)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
