@@ -1,6 +1,6 @@
 """Features applied to the models and the optimizer, one function each, in the order `loop.setup` calls them:
-channels_last, the optimizer (fused SGD or AdamW with a device lr) and its lr schedule, the GradScaler, DDP,
-torch.compile, and the input normalisation.
+channels_last, the optimizer (fused SGD or AdamW with a device lr; optionally the authors' repeated SGD updates)
+and its lr schedule, the GradScaler, DDP, torch.compile, and the input normalisation.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
     non-finite step is skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in
     place each step (a CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch
     2.13) and takes a float lr. device_lr: the lr as a device tensor (default: on CUDA); the CPU tests ask for it
-    to check the CUDA setup.
+    to check the CUDA setup. optim.script_param_repeats: the backbone split by the authors' multiplicities, stepped
+    by RepeatedSGD (each group its own device lr tensor).
     """
     o = cfg.optim
     groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
@@ -78,9 +79,10 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
 
 
 class RepeatedSGD(torch.optim.SGD):
-    """SGD whose groups carry 'repeats' k: each step moves a group's parameters k times in a row with the gradient
-    fixed, the weight decay read from the parameter as it now is and the momentum buffer carried from one update to
-    the next (torch 1.7.1's SGD on a parameter listed k times, as the authors' optimizer held the backbone).
+    """SGD whose groups carry 'repeats' k (default 1): each step moves a group's parameters k times in a row with
+    the gradient fixed, the weight decay read from the parameter as it now is and the momentum buffer carried from
+    one update to the next (torch 1.7.1's SGD on a parameter listed k times, as the authors' optimizer held the
+    backbone).
 
     Pass r (1..max k) runs torch's own step on the groups with k >= r, so every pass is the same fused call as a
     plain step: the device lr tensors, the found_inf skip flag (read again on every pass) and no host sync.
@@ -91,17 +93,17 @@ class RepeatedSGD(torch.optim.SGD):
             raise ValueError("RepeatedSGD.step: a closure would be re-evaluated on every pass; not supported")
         groups = self.param_groups
         try:
-            for r in range(1, max(g["repeats"] for g in groups) + 1):
+            for r in range(1, max(g.get("repeats", 1) for g in groups) + 1):
                 # torch's step walks self.param_groups: show it this pass's subset, then the full list again
-                self.param_groups = [g for g in groups if g["repeats"] >= r]
+                self.param_groups = [g for g in groups if g.get("repeats", 1) >= r]
                 super().step()
         finally:
             self.param_groups = groups
 
 
 def split_by_repeats(groups: list[dict], counts: dict[int, int]) -> list[dict]:
-    """Every group with a 'repeats' key: the backbone groups split by the parameters' multiplicity in `counts`
-    (id -> k; `models.script_multiplicity`) into '<name>_x<k>' groups, the other groups at 1."""
+    """The groups, each given a 'repeats' key: a backbone group split by its parameters' multiplicity in `counts`
+    (id -> k; `models.script_multiplicity`) into '<name>_x<k>' groups at k, every other group at 1."""
     out = []
     for g in groups:
         if not g["name"].startswith("backbone"):
