@@ -7,6 +7,7 @@ test_method_equivalence: fp32, summation order only), and the fast step's operat
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,11 +15,12 @@ from op_recorder import OpRecorder
 from test_method_equivalence import LT_PRESENT, SCRIPT_DSP, B, K, make_batch, make_cfg, make_choices, settings
 from test_method_equivalence import to_device_choices as plain_device_choices
 from test_step_capturable import cuda_like_context, value_checks_off  # noqa: F401 (a fixture)
-from test_train_step import buffers
+from test_train_step import assert_same_losses, buffers, fast_context
 
 from dsp_fast import method, reference
-from dsp_fast.engine.features import build_models
-from dsp_fast.engine.step import train_step
+from dsp_fast.config import Config, load_config
+from dsp_fast.engine.features import build_models, scheduled_lr
+from dsp_fast.engine.step import read_stats, train_step
 from dsp_fast.models import build_model, normalize_input, param_groups
 
 CPU = torch.device("cpu")
@@ -188,9 +190,42 @@ def test_script_switches_change_the_step():
     assert not torch.equal(outs[0].mask, outs[1].mask) and not torch.equal(outs[0].xs_mix, outs[1].xs_mix)
 
 
+def gta2cs_script_cfg() -> Config:
+    """The test's small tiny-model config with every switch of the gta2cs_script preset, read from the preset."""
+    small, preset = make_cfg(), load_config("gta2cs_script")
+    assert preset.optim.script_param_repeats and preset.model.aspp_two_branch_bug
+    assert {k: getattr(preset.dsp, k) for k in SCRIPT_DSP} == SCRIPT_DSP
+    return Config(data=small.data, model=dataclasses.replace(preset.model, arch="tiny", pretrained=""),
+                  dsp=preset.dsp, optim=dataclasses.replace(preset.optim, lr=small.optim.lr), train=small.train)
+
+
+def test_fast_train_step_matches_reference_with_gta2cs_script_switches():
+    """The fast trainer's step (fused SGD repeated per multiplicity, the engine's buffers) against the reference's
+    (torch 1.7.1's SGD loop over the script's listing): fp32, one step, losses and updated weights."""
+    cfg = gta2cs_script_cfg()
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(gen)
+    choices = script_choices(cfg, batch[3], gen)
+    student, teacher = build_models(cfg, CPU)
+    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    step = 3
+    ref_losses = reference.train_step(cfg, student, teacher, reference.build_optimizer(cfg, student), step, batch,
+                                      choices)
+    ctx = fast_context(cfg, fast_student, fast_teacher)
+    ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
+    train_step(ctx, buffers(batch, device_choices(cfg, choices)))
+    losses, skipped, _ = read_stats(ctx)
+    _, atol = assert_same_losses(losses, skipped, ref_losses, channels_last=False)
+    for (name, a), b in zip(student.state_dict().items(), fast_student.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=name)
+    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol)
+
+
 @pytest.mark.usefixtures("value_checks_off")
 def test_step_with_script_switches_issues_no_host_sync():
-    cfg = make_cfg(**SCRIPT_DSP)
+    """The gta2cs_script switches, the repeated fused SGD included, in the CUDA path's settings."""
+    cfg = gta2cs_script_cfg()
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     ch = device_choices(cfg, script_choices(cfg, batch[3], gen))
