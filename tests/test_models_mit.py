@@ -1,5 +1,6 @@
 """The MiT encoder and the DAFormer decoder: shapes at odd sizes, the attention block against plain softmax
-attention, channels_last, the deterministic teacher, SegFormer / mmseg weight files, and parameter groups.
+attention, the LayerNorm eps of each kind of norm, channels_last, the deterministic teacher, SegFormer / mmseg
+weight files, and parameter groups.
 
 Tolerances: fp32 throughout. The attention check compares SDPA with an explicit softmax(QK^T/sqrt(d))V on the same
 weights: only the summation order differs, so 1e-6 of the largest output. channels_last changes the
@@ -9,6 +10,7 @@ convolutions' accumulation order: 1e-5 absolute.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -71,7 +73,7 @@ def _plain_attention(attn: EfficientSelfAttention, x: torch.Tensor, h: int, w: i
     if attn.sr_ratio > 1:
         img = x.transpose(1, 2).reshape(b, c, h, w)
         red = F.conv2d(img, attn.sr.weight, attn.sr.bias, stride=attn.sr_ratio).flatten(2).transpose(1, 2)
-        src = F.layer_norm(red, (c,), attn.norm.weight, attn.norm.bias, eps=1e-6)
+        src = F.layer_norm(red, (c,), attn.norm.weight, attn.norm.bias, eps=1e-5)  # torch's default (the spec)
     kv = src @ attn.kv.weight.T + attn.kv.bias
     k, v = kv[..., :c], kv[..., c:]
     out = torch.empty(b, n, c)
@@ -96,6 +98,29 @@ def test_attention_matches_plain_softmax_attention(dim, heads, sr, h, w):
     assert scale > 0.1 and expect.std() > 0.01  # outputs of order 1 that vary: the check is not vacuous
     # fp32 sums over up to 2 x 256 terms in another order: 1e-6 of the largest output (or of 1)
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6 * max(scale, 1.0))
+
+
+def test_layernorm_eps_per_kind_of_norm():
+    """DSP_METHOD's SegFormer / DAFormer recipe (NVlabs' and DAFormer's mix_transformer.py): 1e-5 in the overlapping
+    patch embeddings' norm and the attention's sequence-reduction norm, 1e-6 in the blocks' norm1/norm2 and the stage
+    norms. Every LayerNorm of a built mit_b0 falls under exactly one of these names."""
+    want_by_kind = {"patch_embed": 1e-5, "sr_norm": 1e-5, "block_norm": 1e-6, "stage_norm": 1e-6}
+    kinds = {  # module-name patterns, in SegFormer's naming
+        "patch_embed": r"backbone\.patch_embed[1-4]\.norm",
+        "sr_norm": r"backbone\.block[1-4]\.\d+\.attn\.norm",
+        "block_norm": r"backbone\.block[1-4]\.\d+\.norm[12]",
+        "stage_norm": r"backbone\.norm[1-4]",
+    }
+    seen = {k: 0 for k in kinds}
+    for name, m in small().named_modules():
+        if not isinstance(m, torch.nn.LayerNorm):
+            continue
+        matched = [k for k, pattern in kinds.items() if re.fullmatch(pattern, name)]
+        assert len(matched) == 1, f"{name}: matched {matched}"
+        assert m.eps == want_by_kind[matched[0]], f"{name}: eps {m.eps}, want {want_by_kind[matched[0]]}"
+        seen[matched[0]] += 1
+    # mit_b0: 4 patch embeddings; sequence reduction in stages 1-3 (2 blocks each); 8 blocks x 2; 4 stage norms
+    assert seen == {"patch_embed": 4, "sr_norm": 6, "block_norm": 16, "stage_norm": 4}
 
 
 def test_channels_last_gives_the_same_outputs():
