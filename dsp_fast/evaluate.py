@@ -92,10 +92,12 @@ def format_iou_table(iou: torch.Tensor) -> str:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, image_uint8_HWC: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Single-scale prediction (H, W) at the image's own size."""
+    """Single-scale prediction (H, W) at the image's own size, the logits resized as the model's losses resize them
+    (the model class's `logits_align_corners`: DeepLab True, MiT + DAFormer False)."""
     x = torch.from_numpy(np.array(image_uint8_HWC)).permute(2, 0, 1)[None].float().div(255).to(device)
     logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
-    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+    align = getattr(model, "module", model).logits_align_corners
+    logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align)
     return logits.argmax(1)[0]
 
 

@@ -138,9 +138,13 @@ def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: tuple[i
     return torch.where(blur, gaussian_blur(x, aug[:, 6], kernel_size), x)
 
 
-def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize) -> tuple[torch.Tensor, torch.Tensor]:
+def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits resized to the input size (bilinear, align_corners as the model class says: DeepLab True, MiT False),
+    and the model's MMD features at their own stride. `model` may be a DDP wrapper (the student when distributed)."""
     logits, feat = model(normalize(x))
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True), feat
+    align = getattr(model, "module", model).logits_align_corners  # a class attribute: no device read, capturable
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align), feat
 
 
 def nll(logp_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tensor:

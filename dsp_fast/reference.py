@@ -175,9 +175,10 @@ def draw_choices(cfg: Config, y_m: torch.Tensor, long_tail: LongTailSource, gen:
 
 # ----------------------------------------------------------------------------------------------- the step
 def seg_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits upsampled to the input size (bilinear, align_corners=True as DeepLab), and the stride-8 MMD features."""
+    """Logits upsampled to the input size (bilinear; align_corners=True for DeepLab as the DSP script, False for
+    MiT + DAFormer as DAFormer's code: the model's `logits_align_corners`), and the model's MMD features."""
     logits, feat = model(normalize_input(x, model.input_kind))
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True), feat
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=model.logits_align_corners), feat
 
 
 def ema_alpha(step: int, ema_max: float) -> float:

@@ -105,7 +105,11 @@ class DeepLabV2(nn.Module):
 
     `input_kind` ('torchvision' or 'deeplab') names the input normalisation the weights expect; see
     `weights.normalize_input`. `freeze_bn` True keeps every BN on running statistics across `train()` calls.
+    `logits_align_corners` is how every caller resizes the logits to the image or label size (losses, inference).
     """
+
+    # The DSP script (and DeepLab's Caffe interp layer before it) upsamples the logits with align_corners=True.
+    logits_align_corners = True
 
     def __init__(self, num_classes: int = 19, layers: tuple[int, int, int, int] = (3, 4, 23, 3), width: int = 64,
                  mmd_dim: int = 256, aspp_two_branch_bug: bool = False, freeze_bn: bool = False) -> None:
