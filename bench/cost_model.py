@@ -130,7 +130,7 @@ def step_ops(arch: str, crop: int, batch: int, fast: bool, num_classes: int = 19
     for _ in range(3):  # student: source, mixed source, mixed target
         with counting(ops, ""):
             logits, feat = model(image_batch())
-            up = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=True)
+            up = F.interpolate(logits, size=(crop, crop), mode="bilinear", align_corners=model.logits_align_corners)
             # the features' gradient (the MMD's, on the mixed images) flows back through the projection too; the
             # source image's projection backward is counted as well (a 1x1 convolution, ~0.1% of a R101 step)
             loss = torch.log_softmax(up.float(), dim=1).mean() + feat.float().mean()

@@ -157,7 +157,8 @@ class FastTrainer:
         batch = next(self.loader)
         wait = time.perf_counter() - t0
         if self.buf is None:
-            self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, self.opts.channels_last)
+            self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, self.opts.channels_last,
+                                                       cfg.dsp.paste_ignore_label)
             ctx = run.ctx
             self.step_fn = make_step_runner(lambda: train_step(ctx, buf), self.graphs, self.opts.graph_warmup, self.say)
         self.buf.load_(batch)

@@ -168,13 +168,20 @@ class DSPConfig:
     blur_p: float = 0.5
     """Probability of Gaussian blur, one coin per step shared by every mixed image."""
     share_first_mask: bool = False
-    """True restores the authors' indexing bug (reference trainer): image 1 pasted with image 0's mask, image 1's
-    pixel weights from its own chosen classes, image 0's mask collecting every image's long-tail pixels."""
+    """True restores the authors' indexing bug: image 1 pasted with image 0's mask, image 1's pixel weights from its
+    own chosen classes, image 0's mask collecting every image's long-tail pixels."""
     paste_ignore_label: bool = False
     """True restores the authors' script, where the ignore label can be drawn as a pasted class."""
     long_tail_search: str = "counts"
     """'counts': (image, window) drawn from per-image counts of the windows that hold the class (the retry loop's
     distribution, no loop); 'retry': the authors' loop literally, up to 1000 redraws (reference trainer only)."""
+    long_tail_paste: str = "class"
+    """'class': a long-tail crop's class pixels are pasted (the paper); 'columns': the authors' script, whose oneMix
+    reads the first row of the (H, W) mask: the crop's image and label are pasted in the full columns where the
+    crop's first row holds the class (M still gets the class's pixels only)."""
+    kornia_hsv_quirk: bool = False
+    """True restores kornia 0.2.0's hsv_to_rgb in the saturation and hue jitter: a sector-0 red value of exactly 1.0
+    is overwritten by the sector-1 formula (saturated reds of full brightness come out darker)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
@@ -192,6 +199,8 @@ class DSPConfig:
                f"must be in [0, 0.5], got {self.jitter_strength}")
         _check(self.long_tail_search in ("counts", "retry"), "dsp.long_tail_search",
                f"must be 'counts' or 'retry', got {self.long_tail_search!r}")
+        _check(self.long_tail_paste in ("class", "columns"), "dsp.long_tail_paste",
+               f"must be 'class' or 'columns', got {self.long_tail_paste!r}")
         self.long_tail_size = _pair(self.long_tail_size, "dsp.long_tail_size")
 
 
@@ -223,6 +232,11 @@ class OptimConfig:
     (lr x batch/2) or 'sqrt' (lr x sqrt(batch/2)); both also divide train.max_steps (and optim.warmup_steps) by
     batch/2, so the run sees as many images as the paper's. A rule the paper did not test. Applied once when the
     config is loaded: the resolved config in the run folder holds the scaled lr and steps, with 'none' here."""
+    script_param_repeats: bool = False
+    """True: each DeepLabv2 backbone parameter takes as many SGD updates per step as the authors' optimizer lists
+    it (their parameter generator yields a bottleneck conv 3 times, a downsample conv 4 times, the stem conv once;
+    torch 1.7.1 stepped every occurrence), its gradient fixed within the step. The head and the projection: once.
+    SGD and DeepLabv2 only; not with fast.amp fp16 (fused SGD unscales the gradients in place on its first pass)."""
 
     def __post_init__(self) -> None:
         _check(self.algorithm in OPTIM_ALGORITHMS, "optim.algorithm",
@@ -238,6 +252,8 @@ class OptimConfig:
         _check(0.0 < self.warmup_ratio <= 1.0, "optim.warmup_ratio", f"must be in (0, 1], got {self.warmup_ratio}")
         _check(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling",
                f"must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
+        _check(not (self.script_param_repeats and self.algorithm != "sgd"), "optim.script_param_repeats",
+               f"repeats the authors' SGD updates: needs optim.algorithm sgd, got {self.algorithm!r}")
 
 
 def _betas(value: Any) -> tuple[float, float]:
@@ -347,6 +363,12 @@ class Config:
         _check(not bad, "dsp.long_tail_classes", f"{bad} not below model.num_classes={self.model.num_classes}")
         (w, h), (cw, ch) = self.dsp.long_tail_size, self.data.crop_size
         _check(w >= cw and h >= ch, "dsp.long_tail_size", f"{w}x{h} is smaller than data.crop_size {cw}x{ch}")
+        if self.optim.script_param_repeats:
+            _check(self.model.arch not in MIT_ARCHS, "optim.script_param_repeats",
+                   f"the authors' parameter listing is DeepLabv2's: not with model.arch {self.model.arch!r}")
+            _check(self.fast.amp != "fp16", "optim.script_param_repeats",
+                   "not with fast.amp fp16: fused SGD unscales the gradients in place, so a repeated update would "
+                   "unscale them again (use bf16 or fp32)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -94,15 +94,17 @@ def format_iou_table(iou: torch.Tensor) -> str:
 def predict_batch(model: torch.nn.Module, images_uint8_HWC: list[np.ndarray], device: torch.device,
                   out_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
     """Single-scale predictions of equal-size images in one forward: train ids (H, W) on the device, at the input
-    size, or at each image's `out_sizes` (width, height) entry (logits upsampled bilinearly, as at the input
-    size). The evaluation's preprocessing: [0, 1] floats normalised for the model's weights (`input_kind`)."""
+    size, or at each image's `out_sizes` (width, height) entry, the logits resized as the model's losses resize them
+    (the model class's `logits_align_corners`: DeepLab True, MiT + DAFormer False). The evaluation's
+    preprocessing: [0, 1] floats normalised for the model's weights (`input_kind`)."""
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images_uint8_HWC])
     x = x.float().div(255).to(device)
     logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
+    align = getattr(model, "module", model).logits_align_corners
     preds = []
     for i in range(len(images_uint8_HWC)):
         size = x.shape[-2:] if out_sizes is None else (out_sizes[i][1], out_sizes[i][0])
-        up = F.interpolate(logits[i:i + 1], size=size, mode="bilinear", align_corners=True)
+        up = F.interpolate(logits[i:i + 1], size=size, mode="bilinear", align_corners=align)
         preds.append(up.argmax(1)[0])
     return preds
 

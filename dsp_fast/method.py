@@ -26,7 +26,8 @@ IGNORE_LABEL = 255
 class DeviceChoices:
     """One step's random choices as device tensors of fixed shape (graph-capturable inputs)."""
 
-    class_u: torch.Tensor  # (B, K) uniform draws ranking the present classes (step 2)
+    class_u: torch.Tensor  # (B, K) uniform draws ranking the present classes (step 2); (B, K+1) with
+    # dsp.paste_ignore_label, column K ranking the ignore label
     lt_img: torch.Tensor  # (B*L, 3, H, W) long-tail crops, image-major: crop l of template b at b*L + l (step 3)
     lt_label: torch.Tensor  # (B*L, H, W) their labels
     lt_cls: torch.Tensor  # (L,) int64 the class crop l is pasted for (the same for every image); -1: no crop
@@ -39,20 +40,23 @@ AUG_COLS = 11
 sigma, 4 order keys]: the jitter order of an image is argsort of its keys (a uniform random permutation)."""
 
 
-def present_classes(y_BHW: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, K) bool: class k occurs in image b (the ignore label excluded), by a scatter into a fixed table."""
+def present_classes(y_BHW: torch.Tensor, num_classes: int, with_ignore: bool = False) -> torch.Tensor:
+    """(B, K) bool: class k occurs in image b (the ignore label excluded), by a scatter into a fixed table;
+    with_ignore: (B, K+1), column K saying whether the ignore label occurs."""
     b = y_BHW.shape[0]
     ids = y_BHW.reshape(b, -1).long()
     ids = torch.where(ids == IGNORE_LABEL, num_classes, ids)  # a spare column soaks up the ignore label
     table = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=y_BHW.device)
     table.scatter_(1, ids, True)
-    return table[:, :num_classes]
+    return table if with_ignore else table[:, :num_classes]
 
 
-def select_classes(y_m_BHW: torch.Tensor, class_u_BK: torch.Tensor) -> torch.Tensor:
+def select_classes(y_m_BHW: torch.Tensor, class_u_BK: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """Step 2: per image, half (rounded up) of the present classes, chosen uniformly: the ceil(n/2) present classes
-    with the smallest uniform draws. Fixed shapes, no host sync."""
-    present = present_classes(y_m_BHW, class_u_BK.shape[1])
+    with the smallest uniform draws. Fixed shapes, no host sync. class_u with K+1 columns (num_classes = K given):
+    the ignore label is a candidate too (dsp.paste_ignore_label), column K of the result."""
+    k = class_u_BK.shape[1] if num_classes is None else num_classes
+    present = present_classes(y_m_BHW, k, with_ignore=class_u_BK.shape[1] == k + 1)
     scores = torch.where(present, class_u_BK, torch.full_like(class_u_BK, 2.0))  # absent classes rank last
     rank = scores.argsort(dim=1).argsort(dim=1)
     n_chosen = (present.sum(dim=1, keepdim=True) + 1) // 2
@@ -60,23 +64,49 @@ def select_classes(y_m_BHW: torch.Tensor, class_u_BK: torch.Tensor) -> torch.Ten
 
 
 def paste_long_tail(x_m: torch.Tensor, y_m: torch.Tensor, lt_img: torch.Tensor, lt_label: torch.Tensor,
-                    lt_cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 3: hard-paste each template image's own crops (their class's pixels only) onto it.
+                    lt_cls: torch.Tensor, columns: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 3: hard-paste each template image's own crops (their class's pixels) onto it.
 
-    Returns (x_m, y_m, pasted): pasted (B, H, W) bool marks the pixels written, which join M whatever their class."""
+    columns (dsp.long_tail_paste 'columns', the script's oneMix of an (H, W) mask, which reads its first row): the
+    crop's image and label are written in the full columns where the crop's first row holds the class.
+    Returns (x_m, y_m, pasted): pasted (B, H, W) bool marks the class's pixels, which join M whatever the classes
+    chosen in step 2."""
     b, n_lt = x_m.shape[0], lt_cls.shape[0]
     img = lt_img.unflatten(0, (b, n_lt))
     lab = lt_label.unflatten(0, (b, n_lt))
     pasted = torch.zeros_like(y_m, dtype=torch.bool)
     for i in range(n_lt):  # L is fixed (cfg.dsp.num_long_tail): an unrolled loop, graph-friendly
         hit_BHW = lab[:, i] == lt_cls[i]  # never true for cls = -1
-        x_m = torch.where(hit_BHW[:, None], img[:, i].to(x_m.dtype), x_m)
-        y_m = torch.where(hit_BHW, lab[:, i].to(y_m.dtype), y_m)
+        write_BHW = hit_BHW[:, :1].expand_as(hit_BHW) if columns else hit_BHW
+        x_m = torch.where(write_BHW[:, None], img[:, i].to(x_m.dtype), x_m)
+        y_m = torch.where(write_BHW, lab[:, i].to(y_m.dtype), y_m)
         pasted = pasted | hit_BHW
     return x_m, y_m, pasted
 
 
-def color_jitter_staged(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor) -> torch.Tensor:
+def class_mask(y_BHW: torch.Tensor, class_sel_BK1: torch.Tensor) -> torch.Tensor:
+    """Step 2's part of M: class_sel[b, y[b, h, w]], the ignore label reading column K (B, K+1)."""
+    k = class_sel_BK1.shape[1] - 1
+    ids = torch.where(y_BHW == IGNORE_LABEL, k, y_BHW).long().flatten(1)
+    return class_sel_BK1.gather(1, ids).view_as(y_BHW)
+
+
+def script_masks(chosen_BHW: torch.Tensor, pasted_BHW: torch.Tensor, share_first_mask: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(paste mask, weight mask, MMD mask), each (B, H, W), from step 2's class mask and step 3's pasted pixels:
+    all three chosen | pasted; with dsp.share_first_mask the script's indexing bug: image i is pasted with image 0's
+    mask after the long-tail pastes of images 0..i (chosen_0 | pasted_0..i), image 0's weights and every image's MMD
+    use it after all of them, the other images' weights their own chosen classes."""
+    mask = chosen_BHW | pasted_BHW
+    if not share_first_mask:
+        return mask, mask, mask
+    shared = chosen_BHW[0] | (pasted_BHW.to(torch.int32).cumsum(dim=0) > 0)  # row i: chosen_0 | pasted_0..i
+    final = shared[-1]
+    return shared, torch.cat([final[None], chosen_BHW[1:]]), final.expand_as(mask)
+
+
+def color_jitter_staged(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor,
+                        kornia_quirk: bool = False) -> torch.Tensor:
     """The reference's per-image jitter (augment.color_jitter) with fixed shapes: four stages; at stage j every
     image applies its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
     clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
@@ -92,24 +122,29 @@ def color_jitter_staged(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4
         hue, sat, val = rgb_to_hsv(x).unbind(1)
         sat = (sat * torch.where(op == SATURATION, s, one).view(-1, 1, 1)).clamp(0, 1)
         hue = torch.fmod(hue + torch.where(op == HUE, h, zero).view(-1, 1, 1), TWO_PI)
-        hsv = hsv_to_rgb(torch.stack([hue, sat, val], 1))
+        hsv = hsv_to_rgb(torch.stack([hue, sat, val], 1), kornia_quirk)
         x = torch.where(((op == BRIGHTNESS) | (op == CONTRAST)).view(-1, 1, 1, 1), affine, hsv)
     return x
 
 
-def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: tuple[int, int],
+                   kornia_hsv_quirk: bool = False) -> torch.Tensor:
     """Step 4's colour jitter and blur, computed for every image and selected per image by its coin: no
-    data-dependent branch, so it can be captured. aug: (B, AUG_COLS), see DeviceChoices."""
+    data-dependent branch, so it can be captured. aug: (B, AUG_COLS), see DeviceChoices; kernel_size (rows, cols)."""
     order = aug[:, 7:11].argsort(dim=1)
     jit = aug[:, 0].bool().view(-1, 1, 1, 1)
-    x = torch.where(jit, color_jitter_staged(x_B3HW, aug[:, 1:5], order), x_B3HW)
+    x = torch.where(jit, color_jitter_staged(x_B3HW, aug[:, 1:5], order, kornia_hsv_quirk), x_B3HW)
     blur = aug[:, 5].bool().view(-1, 1, 1, 1)
     return torch.where(blur, gaussian_blur(x, aug[:, 6], kernel_size), x)
 
 
-def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize) -> tuple[torch.Tensor, torch.Tensor]:
+def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits resized to the input size (bilinear, align_corners as the model class says: DeepLab True, MiT False),
+    and the model's MMD features at their own stride. `model` may be a DDP wrapper (the student when distributed)."""
     logits, feat = model(normalize(x))
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True), feat
+    align = getattr(model, "module", model).logits_align_corners  # a class attribute: no device read, capturable
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align), feat
 
 
 def nll(logp_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tensor:
@@ -136,7 +171,12 @@ class LossSettings:
     mmd_kernel_num: int
     drop_target_soft_term: bool
     enabled: bool
-    blur_kernel: int
+    blur_kernel: tuple[int, int]  # (rows, columns)
+    # the authors'-script switches of docs/method.md (dsp.*)
+    kornia_hsv_quirk: bool = False
+    long_tail_columns: bool = False  # dsp.long_tail_paste 'columns'
+    share_first_mask: bool = False
+    paste_ignore_label: bool = False
     # Several ranks (engine/sync.py): the step of one rank on the global batch. world_size scales each rank's loss
     # so that DDP's mean of the gradients is the global loss's gradient; sum_ranks all-reduces (sums) a tensor that
     # needs no gradient (q's and L_src's pixel counts); gather_rows all-gathers the pooled MMD vectors with autograd.
@@ -150,7 +190,9 @@ class Mixed:
     """Steps 1-4's results: what the student trains on, and what an image grid shows."""
 
     x_m: torch.Tensor  # template after the long-tail pastes (B, 3, H, W)
-    mask: torch.Tensor  # M (B, H, W) bool
+    mask: torch.Tensor  # M (B, H, W) bool: the paste mask
+    weight_mask: torch.Tensor  # where W = 1 in L_tgtmix (M, but with dsp.share_first_mask)
+    mmd_mask: torch.Tensor  # the masked MMD's mask (M, but with dsp.share_first_mask)
     xs_mix: torch.Tensor  # strongly augmented mixed source images
     ys_mix: torch.Tensor
     xt_mix: torch.Tensor  # strongly augmented mixed target images
@@ -172,12 +214,22 @@ def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: De
             counts = torch.stack([confident, torch.full_like(confident, conf.numel())])
             counts = s.sum_ranks(counts)
             q = counts[0] / counts[1]
-    class_sel = select_classes(y_m, ch.class_u)  # from the template's own labels, before the long-tail paste
-    x_m, y_m, pasted = paste_long_tail(x_m, y_m, ch.lt_img, ch.lt_label, ch.lt_cls)
-    xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m, y_m, class_sel, x_s, y_s, x_t, yhat_t, s.lam, pasted)
-    xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel)
-    xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel)
-    return Mixed(x_m, mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
+    class_sel = select_classes(y_m, ch.class_u, s.num_classes)  # on the template's own labels, before step 3
+    x_m_pasted, y_m_pasted, pasted = paste_long_tail(x_m, y_m, ch.lt_img, ch.lt_label, ch.lt_cls, s.long_tail_columns)
+    weight_mask = mmd_mask = None
+    if s.long_tail_columns or s.share_first_mask or s.paste_ignore_label:
+        # M from the template's labels before the paste (the column paste overwrites pixels outside M), handed to
+        # the kernel as its `pasted` input with no class chosen, so that the kernel's mask is exactly M
+        if not s.paste_ignore_label:
+            class_sel = torch.cat([class_sel, torch.zeros_like(class_sel[:, :1])], dim=1)  # the ignore column
+        pasted, weight_mask, mmd_mask = script_masks(class_mask(y_m, class_sel), pasted, s.share_first_mask)
+        class_sel = torch.zeros_like(class_sel[:, :s.num_classes])
+    xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m_pasted, y_m_pasted, class_sel, x_s, y_s, x_t, yhat_t,
+                                                           s.lam, pasted)
+    xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel, s.kornia_hsv_quirk)
+    xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel, s.kornia_hsv_quirk)
+    weight_mask, mmd_mask = (mask, mask) if weight_mask is None else (weight_mask, mmd_mask)
+    return Mixed(x_m_pasted, mask, weight_mask, mmd_mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
 
 
 def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices
@@ -199,12 +251,12 @@ def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m,
         # the mixed losses' mean runs over all B*H*W pixels; every rank holds the same number, so a rank's own mean
         # is its share of the global mean times world_size, which DDP's mean over ranks divides back out
         l_srcmix = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
-        weight = torch.where(mix.mask, 1.0, mix.q)
+        weight = torch.where(mix.weight_mask, 1.0, mix.q)
         tgt = lam * nll(logp_tm, mix.yt_mix)
         if not s.drop_target_soft_term:
             tgt = tgt + (1 - lam) * nll(logp_tm, mix.yhat_t)
         l_tgtmix = (weight * tgt).mean()
-        l_mmd = mmd_term(s, feat_sm, feat_tm, mix.mask, tuple(x_s.shape[-2:]))
+        l_mmd = mmd_term(s, feat_sm, feat_tm, mix.mmd_mask, tuple(x_s.shape[-2:]))
     loss = l_src + l_srcmix + l_tgtmix + l_mmd
     return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": mix.q}
 

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -176,15 +177,17 @@ def draw_choices(cfg: Config, y_m: torch.Tensor, long_tail: LongTailSource, gen:
     for _ in range(len(y_m)):
         drawn = [(cls, long_tail.draw(cls, d.long_tail_search, gen)) for cls in classes]
         crops.append([(cls, *crop) for cls, crop in drawn if crop is not None])
-    aug_src, aug_tgt = draw_step_aug(len(y_m), cfg.data.crop_size[1], d.jitter_p, d.jitter_strength, d.blur_p, gen)
+    (crop_w, crop_h) = cfg.data.crop_size
+    aug_src, aug_tgt = draw_step_aug(len(y_m), (crop_h, crop_w), d.jitter_p, d.jitter_strength, d.blur_p, gen)
     return StepChoices(class_sel, crops, aug_src, aug_tgt)
 
 
 # ----------------------------------------------------------------------------------------------- the step
 def seg_forward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits upsampled to the input size (bilinear, align_corners=True as DeepLab), and the stride-8 MMD features."""
+    """Logits upsampled to the input size (bilinear; align_corners=True for DeepLab as the DSP script, False for
+    MiT + DAFormer as DAFormer's code: the model's `logits_align_corners`), and the model's MMD features."""
     logits, feat = model(normalize_input(x, model.input_kind))
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True), feat
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=model.logits_align_corners), feat
 
 
 def ema_alpha(step: int, ema_max: float) -> float:
@@ -205,17 +208,20 @@ def class_mask(y_m: torch.Tensor, class_sel: torch.Tensor) -> torch.Tensor:
     return torch.stack([class_sel[i][torch.where(y_m[i] == IGNORE_LABEL, k, y_m[i])] for i in range(len(y_m))])
 
 
-def paste_long_tail(x_m, y_m, long_tail):
-    """Step 3: hard-paste each template image's own crops (the crop's class pixels only) onto it.
+def paste_long_tail(x_m, y_m, long_tail, columns=False):
+    """Step 3: hard-paste each template image's own crops (the crop's class pixels) onto it.
 
-    Returns (x_m, y_m, pasted): pasted (B, H, W) marks the pixels written, which join M whatever their class."""
+    columns (dsp.long_tail_paste 'columns'): as the script, whose oneMix takes mask[0], the first row of the crop's
+    (H, W) class mask, and broadcasts it down every row: the crop's image and label go in whole columns.
+    Returns (x_m, y_m, pasted): pasted (B, H, W) marks the class's pixels, which join M whatever their class."""
     x_m, y_m = x_m.clone(), y_m.clone()
     pasted = torch.zeros_like(y_m, dtype=torch.bool)
     for i, crops in enumerate(long_tail):
         for cls, lt_img, lt_label in crops:
             hit = lt_label == cls
-            x_m[i] = torch.where(hit, lt_img, x_m[i])
-            y_m[i] = torch.where(hit, lt_label, y_m[i])
+            where = hit[0].expand(hit.shape[0], -1) if columns else hit
+            x_m[i] = torch.where(where, lt_img, x_m[i])
+            y_m[i] = torch.where(where, lt_label, y_m[i])
             pasted[i] |= hit
     return x_m, y_m, pasted
 
@@ -273,12 +279,12 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
         q = (conf >= d.conf_threshold).float().mean()
     # 2.-3. the chosen classes' mask (on the template's own labels), then the long-tail paste
     chosen = class_mask(y_m, choices.class_sel)
-    x_m, y_m, pasted = paste_long_tail(x_m, y_m, choices.long_tail)
+    x_m, y_m, pasted = paste_long_tail(x_m, y_m, choices.long_tail, d.long_tail_paste == "columns")
     mix_mask, weight_mask, mmd_mask = step_masks(cfg, chosen, pasted)
     # 4. dual soft paste + strong augmentation
     xs_mix, ys_mix, xt_mix, yt_mix = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat_t, mix_mask)
-    xs_mix = strong_augment(xs_mix, choices.aug_src)
-    xt_mix = strong_augment(xt_mix, choices.aug_tgt)
+    xs_mix = strong_augment(xs_mix, choices.aug_src, d.kornia_hsv_quirk)
+    xt_mix = strong_augment(xt_mix, choices.aug_tgt, d.kornia_hsv_quirk)
     # 5. student forwards (separate calls: BN batch statistics differ per call)
     logits_sm, feat_sm = seg_forward(student, xs_mix)
     logits_tm, feat_tm = seg_forward(student, xt_mix)
@@ -306,13 +312,54 @@ def poly_lr(cfg: Config, step: int) -> float:
 
 
 def build_optimizer(cfg: Config, student: torch.nn.Module) -> torch.optim.Optimizer:
-    """Plain torch SGD (DSP) or AdamW (DAFormer's recipe for MiT) over the model's parameter groups."""
+    """Plain torch SGD (DSP) or AdamW (DAFormer's recipe for MiT) over the model's parameter groups; with
+    optim.script_param_repeats, the authors' SGD: the backbone group listed as their generator lists it."""
     o = cfg.optim
     groups = param_groups(student, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
                           o.norm_decay_mult)
     if o.algorithm == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.script_param_repeats:
+        backbone = groups[0]
+        listed = list(get_1x_lr_params_NOscale(student))
+        assert backbone["name"] == "backbone" and {id(p) for p in listed} == {id(p) for p in backbone["params"]}
+        backbone["params"] = listed
+        return Torch171SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def get_1x_lr_params_NOscale(model: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
+    """The authors' backbone generator (named as theirs): each module under the stem and layer1..4 yields all the
+    parameters below it, so a parameter comes once per module that holds it (a bottleneck conv 3 times)."""
+    for root in (model.conv1, model.bn1, model.layer1, model.layer2, model.layer3, model.layer4):
+        for module in root.modules():
+            for p in module.parameters():
+                if p.requires_grad:
+                    yield p
+
+
+class Torch171SGD(torch.optim.Optimizer):
+    """SGD as torch 1.7.1 ran it: every entry of a group is stepped in turn, so a parameter listed k times takes k
+    updates with its gradient fixed (weight decay from the parameter as it is then, one momentum buffer)."""
+
+    def __init__(self, groups, lr: float, momentum: float, weight_decay: float):
+        with warnings.catch_warnings():  # torch warns about the repeated entries: they are the point here
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate")
+            super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad.add(p, alpha=group["weight_decay"])  # torch 1.7.1's own expressions, same roundings
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
 
 def train_step(cfg: Config, student, teacher, optimizer, step: int, batch, choices: StepChoices) -> dict[str, float]:

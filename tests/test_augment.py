@@ -21,6 +21,7 @@ from dsp_fast.augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    blur_kernel_shape,
     blur_kernel_size,
     color_jitter,
     draw_step_aug,
@@ -94,17 +95,17 @@ def test_fast_path_staged_jitter_equals_the_per_image_one():
     # many of the 24 orders
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(64, 3, 8, 8, generator=gen)
-    aug = draw_strong_aug(64, 8, jitter=True, blur=False, strength=0.25, gen=gen)
+    aug = draw_strong_aug(64, (8, 8), jitter=True, blur=False, strength=0.25, gen=gen)
     assert torch.equal(color_jitter_staged(x, aug.factors, aug.order), color_jitter(x, aug.factors, aug.order))
 
 
 def test_blur():
     assert blur_kernel_size(512) == 51 and blur_kernel_size(128) == 13 and blur_kernel_size(130) == 13
     flat = torch.full((2, 3, 20, 20), 0.3)
-    assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 1.0]), 5), flat, atol=1e-6)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([0.5, 1.0]), (5, 5)), flat, atol=1e-6)
     impulse = torch.zeros(1, 1, 9, 9)
     impulse[..., 4, 4] = 1
-    out = gaussian_blur(impulse.expand(1, 3, 9, 9).contiguous(), torch.tensor([1.0]), 5)
+    out = gaussian_blur(impulse.expand(1, 3, 9, 9).contiguous(), torch.tensor([1.0]), (5, 5))
     assert abs(float(out[0, 0].sum()) - 1) < 1e-5 and out[0, 0, 4, 4] < 1 and out[0, 0, 4, 5] == out[0, 0, 4, 3]
     # the centre tap of a 5-tap kernel at sigma 1: exp(0) / sum_k exp(-k^2 / 2), squared (separable)
     centre = 1 / sum(math.exp(-k * k / 2) for k in range(-2, 3))
@@ -113,14 +114,14 @@ def test_blur():
 
 def test_coins_are_shared_per_step_and_select_images():
     x = torch.rand(4, 3, 16, 16)
-    on = draw_strong_aug(4, 16, jitter=True, blur=False, strength=0.25)
+    on = draw_strong_aug(4, (16, 16), jitter=True, blur=False, strength=0.25)
     assert not torch.equal(strong_augment(x, on)[0], x[0])
-    off = draw_strong_aug(4, 16, jitter=False, blur=False, strength=0.25)
+    off = draw_strong_aug(4, (16, 16), jitter=False, blur=False, strength=0.25)
     assert torch.equal(strong_augment(x, off), x)
     gen = torch.Generator().manual_seed(0)
     jit, blur = [], []
     for _ in range(1000):
-        src, tgt = draw_step_aug(2, 16, 0.8, 0.25, 0.5, gen)
+        src, tgt = draw_step_aug(2, (16, 16), 0.8, 0.25, 0.5, gen)
         coins = torch.stack([src.jitter, tgt.jitter, src.blur, tgt.blur])
         assert (coins[:2] == coins[0, 0]).all() and (coins[2:] == coins[2, 0]).all()  # one of each per step
         jit.append(bool(src.jitter[0]))
@@ -129,8 +130,71 @@ def test_coins_are_shared_per_step_and_select_images():
             assert sorted(a.order[0].tolist()) == [0, 1, 2, 3]
     # 1000 steps: 3 sigma of the frequency is 0.04 (jitter) and 0.05 (blur)
     assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
-    f = draw_strong_aug(1000, 16, True, True, 0.25, torch.Generator().manual_seed(0))
+    f = draw_strong_aug(1000, (16, 16), True, True, 0.25, torch.Generator().manual_seed(0))
     assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians
     assert f.factors[:, 1:3].min() >= 0.75 and f.factors[:, 1:3].max() <= 1.25
     assert f.sigma.min() >= 0.15 and f.sigma.max() <= 1.15
     assert len(torch.unique(f.order, dim=0)) == 24  # every order occurs
+
+
+def test_kornia_hsv_quirk_overwrites_sector_0_reds_of_exactly_one():
+    # (1, 0.5, 0): V = 1, S = 1, H = 1/12 turn (sector 0, f = 0.5): kornia 0.2.0's sector pass 0 writes (v, t, p) =
+    # (1, 0.5, 0); pass 1 selects every value equal to 1, so R becomes q = v (1 - f s) = 0.5
+    x = px(1.0, 0.5, 0.0)
+    close(hsv_to_rgb(rgb_to_hsv(x)), 1.0, 0.5, 0.0)
+    close(hsv_to_rgb(rgb_to_hsv(x), kornia_quirk=True), 0.5, 0.5, 0.0)
+    # below 1.0, or outside sector 0, nothing changes: (0.9, 0.45, 0) (sector 0, V = 0.9) and (0.5, 1, 0) (sector 1)
+    for other in (px(0.9, 0.45, 0.0), px(0.5, 1.0, 0.0), px(1.0, 0.0, 0.5)):
+        assert torch.equal(hsv_to_rgb(rgb_to_hsv(other), kornia_quirk=True), hsv_to_rgb(rgb_to_hsv(other)))
+    # through the jitter: saturation by 1 and hue by 0 are identities, except for the quirk
+    one, zero = torch.tensor([1.0]), torch.tensor([0.0])
+    close(adjust_saturation(x, one, kornia_quirk=True), 0.5, 0.5, 0.0)
+    close(adjust_hue(x, zero, kornia_quirk=True), 0.5, 0.5, 0.0)
+    close(adjust_brightness(x, zero), 1.0, 0.5, 0.0)
+    order = torch.tensor([[BRIGHTNESS, CONTRAST, SATURATION, HUE]])
+    close(color_jitter(x, torch.tensor([[0.0, 1.0, 1.0, 0.0]]), order, kornia_quirk=True), 0.5, 0.5, 0.0)
+    close(color_jitter_staged(x, torch.tensor([[0.0, 1.0, 1.0, 0.0]]), order, kornia_quirk=True), 0.5, 0.5, 0.0)
+
+
+def test_blur_kernel_per_axis():
+    # the script's kornia GaussianBlur2d((k_y, k_x)): ceil(3.7) = 4 -> 3 rows, ceil(4.5) = 5 -> 5 columns
+    assert blur_kernel_shape(37, 45) == (3, 5)
+    aug = draw_strong_aug(2, (37, 45), jitter=False, blur=True, strength=0.25)
+    assert aug.kernel_size == (3, 5)
+    impulse = torch.zeros(1, 3, 37, 45)
+    impulse[..., 18, 22] = 1
+    sigma = 0.8
+    out = gaussian_blur(impulse, torch.tensor([sigma]), (3, 5))[0, 0]
+    # by hand: the outer product of a 3-tap and a 5-tap normalised Gaussian at sigma 0.8
+    def taps(n):
+        w = [math.exp(-(k - n // 2) ** 2 / (2 * sigma ** 2)) for k in range(n)]
+        return torch.tensor([v / sum(w) for v in w])
+    want = taps(3)[:, None] * taps(5)[None, :]
+    torch.testing.assert_close(out[17:20, 20:25], want, rtol=1e-5, atol=1e-7)
+    assert float(out.sum()) == pytest.approx(1.0, rel=1e-5)
+    assert float(out[16].abs().max()) == 0.0 and float(out[:, 19].abs().max()) == 0.0  # nothing beyond the taps
+
+
+def test_blur_at_the_border_reflects():
+    # an impulse in the corner: reflect padding mirrors without repeating the edge, so the corner keeps the centre
+    # tap squared plus nothing mirrored onto itself; the neighbour gets its tap twice (itself and its mirror)
+    sigma = 1.0
+    w = [math.exp(-k * k / (2 * sigma ** 2)) for k in (-1, 0, 1)]
+    t = [v / sum(w) for v in w]
+    img = torch.zeros(1, 3, 8, 8)
+    img[..., 0, 0] = 1
+    out = gaussian_blur(img, torch.tensor([sigma]), (3, 3))[0, 0]
+    assert float(out[0, 0]) == pytest.approx(t[1] * t[1], rel=1e-5)
+    # pixel (0, 1) reads x=0 through its left tap; pixel (1, 0) reads y=0 through its upper tap
+    assert float(out[0, 1]) == pytest.approx(t[1] * t[0], rel=1e-5)
+    assert float(out[1, 1]) == pytest.approx(t[0] * t[0], rel=1e-5)
+
+
+def test_blur_sigma_per_image():
+    img = torch.zeros(3, 3, 9, 9)
+    img[..., 4, 4] = 1
+    sigmas = torch.tensor([0.3, 0.7, 1.1])
+    out = gaussian_blur(img, sigmas, (5, 5))
+    for i, sigma in enumerate(sigmas.tolist()):
+        w = [math.exp(-k * k / (2 * sigma ** 2)) for k in range(-2, 3)]
+        assert float(out[i, 0, 4, 4]) == pytest.approx((w[2] / sum(w)) ** 2, rel=1e-5), i

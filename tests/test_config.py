@@ -14,6 +14,32 @@ def test_presets_load(preset):
     assert cfg.data.crop_size[0] <= cfg.data.source_size[0]
 
 
+SCRIPT_VALUES = {"dsp.lam": 0.8, "model.aspp_two_branch_bug": True, "dsp.train_mmd_projection": False,
+                 "dsp.drop_target_soft_term": True, "dsp.share_first_mask": True, "dsp.paste_ignore_label": True,
+                 "optim.script_param_repeats": True, "dsp.long_tail_paste": "columns", "dsp.kornia_hsv_quirk": True,
+                 "data.target_size": (2048, 1024)}
+"""The authors' script @8baf66e, switch by switch (docs/method.md's deviation table)."""
+
+
+@pytest.mark.parametrize("paper,script", [("gta2cs", "gta2cs_script"), ("synthia2cs", "synthia2cs_script")])
+def test_script_presets_set_every_switch_and_paper_presets_none(paper, script):
+    def get(cfg, dotted):
+        section, name = dotted.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    paper_cfg, script_cfg, default = load_config(paper), load_config(script), load_config(None)
+    for dotted, value in SCRIPT_VALUES.items():
+        assert get(script_cfg, dotted) == value, dotted
+        if dotted != "dsp.lam":  # the paper presets' lam is the paper's (0.9 GTA5, 0.8 SYNTHIA)
+            assert get(paper_cfg, dotted) == get(default, dotted) != value, dotted
+    assert script_cfg.dsp.long_tail_search == "counts"  # the retry loop's distribution, from counts
+    # otherwise the same run: dataset, model, classes, schedule
+    for dotted in ("data.source", "data.source_size", "model.arch", "model.num_classes", "dsp.long_tail_classes",
+                   "optim.lr", "train.max_steps"):
+        assert get(script_cfg, dotted) == get(paper_cfg, dotted), dotted
+    assert paper_cfg.dsp.lam == (0.9 if paper == "gta2cs" else 0.8)
+
+
 @pytest.mark.parametrize("preset", preset_names())
 def test_long_tail_size_is_the_authors_or_scaled_like_it(preset):
     """The authors cut long-tail crops from the source resized to 1920x1080 (GTA5 and SYNTHIA alike): 1.5x GTA5's

@@ -25,6 +25,10 @@ def make_cfg(**dsp) -> Config:
                   optim=OptimConfig(lr=1e-2))
 
 
+SCRIPT_DSP = {"long_tail_paste": "columns", "share_first_mask": True, "paste_ignore_label": True,
+              "kornia_hsv_quirk": True, "drop_target_soft_term": True, "train_mmd_projection": False, "lam": 0.8}
+"""Every dsp.* switch of the gta2cs_script preset at the script's value (tests/test_script_switches.py)."""
+
 LT_PRESENT = 12  # a long-tail class already present in the template
 
 
@@ -57,7 +61,7 @@ def make_choices(cfg, y_m, gen, jitter: bool = True, blur: bool = True):
             lab[20:22, :] = 3  # other classes in the crop must not be pasted
             per_image.append((cls, torch.rand(3, H, W, generator=gen), lab))
         crops.append(per_image)
-    aug_src, aug_tgt = draw_step_aug(B, H, 0.8, 0.25, 0.5, gen)
+    aug_src, aug_tgt = draw_step_aug(B, (H, W), 0.8, 0.25, 0.5, gen)
     for a in (aug_src, aug_tgt):  # the step's shared coins, forced so that both branches can be tested
         a.jitter[:], a.blur[:] = jitter, blur
     return reference.StepChoices(sel, crops, aug_src, aug_tgt)

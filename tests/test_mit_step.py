@@ -63,7 +63,7 @@ def make_choices(y_m: torch.Tensor, gen: torch.Generator, jitter: bool = True, b
             lab[40:44, :] = 3  # other classes in the crop must not be pasted
             per_image.append((cls, torch.rand(3, S, S, generator=gen), lab))
         crops.append(per_image)
-    aug_src, aug_tgt = draw_step_aug(B, S, 0.8, 0.25, 0.5, gen)
+    aug_src, aug_tgt = draw_step_aug(B, (S, S), 0.8, 0.25, 0.5, gen)
     for a in (aug_src, aug_tgt):
         a.jitter[:], a.blur[:] = jitter, blur
     return reference.StepChoices(sel, crops, aug_src, aug_tgt)

@@ -34,6 +34,7 @@ class ConstantModel(torch.nn.Module):
     """Predicts p = (1/4, 3/4) everywhere, whatever the input: every cross-entropy is known by hand."""
 
     input_kind = "torchvision"
+    logits_align_corners = True  # full-size logits: the resize to the input size is the identity either way
 
     def __init__(self):
         super().__init__()
@@ -59,7 +60,7 @@ def batch():
 
 
 def choices_for(class_sel, long_tail=()):
-    no_aug = draw_strong_aug(1, 4, jitter=False, blur=False, strength=0.25)
+    no_aug = draw_strong_aug(1, (4, 4), jitter=False, blur=False, strength=0.25)
     return StepChoices(class_sel, [list(long_tail)], no_aug, no_aug)
 
 

@@ -10,8 +10,8 @@ import contextlib
 import pytest
 import torch
 from op_recorder import OpRecorder
-from test_method_equivalence import H, W, make_batch, make_cfg, make_choices, to_device_choices
-from test_train_step import buffers
+from test_method_equivalence import SCRIPT_DSP, H, W, make_batch, make_cfg, make_choices, to_device_choices
+from test_train_step import buffers, with_repeats
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsp_fast.engine.features import build_grad_scaler, build_models, build_optimizer, make_normalize
@@ -61,12 +61,14 @@ def test_recorder_finds_syncs_and_data_dependent_shapes():
     assert rec.syncs == []
 
 
-@pytest.mark.parametrize("amp,twins,dsp", [("fp32", False, True), ("bf16", False, True), ("fp32", True, True),
-                                           ("bf16", True, True), ("fp32", False, False)])
-def test_train_step_issues_no_host_sync(amp, twins, dsp, value_checks_off):
+@pytest.mark.parametrize("amp,twins,dsp,repeats", [("fp32", False, True, False), ("bf16", False, True, False),
+                                                   ("fp32", True, True, False), ("bf16", True, True, False),
+                                                   ("fp32", False, False, False), ("bf16", False, True, True)])
+def test_train_step_issues_no_host_sync(amp, twins, dsp, repeats, value_checks_off):
     """Every operator of one train_step (after one eager step, as the graph is captured after warm-up), in the CUDA
-    path's settings; the twins ("fused kernels off") too, so that the ablation changes the kernels alone."""
-    cfg = make_cfg(enabled=dsp)
+    path's settings; the twins ("fused kernels off") too, so that the ablation changes the kernels alone; and with
+    optim.script_param_repeats (one fused SGD call per group on each of its passes)."""
+    cfg = with_repeats(make_cfg(enabled=dsp), repeats)
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     ch = to_device_choices(make_choices(cfg, batch[3], gen))
@@ -84,6 +86,9 @@ def test_train_step_issues_no_host_sync(amp, twins, dsp, value_checks_off):
     # fused SGD ran (a CPU 0-d lr binds the float overload; test_whole_step_on_fake_cuda checks that a cuda lr
     # binds the tensor one)
     assert any(op.startswith("aten::_fused_sgd_") for op in names)
+    # one call per group with gradients (source-only: no projection); with repeats the groups backbone_x1/_x3/_x4,
+    # classifier, projection: 5 calls on pass 1, 2 on passes 2 and 3, 1 on pass 4
+    assert sum(op.startswith("aten::_fused_sgd_") for op, _ in rec.ops) == (10 if repeats else 3 if dsp else 2)
 
 
 @pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
@@ -186,14 +191,17 @@ def cuda_autocast_allowed():
         common.amp_definitely_not_available, torch.cuda.is_bf16_supported = real
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp32"])
-def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
+@pytest.mark.parametrize("amp,script,repeats", [("bf16", False, False), ("fp32", False, False),
+                                                ("bf16", True, False), ("bf16", True, True)])
+def test_whole_step_on_fake_cuda(amp, script, repeats, value_checks_off, fake_cuda_support):
     """Student, teacher, losses (fused operators through their fake implementations), fused SGD with a device lr
     and the EMA, on fake `cuda` tensors: any cuda/cpu mix raises, and no operator takes tensors of two devices
     (a CPU scalar tensor beside cuda ones would be baked into a graph). torch built without CUDA cannot record
     autograd on cuda tensors (autograd asks the CUDA runtime for a stream), so the forward runs without grad and
-    the update half gets fake gradients; the backward's operators mirror the forward's devices."""
-    cfg = make_cfg()
+    the update half gets fake gradients; the backward's operators mirror the forward's devices. script: with the
+    authors'-script switches (column paste, shared mask, ignore label pasteable, HSV quirk); repeats: with
+    optim.script_param_repeats as well (every pass of the repeated SGD binds the device-lr overload)."""
+    cfg = with_repeats(make_cfg(**(SCRIPT_DSP if script else {})), repeats)
     student, teacher = build_models(cfg, CPU)
     cuda = torch.device("cuda")
     with FakeTensorMode(allow_non_fake_inputs=True), OpRecorder() as rec:
@@ -203,7 +211,7 @@ def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
         ctx.set_schedule_(3, 1e-3)
         b = 2
         n_lt = cfg.dsp.num_long_tail  # one crop per template image and long-tail class
-        choices = DeviceChoices(class_u=torch.zeros(b, cfg.model.num_classes, device=cuda),
+        choices = DeviceChoices(class_u=torch.zeros(b, cfg.model.num_classes + script, device=cuda),
                                 lt_img=torch.zeros(b * n_lt, 3, H, W, device=cuda),
                                 lt_label=torch.zeros(b * n_lt, H, W, dtype=torch.int64, device=cuda),
                                 lt_cls=torch.zeros(n_lt, dtype=torch.int64, device=cuda),
@@ -220,7 +228,10 @@ def test_whole_step_on_fake_cuda(amp, value_checks_off, fake_cuda_support):
     assert {t.device.type for t in [*losses.values(), *ctx.sums.values(), *ctx.teacher_params]} == {"cuda"}
     names = [op for op, _ in rec.ops]
     assert "dsp_fast::dual_soft_paste" in names and "dsp_fast::adjoint_map" in names
-    assert "aten::_fused_sgd_.tensor_lr" in names
+    # one call per group: with repeats backbone_x1/_x3/_x4 and the head groups on pass 1, _x3/_x4 on passes 2
+    # and 3, _x4 on pass 4 (the script switches leave the projection out of the optimizer)
+    head_groups = 1 + cfg.dsp.train_mmd_projection
+    assert names.count("aten::_fused_sgd_.tensor_lr") == (3 + head_groups + 5 if repeats else 1 + head_groups)
     if amp == "bf16":  # autocast really ran: the convolutions returned bf16
         assert any(op == "aten::convolution" and torch.bfloat16 in dt for op, dt in rec.ops)
     assert not rec.mixes, "operators with tensors on two devices:\n" + "\n".join(map(str, rec.mixes))

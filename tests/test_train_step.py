@@ -10,6 +10,7 @@ lr 1e-2. channels_last changes the convolution kernels' accumulation order too: 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from PIL import Image
 from test_method_equivalence import B, H, K, W, make_batch, make_cfg, make_choices, to_device_choices
 
 from dsp_fast import reference
-from dsp_fast.config import DSPConfig
+from dsp_fast.config import Config, DSPConfig
 from dsp_fast.engine.features import (
     apply_channels_last,
     build_grad_scaler,
@@ -33,7 +34,7 @@ from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices
-from dsp_fast.models import build_model, normalize_input, param_groups
+from dsp_fast.models import build_model, normalize_input
 
 CPU = torch.device("cpu")
 
@@ -64,10 +65,16 @@ def assert_same_losses(losses: dict, skipped: float, ref_losses: dict, channels_
     return rel, atol
 
 
-@pytest.mark.parametrize("dsp,channels_last", [({}, False), ({}, True), ({"drop_target_soft_term": True}, False),
-                                               ({"enabled": False}, False)])
-def test_fast_step_matches_reference_step(dsp, channels_last):
-    cfg = make_cfg(**dsp)
+def with_repeats(cfg: Config, on: bool) -> Config:
+    """cfg with optim.script_param_repeats (the authors' repeated backbone updates) set to `on`."""
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, script_param_repeats=on))
+
+
+@pytest.mark.parametrize("dsp,channels_last,repeats", [({}, False, False), ({}, True, False),
+                                                       ({"drop_target_soft_term": True}, False, False),
+                                                       ({"enabled": False}, False, False), ({}, False, True)])
+def test_fast_step_matches_reference_step(dsp, channels_last, repeats):
+    cfg = with_repeats(make_cfg(**dsp), repeats)
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     choices = make_choices(cfg, batch[3], gen)
@@ -75,8 +82,7 @@ def test_fast_step_matches_reference_step(dsp, channels_last):
     fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     step = 3
 
-    ref_opt = torch.optim.SGD(param_groups(student, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.dsp.train_mmd_projection),
-                              lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    ref_opt = reference.build_optimizer(cfg, student)
     ref_losses = reference.train_step(cfg, student, teacher, ref_opt, step, batch, choices)
 
     ctx = fast_context(cfg, fast_student, fast_teacher, channels_last=channels_last)
@@ -96,9 +102,9 @@ def _snapshot(ctx: StepContext) -> list[torch.Tensor]:
     return [t.detach().clone() for t in [*ctx.student_params, *ctx.teacher_params, *momentum]]
 
 
-@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
-def test_non_finite_step_is_skipped_and_counted(optimizer):
-    cfg = make_cfg()
+@pytest.mark.parametrize("optimizer,repeats", [("fused", False), ("foreach", False), ("fused", True)])
+def test_non_finite_step_is_skipped_and_counted(optimizer, repeats):
+    cfg = with_repeats(make_cfg(), repeats)
     gen = torch.Generator().manual_seed(2)
     batch = make_batch(gen)
     ch = to_device_choices(make_choices(cfg, batch[3], gen))

@@ -1,6 +1,6 @@
 """Features applied to the models and the optimizer, one function each, in the order `loop.setup` calls them:
-channels_last, the optimizer (fused SGD or AdamW with a device lr) and its lr schedule, the GradScaler, DDP,
-torch.compile, and the input normalisation.
+channels_last, the optimizer (fused SGD or AdamW with a device lr; optionally the authors' repeated SGD updates)
+and its lr schedule, the GradScaler, DDP, torch.compile, and the input normalisation.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from torch import nn
 
 from dsp_fast.config import Config, OptimConfig
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import FastOptions
+from dsp_fast.engine.options import FastOptions, OptionsError
 from dsp_fast.engine.step import compute_losses
-from dsp_fast.models import build_student_teacher, param_groups
+from dsp_fast.models import build_student_teacher, param_groups, script_multiplicity
 from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 
@@ -38,11 +38,15 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
     non-finite step is skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in
     place each step (a CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch
     2.13) and takes a float lr. device_lr: the lr as a device tensor (default: on CUDA); the CPU tests ask for it
-    to check the CUDA setup.
+    to check the CUDA setup. optim.script_param_repeats: the backbone split by the authors' multiplicities, stepped
+    by RepeatedSGD (each group its own device lr tensor).
     """
     o = cfg.optim
     groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
                           o.norm_decay_mult)
+    if o.script_param_repeats:
+        _check_repeats_options(opts)
+        groups = split_by_repeats(groups, script_multiplicity(model))
     if opts.optimizer == "apex":
         if o.algorithm != "sgd":
             raise SystemExit(f"--optimizer apex: only with optim.algorithm sgd (got {o.algorithm!r}); use fused")
@@ -62,8 +66,9 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None,
                                 foreach=True if not fused else None, capturable=on_cuda)
         return opt, fused
-    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused or None,
-                          foreach=True if not fused else None)
+    sgd = RepeatedSGD if o.script_param_repeats else torch.optim.SGD
+    opt = sgd(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused or None,
+              foreach=True if not fused else None)
     if o.momentum:
         # Fused SGD leaves the momentum buffers uninitialised when its first step is skipped (seen on CPU); zeros give
         # the same first update as the lazy clone (0 * momentum + grad).
@@ -71,6 +76,57 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
             for p in g["params"]:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return opt, fused
+
+
+class RepeatedSGD(torch.optim.SGD):
+    """SGD whose groups carry 'repeats' k (default 1): each step moves a group's parameters k times in a row with
+    the gradient fixed, the weight decay read from the parameter as it now is and the momentum buffer carried from
+    one update to the next (torch 1.7.1's SGD on a parameter listed k times, as the authors' optimizer held the
+    backbone).
+
+    Pass r (1..max k) runs torch's own step on the groups with k >= r, so every pass is the same fused call as a
+    plain step: the device lr tensors, the found_inf skip flag (read again on every pass) and no host sync.
+    """
+
+    def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("RepeatedSGD.step: a closure would be re-evaluated on every pass; not supported")
+        groups = self.param_groups
+        try:
+            for r in range(1, max(g.get("repeats", 1) for g in groups) + 1):
+                # torch's step walks self.param_groups: show it this pass's subset, then the full list again
+                self.param_groups = [g for g in groups if g.get("repeats", 1) >= r]
+                super().step()
+        finally:
+            self.param_groups = groups
+
+
+def split_by_repeats(groups: list[dict], counts: dict[int, int]) -> list[dict]:
+    """The groups, each given a 'repeats' key: a backbone group split by its parameters' multiplicity in `counts`
+    (id -> k; `models.script_multiplicity`) into '<name>_x<k>' groups at k, every other group at 1."""
+    out = []
+    for g in groups:
+        if not g["name"].startswith("backbone"):
+            out.append({**g, "repeats": 1})
+            continue
+        missing = [p for p in g["params"] if id(p) not in counts]
+        if missing:
+            raise ValueError(f"split_by_repeats: {len(missing)} parameters of group {g['name']!r} are not in the "
+                             "authors' listing")
+        for k in sorted({counts[id(p)] for p in g["params"]}):
+            params = [p for p in g["params"] if counts[id(p)] == k]
+            out.append({**g, "name": f"{g['name']}_x{k}", "params": params, "repeats": k})
+    return out
+
+
+def _check_repeats_options(opts: FastOptions) -> None:
+    # fused SGD divides p.grad by the GradScaler's scale in place (seen on CPU, torch 2.13): a second pass would
+    # divide again. apex's FusedSGD is not a torch.optim.SGD, so RepeatedSGD cannot wrap it.
+    if opts.amp == "fp16":
+        raise OptionsError("optim.script_param_repeats: not with fast.amp fp16 (--amp fp16): fused SGD unscales the "
+                           "gradients in place, a repeated update would unscale them again; use bf16 or fp32")
+    if opts.optimizer == "apex":
+        raise OptionsError("optim.script_param_repeats: not with fast.optimizer apex (--optimizer apex); use fused")
 
 
 def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable | None:

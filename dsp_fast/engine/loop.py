@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsp_fast.augment import blur_kernel_size
+from dsp_fast.augment import blur_kernel_shape
 from dsp_fast.config import Config
 from dsp_fast.data import DatasetError
 from dsp_fast.data.build import target_dataset
@@ -78,7 +78,9 @@ def loss_settings(cfg: Config, world_size: int = 1) -> LossSettings:
     """The step's settings; with several ranks, the collectives that make it the step of the global batch."""
     d = cfg.dsp
     s = LossSettings(cfg.model.num_classes, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul,
-                     d.mmd_kernel_num, d.drop_target_soft_term, d.enabled, blur_kernel_size(cfg.data.crop_size[1]))
+                     d.mmd_kernel_num, d.drop_target_soft_term, d.enabled,
+                     blur_kernel_shape(cfg.data.crop_size[1], cfg.data.crop_size[0]), d.kornia_hsv_quirk,
+                     d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label)
     if world_size > 1:
         s.world_size, s.sum_ranks, s.gather_rows = world_size, sum_over_ranks, gather_rows
     return s
@@ -239,7 +241,7 @@ def _loop(run: Run, loader) -> None:
                                    "(--resume continues it once the file is fixed)") from None
             wait += time.perf_counter() - t0
             if buf is None:
-                buf = StepBuffers.like(batch, cfg.model.num_classes, opts.channels_last)
+                buf = StepBuffers.like(batch, cfg.model.num_classes, opts.channels_last, cfg.dsp.paste_ignore_label)
                 step_fn = make_step_runner(lambda: train_step(ctx, buf), opts.graphs_on(run.info.device)
                                            and ctx.device_skip, opts.graph_warmup, run.say)
             buf.load_(batch)

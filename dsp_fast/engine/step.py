@@ -38,8 +38,10 @@ class StepBuffers:
     choices: DeviceChoices
 
     @classmethod
-    def like(cls, batch: dict[str, torch.Tensor], num_classes: int, channels_last: bool) -> StepBuffers:
-        """Buffers shaped after one loader batch (the loader's shapes are fixed for a run)."""
+    def like(cls, batch: dict[str, torch.Tensor], num_classes: int, channels_last: bool,
+             paste_ignore_label: bool = False) -> StepBuffers:
+        """Buffers shaped after one loader batch (the loader's shapes are fixed for a run); paste_ignore_label: one
+        more class rank column, the ignore label's (dsp.paste_ignore_label)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         b, _, h, w = batch["src_img"].shape
         lt = batch["lt_class"].shape[0]  # long-tail classes per step; lt_img holds B * lt crops, image-major
@@ -51,7 +53,8 @@ class StepBuffers:
         def lab(n: int) -> torch.Tensor:
             return torch.zeros(n, h, w, dtype=torch.int64, device=dev)
 
-        choices = DeviceChoices(class_u=torch.zeros(b, num_classes, device=dev), lt_img=img(b * lt),
+        class_columns = num_classes + int(paste_ignore_label)
+        choices = DeviceChoices(class_u=torch.zeros(b, class_columns, device=dev), lt_img=img(b * lt),
                                 lt_label=lab(b * lt), lt_cls=torch.full((lt,), -1, dtype=torch.int64, device=dev),
                                 aug_src=torch.zeros(b, AUG_COLS, device=dev),
                                 aug_tgt=torch.zeros(b, AUG_COLS, device=dev))

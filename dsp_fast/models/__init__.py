@@ -22,6 +22,8 @@ from dsp_fast.models.deeplabv2 import (
     DeepLabV2,
     count_parameters,
     output_size,
+    script_backbone_listing,
+    script_multiplicity,
 )
 from dsp_fast.models.mit import MIT_SPECS
 from dsp_fast.models.weights import WeightsError, load_mit_pretrained, load_pretrained, normalize_input
@@ -41,6 +43,8 @@ __all__ = [
     "normalize_input",
     "output_size",
     "param_groups",
+    "script_backbone_listing",
+    "script_multiplicity",
     "set_bn_mode",
 ]
 

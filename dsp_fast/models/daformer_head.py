@@ -105,8 +105,12 @@ class DAFormerHead(nn.Module):
 class MiTDAFormer(nn.Module):
     """MiT encoder + DAFormer decoder for DSP: `forward(x) -> (logits_BKhw, feat_BDhw)`, both at stride 4 (the
     caller upsamples), the same contract as DeepLabV2. Its ImageNet weights expect RGB normalised by the ImageNet
-    mean/std (`input_kind` 'torchvision', as mmseg's img_norm_cfg for MiT)."""
+    mean/std (`input_kind` 'torchvision', as mmseg's img_norm_cfg for MiT). `logits_align_corners` is how every
+    caller resizes the logits to the image or label size (losses, inference)."""
 
+    # DAFormer's decode head (its losses) and segmentor (inference) resize the logits with mmseg's `resize`,
+    # align_corners=False; DSP's own masked-MMD upsampling keeps the DSP script's True whatever the model.
+    logits_align_corners = False
     param_roots = ((BACKBONE_ROOT,), HEAD_ROOT, PROJECTION_ROOT)  # (backbone roots, classifier, projection)
 
     def __init__(self, arch: str = "mit_b0", num_classes: int = 19, mmd_dim: int = 256, decoder_dim: int = 256,

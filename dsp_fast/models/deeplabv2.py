@@ -105,7 +105,11 @@ class DeepLabV2(nn.Module):
 
     `input_kind` ('torchvision' or 'deeplab') names the input normalisation the weights expect; see
     `weights.normalize_input`. `freeze_bn` True keeps every BN on running statistics across `train()` calls.
+    `logits_align_corners` is how every caller resizes the logits to the image or label size (losses, inference).
     """
+
+    # The DSP script (and DeepLab's Caffe interp layer before it) upsamples the logits with align_corners=True.
+    logits_align_corners = True
 
     def __init__(self, num_classes: int = 19, layers: tuple[int, int, int, int] = (3, 4, 23, 3), width: int = 64,
                  mmd_dim: int = 256, aspp_two_branch_bug: bool = False, freeze_bn: bool = False) -> None:
@@ -208,6 +212,29 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
     if isinstance(inner, DeepLabV2):
         inner.freeze_bn = freeze_bn
     _set_bn_training(model, model.training and not freeze_bn)
+
+
+def script_backbone_listing(model: nn.Module) -> list[nn.Parameter]:
+    """The backbone's trainable parameters as the authors' `get_1x_lr_params_NOscale` lists them, repeats included.
+
+    Their generator visits every module j under conv1, bn1, layer1..layer4 (`modules()`: the root and all below)
+    and yields `j.parameters()`, which recurses: a parameter is listed once by each module that holds it, however
+    deep. Their SGD (torch 1.7.1) stepped every entry, so the length of a parameter's run here is the number of
+    updates it took per step. Frozen parameters (DeepLab's BN) are left out, as theirs.
+    """
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, DeepLabV2):
+        raise TypeError(f"script_backbone_listing: the authors' listing is DeepLabv2's, got {type(inner).__name__}")
+    return [p for root in BACKBONE_ROOTS for j in inner.get_submodule(root).modules()
+            for p in j.parameters() if p.requires_grad]
+
+
+def script_multiplicity(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many times `script_backbone_listing` holds it (backbone parameters only)."""
+    counts: dict[int, int] = {}
+    for p in script_backbone_listing(model):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

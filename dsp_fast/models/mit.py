@@ -22,7 +22,12 @@ from torch import Tensor, nn
 NUM_HEADS = (1, 2, 5, 8)  # per stage, every MiT size (SegFormer Tab. 6): head width 32 (b0) or 64 (b1-b5)
 SR_RATIOS = (8, 4, 2, 1)  # keys/values of stage i come from an (sr x sr)-strided conv of its map
 MLP_RATIO = 4
-LN_EPS = 1e-6  # SegFormer's LayerNorm eps (not torch's 1e-5)
+# LayerNorm eps as NVlabs' and DAFormer's mix_transformer.py, with which the released weights were trained: the
+# blocks' norm1/norm2 and the stage norms are built with eps 1e-6, while the patch embeddings' norm and the
+# attention's sequence-reduction norm are plain nn.LayerNorm(dim), torch's default 1e-5 (mmseg's later
+# re-implementation uses 1e-6 everywhere; that is not what the weights saw).
+LN_EPS = 1e-6  # Block.norm1, Block.norm2, MixVisionTransformer.norm{1-4}
+LN_EPS_TORCH = 1e-5  # OverlapPatchEmbed.norm, EfficientSelfAttention.norm (the sr path)
 # Stage 1's keys come from an 8x8 stride-8 conv of its stride-4 map, so that map needs 8 pixels a side.
 MIN_INPUT_SIDE = 29
 
@@ -82,7 +87,7 @@ class OverlapPatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, stride: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS_TORCH)
 
     def forward(self, x_BCHW: Tensor) -> tuple[Tensor, int, int]:
         f = self.proj(x_BCHW)
@@ -105,7 +110,7 @@ class EfficientSelfAttention(nn.Module):
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+            self.norm = nn.LayerNorm(dim, eps=LN_EPS_TORCH)
 
     def forward(self, x_BNC: Tensor, h: int, w: int) -> Tensor:
         b, n, c = x_BNC.shape
