@@ -129,8 +129,8 @@ def test_resume_continues_with_the_run_folders_config_and_overrides_on_top(synth
     capsys.readouterr()
     assert train.main(["--resume", out, "data.max_eval_images=1"]) == 0, capsys.readouterr().err
     stdout = capsys.readouterr().out
-    assert f"with its saved config {os.path.join(out, 'config.yaml')}; overrides applied on top: " \
-           "data.max_eval_images=1" in stdout, stdout
+    assert f"with its saved config {os.path.join(out, 'config.yaml')} (in place of --config); overrides applied on " \
+           "top: data.max_eval_images=1" in stdout, stdout
     assert "at step 2" in stdout and "step 4/4" in stdout
     saved = read(os.path.join(out, "ckpt_00000004.pt"))["config"]
     assert saved["dsp"]["enabled"] is False and saved["data"]["max_eval_images"] == 1

@@ -163,7 +163,8 @@ def resume_config(spec: str, overrides: list[str] | tuple[str, ...], command_con
                           f"{' '.join(given)} would make it {now!r}, and a checkpoint continues only the run it came "
                           "from (drop the override, or start a fresh run without --resume)")
     on_top = f"; overrides applied on top: {' '.join(overrides)}" if overrides else " (no overrides)"
-    say(f"--resume: continuing {os.path.abspath(top)} with its saved config {saved}{on_top}", flush=True)
+    say(f"--resume: continuing {os.path.abspath(top)} with its saved config {saved} (in place of --config)"
+        f"{on_top}", flush=True)
     return resumed
 
 
