@@ -453,18 +453,20 @@ def check_fields_read(cfg: Config) -> None:
         found = _presets_for_source(source)
         return f"--config {' or --config '.join(found)}" if found else f"data.source={source}"
 
+    # the messages (which read the preset files) are built only for a field that is set
     if d.source == "synthetic":
         for name in ("source_root", "target_root"):
-            _check(not getattr(d, name), f"data.{name}",
-                   f"{getattr(d, name)!r} is not read with data.source 'synthetic' (the built-in generated scenes "
-                   f"under data.synthetic_root); for GTA5 use {presets('gta5')}, for SYNTHIA {presets('synthia')} "
-                   "(or set data.source)")
+            if getattr(d, name):
+                raise ConfigError(f"config field 'data.{name}': {getattr(d, name)!r} is not read with data.source "
+                                  "'synthetic' (the built-in generated scenes under data.synthetic_root); for GTA5 "
+                                  f"use {presets('gta5')}, for SYNTHIA {presets('synthia')} (or set data.source)")
     else:
         for name in ("synthetic_root", "synthetic_seed"):
             value = getattr(d, name)
-            _check(value == getattr(default, name), f"data.{name}",
-                   f"{value!r} is read only with data.source 'synthetic' ({presets('synthetic')}); this config "
-                   f"trains on {d.source!r} from data.source_root")
+            if value != getattr(default, name):
+                raise ConfigError(f"config field 'data.{name}': {value!r} is read only with data.source 'synthetic' "
+                                  f"({presets('synthetic')}); this config trains on {d.source!r} from "
+                                  "data.source_root")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
