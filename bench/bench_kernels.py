@@ -97,7 +97,7 @@ def paste_bytes(dtype: torch.dtype) -> int:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dual_soft_paste(benchmark, copy_gbs, impl, dtype):
     args = paste_inputs(dtype)
-    fn = pick(impl, kernels.reference.dual_soft_paste, kernels.dual_soft_paste, lambda f: f(*args))
+    fn = pick(impl, kernels.twins.dual_soft_paste, kernels.dual_soft_paste, lambda f: f(*args))
     run_case(benchmark, "dual_soft_paste", impl, dtype, lambda: fn(*args), paste_bytes(dtype), copy_gbs)
 
 
@@ -113,7 +113,7 @@ def feat_inputs(dtype: torch.dtype, grad: bool) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_upsample_pool(benchmark, copy_gbs, impl, dtype):
     feat, _, mask = feat_inputs(dtype, grad=False)
-    fn = pick(impl, kernels.reference.masked_upsample_pool, kernels.masked_upsample_pool,
+    fn = pick(impl, kernels.twins.masked_upsample_pool, kernels.masked_upsample_pool,
               lambda f: f(feat, mask, (H, W)))
     nbytes = feat.numel() * _esize(dtype) + mask.numel()  # floor: read feat and the mask once
     run_case(benchmark, "masked_upsample_pool", impl, dtype, lambda: fn(feat, mask, (H, W)), nbytes, copy_gbs)
@@ -128,7 +128,7 @@ def test_weighted_mmd_fwd_bwd(benchmark, copy_gbs, impl, dtype):
         feat_s.grad = feat_t.grad = None
         f(feat_s, feat_t, mask, (H, W)).backward()
 
-    fn = pick(impl, kernels.reference.weighted_mmd, kernels.weighted_mmd, step)
+    fn = pick(impl, kernels.twins.weighted_mmd, kernels.weighted_mmd, step)
     # floor: read both feature maps and the mask (forward), write both gradients (backward)
     nbytes = 4 * feat_s.numel() * _esize(dtype) + mask.numel()
     run_case(benchmark, "weighted_mmd_fwd_bwd", impl, dtype, lambda: step(fn), nbytes, copy_gbs)
@@ -152,7 +152,7 @@ class _KernelCount(TorchDispatchMode):
 @pytest.mark.parametrize("impl", ["twin", "fast"])
 def test_mmd_rbf_fwd_bwd(benchmark, copy_gbs, impl):
     """The MMD is launch-bound (8 KB in): what matters is how many kernels forward + backward run."""
-    fn = kernels.reference.mmd_rbf if impl == "twin" else kernels.mmd_rbf
+    fn = kernels.twins.mmd_rbf if impl == "twin" else kernels.mmd_rbf
     x = torch.randn(B, C_FEAT, device=DEVICE, requires_grad=True)
     y = torch.randn(B, C_FEAT, device=DEVICE, requires_grad=True)
     with _KernelCount() as fwd:

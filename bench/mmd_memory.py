@@ -41,7 +41,7 @@ def child(variant: str, device: str) -> dict:
 
     from dsp_fast import kernels
 
-    fn = kernels.reference.weighted_mmd if variant == "naive" else kernels.weighted_mmd
+    fn = kernels.twins.weighted_mmd if variant == "naive" else kernels.weighted_mmd
     if variant == "adjoint_torch":  # the plain-PyTorch adjoint, even where the Triton kernel could run
         kernels.upsample_pool.use_triton = lambda t: False
 

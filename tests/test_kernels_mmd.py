@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dsp_fast import kernels
 
 mmd_mod = kernels.mmd
-reference = kernels.reference
+twins = kernels.twins
 up_mod = kernels.upsample_pool
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 / compiled kernels)")
@@ -84,7 +84,7 @@ def pool_case(shape, size, mask_kind, dtype, channels_last, align_corners):
     mask = make_mask(mask_kind, shape[0], *size)
     grad_out = torch.randn(shape[:2]).to(dtype)
     results = []
-    for fn in (up_mod._masked_upsample_pool_adjoint, reference.masked_upsample_pool):
+    for fn in (up_mod._masked_upsample_pool_adjoint, twins.masked_upsample_pool):
         f = feat.detach().clone().requires_grad_()
         out = fn(f, mask, size, align_corners)
         out.backward(grad_out)
@@ -121,7 +121,7 @@ def test_pool_extreme_masks(mask_kind, adjoint_path):
 def test_mmd_rbf_matches_twin(rows, dtype, kernels_):
     x, y = torch.randn(rows[0], 256).to(dtype), (torch.randn(rows[1], 256) + 0.2).to(dtype)
     got, want = [], []
-    for fn, store in ((kernels.mmd_rbf, got), (reference.mmd_rbf, want)):
+    for fn, store in ((kernels.mmd_rbf, got), (twins.mmd_rbf, want)):
         xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
         val = fn(xx, yy, *kernels_)
         val.backward()
@@ -136,7 +136,7 @@ def test_mmd_rbf_matches_twin(rows, dtype, kernels_):
 
 def test_mmd_rbf_identical_rows_is_zero_not_nan():
     x = torch.ones(2, 8, requires_grad=True)
-    for fn in (kernels.mmd_rbf, reference.mmd_rbf):
+    for fn in (kernels.mmd_rbf, twins.mmd_rbf):
         val = fn(x, x.detach().clone())
         (grad,) = torch.autograd.grad(val, x)
         assert val.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
@@ -150,7 +150,7 @@ def wmmd_case(b, c, hw, size, mask_kind, dtype, channels_last):
         feat_s, feat_t = feat_s.to(memory_format=torch.channels_last), feat_t.to(memory_format=torch.channels_last)
     mask = make_mask(mask_kind, b, *size)
     results = []
-    for fn in (mmd_mod._weighted_mmd_fused, reference.weighted_mmd):
+    for fn in (mmd_mod._weighted_mmd_fused, twins.weighted_mmd):
         s, t = feat_s.detach().clone().requires_grad_(), feat_t.detach().clone().requires_grad_()
         val = fn(s, t, mask, size, 2.0, 5)
         val.backward()
@@ -189,7 +189,7 @@ def test_weighted_mmd_global_term_pools_the_stride8_map(impl):
     gen = torch.Generator().manual_seed(0)
     feat_s, feat_t = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen) + 0.5
     mask = torch.zeros(2, 17, 33, dtype=torch.bool)
-    fn = mmd_mod._weighted_mmd_fused if impl == "fused" else reference.weighted_mmd
+    fn = mmd_mod._weighted_mmd_fused if impl == "fused" else twins.weighted_mmd
     got = float(fn(feat_s, feat_t, mask, (17, 33), 2.0, 5))
     want = textbook_mmd(feat_s.mean((2, 3)), feat_t.mean((2, 3)))
     up = [F.interpolate(f, size=(17, 33), mode="bilinear", align_corners=True).mean((2, 3)) for f in (feat_s, feat_t)]
@@ -226,7 +226,7 @@ def test_weighted_mmd_never_builds_the_upsampled_tensor():
     feat_t = torch.randn(b, c, *hw, requires_grad=True)
     mask = torch.rand(b, *size) < 0.5
     largest = {}
-    for name, fn in (("fused", kernels.weighted_mmd), ("twin", reference.weighted_mmd)):
+    for name, fn in (("fused", kernels.weighted_mmd), ("twin", twins.weighted_mmd)):
         with _LargestTensor() as probe:
             fn(feat_s, feat_t, mask, size).backward()
         largest[name] = probe.largest
@@ -238,7 +238,7 @@ def test_weighted_mmd_never_builds_the_upsampled_tensor():
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
 def test_pool_bad_input(impl):
-    fn = kernels.masked_upsample_pool if impl == "kernel" else reference.masked_upsample_pool
+    fn = kernels.masked_upsample_pool if impl == "kernel" else twins.masked_upsample_pool
     feat = torch.randn(2, 4, 5, 6)
     with pytest.raises(ValueError, match="smaller than the feature map"):
         fn(feat, None, (4, 12))
@@ -258,8 +258,8 @@ def test_pool_bad_input(impl):
 
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
 def test_mmd_bad_input(impl):
-    mmd = kernels.mmd_rbf if impl == "kernel" else reference.mmd_rbf
-    wmmd = kernels.weighted_mmd if impl == "kernel" else reference.weighted_mmd
+    mmd = kernels.mmd_rbf if impl == "kernel" else twins.mmd_rbf
+    wmmd = kernels.weighted_mmd if impl == "kernel" else twins.weighted_mmd
     with pytest.raises(ValueError):
         mmd(torch.randn(2, 8), torch.randn(2, 9))
     with pytest.raises(ValueError):
@@ -290,10 +290,10 @@ def test_gpu_compiled_matches_twin_at_paper_shapes(dtype, channels_last):
     mask = torch.rand(2, 512, 512, device="cuda") < 0.5
     for align_corners in (True, False):
         got = kernels.masked_upsample_pool(feat_s, mask, (512, 512), align_corners)
-        want = reference.masked_upsample_pool(feat_s.float(), mask, (512, 512), align_corners)
+        want = twins.masked_upsample_pool(feat_s.float(), mask, (512, 512), align_corners)
         close(got, want, rel, f"pool align_corners={align_corners}")
     got, want = [], []
-    impls = ((kernels.weighted_mmd, got, lambda t: t), (reference.weighted_mmd, want, torch.Tensor.float))
+    impls = ((kernels.weighted_mmd, got, lambda t: t), (twins.weighted_mmd, want, torch.Tensor.float))
     for fn, store, cast in impls:
         s, t = feat_s.detach().clone().requires_grad_(), feat_t.detach().clone().requires_grad_()
         val = fn(cast(s), cast(t), mask, (512, 512))

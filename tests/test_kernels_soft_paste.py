@@ -20,7 +20,7 @@ import torch
 
 from dsp_fast import kernels
 
-reference = kernels.reference
+twins = kernels.twins
 sp_mod = kernels.soft_paste
 
 ATOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -44,7 +44,7 @@ def make_inputs(b: int, c: int, h: int, w: int, k: int = 19, dtype: torch.dtype 
 
 def check_against_twin(args: tuple, lam: float) -> tuple:
     out = sp_mod._dual_soft_paste_triton(*args, lam)
-    ref = reference.dual_soft_paste(*args, lam)
+    ref = twins.dual_soft_paste(*args, lam)
     names = ("src_mix_img", "src_mix_label", "tgt_mix_img", "tgt_mix_label", "mask")
     for name, got, want in zip(names, out, ref):
         assert got.shape == want.shape and got.dtype == want.dtype, (name, got.dtype, want.dtype)
@@ -97,7 +97,7 @@ def test_pasted_pixels_join_the_mask_whatever_their_class(channels_last):
                 lbl = int(tmpl_label[b, y, x])
                 want[b, y, x] = bool(pasted[b, y, x]) or (lbl != 255 and bool(class_sel[b, lbl]))
     assert want[0, 3:6, 4:8].all() and not want[1, 3:6, 4:8].any()
-    for impl in (lambda *a: sp_mod._dual_soft_paste_triton(*a), reference.dual_soft_paste, kernels.dual_soft_paste):
+    for impl in (lambda *a: sp_mod._dual_soft_paste_triton(*a), twins.dual_soft_paste, kernels.dual_soft_paste):
         src_img, src_lbl, tgt_img, tgt_lbl, mask = impl(*args, 0.9, pasted)
         assert torch.equal(mask, want)
         assert torch.equal(src_lbl, torch.where(want, tmpl_label, args[4]))
@@ -175,7 +175,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
 def test_bad_input_is_a_value_error(case, impl):
     args = BAD_INPUTS[case](make_inputs(2, 3, 17, 33, k=19))
-    fn = kernels.dual_soft_paste if impl == "kernel" else reference.dual_soft_paste
+    fn = kernels.dual_soft_paste if impl == "kernel" else twins.dual_soft_paste
     with pytest.raises(ValueError):
         fn(*args, 0.9)
 
