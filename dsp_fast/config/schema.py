@@ -1,11 +1,11 @@
 """The sections of a run's config: `data:`, `model:`, `train:`, `fast:` and the whole `Config` (the recipe's
-`dsp:` and `optim:` are in recipe.py). Validation is in each `__post_init__`.
+`dsp:` and `optim:` are in recipe.py). Validation is in each `__post_init__` and reads no file: a weights file is
+checked where it is loaded (dsp_fast.models.weights), a data root where the data is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,8 @@ class ModelConfig:
     """Output classes: 19 for GTA5 -> Cityscapes, 16 for SYNTHIA -> Cityscapes."""
     pretrained: str = ""
     """Local file of initial weights; '' = random init. DeepLab archs: ResNet-101 (torchvision- or DeepLab-style
-    keys); MiT archs: a SegFormer `mit_b*.pth` (ImageNet) or an mmseg segmentor state dict (`backbone.*` keys)."""
+    keys); MiT archs: a SegFormer `mit_b*.pth` (ImageNet) or an mmseg segmentor state dict (`backbone.*` keys).
+    Checked when the model is built (a missing or unfitting file is an error naming this field), not here."""
     pretrained_kind: str = "auto"
     """'auto' (from the file's keys), 'deeplab' or 'torchvision': the weights' kind, which sets input normalisation.
     MiT weights are always 'torchvision' (ImageNet mean/std): 'auto' or 'torchvision' only."""
@@ -107,8 +108,6 @@ class ModelConfig:
         _check(self.pretrained_kind in ("auto", "deeplab", "torchvision"), "model.pretrained_kind",
                f"must be auto, deeplab or torchvision, got {self.pretrained_kind!r}")
         _check(self.mmd_dim >= 1, "model.mmd_dim", f"must be >= 1, got {self.mmd_dim}")
-        if self.pretrained:
-            _check(os.path.isfile(self.pretrained), "model.pretrained", f"no such file: {self.pretrained}")
 
 
 @dataclass
