@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from dsp_fast import reference, train
-from dsp_fast.config import ConfigError, ModelConfig, load_config, preset_names, save_config
+from dsp_fast.config import ConfigError, FastConfig, ModelConfig, load_config, preset_names, save_config
 from dsp_fast.engine.options import add_cli_args, apply_cli_args
 
 
@@ -177,3 +177,24 @@ def test_a_missing_weights_file_stops_both_trainers_naming_the_field(synthetic_r
         err = capsys.readouterr().err
         assert "model.pretrained" in err and missing in err and "Traceback" not in err, err
     assert not list(tmp_path.rglob("*.pt"))  # no step was taken
+
+
+@pytest.mark.parametrize("flags, field", [(["--amp", "fp16"], "fast.amp"),
+                                          (["--optimizer", "foreach"], "fast.optimizer"),
+                                          (["fast.optimizer=apex"], "fast.optimizer")])
+def test_a_step_graphs_cannot_capture_is_refused_unless_graphs_are_off(tmp_path, capsys, flags, field):
+    """fp16 (the GradScaler) and the non-fused optimizers cannot be captured: with fast.cuda_graphs true (the
+    default) they are refused, naming both fields, on every device, instead of running eagerly behind the user's
+    back; --no-graphs (fast.cuda_graphs=false) takes them."""
+    args = ["--config", "synthetic", f"data.synthetic_root={tmp_path / 'unused'}", *flags]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert field in err and "fast.cuda_graphs" in err and "--no-graphs" in err, err
+    assert not (tmp_path / "unused").exists()  # refused before any data was generated
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    overrides = [f for f in flags if "=" in f]
+    cfg, _ = apply_cli_args(load_config(None, [*overrides, "fast.cuda_graphs=false"]),
+                            parser.parse_args([f for f in flags if "=" not in f]))
+    assert not cfg.fast.cuda_graphs
+    FastConfig(amp="fp16", optimizer="foreach", cuda_graphs=False)  # eager: fine

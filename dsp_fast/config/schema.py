@@ -16,6 +16,8 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DATA_BACKENDS = ("auto", "dali", "torch")
 COMPILE_MODES = ("off", "model", "step")
 OPTIMIZERS = ("auto", "fused", "foreach", "apex")
+UNCAPTURABLE_OPTIMIZERS = ("foreach", "apex")
+"""Optimizers that cannot skip a non-finite step on the device (they read no `found_inf`): no CUDA graph."""
 MIT_ARCHS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 MODEL_ARCHS = ("deeplabv2_r101", "tiny", *MIT_ARCHS)
 
@@ -143,11 +145,14 @@ class FastConfig:
     Each also has a command-line flag (`--amp`, `--no-graphs`, ...) that overrides the preset."""
 
     amp: str = "auto"
-    """'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp16' (with a GradScaler) or 'fp32' (equivalence checks)."""
+    """'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp16' (with a GradScaler; needs cuda_graphs false) or 'fp32'
+    (equivalence checks)."""
     channels_last: bool = True
     """Model weights and input buffers in channels_last memory format."""
     cuda_graphs: bool = True
-    """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere)."""
+    """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere). Not with
+    amp fp16 or optimizer foreach / apex, which cannot be captured: refused on every device (a config means the
+    same on a laptop and on a GPU), so turn graphs off for them (--no-graphs)."""
     graph_warmup: int = 11
     """Eager steps before the capture (DDP needs about 11: its buckets are rebuilt after the first iteration)."""
     data_backend: str = "auto"
@@ -155,7 +160,8 @@ class FastConfig:
     data_threads: int = -1
     """DALI threads or DataLoader workers per stream; -1 takes data.num_workers."""
     optimizer: str = "auto"
-    """'fused' torch SGD (device-side lr and skip flag; 'auto'), 'foreach', or 'apex' FusedSGD (if importable)."""
+    """'fused' torch SGD / AdamW (device-side lr and skip flag; 'auto'), 'foreach', or 'apex' FusedSGD (if
+    importable); foreach and apex skip a non-finite step on the host: they need cuda_graphs false."""
     keep_last: int = 3
     """Periodic checkpoints kept (the newest K); best.pt is kept apart."""
     tensorboard: bool = True
@@ -194,6 +200,19 @@ class FastConfig:
         _check(self.data_threads >= -1, "fast.data_threads", f"must be >= -1, got {self.data_threads}")
         _check(self.prepared_format in ("auto", "jpeg", "png"), "fast.prepared_format",
                f"must be auto, jpeg or png, got {self.prepared_format!r}")
+        self._check_capturable()
+
+    def _check_capturable(self) -> None:
+        """A step that cannot be captured is refused rather than run eagerly behind the user's back."""
+        if not self.cuda_graphs:
+            return
+        off = "pass --no-graphs (fast.cuda_graphs=false) to run the step eagerly"
+        _check(self.amp != "fp16", "fast.amp",
+               "'fp16' with fast.cuda_graphs true: the GradScaler keeps Python-side state every step, which a "
+               f"CUDA graph cannot replay; use bf16, or {off}")
+        _check(self.optimizer not in UNCAPTURABLE_OPTIMIZERS, "fast.optimizer",
+               f"{self.optimizer!r} with fast.cuda_graphs true: only the fused optimizer skips a non-finite step on "
+               f"the device, as a captured step must; use fused (auto), or {off}")
 
 
 @dataclass
