@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from dsp_fast import reference, train
-from dsp_fast.config import ConfigError, FastConfig, ModelConfig, load_config, preset_names, save_config
+from dsp_fast.config import DATA_BACKENDS, ConfigError, FastConfig, ModelConfig, load_config, preset_names, save_config
 from dsp_fast.engine.options import add_cli_args, apply_cli_args
 
 
@@ -198,3 +198,10 @@ def test_a_step_graphs_cannot_capture_is_refused_unless_graphs_are_off(tmp_path,
                             parser.parse_args([f for f in flags if "=" not in f]))
     assert not cfg.fast.cuda_graphs
     FastConfig(amp="fp16", optimizer="foreach", cuda_graphs=False)  # eager: fine
+
+
+def test_the_data_backends_have_one_home():
+    """fast.data_backend's choices are 'auto' and the loader's own backends (torchvision: the data benchmark's)."""
+    from dsp_fast.pipelines import BACKENDS
+
+    assert DATA_BACKENDS[0] == "auto" and set(DATA_BACKENDS[1:]) <= set(BACKENDS)

@@ -22,8 +22,10 @@ from dsp_fast.config.recipe import LR_SCALINGS, OPTIM_ALGORITHMS, DSPConfig, Opt
 from dsp_fast.config.scaling import PAPER_BATCH, apply_lr_scaling
 from dsp_fast.config.schema import (
     AMP_CHOICES,
+    BENCH_ONLY_BACKENDS,
     COMPILE_MODES,
     DATA_BACKENDS,
+    LOADER_BACKENDS,
     MIT_ARCHS,
     MODEL_ARCHS,
     OPTIMIZERS,
@@ -37,8 +39,10 @@ from dsp_fast.config.schema import (
 
 __all__ = [
     "AMP_CHOICES",
+    "BENCH_ONLY_BACKENDS",
     "COMPILE_MODES",
     "DATA_BACKENDS",
+    "LOADER_BACKENDS",
     "LR_SCALINGS",
     "MIT_ARCHS",
     "MODEL_ARCHS",
