@@ -101,7 +101,8 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, grads_per_step: lis
 
 
 def _fast(cfg: Config, model: torch.nn.Module, optimizer: str = "fused", device_lr: bool = False):
-    return build_optimizer(cfg, model, FastOptions(amp="fp32", optimizer=optimizer), CPU, device_lr=device_lr)[0]
+    opts = FastOptions(amp="fp32", optimizer=optimizer, cuda_graphs=False)  # foreach: no graph (refused with one)
+    return build_optimizer(cfg, model, opts, CPU, device_lr=device_lr)[0]
 
 
 @pytest.mark.parametrize("trainer", ["fused", "fused_device_lr", "foreach", "reference"])
@@ -213,7 +214,8 @@ def test_checkpoint_round_trip():
 @pytest.mark.parametrize("make, names", [
     (lambda on: OptimConfig(algorithm="adamw", script_param_repeats=on), "optim.algorithm"),
     (lambda on: Config(model=ModelConfig(arch="mit_b0"), optim=OptimConfig(script_param_repeats=on)), "model.arch"),
-    (lambda on: Config(fast=FastConfig(amp="fp16"), optim=OptimConfig(script_param_repeats=on)), "fast.amp"),
+    (lambda on: Config(fast=FastConfig(amp="fp16", cuda_graphs=False), optim=OptimConfig(script_param_repeats=on)),
+     "fast.amp"),
 ])
 def test_config_refuses(make, names):
     make(False)  # the setting alone is fine
@@ -221,8 +223,8 @@ def test_config_refuses(make, names):
         make(True)
 
 
-@pytest.mark.parametrize("opts, names", [(FastOptions(amp="fp16"), "fast.amp fp16"),
-                                         (FastOptions(optimizer="apex"), "fast.optimizer apex")])
+@pytest.mark.parametrize("opts, names", [(FastOptions(amp="fp16", cuda_graphs=False), "fast.amp fp16"),
+                                         (FastOptions(optimizer="apex", cuda_graphs=False), "fast.optimizer apex")])
 def test_fast_options_refused(opts, names):
     """fp16 or apex given on the command line (not in the config): refused when the optimizer is built."""
     cfg = repeats_cfg()
