@@ -15,7 +15,7 @@ def test_regular_install_maps_kernels_and_pipelines(tmp_path):
                             "--target", str(target), ROOT], capture_output=True, text=True)
     if build.returncode != 0:
         pytest.fail(f"pip install . failed:\n{build.stderr[-2000:]}")
-    for sub in ("kernels", "pipelines", "data", "models"):
+    for sub in ("kernels", "pipelines", "data", "models", "reference"):
         assert (target / "dsp_fast" / sub / "__init__.py").is_file(), sub
     assert (target / "dsp_fast" / "configs" / "synthetic.yaml").is_file()  # presets ship with the package
     assert not (target / "kernels").exists() and not (target / "pipelines").exists()  # no bare top-level names

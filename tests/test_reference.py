@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dsp_fast.augment import draw_strong_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig
 from dsp_fast.kernels.twins import mmd_rbf
 from dsp_fast.reference import (
     LongTailSource,
     StepChoices,
     class_mask,
+    draw_step_aug,
+    draw_strong_aug,
     dsp_losses,
     ema_alpha,
     ema_update,
@@ -259,3 +260,25 @@ def test_source_loss_is_zero_without_valid_pixels():
         none.backward()  # as the authors' CrossEntropy2d: 0, not NaN, and a step that still runs
         assert float(none.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
         logits.grad = None
+
+
+def test_reference_draws_its_augmentation_as_the_script():
+    """The reference's own drawing (dsp_fast.reference.strong_aug): one jitter and one blur coin per step shared by
+    both mixed batches, per-image factors in their ranges, a permutation per image, sigma in U(0.15, 1.15)."""
+    gen = torch.Generator().manual_seed(0)
+    jit, blur = [], []
+    for _ in range(1000):
+        src, tgt = draw_step_aug(2, (16, 16), 0.8, 0.25, 0.5, gen)
+        coins = torch.stack([src.jitter, tgt.jitter, src.blur, tgt.blur])
+        assert (coins[:2] == coins[0, 0]).all() and (coins[2:] == coins[2, 0]).all()  # one of each per step
+        jit.append(bool(src.jitter[0]))
+        blur.append(bool(src.blur[0]))
+    # 1000 steps: 3 sigma of the frequency is 0.04 (jitter) and 0.05 (blur)
+    assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
+    f = draw_strong_aug(1000, (37, 45), True, True, 0.25, torch.Generator().manual_seed(0))
+    assert f.factors.dtype == torch.float32 and f.order.dtype == torch.int64 and f.jitter.dtype == torch.bool
+    assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians
+    assert f.factors[:, 1:3].min() >= 0.75 and f.factors[:, 1:3].max() <= 1.25
+    assert f.sigma.min() >= 0.15 and f.sigma.max() <= 1.15
+    assert (f.order.sort(dim=1).values == torch.arange(4)).all() and len(torch.unique(f.order, dim=0)) == 24
+    assert f.kernel_size == (3, 5)  # rows from the height (ceil 3.7 = 4 -> 3), columns from the width (5)

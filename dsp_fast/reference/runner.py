@@ -1,0 +1,200 @@
+"""The naive DSP reference trainer: plain eager PyTorch (fp32, NCHW, a PIL DataLoader), to be read beside the paper.
+
+It is the correctness oracle of the fast trainer and the baseline of the throughput comparison: correct, not
+deliberately slow, and independent of the fast path (it uses only the kernels' plain-PyTorch twins).
+Step numbers in comments refer to docs/method.md.
+
+    python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
+
+Image tensors are RGB floats in 0..1 until `normalize_input` right before the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dsp_fast.config import Config, ConfigError, load_config, split_overrides
+from dsp_fast.data import SOURCE_RESAMPLE, DatasetError, load_or_build_class_index
+from dsp_fast.data.build import check_data, source_dataset, target_dataset
+from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou, target_iou
+from dsp_fast.models import build_student_teacher
+from dsp_fast.reference.choices import StepChoices, draw_choices
+from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
+from dsp_fast.reference.optim import build_optimizer
+from dsp_fast.reference.step import train_step
+from dsp_fast.run_io import (
+    RunLog,
+    format_final_report,
+    format_final_table,
+    new_run_dir,
+    resolve_device,
+    save_checkpoint,
+    write_provenance,
+    write_summary,
+)
+
+
+@dataclasses.dataclass
+class ReferenceRun:
+    """What a reference run holds between steps: data streams, the two models, the optimizer, the choice RNG."""
+
+    cfg: Config
+    device: torch.device
+    source: Dataset
+    class_index: list[list[int]]
+    gen: torch.Generator
+    src_iter: Iterator
+    tmpl_iter: Iterator
+    tgt_iter: Iterator
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    long_tail: LongTailSource | None = None  # step 3's crops (set by build_run)
+
+
+def build_run(cfg: Config) -> ReferenceRun:
+    torch.manual_seed(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    device = resolve_device(cfg.train.device)
+    source = source_dataset(cfg)
+    target = target_dataset(cfg, "train", labels=False)
+    class_index = load_or_build_class_index(source, cfg.model.num_classes)
+    d = cfg.data
+
+    def loader(dataset, base_size, seed):
+        resample = SOURCE_RESAMPLE if dataset is source else "bilinear"
+        return forever(DataLoader(RandomCrops(dataset, base_size, d.crop_size, resample), batch_size=d.batch_size,
+                                  shuffle=True, drop_last=True, num_workers=d.num_workers,
+                                  generator=torch.Generator().manual_seed(seed)))
+
+    src_iter = loader(source, d.source_size, cfg.train.seed + 10)
+    tmpl_iter = loader(source, d.source_size, cfg.train.seed + 20)  # a second, independently shuffled source stream
+    tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
+    student, teacher = build_student_teacher(cfg.model, device)
+    optimizer = build_optimizer(cfg, student)
+    long_tail = LongTailSource(source, class_index, cfg.dsp.long_tail_size, d.crop_size)
+    return ReferenceRun(cfg, device, source, class_index, gen, src_iter, tmpl_iter, tgt_iter, student, teacher,
+                        optimizer, long_tail)
+
+
+def next_batch(run: ReferenceRun) -> tuple[list[torch.Tensor], StepChoices]:
+    """One step's data: source, template and target crops, and the step's random choices, on the device."""
+    (x_s, y_s), (x_m, y_m), x_t = next(run.src_iter), next(run.tmpl_iter), next(run.tgt_iter)
+    choices = draw_choices(run.cfg, y_m, run.long_tail, run.gen)
+    if run.device.type != "cpu":
+        choices.long_tail = [[(c, i.to(run.device), lb.to(run.device)) for c, i, lb in crops]
+                             for crops in choices.long_tail]
+        choices.class_sel = choices.class_sel.to(run.device)
+    return [t.to(run.device) for t in (x_s, y_s, x_m, y_m, x_t)], choices
+
+
+class BadInputStop(RuntimeError):
+    """A data file failed mid-run: the run stopped after saving a checkpoint; the message names the file."""
+
+
+def _dataset_error_text(e: Exception) -> str:
+    """The message of a DatasetError, also when a DataLoader worker re-raised it wrapped in its traceback."""
+    text = str(e)
+    if "Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith(("dsp_fast.", "DatasetError")) and ": " in last else last
+    return text
+
+
+def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The whole reference run; returns (student, teacher). A file that cannot be read stops the run with a
+    checkpoint of the last finished step (BadInputStop)."""
+    run = build_run(cfg)
+    student, teacher, optimizer = run.student, run.teacher, run.optimizer
+    # a source-only step reads and trains on the source batch alone
+    log.start(cfg.train.max_steps, images_per_step=(3 if cfg.dsp.enabled else 1) * cfg.data.batch_size)
+    for step in range(cfg.train.max_steps):
+        t_data = time.perf_counter()
+        try:
+            batch, choices = next_batch(run)
+        except DatasetError as e:
+            path = log.path("last.pt")
+            save_checkpoint(path, student, teacher, optimizer, step, cfg)
+            raise BadInputStop(f"{_dataset_error_text(e)}\n1 unreadable file found at step {step} of "
+                               f"{cfg.train.max_steps} (the reference trainer reads the original files as it trains, "
+                               f"so it stops at the first; python -m dsp_fast.prepare lists them all in rejects.txt)."
+                               f" The run stopped with a checkpoint of step {step}: {path}") from None
+        data_s = time.perf_counter() - t_data
+        losses = train_step(cfg, student, teacher, optimizer, step, batch, choices)
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(f"reference trainer: non-finite loss {losses} at step {step}")
+        log.step(step + 1, losses, data_s=data_s)
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
+            run_eval(cfg, student, log, step + 1)
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+            save_checkpoint(log.path("last.pt"), student, teacher, optimizer, step + 1, cfg)
+    save_checkpoint(log.path("last.pt"), student, teacher, optimizer, cfg.train.max_steps, cfg)
+    return student, teacher
+
+
+def run_eval(cfg: Config, model: torch.nn.Module, log: RunLog, step: int) -> torch.Tensor:
+    """Target IoU of `model`, logged and returned."""
+    device = next(model.parameters()).device
+    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
+    iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
+                                      cfg.data.max_eval_images))
+    log.metrics(step, {"eval/mIoU": mean_iou(iou)})
+    return iou
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Check the data, train (and, with train.compare_source_only, a source-only twin run), evaluate, print the
+    table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end."""
+    check_data(cfg)  # every root, split and layout now, not at the final evaluation
+    runs = [("adapted (DSP)", cfg)]
+    if cfg.train.compare_source_only and cfg.dsp.enabled:
+        src_only = dataclasses.replace(cfg, dsp=dataclasses.replace(cfg.dsp, enabled=False))
+        runs.insert(0, ("source-only", src_only))
+    results = {}
+    t0 = time.time()
+    # under <out_dir>/reference: the fast trainer owns <out_dir> itself
+    top = new_run_dir(os.path.join(cfg.train.out_dir, "reference"))
+    print(f"run folder: {os.path.abspath(top)}", flush=True)
+    write_provenance(top, resolve_device(cfg.train.device))
+    summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
+    for name, run_cfg in runs:
+        leaf = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
+        log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, title=f"reference {name}")
+        try:
+            student, teacher = train(run_cfg, log)
+            iou, teacher_iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps), target_iou(run_cfg, teacher)
+            print(format_final_report(name, run_cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)))
+            record = log.final(run_cfg.train.max_steps, iou, teacher_iou)
+        finally:
+            log.close()
+        results[name] = mean_iou(iou)
+        summary["models"][name] = {"folder": os.path.abspath(log.dir), "steps": run_cfg.train.max_steps, **record}
+    print(format_final_table(summary["models"], cfg.model.num_classes))
+    summary["total_s"] = round(time.time() - t0, 1)
+    print(f"total time {time.time() - t0:.0f} s")
+    print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(write_summary(top, summary))})")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsp_fast.reference", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="synthetic", help="preset name (synthetic, gta2cs, synthia2cs) or YAML")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
+    flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(flags)
+    args.overrides = [*args.overrides, *overrides]
+    try:
+        run(load_config(args.config, args.overrides))
+    except (ConfigError, DatasetError, BadInputStop) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
