@@ -107,7 +107,7 @@ def script_masks(chosen_BHW: torch.Tensor, pasted_BHW: torch.Tensor, share_first
 
 def color_jitter_staged(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor,
                         kornia_quirk: bool = False) -> torch.Tensor:
-    """The reference's per-image jitter (augment.color_jitter) with fixed shapes: four stages; at stage j every
+    """augment.color_jitter (per image, a loop) with fixed shapes: four stages; at stage j every
     image applies its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
     clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
     evaluations per stage instead of four, bit for bit the reference's (x * 1, + 0, fmod(h + 0), s * 1 are exact)."""
