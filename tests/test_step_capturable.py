@@ -27,7 +27,7 @@ AMP = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @pytest.fixture
 def value_checks_off():
-    """As the CUDA path runs (engine.runner.configure_backends): the kernels' label-value checks off."""
+    """As the CUDA path runs (engine.trainer.configure_backends): the kernels' label-value checks off."""
     set_value_checks(False)
     yield
     set_value_checks(True)

@@ -177,15 +177,15 @@ def check_prepared(cfg: Config, path: str, manifest: dict[str, Any], role: str, 
 def resolve_data(cfg: Config, say=print, check_eval: bool = True) -> tuple[str, str]:
     """Check every configured root (the eval split too, unless not `check_eval`), then the prepared (source,
     target train) folders: given (fast.prepared_source / prepared_target), or prepared now."""
-    d, opts = cfg.data, cfg.fast
-    check_data(cfg, source=not opts.prepared_source, target_train=not opts.prepared_target, eval_split=check_eval)
+    d, fast = cfg.data, cfg.fast
+    check_data(cfg, source=not fast.prepared_source, target_train=not fast.prepared_target, eval_split=check_eval)
     src, tgt = "", ""
-    if opts.prepared_source:
-        src, m = find_prepared(opts.prepared_source, "--prepared-source", None)
+    if fast.prepared_source:
+        src, m = find_prepared(fast.prepared_source, "--prepared-source", None)
         kind = "synthia" if d.source == "synthia" else "gta5"
         check_prepared(cfg, src, m, "--prepared-source", kind, d.source_size, "data.source_size", None)
-    if opts.prepared_target:
-        tgt, m = find_prepared(opts.prepared_target, "--prepared-target", "train")
+    if fast.prepared_target:
+        tgt, m = find_prepared(fast.prepared_target, "--prepared-target", "train")
         check_prepared(cfg, tgt, m, "--prepared-target", "cityscapes", d.target_size, "data.target_size", "train")
     if not (src and tgt):
         own_src, own_tgt = prepare_from_roots(cfg, say, source=not src, target=not tgt)
@@ -208,17 +208,17 @@ def prepared_dirs(cfg: Config, info: DistInfo, check_eval: bool = True) -> tuple
     return tuple(answer[1])  # type: ignore[return-value]
 
 
-def resolve_backend(opts: FastConfig, info: DistInfo) -> str:
+def resolve_backend(fast: FastConfig, info: DistInfo) -> str:
     """'auto': DALI where it can decode on the GPU and imports; the torch backend otherwise. An explicit 'dali'
     that does not import is an OptionsError (exit 2), not a traceback from deep inside the loader."""
-    if opts.data_backend == "dali":
+    if fast.data_backend == "dali":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             raise OptionsError(f"--data-backend dali (fast.data_backend): NVIDIA DALI does not import here ({e}); "
                                "install nvidia-dali-cuda130 (or -cuda120), or use --data-backend torch") from None
-    if opts.data_backend != "auto":
-        return opts.data_backend
+    if fast.data_backend != "auto":
+        return fast.data_backend
     if info.device.type == "cuda":
         try:
             import nvidia.dali  # noqa: F401
@@ -235,8 +235,7 @@ def build_step_loader(cfg: Config, info: DistInfo, dirs: tuple[str, str], start_
     `backend` (resolve_backend's answer)."""
     from dsp_fast.pipelines import build_loaders
 
-    opts = cfg.fast
-    threads = opts.data_threads if opts.data_threads >= 0 else cfg.data.num_workers
+    threads = cfg.fast.data_threads if cfg.fast.data_threads >= 0 else cfg.data.num_workers
     return build_loaders(dirs[0], dirs[1], crop_size=cfg.data.crop_size,
                          batch_size=batch, backend=backend, device=info.device, rank=info.rank,
                          world_size=info.world_size, seed=cfg.train.seed, num_threads=threads,
