@@ -2,7 +2,7 @@
 
     python -m bench.profile_step [--config synthetic] [--steps 5] [--warmup 2] [--out bench/results]
 
-The fast trainer (the engine's Trainer, as the throughput comparison builds it: bench/throughput_trainers.py) is
+The fast trainer (the engine's Trainer, as the throughput comparison builds it: bench/throughput/trainers.py) is
 built on the config's data and warmed up, then `--steps` steps are profiled. Each aten operator's self time goes to
 one class: convolution (forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators,
 optimizer + EMA (foreach / fused SGD) and data wait (what the trainer reports blocked on its loader). The DSP
@@ -29,8 +29,8 @@ from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.result_schema import command_line, result_env, write_result
-from bench.throughput_setup import build_config, fast_data_dirs
-from bench.throughput_trainers import FastBench, build_fast, warm_up
+from bench.throughput.setup import build_config, fast_data_dirs
+from bench.throughput.trainers import FastBench, build_fast, warm_up
 from dsp_fast import method
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.run_io import resolve_device

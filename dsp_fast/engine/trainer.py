@@ -203,7 +203,8 @@ class Trainer:
                 "options": dataclasses.asdict(self.cfg.fast)}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Restore a checkpoint of this run (before the step context exists: the constructor calls it)."""
+        """Restore a checkpoint of this run. The constructor calls it before DDP wraps the student (the module's
+        own parameters are the ones restored either way)."""
         self.student.load_state_dict(ckpt["student"])
         self.teacher.load_state_dict(ckpt["teacher"])
         lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -215,6 +216,8 @@ class Trainer:
         self._restore_rng(ckpt["rng"], int(ckpt["step"]))
         self.step_index, self.best_miou = int(ckpt["step"]), float(ckpt["best_miou"])
         self.skipped_total = int(ckpt["skipped_steps"])
+        if self.ctx is not None:  # the constructor fills it once the step context exists
+            self.ctx.counts[2].fill_(int(ckpt["consecutive_skipped"]))
 
     def _restore_rng(self, rng: list[Any], step: int) -> None:
         info = self.info

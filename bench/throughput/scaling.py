@@ -4,11 +4,11 @@ runs: strong scaling keeps the global batch (data.batch_size, the paper's settin
 scaling keeps the per-rank batch (global batch N x batch). Both are measured against the 1-process run at
 data.batch_size.
 
-The parent (`run_scaling`, called by bench/throughput.py) writes the resolved config (its `fast:` section holds the
-fast trainer's options and the prepared folders) to a spec file and launches `torchrun -m bench.throughput_scaling
---worker SPEC --result OUT` once per world size; every rank builds the engine's Trainer (DDP when N > 1) on the
-prepared data of the parent, warms up, and times `rounds` regions of `steps` steps (a barrier before each); rank 0
-writes the figures.
+The parent (`run_scaling`, called by bench/throughput/compare.py) writes the resolved config (its `fast:` section
+holds the fast trainer's options and the prepared folders) to a spec file and launches `torchrun -m
+bench.throughput.scaling --worker SPEC --result OUT` once per world size; every rank builds the engine's Trainer
+(DDP when N > 1) on the prepared data of the parent, warms up, and times `rounds` regions of `steps` steps (a
+barrier before each); rank 0 writes the figures.
 On CPU each process gets cpu_count // N threads in both runs (OMP_NUM_THREADS), so the 1-process baseline does not
 get more cores than one of the N processes: the figure is per-process parallel efficiency, not core scaling.
 """
@@ -28,7 +28,7 @@ import time
 import torch
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_scaling(args, cfg, dirs: tuple[str, str], device: torch.device, say) -> dict:
@@ -54,7 +54,7 @@ def run_scaling(args, cfg, dirs: tuple[str, str], device: torch.device, say) -> 
             say(f"[scaling] {key}: {world} process(es), global batch {batch}, {threads} thread(s) each: torchrun")
             result = os.path.join(tmp, f"{key}.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                   "-m", "bench.throughput_scaling", "--worker", spec, "--result", result]
+                   "-m", "bench.throughput.scaling", "--worker", spec, "--result", result]
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
             t0 = time.perf_counter()
             try:
@@ -87,7 +87,7 @@ def _plain(obj):
 
 
 def worker(spec_path: str, result_path: str) -> int:
-    from bench.throughput_trainers import build_fast, time_steps, warm_up
+    from bench.throughput.trainers import build_fast, time_steps, warm_up
     from dsp_fast.config import load_config
     from dsp_fast.engine.distributed import barrier, init_distributed, teardown
 
@@ -120,7 +120,7 @@ def worker(spec_path: str, result_path: str) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m bench.throughput_scaling", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.throughput.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--worker", required=True, help="spec file written by run_scaling")
     p.add_argument("--result", required=True)
     a = p.parse_args()

@@ -4,7 +4,7 @@
     python -m bench.throughput --config gta2cs --data paper --data-backend torch   # GPU, paper config
     python -m bench.throughput --smoke --out /tmp/x              # CI-sized: 2 warm-up + 2 timed steps, 1 round
 
-Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput_trainers.py).
+Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput/trainers.py).
 After each trainer's warm-up (the fast one's also covers the CUDA-graph warm-up and capture), `--rounds` rounds
 each time `--steps` steps of one trainer then of the other (the order swaps every round), so a drifting machine
 load hits both; figures are medians over rounds and the headline is the median of the per-round ratios fast /
@@ -37,10 +37,11 @@ import time
 
 import torch
 
+from bench._env import RESULTS_DIR
 from bench.result_schema import command_line, write_result
-from bench.throughput_report import print_summary, write_chart
-from bench.throughput_scaling import run_scaling
-from bench.throughput_setup import (
+from bench.throughput.report import print_summary, write_chart
+from bench.throughput.scaling import run_scaling
+from bench.throughput.setup import (
     build_config,
     device_tag,
     fast_data_dirs,
@@ -50,7 +51,7 @@ from bench.throughput_setup import (
     provenance,
     step_flops,
 )
-from bench.throughput_trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
+from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
 from dsp_fast.config import FastConfig
 from dsp_fast.engine.data import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
@@ -58,7 +59,7 @@ from dsp_fast.engine.options import OptionsError, amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = RESULTS_DIR
 ABLATIONS = ("dali", "kernels", "channels_last", "amp", "graphs")
 
 
