@@ -12,8 +12,8 @@ setup(
     version="0.1.0",
     description="Fast, faithful DSP (Dual Soft-Paste) unsupervised domain adaptation for semantic segmentation",
     python_requires=">=3.10",
-    packages=["dsp_fast", "dsp_fast.data", "dsp_fast.models", "dsp_fast.kernels", "dsp_fast.pipelines",
-              "dsp_fast.engine"],
+    packages=["dsp_fast", "dsp_fast.config", "dsp_fast.data", "dsp_fast.models", "dsp_fast.kernels",
+              "dsp_fast.pipelines", "dsp_fast.engine"],
     package_dir={"dsp_fast.kernels": "kernels", "dsp_fast.pipelines": "pipelines"},
     package_data={"dsp_fast": ["configs/*.yaml"]},  # the presets, found by name from any folder
     install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=10", "pyyaml>=6", "tqdm>=4.60"],

@@ -2,7 +2,8 @@
 
     python -m pytest bench/bench_kernels.py --benchmark-only
 
-Shapes: B=2 images 3x512x512 (soft paste, pixel weight); B=2 features 256x65x65 pooled at 512x512 (MMD).
+Shapes: B=2 images 3x512x512 (soft paste, pixel weight); B=2 features 256x65x65 pooled at 512x512 (MMD); the
+inputs and the bytes each case assumes come from bench/kernel_cases.py, shared with the kernel tests.
 Every case reports the bytes it assumes and the achieved GB/s (= assumed bytes / best time), and appends a row
 to bench/results/kernels_<device>.csv with the git sha, device and versions; on a GPU also the fraction of the
 measured copy bandwidth. The assumed bytes are the fused kernel's traffic (its floor): for a twin, which moves
@@ -20,13 +21,24 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench._env import append_csv, copy_bandwidth_gbs, environment, timed
+from bench.kernel_cases import (
+    C_FEAT,
+    LAM,
+    PAPER_FEATURES,
+    PAPER_PASTE,
+    B,
+    feature_inputs,
+    mmd_rbf_bytes,
+    paste_bytes,
+    paste_inputs,
+    pool_bytes,
+    weighted_mmd_bytes,
+)
 from dsp_fast import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
-B, C_IMG, H, W = 2, 3, 512, 512
-C_FEAT, H_FEAT, W_FEAT = 256, 65, 65
-NUM_CLASSES, LAM = 19, 0.9
+SIZE = PAPER_FEATURES[3]  # the crop the MMD features are pooled at
 IMPLS = ["twin", "compiled_twin", "kernel"]
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 RESULTS_CSV = f"kernels_{DEVICE}.csv"
@@ -36,10 +48,6 @@ _compiled: dict[str, Callable] = {}
 @pytest.fixture(scope="module")
 def copy_gbs() -> float:
     return copy_bandwidth_gbs(DEVICE)
-
-
-def _esize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def pick(impl: str, twin: Callable, kernel: Callable, warmup: Callable[[Callable], object]) -> Callable:
@@ -80,43 +88,26 @@ def run_case(benchmark, name: str, impl: str, dtype: torch.dtype, fn: Callable[[
 
 
 # --------------------------------------------------------------------------------------------- soft paste
-def paste_inputs(dtype: torch.dtype) -> tuple:
-    imgs = [torch.rand(B, C_IMG, H, W, device=DEVICE).to(dtype) for _ in range(3)]
-    labels = [torch.randint(0, NUM_CLASSES, (B, H, W), device=DEVICE) for _ in range(3)]
-    class_sel = torch.rand(B, NUM_CLASSES, device=DEVICE) < 0.5
-    return imgs[0], labels[0], class_sel, imgs[1], labels[1], imgs[2], labels[2], LAM
-
-
-def paste_bytes(dtype: torch.dtype) -> int:
-    # read 3 images + 3 int64 labels, write 2 images + 2 int64 labels + the bool mask (template read in full:
-    # an upper bound, the kernel skips unpasted template pixels)
-    return B * H * W * (5 * C_IMG * _esize(dtype) + 5 * 8 + 1)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dual_soft_paste(benchmark, copy_gbs, impl, dtype):
-    args = paste_inputs(dtype)
-    fn = pick(impl, kernels.reference.dual_soft_paste, kernels.dual_soft_paste, lambda f: f(*args))
-    run_case(benchmark, "dual_soft_paste", impl, dtype, lambda: fn(*args), paste_bytes(dtype), copy_gbs)
+    args = (*paste_inputs(*PAPER_PASTE, dtype=dtype, device=DEVICE), LAM)
+    fn = pick(impl, kernels.twins.dual_soft_paste, kernels.dual_soft_paste, lambda f: f(*args))
+    run_case(benchmark, "dual_soft_paste", impl, dtype, lambda: fn(*args), paste_bytes(*PAPER_PASTE, dtype), copy_gbs)
 
 
 # ---------------------------------------------------------------------------------------------------- MMD
 def feat_inputs(dtype: torch.dtype, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    feat_s = torch.randn(B, C_FEAT, H_FEAT, W_FEAT, device=DEVICE).to(dtype).requires_grad_(grad)
-    feat_t = (torch.randn(B, C_FEAT, H_FEAT, W_FEAT, device=DEVICE) + 0.1).to(dtype).requires_grad_(grad)
-    mask = torch.rand(B, H, W, device=DEVICE) < 0.5
-    return feat_s, feat_t, mask
+    return feature_inputs(*PAPER_FEATURES, dtype, device=DEVICE, density=0.5, grad=grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_upsample_pool(benchmark, copy_gbs, impl, dtype):
     feat, _, mask = feat_inputs(dtype, grad=False)
-    fn = pick(impl, kernels.reference.masked_upsample_pool, kernels.masked_upsample_pool,
-              lambda f: f(feat, mask, (H, W)))
-    nbytes = feat.numel() * _esize(dtype) + mask.numel()  # floor: read feat and the mask once
-    run_case(benchmark, "masked_upsample_pool", impl, dtype, lambda: fn(feat, mask, (H, W)), nbytes, copy_gbs)
+    fn = pick(impl, kernels.twins.masked_upsample_pool, kernels.masked_upsample_pool, lambda f: f(feat, mask, SIZE))
+    run_case(benchmark, "masked_upsample_pool", impl, dtype, lambda: fn(feat, mask, SIZE), pool_bytes(feat, mask),
+             copy_gbs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -126,12 +117,11 @@ def test_weighted_mmd_fwd_bwd(benchmark, copy_gbs, impl, dtype):
 
     def step(f: Callable) -> None:
         feat_s.grad = feat_t.grad = None
-        f(feat_s, feat_t, mask, (H, W)).backward()
+        f(feat_s, feat_t, mask, SIZE).backward()
 
-    fn = pick(impl, kernels.reference.weighted_mmd, kernels.weighted_mmd, step)
-    # floor: read both feature maps and the mask (forward), write both gradients (backward)
-    nbytes = 4 * feat_s.numel() * _esize(dtype) + mask.numel()
-    run_case(benchmark, "weighted_mmd_fwd_bwd", impl, dtype, lambda: step(fn), nbytes, copy_gbs)
+    fn = pick(impl, kernels.twins.weighted_mmd, kernels.weighted_mmd, step)
+    run_case(benchmark, "weighted_mmd_fwd_bwd", impl, dtype, lambda: step(fn), weighted_mmd_bytes(feat_s, mask),
+             copy_gbs)
 
 
 class _KernelCount(TorchDispatchMode):
@@ -152,7 +142,7 @@ class _KernelCount(TorchDispatchMode):
 @pytest.mark.parametrize("impl", ["twin", "fast"])
 def test_mmd_rbf_fwd_bwd(benchmark, copy_gbs, impl):
     """The MMD is launch-bound (8 KB in): what matters is how many kernels forward + backward run."""
-    fn = kernels.reference.mmd_rbf if impl == "twin" else kernels.mmd_rbf
+    fn = kernels.twins.mmd_rbf if impl == "twin" else kernels.mmd_rbf
     x = torch.randn(B, C_FEAT, device=DEVICE, requires_grad=True)
     y = torch.randn(B, C_FEAT, device=DEVICE, requires_grad=True)
     with _KernelCount() as fwd:
@@ -161,8 +151,8 @@ def test_mmd_rbf_fwd_bwd(benchmark, copy_gbs, impl):
         val.backward()
     benchmark.extra_info.update({"aten_kernels_forward": fwd.count, "aten_kernels_backward": bwd.count})
     print(f"\nmmd_rbf [{impl}]: {fwd.count} ATen kernels forward, {bwd.count} backward")
-    run_case(benchmark, "mmd_rbf_fwd_bwd", impl, torch.float32, lambda: fn(x, y).backward(),
-             2 * 2 * x.numel() * 4, copy_gbs)
+    run_case(benchmark, "mmd_rbf_fwd_bwd", impl, torch.float32, lambda: fn(x, y).backward(), mmd_rbf_bytes(x),
+             copy_gbs)
 
 
 def test_copy(benchmark, copy_gbs):

@@ -35,8 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from dsp_fast.config import ModelConfig
-from dsp_fast.kernels import reference as twins
-from dsp_fast.kernels import set_value_checks
+from dsp_fast.kernels import set_value_checks, twins
 from dsp_fast.kernels.mmd import _weighted_mmd_fused
 from dsp_fast.models import build_model
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="meta", help="meta (shapes only, fast), cpu or cuda: the same counts")
-    parser.add_argument("--table", action="store_true", help="the README's model table (R101, mit_b0, mit_b5)")
+    parser.add_argument("--table", action="store_true", help="docs/performance.md's model table (R101, mit_b0, mit_b5)")
     args = parser.parse_args(argv)
     if args.table:
         print(model_table(crop=args.crop))

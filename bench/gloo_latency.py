@@ -1,5 +1,5 @@
 """Latency of one small collective between processes on this machine: what each global-BN layer of the multi-rank
-step pays per forward and per backward (README, "Several GPUs and nodes").
+step pays per forward and per backward (docs/performance.md, "Several processes").
 
     torchrun --standalone --nproc_per_node=2 -m bench.gloo_latency [--floats 128] [--iters 2000] [--out DIR]
 

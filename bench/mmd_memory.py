@@ -5,7 +5,8 @@ adjoint map built by the Triton kernel (`fused`) or by two interpolation matrice
 
     python -m bench.mmd_memory [--device cpu|cuda]
 
-Shapes: B=2, features 256x65x65 (float32, requiring grad), mask 2x512x512 bool, crop 512x512.
+Shapes: B=2, features 256x65x65 (float32, requiring grad), mask 2x512x512 bool, crop 512x512: the inputs of
+bench/kernel_cases.py, shared with the kernel tests and the microbenchmarks.
 Each variant runs in its own process. On CPU the peak is the resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs just before the call) minus the resident set at that moment, so imports and inputs are not
 counted; on CUDA it is torch.cuda.max_memory_allocated minus the memory allocated before. Both variants also report
@@ -22,7 +23,9 @@ import os
 import subprocess
 import sys
 
-B, C, H_FEAT, W_FEAT, H, W = 2, 256, 65, 65, 512, 512
+from bench.kernel_cases import MEMORY_WARMUP, PAPER_FEATURES, feature_inputs, upsampled_bytes
+
+B, C, (H_FEAT, W_FEAT), (H, W) = PAPER_FEATURES
 VARIANTS = ("naive", "fused", "adjoint_torch")
 MIB = 2**20
 
@@ -41,7 +44,7 @@ def child(variant: str, device: str) -> dict:
 
     from dsp_fast import kernels
 
-    fn = kernels.reference.weighted_mmd if variant == "naive" else kernels.weighted_mmd
+    fn = kernels.twins.weighted_mmd if variant == "naive" else kernels.weighted_mmd
     if variant == "adjoint_torch":  # the plain-PyTorch adjoint, even where the Triton kernel could run
         kernels.upsample_pool.use_triton = lambda t: False
 
@@ -57,20 +60,17 @@ def child(variant: str, device: str) -> dict:
                     self.numel = max(self.numel, t.numel())
             return out
 
-    def make(b, c, hf, wf, hh, ww):
-        gen = torch.Generator().manual_seed(0)
-        feat_s = torch.randn(b, c, hf, wf, generator=gen).to(device).requires_grad_()
-        feat_t = (torch.randn(b, c, hf, wf, generator=gen) + 0.1).to(device).requires_grad_()
-        mask = (torch.rand(b, hh, ww, generator=gen) < 0.5).to(device)
-        return feat_s, feat_t, mask
+    def make(b, c, hw, size):
+        return feature_inputs(b, c, hw, size, device=device, density=0.5, grad=True,
+                              gen=torch.Generator().manual_seed(0))
 
     def step(feat_s, feat_t, mask):
         loss = fn(feat_s, feat_t, mask, tuple(mask.shape[-2:]))
         loss.backward()
         return loss.detach()
 
-    step(*make(2, 8, 3, 3, 17, 17))  # warm up: lazy imports, kernel compilation, allocator pools
-    feat_s, feat_t, mask = make(B, C, H_FEAT, W_FEAT, H, W)
+    step(*make(*MEMORY_WARMUP))  # warm up: lazy imports, kernel compilation, allocator pools
+    feat_s, feat_t, mask = make(*PAPER_FEATURES)
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -126,7 +126,7 @@ def main() -> None:
         **environment(device),
         "command": "python -m bench.mmd_memory" + (f" --device {args.device}" if args.device else ""),
         "shapes": {"feat": [B, C, H_FEAT, W_FEAT], "mask": [B, H, W], "dtype": "float32"},
-        "upsampled_tensor_bytes": full_numel * 4,
+        "upsampled_tensor_bytes": upsampled_bytes(B, C, (H, W)),
         **results,
         "peak_ratio_naive_over_fused": round(results["naive"]["peak_bytes"] / max(results["fused"]["peak_bytes"], 1),
                                              1),

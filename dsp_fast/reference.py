@@ -39,7 +39,7 @@ from dsp_fast.data import (
 from dsp_fast.data.build import check_data, source_dataset, target_dataset
 from dsp_fast.data.windows import valid_windows
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou, target_iou
-from dsp_fast.kernels.reference import weighted_mmd
+from dsp_fast.kernels.twins import weighted_mmd
 from dsp_fast.models import build_student_teacher, normalize_input, param_groups
 from dsp_fast.run_io import (
     RunLog,

@@ -1,4 +1,4 @@
-"""dsp_fast.kernels: Triton kernels of the DSP step, each with a plain-PyTorch twin in `reference`.
+"""dsp_fast.kernels: Triton kernels of the DSP step, each with a plain-PyTorch twin in `twins`.
 
 A leaf package: it imports torch and (optionally) triton, nothing of dsp_fast. Dispatch: CUDA tensors run the
 Triton kernels (as torch operators `dsp_fast::*`, with fake implementations for fake tensors and torch.compile);
@@ -13,7 +13,7 @@ installed (no `gpu` extra) everything still imports. `force_twins()` runs every 
     weighted_mmd          DSP's global + masked MMD of upsampled features (mmd.py)
 """
 
-from . import reference
+from . import twins
 from ._common import HAS_TRITON, IGNORE_LABEL, force_twins, set_value_checks
 from .mmd import mmd_rbf, weighted_mmd
 from .soft_paste import dual_soft_paste
@@ -26,7 +26,7 @@ __all__ = [
     "force_twins",
     "masked_upsample_pool",
     "mmd_rbf",
-    "reference",
     "set_value_checks",
+    "twins",
     "weighted_mmd",
 ]

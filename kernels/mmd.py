@@ -1,5 +1,5 @@
 """Multi-bandwidth Gaussian MMD and DSP's weighted MMD over upsampled features, without the upsampled tensor.
-Twins: `reference.mmd_rbf`, `reference.weighted_mmd`.
+Twins: `twins.mmd_rbf`, `twins.weighted_mmd`.
 
 Shapes: B batch, C channels (256), h x w stride-8 features, H x W crop, S stacked MMD problems (2 in weighted_mmd:
 global and masked pools), N = rows of x + rows of y.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import reference
+from . import twins
 from ._common import check_mmd, check_weighted_mmd, twins_forced
 from .upsample_pool import adjoint_map, pool_with_maps
 
@@ -29,7 +29,7 @@ RowGather = Callable[[torch.Tensor], torch.Tensor]
 
 def mmd_rbf_stacked(x_SNC: torch.Tensor, y_SMC: torch.Tensor, kernel_mul: float = 2.0,
                     kernel_num: int = 5) -> torch.Tensor:
-    """(S,) MMDs of S independent problems at once, each exactly as `reference.mmd_rbf` (float32, detached
+    """(S,) MMDs of S independent problems at once, each exactly as `twins.mmd_rbf` (float32, detached
     bandwidth, beta := 1 when all rows coincide)."""
     n_x = x_SNC.shape[1]
     total_SNC = torch.cat([x_SNC, y_SMC], dim=1).float()
@@ -89,5 +89,5 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     check_mmd(feat_s[:, :, 0, 0], feat_t[:, :, 0, 0], kernel_mul, kernel_num)
     if twins_forced():
-        return reference.weighted_mmd(feat_s, feat_t, mask, size, kernel_mul, kernel_num, gather)
+        return twins.weighted_mmd(feat_s, feat_t, mask, size, kernel_mul, kernel_num, gather)
     return _weighted_mmd_fused(feat_s, feat_t, mask, size, kernel_mul, kernel_num, gather)

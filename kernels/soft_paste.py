@@ -1,5 +1,5 @@
 """Fused dual soft paste: one pass reads the template image and labels once and writes both mixed images, both
-mixed label maps and the mask (DSP step 4). Twin: `reference.dual_soft_paste`.
+mixed label maps and the mask (DSP step 4). Twin: `twins.dual_soft_paste`.
 
 Shapes: B batch, C channels, H x W crop, P = H*W pixels, K number of classes.
 Grid: (pixel blocks, B). Each program handles BLOCK_P pixels of one image and loops over channel blocks, so the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import twins
 from ._common import (
     IGNORE_LABEL,
     bad_label_message,
@@ -188,7 +188,7 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     """
     check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted)
     if not use_triton(tmpl_img):
-        return reference.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
+        return twins.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
                                          tgt_pseudo, lam, pasted)
     return tuple(torch.ops.dsp_fast.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,
                                                     tgt_pseudo, float(lam), pasted))

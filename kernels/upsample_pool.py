@@ -1,5 +1,5 @@
 """Masked pooling of bilinearly upsampled features without building the upsampled tensor.
-Twin: `reference.masked_upsample_pool` (F.interpolate, multiply, mean).
+Twin: `twins.masked_upsample_pool` (F.interpolate, multiply, mean).
 
 Shapes: B batch, C channels, h x w feature map, H x W crop (the upsampling target), n / N a coarse / fine length.
 
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import twins
 from ._common import check_upsample_pool, interpreting, next_pow2, tl, triton, twins_forced, use_triton
 
 
@@ -173,5 +173,5 @@ def masked_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tu
     """
     size = check_upsample_pool(feat, mask, size)
     if twins_forced():
-        return reference.masked_upsample_pool(feat, mask, size, align_corners)
+        return twins.masked_upsample_pool(feat, mask, size, align_corners)
     return _masked_upsample_pool_adjoint(feat, mask, size, align_corners)

@@ -105,10 +105,10 @@ class DaliCropStream:
             dtypes = [types.UINT8] * (len(names) - 2) + [types.INT32, types.INT32]
             inputs = dict(zip(names, fn.external_source(source=self.feeder, num_outputs=len(names),
                                                         batch=True, dtype=dtypes)))
-            shape = np.array([cw, ch], dtype=np.int32)
+            shape = np.array([ch, cw], dtype=np.int32)  # in the plan's (y0, x0) order of the anchors
 
             def crop_flip(x):
-                x = fn.slice(x, inputs["anchors"], shape, axis_names="WH", normalized_anchor=False,
+                x = fn.slice(x, inputs["anchors"], shape, axis_names="HW", normalized_anchor=False,
                              normalized_shape=False, out_of_bounds_policy="error")
                 return fn.flip(x, horizontal=inputs["flips"])
 

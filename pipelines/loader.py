@@ -9,12 +9,10 @@ from collections.abc import Sequence
 
 import torch
 
+from dsp_fast.config import LOADER_BACKENDS as BACKENDS  # one home, which fast.data_backend's choices derive from
+
 from .plan import Planner
 from .prepared import load_prepared
-
-BACKENDS = ("dali", "torch", "torchvision")
-"""dali: DALI (GPU decode with `mixed` on CUDA, CPU operators otherwise); torch: PIL in DataLoader workers;
-torchvision: bytes read by DataLoader workers, JPEGs decoded on the device by torchvision.io.decode_jpeg."""
 
 STEP_KEYS = ("src_img", "src_label", "tmpl_img", "tmpl_label", "lt_img", "lt_label", "lt_class", "tgt_img")
 

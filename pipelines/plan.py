@@ -59,14 +59,16 @@ class ShardedSampler:
 
 
 def random_window(rng: np.random.Generator, size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
-    """Top-left (x0, y0) of a uniformly random crop window (the reference's RandomCrops)."""
+    """Top-left (y0, x0) of a uniformly random crop window (the reference's RandomCrops); size and crop are (w, h)."""
     (w, h), (cw, ch) = size, crop
-    return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))  # x before y: the draw order every plan made so far was built on
+    y0 = int(rng.integers(0, h - ch + 1))
+    return y0, x0
 
 
 @dataclasses.dataclass
 class CropPlan:
-    """The crops one pipeline produces in one step: image index, window top-left (x0, y0) and flip per crop."""
+    """The crops one pipeline produces in one step: image index, window top-left (y0, x0) and flip per crop."""
 
     indices: list[int]
     windows: list[tuple[int, int]]
@@ -118,12 +120,11 @@ class Planner:
         return [bool(f) for f in rng.integers(0, 2, n)] if self.flip else [False] * n
 
     def draw_long_tail(self, rng: np.random.Generator, cls: int) -> tuple[int, tuple[int, int]]:
-        """(image of the longtail/ set, window top-left (x0, y0)) holding `cls`, with the retry loop's law."""
+        """(image of the longtail/ set, window top-left (y0, x0)) holding `cls`, with the retry loop's law."""
         assert self.long_tail is not None and self.long_tail.window_counts is not None
         counts = self.long_tail.window_counts[:, cls].astype(np.float64)
         i = int(rng.choice(len(counts), p=counts / counts.sum()))
-        y0, x0 = draw_in_box(rng, *read_window_map(self.long_tail, i, cls))
-        return i, (x0, y0)
+        return i, draw_in_box(rng, *read_window_map(self.long_tail, i, cls))
 
     def long_tail_plan(self, step: int) -> CropPlan:
         """B*L crops of the longtail/ set: L distinct classes for the step, then each template image its own crop

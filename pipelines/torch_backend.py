@@ -37,7 +37,7 @@ def decode(data: np.ndarray, path: str, gray: bool) -> np.ndarray:
 
 
 def crop_flip(x: np.ndarray, window: tuple[int, int], crop: tuple[int, int], flip: bool) -> np.ndarray:
-    (x0, y0), (cw, ch) = window, crop
+    (y0, x0), (cw, ch) = window, crop
     x = x[y0:y0 + ch, x0:x0 + cw]
     return x[:, ::-1] if flip else x
 
@@ -127,7 +127,7 @@ class TorchCropStream:
             raise RuntimeError(f"GPU JPEG decode failed on {[self.ds.image_path(i) for i in plan.indices]}") from e
         crops: list[torch.Tensor] = []
         for img_CHW, window, flip in zip(decoded, plan.windows, plan.flips):
-            (x0, y0), (cw, ch) = window, self.crop
+            (y0, x0), (cw, ch) = window, self.crop
             c = img_CHW[:, y0:y0 + ch, x0:x0 + cw]
             crops.append(c.flip(-1) if flip else c)
         return torch.stack(crops).permute(0, 2, 3, 1)

@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from dsp_fast.config import ConfigError, load_config, preset_names, save_config
+from dsp_fast import reference, train
+from dsp_fast.config import DATA_BACKENDS, ConfigError, FastConfig, ModelConfig, load_config, preset_names, save_config
 from dsp_fast.engine.options import add_cli_args, apply_cli_args
 
 
@@ -73,7 +74,6 @@ def _write(tmp_path, text):
     ("train:\n  max_steps: 0\n", "train.max_steps"),
     ("train:\n  max_steps: 1.5\n", "train.max_steps"),
     ("model:\n  arch: resnet9000\n", "model.arch"),
-    ("model:\n  pretrained: /nonexistent/weights.pth\n", "model.pretrained"),
     ("data:\n  crop_size: [512]\n", "data.crop_size"),
     ("data:\n  crop_size: [2048, 2048]\n", "data.source_size"),
     ("data:\n  source: gta5\n", "data.source_root"),
@@ -159,3 +159,51 @@ def test_fields_the_data_source_does_not_read_are_refused(tmp_path):
     cfg = load_config("synthetic", ["data.source=gta5", "data.source_root=/g", "data.target_root=/c"])
     assert (cfg.data.source_root, cfg.data.target_root) == ("/g", "/c")
     assert load_config("synthetic", ["data.synthetic_root=/tmp/syn"]).data.synthetic_root == "/tmp/syn"
+
+
+def test_validation_reads_no_file():
+    """A weights path is checked where the file is loaded (dsp_fast.models.weights), not by the config: a config
+    names a file of the machine it runs on, and may be read anywhere (a run folder's, a copy on a laptop)."""
+    assert ModelConfig(pretrained="/nonexistent/weights.pth").pretrained == "/nonexistent/weights.pth"
+    assert load_config(None, ["model.pretrained=/nonexistent/weights.pth"]).model.pretrained
+
+
+def test_a_missing_weights_file_stops_both_trainers_naming_the_field(synthetic_root, tmp_path, capsys):
+    """Exit 2 before the first step, the message naming model.pretrained and the path (no traceback)."""
+    missing = str(tmp_path / "nothere.pth")
+    args = ["--config", "synthetic", f"data.synthetic_root={synthetic_root}", f"train.out_dir={tmp_path / 'run'}",
+            "train.max_steps=2", "data.crop_size=[32,32]", "data.eval_size=[64,32]", "data.max_eval_images=2",
+            "train.compare_source_only=false", "data.num_workers=0", f"model.pretrained={missing}"]
+    for main in (train.main, reference.main):
+        assert main(args) == 2, main
+        err = capsys.readouterr().err
+        assert "model.pretrained" in err and missing in err and "Traceback" not in err, err
+    assert not list(tmp_path.rglob("*.pt"))  # no step was taken
+
+
+@pytest.mark.parametrize("flags, field", [(["--amp", "fp16"], "fast.amp"),
+                                          (["--optimizer", "foreach"], "fast.optimizer"),
+                                          (["fast.optimizer=apex"], "fast.optimizer")])
+def test_a_step_graphs_cannot_capture_is_refused_unless_graphs_are_off(tmp_path, capsys, flags, field):
+    """fp16 (the GradScaler) and the non-fused optimizers cannot be captured: with fast.cuda_graphs true (the
+    default) they are refused, naming both fields, on every device, instead of running eagerly behind the user's
+    back; --no-graphs (fast.cuda_graphs=false) takes them."""
+    args = ["--config", "synthetic", f"data.synthetic_root={tmp_path / 'unused'}", *flags]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert field in err and "fast.cuda_graphs" in err and "--no-graphs" in err, err
+    assert not (tmp_path / "unused").exists()  # refused before any data was generated
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    overrides = [f for f in flags if "=" in f]
+    cfg = apply_cli_args(load_config(None, [*overrides, "fast.cuda_graphs=false"]),
+                         parser.parse_args([f for f in flags if "=" not in f]))
+    assert not cfg.fast.cuda_graphs
+    FastConfig(amp="fp16", optimizer="foreach", cuda_graphs=False)  # eager: fine
+
+
+def test_the_data_backends_have_one_home():
+    """fast.data_backend's choices are 'auto' and the loader's own backends (torchvision: the data benchmark's)."""
+    from dsp_fast.pipelines import BACKENDS
+
+    assert DATA_BACKENDS[0] == "auto" and set(DATA_BACKENDS[1:]) <= set(BACKENDS)

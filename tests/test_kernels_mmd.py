@@ -1,6 +1,7 @@
 """masked_upsample_pool, mmd_rbf and weighted_mmd against their twins (upsample, multiply, mean, textbook MMD).
 
-Shapes: B batch, C channels, h x w features, H x W crop. The adjoint map A is built by the Triton kernel (the
+Shapes: B batch, C channels, h x w features, H x W crop; inputs and shapes from bench/kernel_cases.py (shared with
+the microbenchmarks and the memory runs). The adjoint map A is built by the Triton kernel (the
 interpreter on CPU, compiled on a GPU) or, where Triton does not run, by two interpolation matrices in plain PyTorch:
 both are tested. Tolerances, relative to the largest magnitude of the reference:
 - float32 pools and their gradients: 1e-5. Both sides sum the same H*W products in different orders and with float32
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.kernel_cases import ADJOINT_SIZES, MMD_ROWS, PAPER_FEATURES, POOL_SHAPES, feature_inputs, make_mask
 from dsp_fast import kernels
 
 mmd_mod = kernels.mmd
-reference = kernels.reference
+twins = kernels.twins
 up_mod = kernels.upsample_pool
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 / compiled kernels)")
@@ -45,13 +47,6 @@ def interp_matrix(n: int, big_n: int, align_corners: bool) -> torch.Tensor:
     return F.interpolate(eye, size=(big_n, 1), mode="bilinear", align_corners=align_corners)[0, :, :, 0].T
 
 
-def make_mask(kind: str, b: int, h: int, w: int, device: str = "cpu") -> torch.Tensor | None:
-    return {"none": lambda: None, "bool": lambda: torch.rand(b, h, w, device=device) < 0.4,
-            "float": lambda: torch.rand(b, h, w, device=device),
-            "all_false": lambda: torch.zeros(b, h, w, dtype=torch.bool, device=device),
-            "all_true": lambda: torch.ones(b, h, w, dtype=torch.bool, device=device)}[kind]()
-
-
 @pytest.fixture(params=["triton", "torch"])
 def adjoint_path(request, monkeypatch) -> str:
     """The adjoint map built by the Triton kernel (the interpreter here) or by two interpolation matrices in plain
@@ -62,8 +57,7 @@ def adjoint_path(request, monkeypatch) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the adjoint map
-@pytest.mark.parametrize("sizes", [((1, 1), (1, 1)), ((1, 1), (7, 9)), ((3, 5), (17, 33)), ((2, 2), (2, 2)),
-                                   ((5, 7), (6, 8)), ((65, 65), (512, 512)), ((65, 65), (513, 511))])
+@pytest.mark.parametrize("sizes", ADJOINT_SIZES)
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_adjoint_map_is_the_adjoint_of_f_interpolate(sizes, align_corners, adjoint_path):
     """A = Wy^T mask Wx / (H*W), with Wy, Wx read off F.interpolate: checks the kernel's index and weight math
@@ -84,7 +78,7 @@ def pool_case(shape, size, mask_kind, dtype, channels_last, align_corners):
     mask = make_mask(mask_kind, shape[0], *size)
     grad_out = torch.randn(shape[:2]).to(dtype)
     results = []
-    for fn in (up_mod._masked_upsample_pool_adjoint, reference.masked_upsample_pool):
+    for fn in (up_mod._masked_upsample_pool_adjoint, twins.masked_upsample_pool):
         f = feat.detach().clone().requires_grad_()
         out = fn(f, mask, size, align_corners)
         out.backward(grad_out)
@@ -92,7 +86,7 @@ def pool_case(shape, size, mask_kind, dtype, channels_last, align_corners):
     return results
 
 
-@pytest.mark.parametrize("shape,size", [((1, 4, 1, 1), (1, 1)), ((1, 4, 1, 1), (7, 9)), ((3, 5, 3, 5), (17, 33))])
+@pytest.mark.parametrize("shape,size", POOL_SHAPES)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -115,13 +109,13 @@ def test_pool_extreme_masks(mask_kind, adjoint_path):
 
 
 # --------------------------------------------------------------------------------------------------- mmd_rbf
-@pytest.mark.parametrize("rows", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("rows", MMD_ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kernels_", [(2.0, 5), (3.0, 1), (1.5, 4)])
 def test_mmd_rbf_matches_twin(rows, dtype, kernels_):
     x, y = torch.randn(rows[0], 256).to(dtype), (torch.randn(rows[1], 256) + 0.2).to(dtype)
     got, want = [], []
-    for fn, store in ((kernels.mmd_rbf, got), (reference.mmd_rbf, want)):
+    for fn, store in ((kernels.mmd_rbf, got), (twins.mmd_rbf, want)):
         xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
         val = fn(xx, yy, *kernels_)
         val.backward()
@@ -136,7 +130,7 @@ def test_mmd_rbf_matches_twin(rows, dtype, kernels_):
 
 def test_mmd_rbf_identical_rows_is_zero_not_nan():
     x = torch.ones(2, 8, requires_grad=True)
-    for fn in (kernels.mmd_rbf, reference.mmd_rbf):
+    for fn in (kernels.mmd_rbf, twins.mmd_rbf):
         val = fn(x, x.detach().clone())
         (grad,) = torch.autograd.grad(val, x)
         assert val.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
@@ -144,13 +138,10 @@ def test_mmd_rbf_identical_rows_is_zero_not_nan():
 
 # ---------------------------------------------------------------------------------------------- weighted_mmd
 def wmmd_case(b, c, hw, size, mask_kind, dtype, channels_last):
-    feat_s = torch.randn(b, c, *hw).to(dtype)
-    feat_t = (torch.randn(b, c, *hw) * 1.5 + 0.3).to(dtype)
-    if channels_last:
-        feat_s, feat_t = feat_s.to(memory_format=torch.channels_last), feat_t.to(memory_format=torch.channels_last)
-    mask = make_mask(mask_kind, b, *size)
+    feat_s, feat_t, mask = feature_inputs(b, c, hw, size, dtype, mask=mask_kind, target_scale=1.5, target_shift=0.3,
+                                          channels_last=channels_last)
     results = []
-    for fn in (mmd_mod._weighted_mmd_fused, reference.weighted_mmd):
+    for fn in (mmd_mod._weighted_mmd_fused, twins.weighted_mmd):
         s, t = feat_s.detach().clone().requires_grad_(), feat_t.detach().clone().requires_grad_()
         val = fn(s, t, mask, size, 2.0, 5)
         val.backward()
@@ -189,7 +180,7 @@ def test_weighted_mmd_global_term_pools_the_stride8_map(impl):
     gen = torch.Generator().manual_seed(0)
     feat_s, feat_t = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen) + 0.5
     mask = torch.zeros(2, 17, 33, dtype=torch.bool)
-    fn = mmd_mod._weighted_mmd_fused if impl == "fused" else reference.weighted_mmd
+    fn = mmd_mod._weighted_mmd_fused if impl == "fused" else twins.weighted_mmd
     got = float(fn(feat_s, feat_t, mask, (17, 33), 2.0, 5))
     want = textbook_mmd(feat_s.mean((2, 3)), feat_t.mean((2, 3)))
     up = [F.interpolate(f, size=(17, 33), mode="bilinear", align_corners=True).mean((2, 3)) for f in (feat_s, feat_t)]
@@ -226,7 +217,7 @@ def test_weighted_mmd_never_builds_the_upsampled_tensor():
     feat_t = torch.randn(b, c, *hw, requires_grad=True)
     mask = torch.rand(b, *size) < 0.5
     largest = {}
-    for name, fn in (("fused", kernels.weighted_mmd), ("twin", reference.weighted_mmd)):
+    for name, fn in (("fused", kernels.weighted_mmd), ("twin", twins.weighted_mmd)):
         with _LargestTensor() as probe:
             fn(feat_s, feat_t, mask, size).backward()
         largest[name] = probe.largest
@@ -238,7 +229,7 @@ def test_weighted_mmd_never_builds_the_upsampled_tensor():
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
 def test_pool_bad_input(impl):
-    fn = kernels.masked_upsample_pool if impl == "kernel" else reference.masked_upsample_pool
+    fn = kernels.masked_upsample_pool if impl == "kernel" else twins.masked_upsample_pool
     feat = torch.randn(2, 4, 5, 6)
     with pytest.raises(ValueError, match="smaller than the feature map"):
         fn(feat, None, (4, 12))
@@ -258,8 +249,8 @@ def test_pool_bad_input(impl):
 
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
 def test_mmd_bad_input(impl):
-    mmd = kernels.mmd_rbf if impl == "kernel" else reference.mmd_rbf
-    wmmd = kernels.weighted_mmd if impl == "kernel" else reference.weighted_mmd
+    mmd = kernels.mmd_rbf if impl == "kernel" else twins.mmd_rbf
+    wmmd = kernels.weighted_mmd if impl == "kernel" else twins.weighted_mmd
     with pytest.raises(ValueError):
         mmd(torch.randn(2, 8), torch.randn(2, 9))
     with pytest.raises(ValueError):
@@ -283,20 +274,18 @@ def test_gpu_compiled_matches_twin_at_paper_shapes(dtype, channels_last):
     """Compiled kernels at B=2, 256x65x65 -> 512x512. The twin runs in float32 on the same (rounded) inputs, so the
     gap is the low-precision path's own error."""
     rel = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    feat_s = torch.randn(2, 256, 65, 65, device="cuda").to(dtype)
-    feat_t = (torch.randn(2, 256, 65, 65, device="cuda") + 0.1).to(dtype)
-    if channels_last:
-        feat_s, feat_t = feat_s.to(memory_format=torch.channels_last), feat_t.to(memory_format=torch.channels_last)
-    mask = torch.rand(2, 512, 512, device="cuda") < 0.5
+    size = PAPER_FEATURES[3]
+    feat_s, feat_t, mask = feature_inputs(*PAPER_FEATURES, dtype, device="cuda", density=0.5,
+                                          channels_last=channels_last)
     for align_corners in (True, False):
-        got = kernels.masked_upsample_pool(feat_s, mask, (512, 512), align_corners)
-        want = reference.masked_upsample_pool(feat_s.float(), mask, (512, 512), align_corners)
+        got = kernels.masked_upsample_pool(feat_s, mask, size, align_corners)
+        want = twins.masked_upsample_pool(feat_s.float(), mask, size, align_corners)
         close(got, want, rel, f"pool align_corners={align_corners}")
     got, want = [], []
-    impls = ((kernels.weighted_mmd, got, lambda t: t), (reference.weighted_mmd, want, torch.Tensor.float))
+    impls = ((kernels.weighted_mmd, got, lambda t: t), (twins.weighted_mmd, want, torch.Tensor.float))
     for fn, store, cast in impls:
         s, t = feat_s.detach().clone().requires_grad_(), feat_t.detach().clone().requires_grad_()
-        val = fn(cast(s), cast(t), mask, (512, 512))
+        val = fn(cast(s), cast(t), mask, size)
         val.backward()
         store.extend([val, s.grad, t.grad])
     for g, w, what in zip(got, want, ("wmmd", "d/dfeat_s", "d/dfeat_t")):

@@ -1,6 +1,7 @@
 """dual_soft_paste: the Triton kernel (interpreter on CPU, compiled on a GPU) against its twin.
 
-Shapes: B batch, C channels, H x W crop, K classes. Images are drawn in [0, 1), the range the trainers paste in.
+Shapes: B batch, C channels, H x W crop, K classes. Inputs and shapes come from bench/kernel_cases.py (shared with
+the microbenchmarks): images in [0, 1), the range the trainers paste in.
 Tolerances (images only; labels and masks must match exactly):
 - float32: atol 1e-6. Interpreter and twin do the same float32 operations in the same order (bit-equal here);
   a GPU may contract lam*m*a + (1-lam*m)*d into FMAs, one rounding of values <= 1 (ulp 1.2e-7) apart.
@@ -18,33 +19,19 @@ import sys
 import pytest
 import torch
 
+from bench.kernel_cases import PASTE_GPU_SHAPES, PASTE_SHAPES, paste_inputs
 from dsp_fast import kernels
 
-reference = kernels.reference
+twins = kernels.twins
 sp_mod = kernels.soft_paste
 
 ATOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 / compiled kernels)")
 
 
-def make_inputs(b: int, c: int, h: int, w: int, k: int = 19, dtype: torch.dtype = torch.float32,
-                label_dtype: torch.dtype = torch.int64, channels_last: bool = False, device: str = "cpu",
-                sel: str = "random") -> tuple:
-    imgs = [torch.rand(b, c, h, w, device=device).to(dtype) for _ in range(3)]
-    if channels_last:
-        imgs = [i.to(memory_format=torch.channels_last) for i in imgs]
-    labels = [torch.randint(0, k, (b, h, w), device=device) for _ in range(3)]
-    labels[0][:, ::5] = 255  # some ignore pixels in the template
-    labels[1][:, 1::7] = 255
-    labels = [lbl.to(label_dtype) for lbl in labels]
-    class_sel = {"random": torch.rand(b, k, device=device) < 0.5, "none": torch.zeros(b, k, dtype=torch.bool,
-                 device=device), "all": torch.ones(b, k, dtype=torch.bool, device=device)}[sel]
-    return imgs[0], labels[0], class_sel, imgs[1], labels[1], imgs[2], labels[2]
-
-
 def check_against_twin(args: tuple, lam: float) -> tuple:
     out = sp_mod._dual_soft_paste_triton(*args, lam)
-    ref = reference.dual_soft_paste(*args, lam)
+    ref = twins.dual_soft_paste(*args, lam)
     names = ("src_mix_img", "src_mix_label", "tgt_mix_img", "tgt_mix_label", "mask")
     for name, got, want in zip(names, out, ref):
         assert got.shape == want.shape and got.dtype == want.dtype, (name, got.dtype, want.dtype)
@@ -53,12 +40,12 @@ def check_against_twin(args: tuple, lam: float) -> tuple:
     return out
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (3, 3, 17, 33), (1, 5, 17, 33)])
+@pytest.mark.parametrize("shape", PASTE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.uint8])
 def test_matches_twin(shape, dtype, channels_last, label_dtype):
-    args = make_inputs(*shape, dtype=dtype, label_dtype=label_dtype, channels_last=channels_last)
+    args = paste_inputs(*shape, dtype=dtype, label_dtype=label_dtype, channels_last=channels_last)
     out = check_against_twin(args, lam=0.9)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out[0].is_contiguous(memory_format=fmt) and out[2].is_contiguous(memory_format=fmt)
@@ -67,7 +54,7 @@ def test_matches_twin(shape, dtype, channels_last, label_dtype):
 @pytest.mark.parametrize("sel", ["none", "all"])
 @pytest.mark.parametrize("lam", [0.0, 1.0, 0.9])
 def test_extreme_selections_and_lam(sel, lam):
-    args = make_inputs(3, 3, 17, 33, sel=sel)
+    args = paste_inputs(3, 3, 17, 33, sel=sel)
     tmpl_img, tmpl_label, _, src_img, src_label, tgt_img, tgt_pseudo = args
     src_mix, src_lbl, tgt_mix, tgt_lbl, mask = check_against_twin(args, lam)
     valid = tmpl_label != 255
@@ -84,7 +71,7 @@ def test_extreme_selections_and_lam(sel, lam):
 def test_pasted_pixels_join_the_mask_whatever_their_class(channels_last):
     """DSP step 3: pixels the long-tail paste wrote join M even when their class was not chosen; the expectation
     is built pixel by pixel here, independently of both implementations."""
-    args = make_inputs(2, 3, 9, 11, k=5, channels_last=channels_last)
+    args = paste_inputs(2, 3, 9, 11, k=5, channels_last=channels_last)
     tmpl_img, tmpl_label, class_sel = args[:3]
     class_sel[:, 2] = False  # the pasted class, not chosen
     tmpl_label[:, 3:6, 4:8] = 2
@@ -97,7 +84,7 @@ def test_pasted_pixels_join_the_mask_whatever_their_class(channels_last):
                 lbl = int(tmpl_label[b, y, x])
                 want[b, y, x] = bool(pasted[b, y, x]) or (lbl != 255 and bool(class_sel[b, lbl]))
     assert want[0, 3:6, 4:8].all() and not want[1, 3:6, 4:8].any()
-    for impl in (lambda *a: sp_mod._dual_soft_paste_triton(*a), reference.dual_soft_paste, kernels.dual_soft_paste):
+    for impl in (lambda *a: sp_mod._dual_soft_paste_triton(*a), twins.dual_soft_paste, kernels.dual_soft_paste):
         src_img, src_lbl, tgt_img, tgt_lbl, mask = impl(*args, 0.9, pasted)
         assert torch.equal(mask, want)
         assert torch.equal(src_lbl, torch.where(want, tmpl_label, args[4]))
@@ -111,28 +98,28 @@ def test_pasted_pixels_join_the_mask_whatever_their_class(channels_last):
 
 
 def test_ignore_label_everywhere():
-    args = list(make_inputs(3, 3, 17, 33, sel="all"))
+    args = list(paste_inputs(3, 3, 17, 33, sel="all"))
     args[1] = torch.full_like(args[1], 255)
     src_mix, _, _, _, mask = check_against_twin(tuple(args), lam=0.9)
     assert not mask.any() and torch.equal(src_mix, args[3])
 
 
 def test_mixed_label_dtypes_promote_like_torch_where():
-    args = list(make_inputs(2, 3, 17, 33))
+    args = list(paste_inputs(2, 3, 17, 33))
     args[1] = args[1].to(torch.uint8)  # template uint8 from the loader, pseudo-labels int64 from argmax
     out = check_against_twin(tuple(args), lam=0.9)
     assert out[1].dtype == torch.int64 and out[3].dtype == torch.int64
 
 
 def test_strided_labels_and_class_sel():
-    args = list(make_inputs(2, 3, 17, 33))
+    args = list(paste_inputs(2, 3, 17, 33))
     args[1] = args[1].transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major storage
     args[2] = args[2].t().contiguous().t()
     check_against_twin(tuple(args), lam=0.9)
 
 
 def test_mixed_layouts():
-    args = list(make_inputs(2, 3, 17, 33))
+    args = list(paste_inputs(2, 3, 17, 33))
     args[0] = args[0].to(memory_format=torch.channels_last)  # template channels_last, destinations NCHW
     args[5] = torch.rand(2, 3, 17, 40)[..., 3:36]  # a cropped view: no dense layout at all
     out = check_against_twin(tuple(args), lam=0.9)
@@ -143,10 +130,10 @@ def test_public_function_runs_the_kernel_under_the_interpreter(monkeypatch):
     calls = []
     real = sp_mod._dual_soft_paste_triton
     monkeypatch.setattr(sp_mod, "_dual_soft_paste_triton", lambda *a: calls.append(1) or real(*a))
-    kernels.dual_soft_paste(*make_inputs(1, 3, 5, 7), 0.9)
+    kernels.dual_soft_paste(*paste_inputs(1, 3, 5, 7), 0.9)
     assert calls == [1]
     monkeypatch.delenv("TRITON_INTERPRET")  # a CPU tensor without the interpreter goes to the twin
-    kernels.dual_soft_paste(*make_inputs(1, 3, 5, 7), 0.9)
+    kernels.dual_soft_paste(*paste_inputs(1, 3, 5, 7), 0.9)
     assert calls == [1]
 
 
@@ -174,8 +161,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 @pytest.mark.parametrize("impl", ["kernel", "twin"])
 def test_bad_input_is_a_value_error(case, impl):
-    args = BAD_INPUTS[case](make_inputs(2, 3, 17, 33, k=19))
-    fn = kernels.dual_soft_paste if impl == "kernel" else reference.dual_soft_paste
+    args = BAD_INPUTS[case](paste_inputs(2, 3, 17, 33, k=19))
+    fn = kernels.dual_soft_paste if impl == "kernel" else twins.dual_soft_paste
     with pytest.raises(ValueError):
         fn(*args, 0.9)
 
@@ -183,13 +170,13 @@ def test_bad_input_is_a_value_error(case, impl):
 @pytest.mark.parametrize("lam", [-0.1, 1.5])
 def test_lam_out_of_range(lam):
     with pytest.raises(ValueError, match="lam"):
-        kernels.dual_soft_paste(*make_inputs(1, 3, 5, 7), lam)
+        kernels.dual_soft_paste(*paste_inputs(1, 3, 5, 7), lam)
 
 
 def test_bad_labels_never_fault_with_checks_off():
     # inside a CUDA graph the value check cannot sync; the kernel must still stay in bounds: a bad class id
     # is simply never selected
-    args = _with(make_inputs(2, 3, 17, 33, k=19, sel="all"), 1, torch.full((2, 17, 33), 200))
+    args = _with(paste_inputs(2, 3, 17, 33, k=19, sel="all"), 1, torch.full((2, 17, 33), 200))
     kernels.set_value_checks(False)
     try:
         *_, mask = sp_mod._dual_soft_paste_triton(*args, 0.9)
@@ -203,8 +190,8 @@ def test_bad_labels_never_fault_with_checks_off():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gpu_compiled_kernel_matches_twin(dtype, channels_last):
-    for shape in [(1, 3, 1, 1), (3, 3, 17, 33), (2, 3, 512, 512)]:
-        args = make_inputs(*shape, dtype=dtype, channels_last=channels_last, device="cuda")
+    for shape in PASTE_GPU_SHAPES:
+        args = paste_inputs(*shape, dtype=dtype, channels_last=channels_last, device="cuda")
         check_against_twin(args, lam=0.9)
 
 

@@ -83,10 +83,45 @@ def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
         aug_src=aug_tensor(ch.aug_src), aug_tgt=aug_tensor(ch.aug_tgt))
 
 
-def settings(cfg: Config, kernel_size: int) -> method.LossSettings:
+def settings(cfg: Config, kernel_size: tuple[int, int]) -> method.LossSettings:
     d = cfg.dsp
     return method.LossSettings(K, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul, d.mmd_kernel_num,
-                               d.drop_target_soft_term, d.enabled, kernel_size)
+                               d.drop_target_soft_term, d.enabled, kernel_size, d.kornia_hsv_quirk,
+                               d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label)
+
+
+def assert_fast_math_matches_reference(cfg: Config, batch, choices: reference.StepChoices,
+                                       device_choices: method.DeviceChoices) -> None:
+    """The fast path's DSP math (method.dsp_losses, one SGD step, method.ema_update) against reference.train_step
+    on the same weights, batch and choices: losses 1e-5 relative, weights 1e-6 absolute."""
+    torch.manual_seed(0)
+    student = build_model(cfg.model)
+    teacher = copy.deepcopy(student)
+    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+
+    def sgd(model):
+        groups = param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.dsp.train_mmd_projection)
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=5e-4)
+
+    ref_losses = reference.train_step(cfg, student, teacher, sgd(student), 3, batch, choices)
+
+    opt = sgd(fast_student)
+    for g in opt.param_groups:
+        g["lr"] = reference.poly_lr(cfg, 3) * g["lr_mult"]
+    losses = method.dsp_losses(settings(cfg, choices.aug_src.kernel_size), fast_student, fast_teacher,
+                               lambda x: normalize_input(x, "torchvision"), *batch, device_choices)
+    losses["loss"].backward()
+    opt.step()
+    method.ema_update(list(fast_teacher.parameters()), list(fast_student.parameters()), torch.tensor(3),
+                      cfg.dsp.ema_max)
+
+    assert set(losses) == set(ref_losses)
+    for k, v in ref_losses.items():
+        assert float(losses[k].detach()) == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for a, b in zip(student.state_dict().items(), fast_student.state_dict().items()):
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6, msg=a[0])
+    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_select_classes_counts_and_uniformity():
@@ -107,31 +142,4 @@ def test_fast_step_matches_reference(dsp, coins):
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     choices = make_choices(cfg, batch[3], gen, *coins)
-    torch.manual_seed(0)
-    student = build_model(cfg.model)
-    teacher = copy.deepcopy(student)
-    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-
-    def sgd(model):
-        groups = param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.dsp.train_mmd_projection)
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=5e-4)
-
-    ref_losses = reference.train_step(cfg, student, teacher, sgd(student), 3, batch, choices)
-
-    opt = sgd(fast_student)
-    for g in opt.param_groups:
-        g["lr"] = reference.poly_lr(cfg, 3) * g["lr_mult"]
-    losses = method.dsp_losses(settings(cfg, choices.aug_src.kernel_size), fast_student, fast_teacher,
-                               lambda x: normalize_input(x, "torchvision"), *batch, to_device_choices(choices))
-    losses["loss"].backward()
-    opt.step()
-    method.ema_update(list(fast_teacher.parameters()), list(fast_student.parameters()), torch.tensor(3),
-                      cfg.dsp.ema_max)
-
-    assert set(losses) == set(ref_losses)
-    for k, v in ref_losses.items():
-        assert float(losses[k].detach()) == pytest.approx(v, rel=1e-5, abs=1e-7), k
-    for a, b in zip(student.state_dict().items(), fast_student.state_dict().items()):
-        torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6, msg=a[0])
-    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert_fast_math_matches_reference(cfg, batch, choices, to_device_choices(choices))

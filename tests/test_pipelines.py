@@ -53,7 +53,7 @@ def read(path: str) -> np.ndarray:
 def expected_crops(ds: prepared.PreparedSet, plan, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """The planned windows cut straight out of the prepared files with numpy: the oracle of both backends."""
     (cw, ch), imgs, labs = CROP, [], []
-    for i, (x0, y0), flip in zip(plan.indices, plan.windows, plan.flips):
+    for i, (y0, x0), flip in zip(plan.indices, plan.windows, plan.flips):
         sl = (slice(y0, y0 + ch), slice(x0, x0 + cw, None))
         img, lab = read(ds.image_path(i))[sl], read(ds.label_path(i))[sl] if labels else None
         imgs.append(img[:, ::-1] if flip else img)
@@ -262,14 +262,14 @@ def test_long_tail_sampler_matches_the_retry_loop(tmp_path):
     lt = prepared.load_prepared(src.long_tail)
     planner = Planner(src, src, crop, 2, seed=0, long_tail_classes=(12,), num_long_tail=1, long_tail=lt)
     labels = [prepared.read_label_array(lt, i) for i in range(len(lt))]
-    valid = [(i, x0, y0) for i, lb in enumerate(labels) for y0 in range(7) for x0 in range(9)
+    valid = [(i, y0, x0) for i, lb in enumerate(labels) for y0 in range(7) for x0 in range(9)
              if (lb[y0:y0 + 4, x0:x0 + 4] == 12).any()]
     assert len(valid) == 1 + 25 + 7  # 1 window, 5 x 5 windows, 7 windows
     n, got = 3300, {}
     rng = np.random.default_rng(0)
     for _ in range(n):
-        i, (x0, y0) = planner.draw_long_tail(rng, 12)
-        got[(i, x0, y0)] = got.get((i, x0, y0), 0) + 1
+        i, (y0, x0) = planner.draw_long_tail(rng, 12)
+        got[(i, y0, x0)] = got.get((i, y0, x0), 0) + 1
     assert set(got) <= set(valid)
     # TV over 33 cells of p = 1/33 with n = 3300: expected 0.5 * 33 * sqrt(p(1-p)/n) * sqrt(2/pi) = 0.036;
     # drawing the image uniformly instead of by its window count would give 0.55

@@ -8,7 +8,7 @@ import torch
 
 from dsp_fast.augment import draw_strong_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig
-from dsp_fast.kernels.reference import mmd_rbf
+from dsp_fast.kernels.twins import mmd_rbf
 from dsp_fast.reference import (
     LongTailSource,
     StepChoices,

@@ -12,7 +12,17 @@ import dataclasses
 import pytest
 import torch
 from op_recorder import OpRecorder
-from test_method_equivalence import LT_PRESENT, SCRIPT_DSP, B, K, make_batch, make_cfg, make_choices, settings
+from test_method_equivalence import (
+    LT_PRESENT,
+    SCRIPT_DSP,
+    B,
+    K,
+    assert_fast_math_matches_reference,
+    make_batch,
+    make_cfg,
+    make_choices,
+    settings,
+)
 from test_method_equivalence import to_device_choices as plain_device_choices
 from test_step_capturable import cuda_like_context, value_checks_off  # noqa: F401 (a fixture)
 from test_train_step import assert_same_losses, buffers, fast_context
@@ -21,7 +31,7 @@ from dsp_fast import method, reference
 from dsp_fast.config import Config, load_config
 from dsp_fast.engine.features import build_models, scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
-from dsp_fast.models import build_model, normalize_input, param_groups
+from dsp_fast.models import build_model, normalize_input
 
 CPU = torch.device("cpu")
 
@@ -141,35 +151,7 @@ def test_fast_math_matches_reference_with_script_switches(dsp):
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     choices = script_choices(cfg, batch[3], gen)
-    torch.manual_seed(0)
-    student = build_model(cfg.model)
-    teacher = copy.deepcopy(student)
-    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-
-    def sgd(model):
-        groups = param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.dsp.train_mmd_projection)
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=5e-4)
-
-    ref_losses = reference.train_step(cfg, student, teacher, sgd(student), 3, batch, choices)
-    opt = sgd(fast_student)
-    for g in opt.param_groups:
-        g["lr"] = reference.poly_lr(cfg, 3) * g["lr_mult"]
-    s = settings(cfg, choices.aug_src.kernel_size)
-    s.kornia_hsv_quirk, s.long_tail_columns = cfg.dsp.kornia_hsv_quirk, cfg.dsp.long_tail_paste == "columns"
-    s.share_first_mask, s.paste_ignore_label = cfg.dsp.share_first_mask, cfg.dsp.paste_ignore_label
-    losses = method.dsp_losses(s, fast_student, fast_teacher, lambda x: normalize_input(x, "torchvision"), *batch,
-                               device_choices(cfg, choices))
-    losses["loss"].backward()
-    opt.step()
-    method.ema_update(list(fast_teacher.parameters()), list(fast_student.parameters()), torch.tensor(3),
-                      cfg.dsp.ema_max)
-    assert set(losses) == set(ref_losses)
-    for k, v in ref_losses.items():
-        assert float(losses[k].detach()) == pytest.approx(v, rel=1e-5, abs=1e-7), k
-    for (name, a), b in zip(student.state_dict().items(), fast_student.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
-    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert_fast_math_matches_reference(cfg, batch, choices, device_choices(cfg, choices))
 
 
 def test_script_switches_change_the_step():
@@ -181,8 +163,6 @@ def test_script_switches_change_the_step():
         cfg = make_cfg(**dsp)
         choices = script_choices(cfg, batch[3], torch.Generator().manual_seed(2))
         s = settings(cfg, choices.aug_src.kernel_size)
-        s.kornia_hsv_quirk, s.long_tail_columns = cfg.dsp.kornia_hsv_quirk, cfg.dsp.long_tail_paste == "columns"
-        s.share_first_mask, s.paste_ignore_label = cfg.dsp.share_first_mask, cfg.dsp.paste_ignore_label
         torch.manual_seed(0)
         teacher = build_model(cfg.model)
         outs.append(method.dsp_mix(s, teacher, lambda x: normalize_input(x, "torchvision"), *batch,

@@ -55,14 +55,18 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         model: nn.Module = MiTDAFormer(cfg.arch, num_classes=cfg.num_classes, mmd_dim=cfg.mmd_dim,
                                        decoder_dim=cfg.decoder_dim, drop_path_rate=cfg.drop_path_rate,
                                        freeze_bn=cfg.freeze_bn)
-        if cfg.pretrained:
-            load_mit_pretrained(model, cfg.pretrained)
     else:
         model = DeepLabV2.from_arch(cfg.arch, num_classes=cfg.num_classes, mmd_dim=cfg.mmd_dim,
                                     aspp_two_branch_bug=cfg.aspp_two_branch_bug, freeze_bn=cfg.freeze_bn)
-        if cfg.pretrained:
-            load_pretrained(model, cfg.pretrained,
-                            kind=None if cfg.pretrained_kind == "auto" else cfg.pretrained_kind)
+    if cfg.pretrained:  # the file is first opened here (the config reads none): the error names the field
+        try:
+            if isinstance(model, MiTDAFormer):
+                load_mit_pretrained(model, cfg.pretrained)
+            else:
+                load_pretrained(model, cfg.pretrained,
+                                kind=None if cfg.pretrained_kind == "auto" else cfg.pretrained_kind)
+        except WeightsError as e:
+            raise WeightsError(f"config field 'model.pretrained': {e}") from None
     set_bn_mode(model, cfg.freeze_bn)
     return model
 

@@ -143,11 +143,6 @@ class MiTDAFormer(nn.Module):
         nn.init.zeros_(self.decode_head.conv_seg.bias)
         nn.init.normal_(self.c1.weight, 0.0, 0.01)
 
-    @property
-    def projection(self) -> nn.Conv2d:
-        """The MMD feature projection h."""
-        return self.c1
-
     def forward(self, x_BCHW: Tensor) -> tuple[Tensor, Tensor]:
         fused = self.decode_head.fuse(self.backbone(x_BCHW))
         return self.decode_head.classify(fused), self.c1(fused)

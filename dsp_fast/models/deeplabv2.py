@@ -171,11 +171,6 @@ class DeepLabV2(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @property
-    def projection(self) -> nn.Conv2d:
-        """The MMD feature projection h (stored as `c1` for checkpoint compatibility)."""
-        return self.c1
-
     def backbone(self, x_BCHW: Tensor) -> Tensor:
         """layer4 features, stride 8."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))

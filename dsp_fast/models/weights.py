@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dsp_fast.config import ConfigError
 from dsp_fast.models.deeplabv2 import BACKBONE_ROOTS, CLASSIFIER_ROOT, PROJECTION_ROOT
 
 log = logging.getLogger(__name__)
@@ -29,14 +30,16 @@ _PREFIXES = ("module.", "_orig_mod.", "Scale.")
 _SHOW = 4  # keys listed in an error message
 
 
-class WeightsError(ValueError):
-    """A weights file that is missing, unreadable, or does not fit the model; the message names the file."""
+class WeightsError(ConfigError):
+    """A weights file that is missing, unreadable, or does not fit the model; the message names the file. A
+    ConfigError: the file is the value of model.pretrained, so every entry point reports it as a bad setting
+    (exit 2, no traceback). The config itself reads no file: this is where the path is first opened."""
 
 
 def _read_state_dict(path: str) -> tuple[dict[str, Tensor], str | None, bool]:
     """-> (state dict with prefixes stripped, kind declared in the file or None, whether a `Scale.` prefix was seen)."""
     if not os.path.isfile(path):
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"no such weights file: {path}")
     try:
         # weights_only: a checkpoint is data; never run the arbitrary code a pickle can carry.
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
