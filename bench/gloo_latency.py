@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench._env import environment
+from bench.result_schema import command_line, result_env, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{backend} {name} of {args.floats} floats, {world} processes: {1e6 * s:.0f} us per call")
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"gloo_latency_{datetime.datetime.now():%Y%m%d_%H%M%S}.json")
-        with open(path, "w") as f:
-            json.dump({"command": f"torchrun --nproc_per_node={world} -m bench.gloo_latency {' '.join(sys.argv[1:])}",
-                       "env": environment(str(device)), "backend": backend, "processes": world,
-                       "floats": args.floats, "iters": args.iters,
-                       "us_per_call": {k: round(1e6 * v, 1) for k, v in results.items()}}, f, indent=1)
+        command = command_line(f"torchrun --nproc_per_node={world} -m bench.gloo_latency")
+        write_result(path, {"env": result_env(str(device), command), "backend": backend, "processes": world,
+                            "floats": args.floats, "iters": args.iters,
+                            "us_per_call": {k: round(1e6 * v, 1) for k, v in results.items()}})
         print(f"wrote {path}")
     dist.destroy_process_group()
     return 0

@@ -2,14 +2,14 @@
 
     python -m bench.profile_step [--config synthetic] [--steps 5] [--warmup 2] [--out bench/results]
 
-The fast trainer is built as the throughput comparison builds it (bench/throughput_trainers.py) on the config's
-data, warmed up, then `--steps` steps are profiled. Each aten operator's self time goes to one class: convolution
-(forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators, optimizer + EMA (foreach /
-fused SGD) and data wait (what the trainer reports blocked on its loader). The DSP operators are the step's two
-calls into dsp_fast.kernels (dual soft-paste, weighted MMD), wrapped in profiler ranges here: every aten operator
-they run (the Triton launch on a GPU; the twin or the adjoint's plain-PyTorch operators elsewhere) counts as DSP,
-forward only (autograd's backward of the MMD runs outside the range and counts in its classes). Writes a table (top
-operators and the classes, as text and JSON) and a bar chart of the classes.
+The fast trainer (the engine's Trainer, as the throughput comparison builds it: bench/throughput/trainers.py) is
+built on the config's data and warmed up, then `--steps` steps are profiled. Each aten operator's self time goes to
+one class: convolution (forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators,
+optimizer + EMA (foreach / fused SGD) and data wait (what the trainer reports blocked on its loader). The DSP
+operators are the step's two calls into dsp_fast.kernels (dual soft-paste, weighted MMD), wrapped in profiler ranges
+here: every aten operator they run (the Triton launch on a GPU; the twin or the adjoint's plain-PyTorch operators
+elsewhere) counts as DSP, forward only (autograd's backward of the MMD runs outside the range and counts in its
+classes). Writes a table (top operators and the classes, as text and JSON) and a bar chart of the classes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import datetime
 import functools
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -29,12 +28,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench._env import environment
-from bench.throughput_setup import build_config, fast_data_dirs
-from bench.throughput_trainers import FastTrainer, warm_up
+from bench.result_schema import command_line, result_env, write_result
+from bench.throughput.setup import build_config, fast_data_dirs
+from bench.throughput.trainers import FastBench, build_fast, warm_up
 from dsp_fast import method
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import FastOptions
 from dsp_fast.run_io import resolve_device
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,7 +95,7 @@ def event_class(evt) -> str | None:
     return op_class(evt.name)
 
 
-def profile_steps(trainer: FastTrainer, steps: int) -> profile:
+def profile_steps(trainer: FastBench, steps: int) -> profile:
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
                  record_shapes=False) as prof, trainer.flags(), dsp_ranges():
         for _ in range(steps):
@@ -150,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     cfg = build_config(args.config, args.overrides, None, None, str(device))
-    opts = FastOptions(image_every=0, tensorboard=False)
+    cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, image_every=0, tensorboard=False))
     info = DistInfo(device=device)
-    trainer = FastTrainer(cfg, opts, info, fast_data_dirs(cfg, opts, info), say=lambda m: None)
+    trainer = build_fast(cfg, info, fast_data_dirs(cfg, info), say=lambda m: None)
     try:
         warm_up(trainer, args.warmup + trainer.extra_warmup)
         data_ms = []
@@ -168,16 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
     summary = summarise(prof, args.steps, sum(data_ms) / max(1, len(data_ms)))
-    summary.update({"command": " ".join(["python -m bench.profile_step", *sys.argv[1:]]),
-                    "env": environment(str(device)), "device": str(device),
+    summary.update({"env": result_env(str(device), command_line("python -m bench.profile_step")),
+                    "device": str(device),
                     "arch": cfg.model.arch, "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size,
                     "steps": args.steps, "threads": torch.get_num_threads(),
-                    "fast_options": dataclasses.asdict(opts)})
+                    "fast_options": dataclasses.asdict(cfg.fast)})
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     base = os.path.join(args.out, f"profile_step_{device.type}_{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+    write_result(base + ".json", summary)
     title = f"fast step, {cfg.model.arch} {cfg.data.crop_size[0]}x{cfg.data.crop_size[1]} B={cfg.data.batch_size}, " \
             f"{device}: {summary['total_ms_per_step']:.1f} ms/step (self time by class)"
     write_chart(summary, base + ".png", title)

@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # --resume: the run folder's own config, the overrides on top
         cfg = resume_config(args.resume, args.overrides, command_config) if args.resume else command_config()
-        cfg, opts = apply_cli_args(cfg, args)
-        run_all(cfg, opts)
+        run_all(apply_cli_args(cfg, args), args.resume)
     except (ConfigError, OptionsError, ResumeError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

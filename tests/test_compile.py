@@ -14,10 +14,10 @@ import torch
 from test_method_equivalence import make_batch, make_cfg, make_choices, to_device_choices
 from test_train_step import buffers, fast_context
 
+from dsp_fast.config import FastConfig
 from dsp_fast.engine.features import apply_compile, build_models, scheduled_lr
-from dsp_fast.engine.options import FastOptions
-from dsp_fast.engine.runner import value_checks_wanted
 from dsp_fast.engine.step import read_stats, train_step
+from dsp_fast.engine.trainer import value_checks_wanted
 from dsp_fast.kernels import set_value_checks
 
 
@@ -38,7 +38,7 @@ def test_compiled_step_matches_eager(mode, monkeypatch):
             ctx.compiled_losses = apply_compile(mode, s, t)
         ctx.set_schedule_(3, scheduled_lr(cfg.optim, 3, cfg.train.max_steps))
         torch._dynamo.utils.counters.clear()
-        set_value_checks(value_checks_wanted(FastOptions(compile=mode if compiled else "off"), torch.device("cpu")))
+        set_value_checks(value_checks_wanted(FastConfig(compile=mode if compiled else "off"), torch.device("cpu")))
         try:
             train_step(ctx, buffers(batch, ch))
         finally:

@@ -113,8 +113,10 @@ def test_fast_section_and_its_flags(tmp_path):
     cfg = load_config(_write(tmp_path, "fast:\n  keep_last: 5\n  amp: bf16\n"))
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
-    cfg, opts = apply_cli_args(cfg, parser.parse_args(["--amp", "fp32", "--no-graphs", "--resume"]))
-    assert (opts.amp, opts.cuda_graphs, opts.keep_last, opts.resume) == ("fp32", False, 5, "auto")  # preset kept
+    args = parser.parse_args(["--amp", "fp32", "--no-graphs", "--resume"])
+    cfg = apply_cli_args(cfg, args)
+    opts = cfg.fast
+    assert (opts.amp, opts.cuda_graphs, opts.keep_last, args.resume) == ("fp32", False, 5, "auto")  # preset kept
     assert (cfg.fast.amp, cfg.fast.cuda_graphs, cfg.fast.channels_last) == ("fp32", False, True)  # saved as run
     with pytest.raises(ConfigError, match=r"fast\.image_every"):
         apply_cli_args(cfg, parser.parse_args(["--image-every", "-1"]))
@@ -194,8 +196,8 @@ def test_a_step_graphs_cannot_capture_is_refused_unless_graphs_are_off(tmp_path,
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
     overrides = [f for f in flags if "=" in f]
-    cfg, _ = apply_cli_args(load_config(None, [*overrides, "fast.cuda_graphs=false"]),
-                            parser.parse_args([f for f in flags if "=" not in f]))
+    cfg = apply_cli_args(load_config(None, [*overrides, "fast.cuda_graphs=false"]),
+                         parser.parse_args([f for f in flags if "=" not in f]))
     assert not cfg.fast.cuda_graphs
     FastConfig(amp="fp16", optimizer="foreach", cuda_graphs=False)  # eager: fine
 

@@ -118,8 +118,8 @@ def test_trainer_prepares_the_configured_roots_at_the_configured_sizes_once(synt
     said: list[str] = []
 
     def resolve(*extra: str) -> tuple[str, str]:
-        cfg, opts = apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache)), *extra)))
-        return resolve_data(cfg, opts, say=said.append)
+        cfg = apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache)), *extra)))
+        return resolve_data(cfg, say=said.append)
 
     src, tgt = resolve()
     # named after the root, the size, the format (and the format version; the source also after its long-tail set)
@@ -174,7 +174,7 @@ def test_a_corrupt_source_image_is_named_by_both_trainers(synthetic_root, tmp_pa
     assert not (tmp_path / "runs").exists()
     good = os.path.join(gta, "images", sorted(os.listdir(os.path.join(gta, "images")))[0])
     shutil.copy(good, bad)  # the file replaced: the next run prepares just that one and goes on
-    data = resolve_data(*apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache))))))
+    data = resolve_data(apply_cli_args(*_cfg_and_args(real_args(gta, cs, tmp_path, *fast_only(str(cache))))))
     assert data[0] == str(prepared_src)
     assert len(os.listdir(prepared_src / "images")) == 4
     with open(bad, "r+b") as f:

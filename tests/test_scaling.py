@@ -22,9 +22,9 @@ from test_train_step import buffers, fast_context
 from dsp_fast.config import ConfigError
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.features import apply_ddp, build_models, scheduled_lr
-from dsp_fast.engine.loop import loss_settings
 from dsp_fast.engine.step import read_stats, train_step
 from dsp_fast.engine.sync import convert_global_bn, per_rank_batch
+from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.method import DeviceChoices
 
 CPU = torch.device("cpu")

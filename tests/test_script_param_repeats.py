@@ -21,7 +21,7 @@ import torch
 from dsp_fast import reference
 from dsp_fast.config import Config, ConfigError, FastConfig, ModelConfig, OptimConfig
 from dsp_fast.engine.features import RepeatedSGD, build_optimizer
-from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.engine.options import OptionsError
 from dsp_fast.models import DeepLabV2, build_model, script_backbone_listing, script_multiplicity
 
 CPU = torch.device("cpu")
@@ -101,8 +101,8 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, grads_per_step: lis
 
 
 def _fast(cfg: Config, model: torch.nn.Module, optimizer: str = "fused", device_lr: bool = False):
-    opts = FastOptions(amp="fp32", optimizer=optimizer, cuda_graphs=False)  # foreach: no graph (refused with one)
-    return build_optimizer(cfg, model, opts, CPU, device_lr=device_lr)[0]
+    fast = FastConfig(amp="fp32", optimizer=optimizer, cuda_graphs=False)  # foreach: no graph (refused with one)
+    return build_optimizer(cfg, model, fast, CPU, device_lr=device_lr)[0]
 
 
 @pytest.mark.parametrize("trainer", ["fused", "fused_device_lr", "foreach", "reference"])
@@ -223,8 +223,8 @@ def test_config_refuses(make, names):
         make(True)
 
 
-@pytest.mark.parametrize("opts, names", [(FastOptions(amp="fp16", cuda_graphs=False), "fast.amp fp16"),
-                                         (FastOptions(optimizer="apex", cuda_graphs=False), "fast.optimizer apex")])
+@pytest.mark.parametrize("opts, names", [(FastConfig(amp="fp16", cuda_graphs=False), "fast.amp fp16"),
+                                         (FastConfig(optimizer="apex", cuda_graphs=False), "fast.optimizer apex")])
 def test_fast_options_refused(opts, names):
     """fp16 or apex given on the command line (not in the config): refused when the optimizer is built."""
     cfg = repeats_cfg()

@@ -14,10 +14,10 @@ from test_method_equivalence import SCRIPT_DSP, H, W, make_batch, make_cfg, make
 from test_train_step import buffers, with_repeats
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from dsp_fast.config import FastConfig
 from dsp_fast.engine.features import build_grad_scaler, build_models, build_optimizer, make_normalize
-from dsp_fast.engine.loop import loss_settings
-from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
+from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.kernels import force_twins, set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices, mmd_term
 
@@ -27,7 +27,7 @@ AMP = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @pytest.fixture
 def value_checks_off():
-    """As the CUDA path runs (engine.runner.configure_backends): the kernels' label-value checks off."""
+    """As the CUDA path runs (engine.trainer.configure_backends): the kernels' label-value checks off."""
     set_value_checks(False)
     yield
     set_value_checks(True)
@@ -36,7 +36,7 @@ def value_checks_off():
 def cuda_like_context(cfg, student, teacher, amp: torch.dtype, device: torch.device) -> StepContext:
     """The step's context as the CUDA path builds it: fused SGD with a device-tensor lr that reads found_inf on
     the device, autocast's weight cache off (as under graph capture)."""
-    opt, device_skip = build_optimizer(cfg, student, FastOptions(amp="fp32", optimizer="fused"), device,
+    opt, device_skip = build_optimizer(cfg, student, FastConfig(amp="fp32", optimizer="fused"), device,
                                        device_lr=True)
     assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
     return StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", device), amp,

@@ -19,7 +19,7 @@ from PIL import Image
 from test_method_equivalence import B, H, K, W, make_batch, make_cfg, make_choices, to_device_choices
 
 from dsp_fast import reference
-from dsp_fast.config import Config, DSPConfig
+from dsp_fast.config import Config, DSPConfig, FastConfig
 from dsp_fast.engine.features import (
     apply_channels_last,
     build_grad_scaler,
@@ -28,10 +28,9 @@ from dsp_fast.engine.features import (
     make_normalize,
     scheduled_lr,
 )
-from dsp_fast.engine.loop import loss_settings
 from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
-from dsp_fast.engine.options import FastOptions
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
+from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices
 from dsp_fast.models import build_model, normalize_input
@@ -40,7 +39,7 @@ CPU = torch.device("cpu")
 
 
 def fast_context(cfg, student, teacher, optimizer: str = "fused", channels_last: bool = False) -> StepContext:
-    opts = FastOptions(amp="fp32", channels_last=channels_last, cuda_graphs=False, optimizer=optimizer)
+    opts = FastConfig(amp="fp32", channels_last=channels_last, cuda_graphs=False, optimizer=optimizer)
     if channels_last:
         apply_channels_last(student, teacher)
     opt, device_skip = build_optimizer(cfg, student, opts, CPU)
@@ -175,8 +174,8 @@ def test_normalize_constants_give_the_same_bits(kind):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_step_matches_eager_step():
-    """NOT YET RUN ON A GPU. Same init, same batches, same choice generator: the captured and replayed step must
-    give the eager step's losses and weights. Tolerance: CUDA's bilinear-upsample backward accumulates with
+    """Same init, same batches, same choice generator: the captured and replayed step must give the eager step's
+    losses and weights. Tolerance: CUDA's bilinear-upsample backward accumulates with
     atomics, so two eager runs already differ in the last bits and the differences grow over the steps; the graphed
     run may differ from eager by at most 4x the largest eager-vs-eager difference, plus 1e-6 (fp32 rounding)."""
     from dsp_fast.engine.graphs import GraphedStep
@@ -193,7 +192,7 @@ def test_graphed_step_matches_eager_step():
         torch.manual_seed(0)
         student = build_model(cfg.model).to(dev)
         teacher = copy.deepcopy(student).requires_grad_(False)
-        opts = FastOptions(amp="fp32", channels_last=True, optimizer="fused")
+        opts = FastConfig(amp="fp32", channels_last=True, optimizer="fused")
         apply_channels_last(student, teacher)
         opt, device_skip = build_optimizer(cfg, student, opts, dev)
         ctx = StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", dev),

@@ -1,13 +1,14 @@
 """dsp_fast.engine: the pieces of the fast trainer (`python -m dsp_fast.train`), one module per concern.
 
-    options      FastOptions: the trainer's flags (AMP, channels_last, graphs, data backend, resume, ...)
+    options      the command-line flags over the config's `fast:` section, the AMP dtype, whether graphs are on
     step         the DSP step as a plain function over static buffers (no host sync), device-side choices
     features     channels_last, fused SGD with a device lr, GradScaler, DDP, input normalisation
-    graphs       CUDA-graph capture of the step (CUDA only; NOT YET RUN ON A GPU)
+    graphs       CUDA-graph capture of the step (CUDA only)
     checkpoint   exact-resume checkpoints (weights_only), keep-last-K, best
     data         prepared folders (the synthetic shift prepared once, cached) and the step-indexed loader
     monitor      progress line, TensorBoard (optional), image grids
     distributed  torchrun process group (gloo / NCCL) and teardown
-    loop         one training run: setup, the loop, evaluation, checkpoints
+    trainer      Trainer: models, optimizer, buffers, graphs, loader, run state; step, state_dict, close
+    loop         one training run over the Trainer: logging, the guard, evaluation, checkpoints
     runner       the job: source-only and DSP runs, the target-mIoU table
 """

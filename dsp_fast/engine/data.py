@@ -21,12 +21,11 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from dsp_fast.config import Config
+from dsp_fast.config import Config, FastConfig
 from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.build import check_data, dataset_roots
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
-from dsp_fast.engine.options import FastOptions, OptionsError
-from dsp_fast.engine.sync import per_rank_batch
+from dsp_fast.engine.options import OptionsError
 from dsp_fast.pipelines.prepared import FORMAT_VERSION, MANIFEST, OPTIONS
 
 PREPARED_SUBDIR = "prepared"
@@ -175,18 +174,18 @@ def check_prepared(cfg: Config, path: str, manifest: dict[str, Any], role: str, 
         raise rejects_error(path, manifest["rejects"], len(manifest["stems"]) + len(manifest["rejects"]))
 
 
-def resolve_data(cfg: Config, opts: FastOptions, say=print, check_eval: bool = True) -> tuple[str, str]:
+def resolve_data(cfg: Config, say=print, check_eval: bool = True) -> tuple[str, str]:
     """Check every configured root (the eval split too, unless not `check_eval`), then the prepared (source,
-    target train) folders: given, or prepared now."""
-    d = cfg.data
-    check_data(cfg, source=not opts.prepared_source, target_train=not opts.prepared_target, eval_split=check_eval)
+    target train) folders: given (fast.prepared_source / prepared_target), or prepared now."""
+    d, fast = cfg.data, cfg.fast
+    check_data(cfg, source=not fast.prepared_source, target_train=not fast.prepared_target, eval_split=check_eval)
     src, tgt = "", ""
-    if opts.prepared_source:
-        src, m = find_prepared(opts.prepared_source, "--prepared-source", None)
+    if fast.prepared_source:
+        src, m = find_prepared(fast.prepared_source, "--prepared-source", None)
         kind = "synthia" if d.source == "synthia" else "gta5"
         check_prepared(cfg, src, m, "--prepared-source", kind, d.source_size, "data.source_size", None)
-    if opts.prepared_target:
-        tgt, m = find_prepared(opts.prepared_target, "--prepared-target", "train")
+    if fast.prepared_target:
+        tgt, m = find_prepared(fast.prepared_target, "--prepared-target", "train")
         check_prepared(cfg, tgt, m, "--prepared-target", "cityscapes", d.target_size, "data.target_size", "train")
     if not (src and tgt):
         own_src, own_tgt = prepare_from_roots(cfg, say, source=not src, target=not tgt)
@@ -195,12 +194,12 @@ def resolve_data(cfg: Config, opts: FastOptions, say=print, check_eval: bool = T
     return src, tgt
 
 
-def prepared_dirs(cfg: Config, opts: FastOptions, info: DistInfo, check_eval: bool = True) -> tuple[str, str]:
+def prepared_dirs(cfg: Config, info: DistInfo, check_eval: bool = True) -> tuple[str, str]:
     """The prepared (source, target) folders the loader reads, checked and (when needed) prepared on rank 0."""
     answer: tuple[str, object] | None = None
     if info.is_main:
         try:
-            answer = ("ok", resolve_data(cfg, opts, lambda msg: print(msg, flush=True), check_eval))
+            answer = ("ok", resolve_data(cfg, lambda msg: print(msg, flush=True), check_eval))
         except (DatasetError, OSError) as e:
             answer = ("error", str(e))
     answer = broadcast_object(answer, info)
@@ -209,17 +208,17 @@ def prepared_dirs(cfg: Config, opts: FastOptions, info: DistInfo, check_eval: bo
     return tuple(answer[1])  # type: ignore[return-value]
 
 
-def resolve_backend(opts: FastOptions, info: DistInfo) -> str:
+def resolve_backend(fast: FastConfig, info: DistInfo) -> str:
     """'auto': DALI where it can decode on the GPU and imports; the torch backend otherwise. An explicit 'dali'
     that does not import is an OptionsError (exit 2), not a traceback from deep inside the loader."""
-    if opts.data_backend == "dali":
+    if fast.data_backend == "dali":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
             raise OptionsError(f"--data-backend dali (fast.data_backend): NVIDIA DALI does not import here ({e}); "
                                "install nvidia-dali-cuda130 (or -cuda120), or use --data-backend torch") from None
-    if opts.data_backend != "auto":
-        return opts.data_backend
+    if fast.data_backend != "auto":
+        return fast.data_backend
     if info.device.type == "cuda":
         try:
             import nvidia.dali  # noqa: F401
@@ -229,15 +228,16 @@ def resolve_backend(opts: FastOptions, info: DistInfo) -> str:
     return "torch"
 
 
-def build_step_loader(cfg: Config, opts: FastOptions, info: DistInfo, dirs: tuple[str, str], start_step: int):
+def build_step_loader(cfg: Config, info: DistInfo, dirs: tuple[str, str], start_step: int, batch: int,
+                      backend: str):
     """The per-step batches of this rank from `start_step` on (the loader is step-indexed: resuming is exact):
-    data.batch_size / world_size images per domain (data.batch_size is the global batch)."""
+    `batch` images per domain (the trainer's per-rank share of data.batch_size, the global batch), read with
+    `backend` (resolve_backend's answer)."""
     from dsp_fast.pipelines import build_loaders
 
-    threads = opts.data_threads if opts.data_threads >= 0 else cfg.data.num_workers
+    threads = cfg.fast.data_threads if cfg.fast.data_threads >= 0 else cfg.data.num_workers
     return build_loaders(dirs[0], dirs[1], crop_size=cfg.data.crop_size,
-                         batch_size=per_rank_batch(cfg.data.batch_size, info.world_size),
-                         backend=resolve_backend(opts, info), device=info.device, rank=info.rank,
+                         batch_size=batch, backend=backend, device=info.device, rank=info.rank,
                          world_size=info.world_size, seed=cfg.train.seed, num_threads=threads,
                          long_tail_classes=cfg.dsp.long_tail_classes,
                          num_long_tail=cfg.dsp.num_long_tail if cfg.dsp.enabled else 0, start_step=start_step)

@@ -42,7 +42,7 @@ def init_distributed(device: torch.device) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=30)
-        # NOT YET RUN ON A GPU: device_id binds NCCL to this rank's GPU (eager init, no first-collective guessing).
+        # device_id binds NCCL to this rank's GPU (eager init, no first-collective guessing).
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         store = attempt_store(rank, world, timeout)
         if store is not None:

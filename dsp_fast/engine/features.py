@@ -1,6 +1,6 @@
-"""Features applied to the models and the optimizer, one function each, in the order `loop.setup` calls them:
-channels_last, the optimizer (fused SGD or AdamW with a device lr; optionally the authors' repeated SGD updates)
-and its lr schedule, the GradScaler, DDP, torch.compile, and the input normalisation.
+"""Features applied to the models and the optimizer, one function each, in the order engine/trainer.py's `Trainer`
+applies them: channels_last, the optimizer (fused SGD or AdamW with a device lr; optionally the authors' repeated
+SGD updates) and its lr schedule, the GradScaler, DDP, torch.compile, and the input normalisation.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsp_fast.config import Config, OptimConfig
+from dsp_fast.config import Config, FastConfig, OptimConfig
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.engine.options import OptionsError
 from dsp_fast.engine.step import compute_losses
 from dsp_fast.models import build_student_teacher, param_groups, script_multiplicity
 from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
@@ -30,7 +30,7 @@ def apply_channels_last(*models: nn.Module) -> None:
         m.to(memory_format=torch.channels_last)
 
 
-def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: torch.device,
+def build_optimizer(cfg: Config, model: nn.Module, opts: FastConfig, device: torch.device,
                     device_lr: bool | None = None) -> tuple[torch.optim.Optimizer, bool]:
     """SGD or AdamW (`optim.algorithm`) over the model's parameter groups; returns (optimizer, device_skip).
 
@@ -51,7 +51,7 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
         if o.algorithm != "sgd":
             raise SystemExit(f"--optimizer apex: only with optim.algorithm sgd (got {o.algorithm!r}); use fused")
         try:
-            from apex.optimizers import FusedSGD  # NOT YET RUN: apex is not installable on the CPU machine
+            from apex.optimizers import FusedSGD
         except ImportError as e:
             raise SystemExit(f"--optimizer apex: NVIDIA apex does not import ({e}); use --optimizer fused") from None
         return FusedSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay), False
@@ -61,7 +61,7 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastOptions, device: to
         for g in groups:
             g["lr"] = torch.tensor(g["lr"], dtype=torch.float32, device=device)
     if o.algorithm == "adamw":
-        # NOT YET RUN ON A GPU: capturable keeps Adam's step counters on the device and lets a CUDA graph capture
+        # capturable keeps Adam's step counters on the device and lets a CUDA graph capture
         # the step (Adam.step refuses a capture otherwise); fused reads the tensor lr and found_inf on the device.
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None,
                                 foreach=True if not fused else None, capturable=on_cuda)
@@ -119,7 +119,7 @@ def split_by_repeats(groups: list[dict], counts: dict[int, int]) -> list[dict]:
     return out
 
 
-def _check_repeats_options(opts: FastOptions) -> None:
+def _check_repeats_options(opts: FastConfig) -> None:
     # fused SGD divides p.grad by the GradScaler's scale in place (seen on CPU, torch 2.13): a second pass would
     # divide again. apex's FusedSGD is not a torch.optim.SGD, so RepeatedSGD cannot wrap it.
     if opts.amp == "fp16":
@@ -133,7 +133,7 @@ def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable
     """fast.compile: 'model' compiles both models' forward in place (state_dict keys unchanged); 'step' returns
     compute_losses compiled as one graph (teacher, mixing, student forwards, losses; autograd compiles its
     backward), to be put in StepContext.compiled_losses. Inductor's default mode: no CUDA graphs of its own, the
-    engine captures the whole step, SGD and EMA included (NOT YET RUN ON A GPU)."""
+    engine captures the whole step, SGD and EMA included."""
     if mode == "model":
         student.compile(dynamic=False)
         teacher.compile(dynamic=False)
@@ -172,7 +172,7 @@ def apply_ddp(model: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
     kwargs = {sync_kw: False, "find_unused_parameters": find_unused}
     if info.device.type != "cuda":
         return DDP(model, **kwargs)
-    # NOT YET RUN ON A GPU: DDP built on a side stream, as full-backward CUDA graph capture requires.
+    # DDP built on a side stream, as full-backward CUDA graph capture requires.
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

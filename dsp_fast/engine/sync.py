@@ -61,7 +61,7 @@ def convert_global_bn(model: nn.Module, device: torch.device | None = None) -> n
     buffers (the optimizer's and the checkpoint's tensors stay the same objects, the state_dict keys the same):
     torch.nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere. `model` itself must not be a BN layer."""
     if device is not None and device.type == "cuda":
-        # NOT YET RUN ON A GPU: torch's converter replaces the children in place and keeps parameters and buffers
+        # torch's converter replaces the children in place and keeps parameters and buffers
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):

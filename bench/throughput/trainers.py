@@ -1,14 +1,15 @@
 """The two trainers of the throughput comparison, built once and stepped in place: `ReferenceTrainer` (the naive
-trainer's loaders, `draw_choices` and `train_step`) and `FastTrainer` (the fast trainer's `setup`, step loader,
-`StepBuffers.load_`, `draw_choices_` and the graph-or-eager step runner of engine/graphs.py), plus the timer.
+trainer's loaders, `draw_choices` and `train_step`) and `FastBench` (the engine's `Trainer` itself: its `step`,
+its `backends()`, its `close`), plus the timer.
 
-Both step exactly as their own training loops do (dsp_fast/reference.py `train`, dsp_fast/engine/loop.py `_loop`);
-what each loop counts as data time is what `step()` returns as data wait:
+Both step exactly as their own training runs do (dsp_fast/reference.py `train`; the fast one is the object the
+training loop drives); what each counts as data time is what `step()` returns as data wait:
 - reference: its three DataLoader `next()` calls, `draw_choices` (long-tail crops decoded on the main thread) and
   the host-to-device copies, the span its own `train()` logs as `data_s`;
 - fast: the step loader's `next()` only; the copy into the static buffers and the device-side choices are compute.
-Process-wide switches each trainer's own run would set (cuDNN autotuning, the kernels' value checks, the kernels'
-dispatch for the "fused kernels off" ablation) are applied only while that trainer steps (`flags()`).
+Process-wide switches each trainer's own run would set (cuDNN autotuning, the kernels' value checks; for the fast
+one `Trainer.backends()`, and the kernels' dispatch for the "fused kernels off" ablation) are applied only while
+that trainer steps (`flags()`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import dataclasses
 import gc
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,16 +26,10 @@ import torch
 
 from dsp_fast import reference as ref
 from dsp_fast.config import Config
-from dsp_fast.engine.data import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.features import scheduled_lr
-from dsp_fast.engine.graphs import make_step_runner
-from dsp_fast.engine.loop import setup
-from dsp_fast.engine.monitor import NullLog
-from dsp_fast.engine.options import FastOptions
-from dsp_fast.engine.runner import value_checks_wanted
-from dsp_fast.engine.step import StepBuffers, draw_choices_, read_stats, train_step
-from dsp_fast.kernels import force_twins, set_value_checks
+from dsp_fast.engine.step import read_stats
+from dsp_fast.engine.trainer import Trainer
+from dsp_fast.kernels import force_twins
 
 
 def sync(device: torch.device) -> None:
@@ -113,79 +107,37 @@ class ReferenceTrainer:
         gc.collect()
 
 
-class FastTrainer:
-    """The fast trainer's `setup(...)` Run and step loader, stepped as engine/loop.py's `_loop` steps."""
+class FastBench:
+    """The engine's `Trainer` (the object `python -m dsp_fast.train` runs) as the comparison times it. It steps
+    nothing itself: `step` is `Trainer.step`, `flags()` the trainer's own `backends()` (plus the kernels' dispatch
+    of the "fused kernels off" variant), `close` the trainer's `close`."""
 
-    def __init__(self, cfg: Config, opts: FastOptions, info: DistInfo, data_dirs: tuple[str, str],
-                 name: str = "fast", twins: bool = False, say: Callable[[str], None] = print) -> None:
-        self.name, self.twins, self.say = name, twins, say
-        self.cfg, self.opts, self.info = cfg, opts, info
-        self._tmp = tempfile.TemporaryDirectory(prefix="dsp_bench_fast_")
-        self.run = setup(cfg, opts, info, self._tmp.name, NullLog(), None)
-        self.loader = build_step_loader(cfg, opts, info, data_dirs, 0)
-        self.backend = resolve_backend(opts, info)
-        self.graphs = opts.graphs_on(info.device) and self.run.ctx.device_skip
-        self.buf: StepBuffers | None = None
-        self.step_fn: Callable[[], None] | None = None
-        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size  # the global batch
-        self.step_index = 0
-
-    @property
-    def extra_warmup(self) -> int:
-        """Steps before the graph is captured and replayed (eager warm-up + the capture step)."""
-        return self.opts.graph_warmup + 1 if self.graphs else 0
+    def __init__(self, trainer: Trainer, name: str = "fast", twins: bool = False) -> None:
+        self.trainer, self.name, self.twins = trainer, name, twins
+        self.device = trainer.info.device
+        self.images_per_step = trainer.images_per_step
+        self.extra_warmup = trainer.warmup_steps  # the graph's eager warm-up and the capture step
+        self.step = trainer.step  # returns the time blocked on the loader
 
     @contextlib.contextmanager
     def flags(self) -> Iterator[None]:
-        """What runner.configure_backends sets for a fast run (cuDNN autotuning, value checks), and the
-        kernels' dispatch of this variant."""
-        saved = torch.backends.cudnn.benchmark
-        cuda = self.info.device.type == "cuda"
-        torch.backends.cudnn.benchmark = cuda and not self.opts.deterministic
-        set_value_checks(value_checks_wanted(self.opts, self.info.device))
-        try:
-            with force_twins(self.twins):
-                yield
-        finally:
-            torch.backends.cudnn.benchmark = saved
-            set_value_checks(True)
-
-    def step(self) -> float:
-        """One fast step as the loop runs it; returns the time blocked on the loader."""
-        run, cfg = self.run, self.cfg
-        t0 = time.perf_counter()
-        batch = next(self.loader)
-        wait = time.perf_counter() - t0
-        if self.buf is None:
-            self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, self.opts.channels_last,
-                                                       cfg.dsp.paste_ignore_label)
-            ctx = run.ctx
-            self.step_fn = make_step_runner(lambda: train_step(ctx, buf), self.graphs, self.opts.graph_warmup, self.say)
-        self.buf.load_(batch)
-        draw_choices_(self.buf.choices, run.gen, cfg.dsp)
-        run.ctx.set_schedule_(self.step_index, scheduled_lr(cfg.optim, self.step_index, cfg.train.max_steps))
-        self.step_fn()
-        self.step_index += 1
-        return wait
+        with self.trainer.backends(), force_twins(self.twins):
+            yield
 
     def check(self) -> None:
         """One host read (outside the timed region): the steps so far were finite, as the loop's guard checks."""
-        means, skipped, _ = read_stats(self.run.ctx)
+        means, skipped, _ = read_stats(self.trainer.ctx)
         if skipped:
             raise FloatingPointError(f"{self.name}: {skipped} steps had a non-finite loss or gradient ({means})")
 
     def close(self) -> None:
-        """Loader first, then the DDP wrapper before any process-group teardown (gloo aborts at exit otherwise)."""
-        with contextlib.suppress(Exception):
-            self.loader.close()
-        if self.run.ctx is not None:
-            self.run.ctx.student = None  # type: ignore[assignment]
-        self.run.ctx = None  # type: ignore[assignment]
-        self.step_fn = self.buf = None
-        gc.collect()
-        if self.info.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self._tmp.cleanup()
+        self.trainer.close()
+
+
+def build_fast(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], name: str = "fast", twins: bool = False,
+               say: Callable[[str], None] = print) -> FastBench:
+    """The fast trainer of `cfg` (its `fast:` section holds every option), built as a training run builds it."""
+    return FastBench(Trainer(cfg, info, data_dirs, say=say), name, twins)
 
 
 @dataclasses.dataclass
@@ -228,7 +180,7 @@ def time_steps(trainer, steps: int, barrier: Callable[[], None] = lambda: None) 
 
 
 def trainer_device(trainer) -> torch.device:
-    return trainer.info.device if isinstance(trainer, FastTrainer) else trainer.device
+    return trainer.device
 
 
 def threads_note() -> str:

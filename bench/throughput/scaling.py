@@ -4,10 +4,11 @@ runs: strong scaling keeps the global batch (data.batch_size, the paper's settin
 scaling keeps the per-rank batch (global batch N x batch). Both are measured against the 1-process run at
 data.batch_size.
 
-The parent (`run_scaling`, called by bench/throughput.py) writes the resolved config and the fast options to a
-spec file and launches `torchrun -m bench.throughput_scaling --worker SPEC --result OUT` once per world size;
-every rank builds the fast trainer (DDP when N > 1) on the prepared data of the parent, warms up, and times
-`rounds` regions of `steps` steps (a barrier before each); rank 0 writes the figures.
+The parent (`run_scaling`, called by bench/throughput/compare.py) writes the resolved config (its `fast:` section
+holds the fast trainer's options and the prepared folders) to a spec file and launches `torchrun -m
+bench.throughput.scaling --worker SPEC --result OUT` once per world size; every rank builds the engine's Trainer
+(DDP when N > 1) on the prepared data of the parent, warms up, and times `rounds` regions of `steps` steps (a
+barrier before each); rank 0 writes the figures.
 On CPU each process gets cpu_count // N threads in both runs (OMP_NUM_THREADS), so the 1-process baseline does not
 get more cores than one of the N processes: the figure is per-process parallel efficiency, not core scaling.
 """
@@ -27,10 +28,10 @@ import time
 import torch
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_scaling(args, cfg, opts, dirs: tuple[str, str], device: torch.device, say) -> dict:
+def run_scaling(args, cfg, dirs: tuple[str, str], device: torch.device, say) -> dict:
     n = args.scaling
     if device.type == "cuda" and torch.cuda.device_count() < n:
         reason = (f"skipped: {torch.cuda.device_count()} GPU(s) here, NCCL needs one GPU per process "
@@ -39,22 +40,21 @@ def run_scaling(args, cfg, opts, dirs: tuple[str, str], device: torch.device, sa
         return {"status": "skipped", "reason": reason}
     threads = max(1, (os.cpu_count() or 1) // n) if device.type == "cpu" else int(os.environ.get("OMP_NUM_THREADS",
                                                                                                   "4"))
-    opts = dataclasses.replace(opts, prepared_source=dirs[0], prepared_target=dirs[1])
+    fast = dataclasses.replace(cfg.fast, prepared_source=dirs[0], prepared_target=dirs[1])
     out: dict = {"status": "measured", "backend": "nccl" if device.type == "cuda" else "gloo",
                  "threads_per_process": threads, "processes": n, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="dsp_throughput_scaling_") as tmp:
         b = cfg.data.batch_size
         for key, world, batch in (("1", 1, b), ("strong", n, b), ("weak", n, n * b)):
             spec = os.path.join(tmp, f"spec_{key}.yaml")
-            run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
+            run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch), fast=fast)
             with open(spec, "w") as f:
-                yaml.safe_dump({"config": _plain(run_cfg.to_dict()), "options": dataclasses.asdict(opts),
-                                "device": device.type, "rounds": args.rounds, "steps": args.steps,
-                                "warmup": args.warmup}, f)
+                yaml.safe_dump({"config": _plain(run_cfg.to_dict()), "device": device.type, "rounds": args.rounds,
+                                "steps": args.steps, "warmup": args.warmup}, f)
             say(f"[scaling] {key}: {world} process(es), global batch {batch}, {threads} thread(s) each: torchrun")
             result = os.path.join(tmp, f"{key}.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                   "-m", "bench.throughput_scaling", "--worker", spec, "--result", result]
+                   "-m", "bench.throughput.scaling", "--worker", spec, "--result", result]
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
             t0 = time.perf_counter()
             try:
@@ -87,10 +87,9 @@ def _plain(obj):
 
 
 def worker(spec_path: str, result_path: str) -> int:
-    from bench.throughput_trainers import FastTrainer, time_steps, warm_up
+    from bench.throughput.trainers import build_fast, time_steps, warm_up
     from dsp_fast.config import load_config
     from dsp_fast.engine.distributed import barrier, init_distributed, teardown
-    from dsp_fast.engine.options import FastOptions
 
     with open(spec_path) as f:
         spec = yaml.safe_load(f)
@@ -98,12 +97,11 @@ def worker(spec_path: str, result_path: str) -> int:
     with open(tmp_cfg, "w") as f:
         yaml.safe_dump(spec["config"], f)
     cfg = load_config(tmp_cfg)
-    opts = FastOptions(**spec["options"])
     info = init_distributed(torch.device(spec["device"]))
     fast = None
     try:
-        dirs = (opts.prepared_source, opts.prepared_target)
-        fast = FastTrainer(cfg, opts, info, dirs, say=lambda m: print(m, flush=True) if info.is_main else None)
+        dirs = (cfg.fast.prepared_source, cfg.fast.prepared_target)
+        fast = build_fast(cfg, info, dirs, say=lambda m: print(m, flush=True) if info.is_main else None)
         warm_up(fast, spec["warmup"] + fast.extra_warmup)
         rows = [time_steps(fast, spec["steps"], barrier=lambda: barrier(info)).row(fast.images_per_step)
                 for _ in range(spec["rounds"])]
@@ -122,7 +120,7 @@ def worker(spec_path: str, result_path: str) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m bench.throughput_scaling", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.throughput.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--worker", required=True, help="spec file written by run_scaling")
     p.add_argument("--result", required=True)
     a = p.parse_args()

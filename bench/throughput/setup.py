@@ -19,12 +19,11 @@ from collections.abc import Iterator
 
 import torch
 
-from bench._env import environment
 from bench.flops import image_flops, matmul_rate
+from bench.result_schema import result_env
 from dsp_fast.config import Config, load_config
 from dsp_fast.engine.data import prepared_dirs
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import FastOptions
 
 LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays positive however many steps are timed
 
@@ -60,10 +59,10 @@ def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[str
         yield root, src, os.path.join(tgt, "train")
 
 
-def fast_data_dirs(cfg: Config, opts: FastOptions, info: DistInfo) -> tuple[str, str]:
+def fast_data_dirs(cfg: Config, info: DistInfo) -> tuple[str, str]:
     """The prepared folders the fast trainer reads (prepared and cached for the synthetic shift); the bench never
     evaluates, and its paper-size data has no labelled split."""
-    return prepared_dirs(cfg, opts, info, check_eval=False)
+    return prepared_dirs(cfg, info, check_eval=False)
 
 
 def step_flops(cfg: Config, device: torch.device) -> dict[str, float | str]:
@@ -94,7 +93,9 @@ def matrix_rate(device: torch.device) -> dict[str, float | str]:
 
 
 def provenance(device: torch.device) -> dict[str, str | None]:
-    env = environment(str(device))
+    """The result's `env` (bench/result_schema.py) with what else changes a throughput figure: DALI's version and
+    the thread settings; the caller sets the command."""
+    env = result_env(str(device), command="")
     try:
         env["dali"] = importlib.import_module("nvidia.dali").__version__
     except ImportError:

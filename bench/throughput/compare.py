@@ -4,7 +4,7 @@
     python -m bench.throughput --config gta2cs --data paper --data-backend torch   # GPU, paper config
     python -m bench.throughput --smoke --out /tmp/x              # CI-sized: 2 warm-up + 2 timed steps, 1 round
 
-Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput_trainers.py).
+Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput/trainers.py).
 After each trainer's warm-up (the fast one's also covers the CUDA-graph warm-up and capture), `--rounds` rounds
 each time `--steps` steps of one trainer then of the other (the order swaps every round), so a drifting machine
 load hits both; figures are medians over rounds and the headline is the median of the per-round ratios fast /
@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import json
 import math
 import os
 import statistics
@@ -38,9 +37,11 @@ import time
 
 import torch
 
-from bench.throughput_report import print_summary, write_chart
-from bench.throughput_scaling import run_scaling
-from bench.throughput_setup import (
+from bench._env import RESULTS_DIR
+from bench.result_schema import command_line, write_result
+from bench.throughput.report import print_summary, write_chart
+from bench.throughput.scaling import run_scaling
+from bench.throughput.setup import (
     build_config,
     device_tag,
     fast_data_dirs,
@@ -50,14 +51,15 @@ from bench.throughput_setup import (
     provenance,
     step_flops,
 )
-from bench.throughput_trainers import FastTrainer, ReferenceTrainer, threads_note, time_steps, warm_up
+from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
+from dsp_fast.config import FastConfig
 from dsp_fast.engine.data import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import FastOptions, OptionsError
+from dsp_fast.engine.options import OptionsError, amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = RESULTS_DIR
 ABLATIONS = ("dali", "kernels", "channels_last", "amp", "graphs")
 
 
@@ -69,13 +71,13 @@ class Variant:
     twins: bool = False
 
 
-def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
+def ablation_variant(key: str, fast: FastBench) -> Variant | str:
     """The variant with `key` turned off, or why it is n/a here (the fast trainer does not use it on this device)."""
-    dev, o = fast.info.device, fast.opts
+    dev, o, backend = fast.device, fast.trainer.cfg.fast, fast.trainer.backend
     where = "on CPU" if dev.type == "cpu" else f"on {dev}"
     if key == "dali":
-        if fast.backend != "dali":
-            return f"n/a {where}: the fast trainer reads with the {fast.backend!r} backend here"
+        if backend != "dali":
+            return f"n/a {where}: the fast trainer reads with the {backend!r} backend here"
         return Variant(key, "DALI off (torch backend)", {"data_backend": "torch"})
     if key == "kernels":
         if fast.twins:
@@ -89,11 +91,11 @@ def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
             return "n/a: the fast trainer runs NCHW"
         return Variant(key, "channels_last off (NCHW)", {"channels_last": False})
     if key == "amp":
-        if o.amp_dtype(dev) == torch.float32:
+        if amp_dtype(o, dev) == torch.float32:
             return f"n/a {where}: the fast trainer computes in fp32 here (autocast off)"
         return Variant(key, "AMP off (fp32)", {"amp": "fp32"})
     if key == "graphs":
-        if not fast.graphs:
+        if not fast.trainer.graphs:
             return f"n/a {where}: CUDA graphs need CUDA (and fused SGD)"
         return Variant(key, "CUDA graphs off (eager)", {"cuda_graphs": False})
     if key == "compile_on":  # torch.compile of steps 1-6: off by default, so this ablation turns it on
@@ -105,7 +107,7 @@ def ablation_variant(key: str, fast: FastTrainer) -> Variant | str:
             import nvidia.dali  # noqa: F401
         except ImportError:
             return "n/a: DALI does not import here"
-        if fast.backend == "dali":
+        if backend == "dali":
             return "n/a: the fast trainer already reads with DALI"
         return Variant(key, "DALI on instead of torch", {"data_backend": "dali"})
     raise ValueError(f"unknown ablation {key!r}")
@@ -139,7 +141,7 @@ def summarise(rows: list[dict], flops: float, rate: float) -> dict:
     return {**med, "rounds": rows}
 
 
-def run_ablations(keys: list[str], fast: FastTrainer, make_fast, args, flops: float, rate: float,
+def run_ablations(keys: list[str], fast: FastBench, make_fast, args, flops: float, rate: float,
                   say, save=lambda partial: None) -> list[dict]:
     """Each variant alternated with the full fast trainer; `save` sees the rows after every round and variant."""
     out: list[dict] = []
@@ -210,51 +212,53 @@ def main(argv: list[str] | None = None) -> int:
     args.ablations = [a for a in args.ablations if a != "-"]
     device = resolve_device(args.device)
     try:
-        resolve_backend(FastOptions(data_backend=args.data_backend), DistInfo(device=device))
+        resolve_backend(FastConfig(data_backend=args.data_backend), DistInfo(device=device))
     except OptionsError as e:  # e.g. --data-backend dali where DALI does not import: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        overrides, opts = list(args.overrides), FastOptions(data_backend=args.data_backend, image_every=0,
-                                                             tensorboard=False)
+        overrides, fast = list(args.overrides), {"data_backend": args.data_backend, "image_every": 0,
+                                                  "tensorboard": False}
         if args.data == "paper":
             root, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
             overrides = [*paper_overrides(root), *overrides]
-            opts = dataclasses.replace(opts, prepared_source=src, prepared_target=tgt)
+            fast.update(prepared_source=src, prepared_target=tgt)
         cfg = build_config(args.config, overrides, args.arch, args.crop, str(device))
+        cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, **fast))
         path = result_path(args.out, device, args.tag or ("smoke" if args.smoke else ""))
-        result = measure(args, cfg, opts, device, save=lambda partial: dump_json(partial, path))
+        result = measure(args, cfg, device, save=lambda partial: dump_json(partial, path))
     write_results(result, path, args.chart)
     print_summary(result)
     print(f"wrote {path}" + (f" and {path[:-5]}.png" if args.chart else ""))
     return 0
 
 
-def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.device,
-            save=lambda partial: None) -> dict:
+def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda partial: None) -> dict:
     """The comparison; `save` receives an incomplete result after every timed round (written to the final path,
     `"complete": false`, so a run cut short by a timeout keeps what it measured)."""
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     info = DistInfo(device=device)
     load_start = os.getloadavg()  # other jobs share this machine: recorded beside the figures
-    dirs = fast_data_dirs(cfg, opts, info)
+    opts = cfg.fast  # every option of the fast trainer: the config's own `fast:` section
+    dirs = fast_data_dirs(cfg, info)
     say(f"config: {cfg.model.arch}, crop {cfg.data.crop_size}, batch {cfg.data.batch_size}, {device}, "
         f"{threads_note()}; counting FLOPs and measuring the matmul rate")
     flops, rate = step_flops(cfg, device), matrix_rate(device)
     f_step, r = float(flops["step"]), float(rate["flops_per_s"])
     t0 = time.perf_counter()
     ref = ReferenceTrainer(cfg, device)
-    fast = FastTrainer(cfg, opts, info, dirs, twins=args.twins, say=say)
+    fast = build_fast(cfg, info, dirs, twins=args.twins, say=say)
 
     def make_fast(v):
-        return FastTrainer(cfg, dataclasses.replace(opts, **v.opts), info, dirs, name=f"fast-{v.key}",
-                           twins=v.twins or args.twins, say=say)
+        variant = dataclasses.replace(cfg, fast=dataclasses.replace(opts, **v.opts))
+        return build_fast(variant, info, dirs, name=f"fast-{v.key}", twins=v.twins or args.twins, say=say)
 
-    say(f"built both trainers in {time.perf_counter() - t0:.1f} s (fast: {fast.backend} backend, "
-        f"amp {opts.amp_dtype(device)}, channels_last {opts.channels_last}, graphs {fast.graphs}); warming up")
+    say(f"built both trainers in {time.perf_counter() - t0:.1f} s (fast: {fast.trainer.backend} backend, "
+        f"amp {amp_dtype(opts, device)}, channels_last {opts.channels_last}, graphs {fast.trainer.graphs}); "
+        "warming up")
     warm_up(ref, args.warmup)
     warm_up(fast, args.warmup + fast.extra_warmup)
-    env = {**provenance(device), "command": " ".join(["python -m bench.throughput", *sys.argv[1:]]),
+    env = {**provenance(device), "command": command_line("python -m bench.throughput"),
            "load_average_1_5_15_start": load_start}
 
     def save_partial(**rows) -> None:
@@ -273,7 +277,7 @@ def measure(args: argparse.Namespace, cfg, opts: FastOptions, device: torch.devi
                                                       headline=headline, ablation=abl))
     fast.close()
     share_of_gain(ablation, headline)
-    scaling = run_scaling(args, cfg, opts, dirs, device, say) if args.scaling > 1 else {"status": "skipped"}
+    scaling = run_scaling(args, cfg, dirs, device, say) if args.scaling > 1 else {"status": "skipped"}
     return {
         "complete": True,
         "env": {**env, "load_average_1_5_15_end": os.getloadavg()},
@@ -304,10 +308,7 @@ def result_path(out: str, device: torch.device, tag: str) -> str:
 
 
 def dump_json(result: dict, path: str) -> None:
-    """Written whole to a temporary name, then renamed: a kill mid-write never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    write_result(path, result)  # the one results schema (bench/result_schema.py), written atomically
 
 
 def write_results(result: dict, path: str, chart: bool = True) -> None:

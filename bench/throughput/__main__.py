@@ -1,0 +1,5 @@
+import sys
+
+from bench.throughput.compare import main
+
+sys.exit(main())

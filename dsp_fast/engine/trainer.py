@@ -1,0 +1,250 @@
+"""The fast trainer as one object: models, optimizer, step context, static buffers, the graph-or-eager step runner,
+the step-indexed loader and the run state, with `step()`, `state_dict()` / `load_state_dict()` (the checkpoint
+payload built and restored here only) and one `close()`. `engine/loop.py` (what `python -m dsp_fast.train`
+runs), `bench.throughput`, `bench.profile_step` and the scaling workers all drive this object, so a speed figure
+is the training run's own.
+
+Each setting is decided once, here: the per-rank batch, the autocast dtype and whether graphs are on
+(`options.graphs_on`), the data backend; the process-wide backend switches in `configure_backends`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dsp_fast.augment import blur_kernel_shape
+from dsp_fast.config import Config, FastConfig
+from dsp_fast.engine import checkpoint as ckpt_io
+from dsp_fast.engine.data import build_step_loader, resolve_backend
+from dsp_fast.engine.distributed import DistInfo, gather_objects
+from dsp_fast.engine.features import (
+    apply_channels_last,
+    apply_compile,
+    apply_ddp,
+    build_grad_scaler,
+    build_models,
+    build_optimizer,
+    make_normalize,
+    scheduled_lr,
+)
+from dsp_fast.engine.graphs import make_step_runner
+from dsp_fast.engine.monitor import NullLog
+from dsp_fast.engine.options import amp_dtype, graphs_on
+from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, train_step
+from dsp_fast.engine.sync import convert_global_bn, gather_rows, per_rank_batch, sum_over_ranks
+from dsp_fast.kernels import _common as kernel_flags
+from dsp_fast.kernels import set_value_checks
+from dsp_fast.method import LossSettings
+from dsp_fast.models import PROJECTION_ROOT
+
+
+def value_checks_wanted(fast: FastConfig, device: torch.device) -> bool:
+    """The kernels' label-value check reads a flag on the host after every launch: a sync on CUDA, a graph break
+    under torch.compile. The prepared labels were checked when they were written and the pseudo-labels are
+    argmaxes, so the step skips it there and keeps it only in the eager CPU step."""
+    return device.type != "cuda" and fast.compile == "off"
+
+
+def configure_backends(fast: FastConfig, device: torch.device) -> None:
+    """The process-wide switches a fast run sets: determinism or cuDNN autotuning, and the kernels' value checks."""
+    if fast.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward ops have no deterministic twin
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once
+    set_value_checks(value_checks_wanted(fast, device))
+
+
+def loss_settings(cfg: Config, world_size: int = 1) -> LossSettings:
+    """The step's settings; with several ranks, the collectives that make it the step of the global batch."""
+    d = cfg.dsp
+    s = LossSettings(cfg.model.num_classes, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul,
+                     d.mmd_kernel_num, d.drop_target_soft_term, d.enabled,
+                     blur_kernel_shape(cfg.data.crop_size[1], cfg.data.crop_size[0]), d.kornia_hsv_quirk,
+                     d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label)
+    if world_size > 1:
+        s.world_size, s.sum_ranks, s.gather_rows = world_size, sum_over_ranks, gather_rows
+    return s
+
+
+def choice_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The device generator of the step's random choices: its own stream per rank, apart from model init."""
+    return torch.Generator(device=device).manual_seed(1_000_003 * (rank + 1) + seed)
+
+
+def freeze_projection(student: nn.Module) -> None:
+    """Source-only training returns the MMD features and drops them: no gradient ever reaches the projection (its
+    grads stay None, so the optimizer skips it, as before). Frozen, DDP registers no hook on it and needs no
+    find_unused_parameters traversal, whose cost and warning ("did not find any unused parameters": the dropped
+    features are in the forward's output) every source-only torchrun paid."""
+    inner = getattr(student, "module", student)
+    root = getattr(inner, "param_roots", (None, None, PROJECTION_ROOT))[2]
+    for p in inner.get_submodule(root).parameters():
+        p.requires_grad_(False)
+
+
+class Trainer:
+    """One model's fast training, stepped in place. `resume`: (path, checkpoint already read and checked by
+    checkpoint.load / check_compatible). `run_dir` is where checkpoints go ('' for a benchmark, which saves none);
+    `log` a FastRunLog on rank 0 (NullLog elsewhere and in benchmarks)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str = "",
+                 log: Any = None, resume: tuple[str, dict[str, Any]] | None = None,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.cfg, self.info, self.data_dirs, self.run_dir = cfg, info, data_dirs, run_dir
+        self.log = NullLog() if log is None else log
+        self._say = say
+        device, fast = info.device, cfg.fast
+        self.batch = per_rank_batch(cfg.data.batch_size, info.world_size)
+        self.backend = resolve_backend(fast, info)
+        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size  # the global batch
+        self.student, self.teacher = build_models(cfg, device)
+        if info.enabled:  # BN statistics over the global batch, the teacher's too (DSP_METHOD "Scaling out")
+            convert_global_bn(self.student, device)
+            convert_global_bn(self.teacher, device)
+        if fast.channels_last:
+            apply_channels_last(self.student, self.teacher)
+        self.optimizer, device_skip = build_optimizer(cfg, self.student, fast, device)
+        dtype = amp_dtype(fast, device)
+        scaler = build_grad_scaler(dtype, device)
+        self.gen = choice_generator(cfg.train.seed, info.rank, device)
+        self.graphs = graphs_on(fast, device)
+        self.step_index, self.best_miou, self.skipped_total = 0, -math.inf, 0
+        self.ctx: StepContext | None = None
+        self._scaler = scaler
+        if resume is not None:
+            self.load_state_dict(resume[1])
+        if not cfg.dsp.enabled:
+            freeze_projection(self.student)
+        ddp = apply_ddp(self.student, info, find_unused=False)
+        self.ctx = StepContext(loss_settings(cfg, info.world_size), ddp, self.teacher, self.optimizer,
+                               make_normalize(self.student.input_kind, device), dtype, scaler, cfg.dsp.ema_max,
+                               device_skip, sync_flag=info.enabled, autocast_cache=not self.graphs)
+        self.ctx.compiled_losses = apply_compile(fast.compile, self.student, self.teacher)
+        if resume is not None:
+            self.ctx.counts[2].fill_(int(resume[1]["consecutive_skipped"]))
+            self.say(f"resumed from {resume[0]} at step {self.step_index}")
+        self.loader = None  # built on the first step, from the step reached (the loader is step-indexed)
+        self.buf: StepBuffers | None = None
+        self.step_fn: Callable[[], None] | None = None
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps before the graph replays (its eager warm-up and the capture step); 0 when graphs are off."""
+        return self.cfg.fast.graph_warmup + 1 if self.graphs else 0
+
+    def say(self, msg: str) -> None:
+        if self._say is not None:
+            self._say(msg)
+        elif self.info.is_main:
+            print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def backends(self) -> Iterator[None]:
+        """`configure_backends` for the span of the block, restored after: a benchmark that alternates trainers in
+        one process gives each the switches its own run would set."""
+        saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled(), kernel_flags._value_checks)
+        torch.backends.cudnn.benchmark = False
+        configure_backends(self.cfg.fast, self.info.device)
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = saved[0]
+            torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+            set_value_checks(saved[3])
+
+    def step(self) -> float:
+        """One training step (at self.step_index, then advanced); returns the seconds blocked on the loader (the
+        copy into the static buffers and the device-side choices count as compute)."""
+        cfg = self.cfg
+        if self.loader is None:
+            self.loader = build_step_loader(cfg, self.info, self.data_dirs, self.step_index, self.batch, self.backend)
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        wait = time.perf_counter() - t0
+        if self.buf is None:
+            self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, cfg.fast.channels_last,
+                                              cfg.dsp.paste_ignore_label)
+            ctx = self.ctx
+            self.step_fn = make_step_runner(lambda: train_step(ctx, buf), self.graphs, cfg.fast.graph_warmup,
+                                            self.say)
+        self.buf.load_(batch)
+        draw_choices_(self.buf.choices, self.gen, cfg.dsp)
+        self.ctx.set_schedule_(self.step_index, scheduled_lr(cfg.optim, self.step_index, cfg.train.max_steps))
+        self.step_fn()
+        self.step_index += 1
+        return wait
+
+    def state_dict(self, all_ranks: bool = True) -> dict[str, Any]:
+        """The checkpoint payload at the step reached. all_ranks: every rank hands over its RNG states (a
+        collective: call it on every rank); otherwise this rank's only (best.pt: not for an exact resume)."""
+        rng = ckpt_io.rng_state(self.gen)
+        rng_all = gather_objects(rng, self.info) if all_ranks else [rng]
+        # skipped steps not yet folded in by a log step count too (a resumed run starts with none pending)
+        pending, consecutive = (int(v) for v in self.ctx.counts[1:].tolist())
+        return {"format": ckpt_io.FORMAT, "step": self.step_index, "student": self.student.state_dict(),
+                "teacher": self.teacher.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self._scaler.state_dict(), "rng": rng_all, "world_size": self.info.world_size,
+                "skipped_steps": self.skipped_total + pending, "consecutive_skipped": consecutive,
+                "best_miou": self.best_miou, "config": self.cfg.to_dict(),
+                "input_kind": getattr(self.student, "input_kind", "torchvision"),
+                "options": dataclasses.asdict(self.cfg.fast)}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Restore a checkpoint of this run. The constructor calls it before DDP wraps the student (the module's
+        own parameters are the ones restored either way)."""
+        self.student.load_state_dict(ckpt["student"])
+        self.teacher.load_state_dict(ckpt["teacher"])
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for g, lr in zip(self.optimizer.param_groups, lrs):  # keep our device lr tensors (the step fills them)
+            g["lr"] = lr
+        if ckpt.get("scaler"):
+            self._scaler.load_state_dict(ckpt["scaler"])
+        self._restore_rng(ckpt["rng"], int(ckpt["step"]))
+        self.step_index, self.best_miou = int(ckpt["step"]), float(ckpt["best_miou"])
+        self.skipped_total = int(ckpt["skipped_steps"])
+        if self.ctx is not None:  # the constructor fills it once the step context exists
+            self.ctx.counts[2].fill_(int(ckpt["consecutive_skipped"]))
+
+    def _restore_rng(self, rng: list[Any], step: int) -> None:
+        info = self.info
+        if len(rng) == info.world_size:
+            ckpt_io.restore_rng_state(rng[info.rank], self.gen)
+            return
+        # another world size: the data shards differ anyway; continue, but not bit for bit
+        self.gen.manual_seed(self.cfg.train.seed + 7919 * (step + 1) + info.rank)
+        if info.is_main:
+            print(f"resume: the checkpoint has {len(rng)} ranks, this run {info.world_size}: RNG streams reseeded, "
+                  "the run continues but not bit for bit", flush=True)
+
+    def close_loader(self) -> None:
+        """Stop the loader (its threads and workers) once the steps are done; a later step() builds a new one."""
+        if self.loader is not None:
+            with contextlib.suppress(Exception):
+                self.loader.close()
+            self.loader = None
+
+    def close(self) -> None:
+        """The loader first, then the DDP wrapper before any process-group teardown (gloo aborts at exit
+        otherwise), even while a traceback still holds frames that reference the step context."""
+        self.close_loader()
+        if self.ctx is not None:
+            self.ctx.student = None  # type: ignore[assignment]
+        self.ctx = None
+        self.step_fn = self.buf = None
+        gc.collect()
+        if self.info.device.type == "cuda":
+            torch.cuda.empty_cache()
