@@ -179,6 +179,7 @@ def test_a_missing_weights_file_stops_both_trainers_naming_the_field(synthetic_r
         err = capsys.readouterr().err
         assert "model.pretrained" in err and missing in err and "Traceback" not in err, err
     assert not list(tmp_path.rglob("*.pt"))  # no step was taken
+    assert not (tmp_path / "run").exists()  # refused before a run folder was made
 
 
 @pytest.mark.parametrize("flags, field", [(["--amp", "fp16"], "fast.amp"),

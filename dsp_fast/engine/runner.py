@@ -22,6 +22,7 @@ from dsp_fast.engine.options import OptionsError, graphs_on
 from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
+from dsp_fast.models import check_weights_file
 from dsp_fast.run_io import (
     format_final_report,
     format_final_table,
@@ -63,6 +64,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
     t0 = time.time()
     device = resolve_device(cfg.train.device)
     check_supported(cfg)
+    check_weights_file(cfg.model)  # before any data is prepared or any folder made
     runs = plan_runs(cfg)
     # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
     # before init_distributed, so every rank finds the same folder

@@ -7,6 +7,7 @@ Imports nothing of dsp_fast but the config, so data, evaluation and both trainer
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "WeightsError",
     "build_model",
     "build_student_teacher",
+    "check_weights_file",
     "count_parameters",
     "load_mit_pretrained",
     "load_pretrained",
@@ -47,6 +49,13 @@ __all__ = [
     "script_multiplicity",
     "set_bn_mode",
 ]
+
+
+def check_weights_file(cfg: ModelConfig) -> None:
+    """Before a trainer prepares data or makes a run folder: model.pretrained, when set, names a file (what the file
+    holds is checked when build_model loads it)."""
+    if cfg.pretrained and not os.path.isfile(cfg.pretrained):
+        raise WeightsError(f"config field 'model.pretrained': no such weights file: {cfg.pretrained}")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

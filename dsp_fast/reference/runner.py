@@ -26,7 +26,7 @@ from dsp_fast.config import Config, ConfigError, load_config, split_overrides
 from dsp_fast.data import SOURCE_RESAMPLE, DatasetError, load_or_build_class_index
 from dsp_fast.data.build import check_data, source_dataset, target_dataset
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou, target_iou
-from dsp_fast.models import build_student_teacher
+from dsp_fast.models import build_student_teacher, check_weights_file
 from dsp_fast.reference.choices import StepChoices, draw_choices
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
 from dsp_fast.reference.optim import build_optimizer
@@ -154,7 +154,8 @@ def run_eval(cfg: Config, model: torch.nn.Module, log: RunLog, step: int) -> tor
 def run(cfg: Config) -> dict[str, float]:
     """Check the data, train (and, with train.compare_source_only, a source-only twin run), evaluate, print the
     table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end."""
-    check_data(cfg)  # every root, split and layout now, not at the final evaluation
+    check_weights_file(cfg.model)  # the weights file and every data root, split and layout now, before any folder
+    check_data(cfg)
     runs = [("adapted (DSP)", cfg)]
     if cfg.train.compare_source_only and cfg.dsp.enabled:
         src_only = dataclasses.replace(cfg, dsp=dataclasses.replace(cfg.dsp, enabled=False))
