@@ -7,12 +7,15 @@
 
 `--config` takes a shipped preset's name (synthetic, gta2cs, synthia2cs) or a YAML file; flags and
 `section.field=value` overrides mix in any order. Data and run folders are relative to the current folder.
-Exit codes: 0 done; 2 bad config, flag, data or --resume target; 3 stopped after too many non-finite steps.
+Exit codes: 0 done; 2 bad config, flag, data or --resume target; 3 stopped after too many non-finite steps;
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after the step in flight, with a checkpoint and the resume command
+printed (SIGUSR1 writes a checkpoint and goes on; a second stop signal stops at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dsp_fast.config import Config, ConfigError, load_config, split_overrides
@@ -21,6 +24,7 @@ from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.loop import NonFiniteStop
 from dsp_fast.engine.options import OptionsError, add_cli_args, apply_cli_args
 from dsp_fast.engine.runner import resume_config, run_all
+from dsp_fast.engine.signals import StopRequested
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except StopRequested as e:  # every rank stopped at the same step; rank 0 tells the user
+        if os.environ.get("RANK", "0") == "0":
+            print(e.report(), file=sys.stderr, flush=True)
+        return e.exit_code
     return 0
 
 

@@ -10,5 +10,6 @@
     distributed  torchrun process group (gloo / NCCL) and teardown
     trainer      Trainer: models, optimizer, buffers, graphs, loader, run state; step, state_dict, close
     loop         one training run over the Trainer: logging, the guard, evaluation, checkpoints
+    signals      SIGINT / SIGTERM stop at a step boundary with a checkpoint; SIGUSR1 checkpoints
     runner       the job: source-only and DSP runs, the target-mIoU table
 """

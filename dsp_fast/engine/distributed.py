@@ -22,6 +22,8 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    host_group: Any = dataclasses.field(default=None, repr=False)
+    """A gloo group for small host-side agreements (distributed.agree_max) under NCCL; None: the default group."""
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +50,9 @@ def init_distributed(device: torch.device) -> DistInfo:
         if store is not None:
             kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timeout, **kwargs)
-    return DistInfo(rank, world, local, device)
+    # a host-side agreement over NCCL would copy to the GPU and wait for it: gloo keeps it on the CPUs
+    host = dist.new_group(backend="gloo") if world > 1 and dist.get_backend() == "nccl" else None
+    return DistInfo(rank, world, local, device, host)
 
 
 def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store | None:
@@ -99,6 +103,15 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree_max(values: list[int], info: DistInfo) -> list[int]:
+    """The element-wise maximum of `values` over the ranks, on every rank (a CPU all-reduce; no device sync)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.host_group)
+    return [int(v) for v in t.tolist()]
 
 
 def barrier(info: DistInfo) -> None:

@@ -2,11 +2,14 @@
 between steps (logging, the skipped-step guard, evaluation, image grids, checkpoints).
 
 Host reads of device values happen only on log steps, every `max_bad_steps` steps (the guard), and at
-checkpoints / evaluations; the step itself never syncs (see engine/step.py).
+checkpoints / evaluations; the step itself never syncs (see engine/step.py). A signal (engine/signals.py) is
+answered after each step's logging, evaluation and checkpoint: with several ranks, through one all-reduce of two
+ints on the CPUs per step, so that every rank stops (or checkpoints) at the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -18,8 +21,9 @@ from torch import nn
 from dsp_fast.data import DatasetError
 from dsp_fast.data.build import target_dataset
 from dsp_fast.engine import checkpoint as ckpt_io
-from dsp_fast.engine.distributed import gather_objects
+from dsp_fast.engine.distributed import agree_max, gather_objects
 from dsp_fast.engine.monitor import memory_figures, save_image_grid
+from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.step import read_stats
 from dsp_fast.engine.trainer import Trainer
 from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
@@ -29,12 +33,13 @@ class NonFiniteStop(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient: the run stopped (after a checkpoint)."""
 
 
-def save_checkpoint(run: Trainer) -> None:
+def save_checkpoint(run: Trainer) -> str:
     """A checkpoint at the step reached: every rank hands over its RNG states; rank 0 writes it and prunes to the
-    last K."""
+    last K. Returns its path (the one rank 0 writes, on every rank)."""
     payload = run.state_dict()
     if run.info.is_main:
         ckpt_io.save(run.run_dir, payload, run.cfg.fast.keep_last)
+    return os.path.join(run.run_dir, ckpt_io.checkpoint_name(run.step_index))
 
 
 def evaluate_target(run: Trainer, model: nn.Module | None = None) -> torch.Tensor:
@@ -47,12 +52,15 @@ def evaluate_target(run: Trainer, model: nn.Module | None = None) -> torch.Tenso
     return iou_from_confusion(conf)
 
 
-def train(run: Trainer, final_eval: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+def train(run: Trainer, final_eval: bool = True,
+          signals: StopSignals | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Train from run.step_index to train.max_steps; returns the final target IoU of the student (the figure
     reported) and of the teacher on rank 0 (None elsewhere, and without `final_eval`: a finished run resumed,
-    whose final figures are already recorded). The caller closes the trainer."""
+    whose final figures are already recorded). The caller closes the trainer. `signals`: the process's
+    StopSignals, answered at each step boundary (StopRequested after a checkpoint)."""
     if run.step_index < run.cfg.train.max_steps:
-        _loop(run)
+        with signals.armed() if signals is not None else contextlib.nullcontext():
+            _loop(run, signals)
     if run.info.enabled:
         check_ranks_in_sync(run)
     if not (run.info.is_main and final_eval):
@@ -74,7 +82,7 @@ def check_ranks_in_sync(run: Trainer) -> None:
         run.say(f"DDP check: weights {'identical' if same else 'DIFFER'} on the {len(digests)} ranks")
 
 
-def _loop(run: Trainer) -> None:
+def _loop(run: Trainer, signals: StopSignals | None) -> None:
     cfg, start = run.cfg, run.step_index
     run.log.start(cfg.train.max_steps, run.images_per_step, start)
     wait = 0.0
@@ -90,6 +98,8 @@ def _loop(run: Trainer) -> None:
                                    "(--resume continues it once the file is fixed)") from None
             if _between_steps(run, step + 1, wait):
                 wait = 0.0
+            if signals is not None:
+                answer_signals(run, signals, step + 1)
     finally:
         run.close_loader()
 
@@ -117,9 +127,33 @@ def _between_steps(run: Trainer, done: int, wait: float) -> bool:
         _periodic_eval(run, done)
     if opts.image_every and done % opts.image_every == 0 and cfg.dsp.enabled and run.info.is_main:
         save_image_grid(os.path.join(run.run_dir, "images", f"step_{done:08d}.png"), ctx, run.buf)
-    if last or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+    if checkpoint_due(run, done):
         save_checkpoint(run)
     return logged
+
+
+def checkpoint_due(run: Trainer, done: int) -> bool:
+    """Whether the periodic schedule writes a checkpoint after step `done` (the last step always)."""
+    every = run.cfg.train.checkpoint_every
+    return done == run.cfg.train.max_steps or bool(every and done % every == 0)
+
+
+def answer_signals(run: Trainer, signals: StopSignals, done: int) -> None:
+    """After step `done`: the signals any rank got, agreed by all; a stop writes a checkpoint (unless the schedule
+    has just written this step's), checks that the ranks agree, and raises StopRequested; a SIGUSR1 writes a
+    checkpoint and the run goes on."""
+    stop, asked = agree_max([signals.stop_signum, int(signals.take_checkpoint_request())], run.info)
+    if not (stop or asked):
+        return
+    path = os.path.join(run.run_dir, ckpt_io.checkpoint_name(done))
+    if not checkpoint_due(run, done):
+        path = save_checkpoint(run)
+    if not stop:
+        run.say(f"[signal] checkpoint at step {done}: {path}")
+        return
+    if run.info.enabled:
+        check_ranks_in_sync(run)
+    raise StopRequested(stop, f"at step {done} of {run.cfg.train.max_steps}, checkpoint {path}")
 
 
 def _periodic_eval(run: Trainer, done: int) -> None:

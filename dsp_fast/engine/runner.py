@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,6 +21,7 @@ from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, ini
 from dsp_fast.engine.loop import train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
 from dsp_fast.engine.options import OptionsError, graphs_on
+from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
@@ -60,7 +63,34 @@ def check_supported(cfg: Config) -> None:
 
 def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
     """Train every planned run in a new run folder (or the one `resume`, the invocation's --resume, continues);
-    returns {name: target mIoU} (on rank 0; empty elsewhere)."""
+    returns {name: target mIoU} (on rank 0; empty elsewhere). SIGINT / SIGTERM stop it with StopRequested
+    (engine/signals.py), which names the folder to resume."""
+    box: list[str | None] = [None]  # the run folder, once known
+    with StopSignals(announce=os.environ.get("RANK", "0") == "0") as signals:
+        try:
+            return _run_all(cfg, resume, signals, box)
+        except StopRequested as e:
+            top = box[0]
+            if top is not None and _has_checkpoint(top):
+                e.resume_dir = os.path.abspath(top)
+                e.resume_command = resume_command(e.resume_dir, int(os.environ.get("WORLD_SIZE", "1")))
+            raise
+
+
+def resume_command(run_dir: str, world_size: int) -> str:
+    """The command that continues `run_dir` from this folder: its saved config holds every setting (flags
+    included), and data paths in it are relative to the folder the run started from."""
+    train = ["-m", "dsp_fast.train", "--resume", run_dir]
+    if world_size == 1:
+        launcher = [sys.executable]
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size:
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"]
+    else:  # several nodes: the rendezvous options are the launcher's, not ours to guess
+        return f"cd {shlex.quote(os.getcwd())} && torchrun <the same options on every node> {shlex.join(train)}"
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(launcher + train)}"
+
+
+def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | None]) -> dict[str, float]:
     t0 = time.time()
     device = resolve_device(cfg.train.device)
     check_supported(cfg)
@@ -77,6 +107,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
     elif top is None and resume == "auto" and os.environ.get("RANK", "0") == "0":
         print(f"--resume auto: no earlier run in {os.path.abspath(cfg.train.out_dir)}, starting a fresh run",
               flush=True)
+    box[0] = top
     if graphs_on(cfg.fast, device):
         # NCCL collectives inside a captured graph need the watchdog's async error
         # handling off (PyTorch CUDA-graph notes, "Usage with DistributedDataParallel").
@@ -89,7 +120,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
         configure_backends(cfg.fast, info.device)
         data_dirs = prepared_dirs(cfg, info)
         if top is None:
-            top = broadcast_object(new_run_dir(cfg.train.out_dir) if info.is_main else None, info)
+            top = box[0] = broadcast_object(new_run_dir(cfg.train.out_dir) if info.is_main else None, info)
         if info.is_main:
             print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(resumes.values()) else ''}", flush=True)
             write_provenance(top, info.device)
@@ -97,7 +128,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
         summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
         for name, run_cfg, sub in runs:
             folder = os.path.join(top, sub) if sub else top
-            record = _train_one(run_cfg, info, data_dirs, folder, name, resumes.pop(sub))
+            record = _train_one(run_cfg, info, data_dirs, folder, name, resumes.pop(sub), signals)
             if info.is_main:
                 results[name] = math.nan if record["mIoU"] is None else record["mIoU"]
                 summary["models"][name] = {"folder": os.path.abspath(folder), "steps": run_cfg.train.max_steps,
@@ -179,7 +210,7 @@ def _read_resume(spec: str, run_dir: str, sub: str, cfg: Config) -> tuple[str, d
 
 
 def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str,
-               name: str, resume: tuple[str, dict] | None) -> dict | None:
+               name: str, resume: tuple[str, dict] | None, signals: StopSignals | None = None) -> dict | None:
     """Train one model in `run_dir`; on rank 0, print its target IoU table and return its final figures (also the
     last record of its metrics.jsonl)."""
     if info.is_main:
@@ -200,7 +231,7 @@ def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir:
         # ended twice); only rank 0 reads the log, and only rank 0 evaluates anyway
         done = log.recorded_final(cfg.train.max_steps) if info.is_main and run.step_index >= cfg.train.max_steps \
             else None
-        ious = train(run, final_eval=done is None)
+        ious = train(run, final_eval=done is None, signals=signals)
         if not info.is_main:
             return None
         if done is not None:
