@@ -143,13 +143,6 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
-def save_checkpoint(path: str, student: torch.nn.Module, teacher: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> None:
-    atomic_torch_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                       "optimizer": optimizer.state_dict(), "step": step, "config": cfg.to_dict(),
-                       "input_kind": getattr(student, "input_kind", "torchvision")}, path)
-
-
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
