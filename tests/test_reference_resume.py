@@ -1,16 +1,19 @@
 """The reference trainer resumes from its own last.pt (issue 21, item 5): a short run stopped after its step-3
 checkpoint and continued with `--resume auto` ends bit for bit on the uninterrupted run's weights, momentum buffers
-and generator states (the tiny model on the synthetic shift, 32x32 crops, 6 steps, CPU)."""
+and generator states (the tiny model on the synthetic shift, 32x32 crops, 6 steps, CPU); a full disk while last.pt
+is written stops it with exit code 4 and the previous last.pt intact."""
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 
 import pytest
 import torch
 from test_train_run import read
 
-from dsp_fast import reference
+from dsp_fast import checkpoint_file, reference
 from dsp_fast.reference import runner
 
 STEPS = 6
@@ -62,3 +65,24 @@ def test_a_reference_checkpoint_of_another_run_is_refused(synthetic_root, tmp_pa
     assert reference.main(ref_args(synthetic_root, out)) == 0
     assert reference.main([*ref_args(synthetic_root, out), "train.max_steps=8", "--resume", "auto"]) == 2
     assert "was trained with train.max_steps=6" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_reference_with_exit_4_and_keeps_last_pt(synthetic_root, tmp_path, monkeypatch,
+                                                                      capsys):
+    out = str(tmp_path / "run")
+    real_write, starts = checkpoint_file._HashingFile.write, []
+
+    def write(self, data):
+        if "last.pt" in self.f.name and self.f.tell() == 0:
+            starts.append(self.f.name)
+        if len(starts) == 2 and self.f.tell() > 1000:  # the second checkpoint (step 6) runs out of space
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(checkpoint_file._HashingFile, "write", write)
+    assert reference.main(ref_args(synthetic_root, out)) == 4
+    err = capsys.readouterr().err.strip()
+    last = os.path.join(out, "reference", "last.pt")
+    assert err.startswith(f"error: could not write {last}: No space left on device (ENOSPC)") and "\n" not in err
+    assert not glob.glob(os.path.join(out, "reference", "*.tmp*"))
+    assert checkpoint_file.verify_checkpoint_file(last) and read(last)["step"] == 3
