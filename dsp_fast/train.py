@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
 from dsp_fast.config import Config, ConfigError, load_config, split_overrides
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import ResumeError
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except RunWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     return 0
 
 
