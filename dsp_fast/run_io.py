@@ -8,6 +8,7 @@ A run never writes into another run's folder: `new_run_dir(train.out_dir)` is `o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -18,11 +19,17 @@ import shlex
 import subprocess
 import sys
 import time
-import warnings
 from typing import Any
 
 import torch
 
+from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the reference reads files through run_io
+    EXIT_WRITE_FAILED,
+    RunWriteError,
+    atomic_torch_save,
+    read_checkpoint_file,
+    write_error,
+)
 from dsp_fast.config import Config, ConfigError, save_config
 from dsp_fast.data.labels import class_names
 
@@ -134,40 +141,6 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{field} is 'cuda' but torch sees no GPU (torch {torch.__version__}; use 'auto' or 'cpu')")
     return torch.device(name)
-
-
-def read_checkpoint_file(path: str) -> Any:
-    """torch.load(path, weights_only=True) on the CPU. FileNotFoundError when missing; any other failure is a
-    ValueError naming the file, without torch's advice to retry with weights_only=False (that advice does not
-    fit a corrupt or foreign file, and running such a file's pickle would be unsafe)."""
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before failing on a foreign file
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
-        text = str(e)
-        if "Weights only load failed" in text:
-            m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
-            text = m.group(1).strip() if m else "an object a weights-only load refuses"
-        detail = text.splitlines()[0] if text else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint: corrupt, truncated, or not a file written by "
-                         f"a dsp_fast trainer ({type(e).__name__}: {detail})") from None
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temporary file and rename, so a kill mid-write never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: str, student: torch.nn.Module, teacher: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, step: int, cfg: Config) -> None:
-    atomic_torch_save({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                       "optimizer": optimizer.state_dict(), "step": step, "config": cfg.to_dict(),
-                       "input_kind": getattr(student, "input_kind", "torchvision")}, path)
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -326,8 +299,22 @@ class RunLog:
         return {k: v for k, v in found.items() if k not in ("step", "final", "eval/mIoU")}
 
     def _write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """Append one record. A failed write (full disk, I/O error) does not stop training: the checkpoints hold
+        the run, and the progress line still prints. It is said once, and the log stops there (a half-written
+        buffer would otherwise come back as a torn line)."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            print(f"warning: {write_error(self.path('metrics.jsonl'), e)}; training continues, but metrics from "
+                  f"step {record.get('step')} on are printed only, not recorded", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # a full disk: the write already said so
+                self._file.close()

@@ -7,9 +7,10 @@
 
 `--config` takes a shipped preset's name (synthetic, gta2cs, synthia2cs) or a YAML file; flags and
 `section.field=value` overrides mix in any order. Data and run folders are relative to the current folder.
-Exit codes: 0 done; 2 bad config, flag, data or --resume target; 3 stopped after too many non-finite steps;
-130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after the step in flight, with a checkpoint and the resume command
-printed (SIGUSR1 writes a checkpoint and goes on; a second stop signal stops at once).
+Exit codes: 0 done; 2 bad config, flag, data or --resume target; 3 stopped after too many non-finite steps; 4 a
+checkpoint could not be written; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after the step in flight, with a
+checkpoint and the resume command printed (SIGUSR1 writes a checkpoint and goes on; a second stop signal stops at
+once).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import sys
 
+from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
 from dsp_fast.config import Config, ConfigError, load_config, split_overrides
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import ResumeError
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteStop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except RunWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except StopRequested as e:  # every rank stopped at the same step; rank 0 tells the user
         if os.environ.get("RANK", "0") == "0":
             print(e.report(), file=sys.stderr, flush=True)

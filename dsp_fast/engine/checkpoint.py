@@ -5,6 +5,11 @@ the step (the loader is step-indexed, so the step is the data position), the ski
 eval mIoU, and the RNG states of every rank (CPU, CUDA, and the device generator of the random choices), all as
 tensors and plain values so that it loads with `weights_only=True`. It also carries `config` and `input_kind`,
 so `python -m dsp_fast.evaluate --checkpoint` reads it like a reference checkpoint.
+
+Each file has its SHA-256 beside it (`ckpt_<step>.pt.sha256`, dsp_fast/checkpoint_file.py). `--resume auto` (and
+`--resume FOLDER`) take the newest checkpoint that verifies and loads: a torn or corrupt newer one is named in a
+warning and passed over. Pruning to the last K never deletes the checkpoint just written (the newest good one),
+even when newer-numbered bad ones are left from an earlier run.
 """
 
 from __future__ import annotations
@@ -12,11 +17,18 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from typing import Any
 
 import torch
 
-from dsp_fast.run_io import atomic_torch_save, read_checkpoint_file
+from dsp_fast.checkpoint_file import (
+    CHECKSUM_SUFFIX,
+    RunWriteError,
+    atomic_torch_save,
+    read_checkpoint_file,
+    remove_checkpoint,
+)
 
 FORMAT = "dsp_fast.train/1"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -57,11 +69,18 @@ def restore_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
 
 
 def save(run_dir: str, payload: dict[str, Any], keep_last: int) -> str:
-    """Write `payload` as ckpt_<step>.pt (atomically), then delete all but the newest `keep_last`."""
+    """Write `payload` as ckpt_<step>.pt (atomically, with its checksum), then delete all but the newest
+    `keep_last`, never the one just written. A failed write raises RunWriteError naming the checkpoint kept."""
     path = os.path.join(run_dir, checkpoint_name(payload["step"]))
-    atomic_torch_save(payload, path)
+    try:
+        atomic_torch_save(payload, path)
+    except RunWriteError as e:
+        kept = [p for _, p in list_checkpoints(run_dir) if p != path]
+        raise RunWriteError(f"{e}. The previous checkpoint stands: {kept[-1] if kept else 'none yet'}; free space "
+                            "(or fix the folder's permissions), then continue with --resume auto") from None
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        os.remove(old)
+        if old != path:
+            remove_checkpoint(old)
     return path
 
 
@@ -70,9 +89,33 @@ def save_best(run_dir: str, payload: dict[str, Any]) -> None:
 
 
 def clean_stale(run_dir: str) -> None:
-    """Remove temp files left by a write that was killed (atomic_torch_save names them <path>.tmp.<pid>)."""
-    for tmp in glob.glob(os.path.join(run_dir, "*.pt.tmp.*")):
+    """Remove temp files left by a write that was killed (atomic_torch_save names them <path>.tmp.<pid>, its
+    checksum's <path>.sha256.tmp.<pid>), and checksums whose checkpoint is gone (a kill while pruning)."""
+    for tmp in glob.glob(os.path.join(run_dir, "*.pt.tmp.*")) + glob.glob(os.path.join(run_dir, "*.pt.sha256.tmp.*")):
         os.remove(tmp)
+    for side in glob.glob(os.path.join(run_dir, "*.pt" + CHECKSUM_SUFFIX)):
+        if not os.path.exists(side[: -len(CHECKSUM_SUFFIX)]):
+            os.remove(side)
+
+
+_read_ahead: dict[str, dict[str, Any]] = {}
+"""Checkpoints already read while resolve_resume looked for a good one; load() takes them from here (one read)."""
+
+
+def _newest_good(spec: str, folder: str, found: list[tuple[int, str]]) -> str:
+    """The newest of `found` that verifies and loads; each bad newer one is named in a warning (rank 0)."""
+    bad: list[str] = []
+    for _, path in reversed(found):
+        try:
+            _read_ahead[path] = read_checkpoint_file(path)
+        except (ValueError, OSError) as e:
+            bad.append(f"{path} ({e})" if str(e).find(path) < 0 else str(e))
+            continue
+        if bad and os.environ.get("RANK", "0") == "0":
+            print(f"warning: --resume {spec}: passed over {len(bad)} bad checkpoint(s): {'; '.join(bad)}. Continuing "
+                  f"from {path}, the newest good one", file=sys.stderr, flush=True)
+        return path
+    raise ResumeError(f"--resume {spec}: no good checkpoint in {folder}: {'; '.join(bad)}")
 
 
 def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
@@ -82,7 +125,7 @@ def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
         return None
     if spec == "auto":
         found = list_checkpoints(run_dir)
-        return found[-1][1] if found else None
+        return _newest_good(spec, run_dir, found) if found else None
     if os.path.isfile(spec):
         if sub:
             raise ResumeError(f"--resume {spec}: this run trains several models (train.compare_source_only); "
@@ -93,14 +136,15 @@ def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
         found = list_checkpoints(folder)
         if not found:
             raise ResumeError(f"--resume {spec}: no checkpoint (ckpt_<step>.pt) in {folder}")
-        return found[-1][1]
+        return _newest_good(spec, folder, found)
     raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder")
 
 
 def load(path: str) -> dict[str, Any]:
-    """A checkpoint of this trainer, read with weights_only=True; anything else is a ResumeError naming the file."""
+    """A checkpoint of this trainer, verified against its checksum and read with weights_only=True; anything else
+    is a ResumeError naming the file."""
     try:
-        ckpt = read_checkpoint_file(path)
+        ckpt = _read_ahead.pop(path) if path in _read_ahead else read_checkpoint_file(path)
     except FileNotFoundError:
         raise ResumeError(f"--resume: checkpoint not found: {path}") from None
     except ValueError as e:

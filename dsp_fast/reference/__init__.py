@@ -9,6 +9,7 @@ twins (ARCHITECTURE.md; tests/test_reference_imports.py guards the rule). One fi
 - `choices.py`: every random decision of a step, drawn before it (`StepChoices`);
 - `step.py`: steps 1-7 (pseudo-labels, masks, pastes, losses, EMA) and `train_step`;
 - `optim.py`: the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter list;
+- `resume.py`: what `last.pt` holds and how a run continues from it, bit for bit (`--resume`);
 - `runner.py`: the run (`build_run`, `train`, `run_eval`, `run`) and `main`, behind `python -m dsp_fast.reference`.
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]

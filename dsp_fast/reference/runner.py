@@ -5,6 +5,7 @@ deliberately slow, and independent of the fast path (it uses only the kernels' p
 Step numbers in comments refer to docs/method.md.
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
+    python -m dsp_fast.reference ... --resume auto|RUN_FOLDER|last.pt    # continue, bit for bit (resume.py)
 
 Image tensors are RGB floats in 0..1 until `normalize_input` right before the model.
 """
@@ -30,14 +31,16 @@ from dsp_fast.models import build_student_teacher, check_weights_file
 from dsp_fast.reference.choices import StepChoices, draw_choices
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
 from dsp_fast.reference.optim import build_optimizer
+from dsp_fast.reference.resume import ReferenceResumeError, read_state, restore, resume_top, save_state
 from dsp_fast.reference.step import train_step
 from dsp_fast.run_io import (
+    EXIT_WRITE_FAILED,
     RunLog,
+    RunWriteError,
     format_final_report,
     format_final_table,
     new_run_dir,
     resolve_device,
-    save_checkpoint,
     write_provenance,
     write_summary,
 )
@@ -110,20 +113,27 @@ def _dataset_error_text(e: Exception) -> str:
     return text
 
 
-def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The whole reference run; returns (student, teacher). A file that cannot be read stops the run with a
-    checkpoint of the last finished step (BadInputStop)."""
+def train(cfg: Config, log: RunLog, resume: dict | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The whole reference run (from `resume`, a checkpoint read by resume.read_state, when given); returns
+    (student, teacher). A file that cannot be read stops the run with a checkpoint of the last finished step
+    (BadInputStop)."""
     run = build_run(cfg)
     student, teacher, optimizer = run.student, run.teacher, run.optimizer
+    start = 0 if resume is None else restore(run, resume, lambda: (next(run.src_iter), next(run.tmpl_iter),
+                                                                   next(run.tgt_iter)))
+    if resume is not None:
+        print(f"[{log.title}] resumed from {log.path('last.pt')} at step {start}", flush=True)
     # a source-only step reads and trains on the source batch alone
-    log.start(cfg.train.max_steps, images_per_step=(3 if cfg.dsp.enabled else 1) * cfg.data.batch_size)
-    for step in range(cfg.train.max_steps):
+    log.start(cfg.train.max_steps, images_per_step=(3 if cfg.dsp.enabled else 1) * cfg.data.batch_size,
+              start_step=start)
+    for step in range(start, cfg.train.max_steps):
         t_data = time.perf_counter()
+        rng_before = {"cpu": torch.get_rng_state(), "choices": run.gen.get_state()}  # a bad file stops mid-draw
         try:
             batch, choices = next_batch(run)
         except DatasetError as e:
             path = log.path("last.pt")
-            save_checkpoint(path, student, teacher, optimizer, step, cfg)
+            save_state(path, run, step, rng_before)
             raise BadInputStop(f"{_dataset_error_text(e)}\n1 unreadable file found at step {step} of "
                                f"{cfg.train.max_steps} (the reference trainer reads the original files as it trains, "
                                f"so it stops at the first; python -m dsp_fast.prepare lists them all in rejects.txt)."
@@ -136,8 +146,9 @@ def train(cfg: Config, log: RunLog) -> tuple[torch.nn.Module, torch.nn.Module]:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
             run_eval(cfg, student, log, step + 1)
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-            save_checkpoint(log.path("last.pt"), student, teacher, optimizer, step + 1, cfg)
-    save_checkpoint(log.path("last.pt"), student, teacher, optimizer, cfg.train.max_steps, cfg)
+            save_state(log.path("last.pt"), run, step + 1)
+    if start < cfg.train.max_steps or resume is None:
+        save_state(log.path("last.pt"), run, cfg.train.max_steps)
     return student, teacher
 
 
@@ -151,9 +162,11 @@ def run_eval(cfg: Config, model: torch.nn.Module, log: RunLog, step: int) -> tor
     return iou
 
 
-def run(cfg: Config) -> dict[str, float]:
+def run(cfg: Config, resume: str = "") -> dict[str, float]:
     """Check the data, train (and, with train.compare_source_only, a source-only twin run), evaluate, print the
-    table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end."""
+    table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end. `resume`
+    ('auto', a run folder or its last.pt) continues that folder instead: each model from its last.pt (a model
+    without one starts at step 0)."""
     check_weights_file(cfg.model)  # the weights file and every data root, split and layout now, before any folder
     check_data(cfg)
     runs = [("adapted (DSP)", cfg)]
@@ -162,16 +175,25 @@ def run(cfg: Config) -> dict[str, float]:
         runs.insert(0, ("source-only", src_only))
     results = {}
     t0 = time.time()
+    top = resume_top(resume, cfg.train.out_dir) if resume else None
+    leaves = {name: ("source_only" if not c.dsp.enabled else "dsp") if len(runs) > 1 else "" for name, c in runs}
+    states = {name: read_state(os.path.join(top, leaves[name]), c) if top else None for name, c in runs}
+    if top and resume != "auto" and not any(states.values()):
+        raise ReferenceResumeError(f"--resume {resume}: no reference checkpoint (last.pt) in {top}")
+    if resume == "auto" and not any(states.values()):
+        print(f"--resume auto: no reference checkpoint under {os.path.abspath(cfg.train.out_dir)}, starting a fresh "
+              "run", flush=True)
+        top = None
     # under <out_dir>/reference: the fast trainer owns <out_dir> itself
-    top = new_run_dir(os.path.join(cfg.train.out_dir, "reference"))
-    print(f"run folder: {os.path.abspath(top)}", flush=True)
+    top = top or new_run_dir(os.path.join(cfg.train.out_dir, "reference"))
+    print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(states.values()) else ''}", flush=True)
     write_provenance(top, resolve_device(cfg.train.device))
     summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
     for name, run_cfg in runs:
-        leaf = ("source_only" if not run_cfg.dsp.enabled else "dsp") if len(runs) > 1 else ""
+        leaf = leaves[name]
         log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, title=f"reference {name}")
         try:
-            student, teacher = train(run_cfg, log)
+            student, teacher = train(run_cfg, log, states.pop(name))
             iou, teacher_iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps), target_iou(run_cfg, teacher)
             print(format_final_report(name, run_cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)))
             record = log.final(run_cfg.train.max_steps, iou, teacher_iou)
@@ -189,13 +211,18 @@ def run(cfg: Config) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.reference", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="synthetic", help="preset name (synthetic, gta2cs, synthia2cs) or YAML")
+    parser.add_argument("--resume", default="", metavar="PATH|auto",
+                        help="continue a reference run: 'auto' (the newest under train.out_dir), its folder or last.pt")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(flags)
     args.overrides = [*args.overrides, *overrides]
     try:
-        run(load_config(args.config, args.overrides))
-    except (ConfigError, DatasetError, BadInputStop) as e:
+        run(load_config(args.config, args.overrides), args.resume)
+    except (ConfigError, DatasetError, BadInputStop, ReferenceResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     return 0

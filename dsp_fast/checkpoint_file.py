@@ -1,0 +1,182 @@
+"""Checkpoint files on disk, for both trainers and `evaluate`: written atomically with a SHA-256 of their bytes
+beside them, verified before they are read, and a failed write reported as one clear error.
+
+`<name>.pt` is written as `<name>.pt.tmp.<pid>` (hashed on its way to disk, fsynced), renamed into place, then its
+checksum `<name>.pt.sha256` (the `sha256sum` format: `sha256sum -c ckpt_00000040.pt.sha256` checks it by hand).
+The checksum is of the serialized bytes, computed once while writing (no second pass over a 500 MB file) and checked
+by one streaming read before torch.load. A file without a checksum beside it (written before checksums existed,
+or a kill between the two renames) is read as before: unverified, trusted when torch.load accepts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import warnings
+from typing import Any
+
+import torch
+
+CHECKSUM_SUFFIX = ".sha256"
+EXIT_WRITE_FAILED = 4
+"""Exit code of a run stopped because a file of the run could not be written (full disk, permissions, I/O)."""
+_CHUNK = 1 << 22
+
+
+class RunWriteError(RuntimeError):
+    """A checkpoint (or another file of the run) could not be written; the message names the path, the reason
+    and the free space. The temporary file is gone and the previous checkpoint stands. Exit code 4."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose bytes differ from the checksum recorded when it was written (torn or corrupt)."""
+
+
+def _free_space(folder: str) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.1f} MiB free"
+
+
+def write_error(path: str, e: BaseException) -> RunWriteError:
+    """The one-line error of a failed write of `path`: its reason (errno name when there is one) and free space."""
+    folder = os.path.dirname(os.path.abspath(path))
+    seen: BaseException | None = e
+    while seen is not None and not isinstance(seen, OSError):  # torch may wrap the writer's OSError
+        seen = seen.__cause__ or seen.__context__
+    e = seen or e
+    code = getattr(e, "errno", None)
+    if isinstance(e, OSError) and code:
+        reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    else:  # torch's own file writer reports a short write as RuntimeError "unexpected pos"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return RunWriteError(f"could not write {path}: {reason}; {_free_space(folder)} in {folder}")
+
+
+class _HashingFile:
+    """What torch.save writes through: each chunk is hashed on its way to the file, so the checksum costs no
+    second read of the file."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def checksum_path(path: str) -> str:
+    return path + CHECKSUM_SUFFIX
+
+
+def _replace_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> str:
+    """torch.save to a temporary file and rename, so a kill mid-write never leaves a truncated checkpoint; then
+    its checksum beside it. Returns the SHA-256. A failed write (ENOSPC, EACCES, EIO, ...) removes the temporary
+    file, leaves any earlier `path` as it was, and raises RunWriteError naming the path and the free space."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            out = _HashingFile(f)
+            torch.save(obj, out)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on disk before the name points at them
+        digest = out.sha.hexdigest()
+        # an old checksum would contradict the new file during the rename: drop it first (a kill in between
+        # leaves the new file unverified, never wrongly "corrupt")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(checksum_path(path))
+        os.replace(tmp, path)
+        _replace_text(checksum_path(path), f"{digest}  {os.path.basename(path)}\n")
+    except Exception as e:  # noqa: BLE001 - torch wraps OSError of its writer in RuntimeError; report either
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_error(path, e) from None
+    return digest
+
+
+def recorded_checksum(path: str) -> str | None:
+    """The SHA-256 written beside `path`, or None when it has none (an older checkpoint)."""
+    try:
+        with open(checksum_path(path)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    m = re.match(r"\s*([0-9a-f]{64})\b", text)
+    return m.group(1) if m else ""
+
+
+def file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def verify_checkpoint_file(path: str) -> bool:
+    """True: the bytes match the recorded checksum; False: no checksum recorded (unverified). A mismatch is a
+    CorruptCheckpointError naming the file; a missing file, FileNotFoundError."""
+    want = recorded_checksum(path)
+    if want is None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
+        return False
+    got = file_sha256(path)
+    if got != want:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt or truncated: its SHA-256 {got[:12]}... differs from {want[:12] or 'nothing'}... "
+            f"recorded in {os.path.basename(checksum_path(path))} when it was written "
+            f"({os.path.getsize(path)} bytes now)")
+    return True
+
+
+def read_checkpoint_file(path: str) -> Any:
+    """A checkpoint verified against its checksum (when it has one), then torch.load(path, weights_only=True) on
+    the CPU. FileNotFoundError when missing; any other failure is a ValueError naming the file, without torch's
+    advice to retry with weights_only=False (that advice does not fit a corrupt or foreign file, and running such
+    a file's pickle would be unsafe)."""
+    verify_checkpoint_file(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing on a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file; name the file whatever it was
+        text = str(e)
+        if "Weights only load failed" in text:
+            m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+            text = m.group(1).strip() if m else "an object a weights-only load refuses"
+        detail = text.splitlines()[0] if text else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint: corrupt, truncated, or not a file written by "
+                         f"a dsp_fast trainer ({type(e).__name__}: {detail})") from None
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint and its checksum."""
+    os.remove(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(checksum_path(path))
