@@ -174,12 +174,9 @@ def test_blur(aug):
     assert float(out[0, 0, 4, 4]) == pytest.approx(centre ** 2, rel=1e-5)
 
 
-def test_coins_are_shared_per_step_and_select_images():
-    x = torch.rand(4, 3, 16, 16)
-    on = draw_strong_aug(4, (16, 16), jitter=True, blur=False, strength=0.25)
-    assert not torch.equal(strong_augment(x, on)[0], x[0])
-    off = draw_strong_aug(4, (16, 16), jitter=False, blur=False, strength=0.25)
-    assert torch.equal(strong_augment(x, off), x)
+def assert_coins_shared_per_step(draw_step_aug) -> None:
+    """1000 steps of `draw_step_aug` (the fast path's or the reference's): one jitter coin and one blur coin per step,
+    shared by both mixed batches, with frequencies 0.8 and 0.5 (3 sigma: 0.04 and 0.05); a permutation per image."""
     gen = torch.Generator().manual_seed(0)
     jit, blur = [], []
     for _ in range(1000):
@@ -190,8 +187,16 @@ def test_coins_are_shared_per_step_and_select_images():
         blur.append(bool(src.blur[0]))
         for a in (src, tgt):
             assert sorted(a.order[0].tolist()) == [0, 1, 2, 3]
-    # 1000 steps: 3 sigma of the frequency is 0.04 (jitter) and 0.05 (blur)
     assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
+
+
+def test_coins_are_shared_per_step_and_select_images():
+    x = torch.rand(4, 3, 16, 16)
+    on = draw_strong_aug(4, (16, 16), jitter=True, blur=False, strength=0.25)
+    assert not torch.equal(strong_augment(x, on)[0], x[0])
+    off = draw_strong_aug(4, (16, 16), jitter=False, blur=False, strength=0.25)
+    assert torch.equal(strong_augment(x, off), x)
+    assert_coins_shared_per_step(draw_step_aug)
     f = draw_strong_aug(1000, (16, 16), True, True, 0.25, torch.Generator().manual_seed(0))
     assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians
     assert f.factors[:, 1:3].min() >= 0.75 and f.factors[:, 1:3].max() <= 1.25

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_augment import assert_coins_shared_per_step
 
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig
 from dsp_fast.kernels.twins import mmd_rbf
@@ -265,16 +266,7 @@ def test_source_loss_is_zero_without_valid_pixels():
 def test_reference_draws_its_augmentation_as_the_script():
     """The reference's own drawing (dsp_fast.reference.strong_aug): one jitter and one blur coin per step shared by
     both mixed batches, per-image factors in their ranges, a permutation per image, sigma in U(0.15, 1.15)."""
-    gen = torch.Generator().manual_seed(0)
-    jit, blur = [], []
-    for _ in range(1000):
-        src, tgt = draw_step_aug(2, (16, 16), 0.8, 0.25, 0.5, gen)
-        coins = torch.stack([src.jitter, tgt.jitter, src.blur, tgt.blur])
-        assert (coins[:2] == coins[0, 0]).all() and (coins[2:] == coins[2, 0]).all()  # one of each per step
-        jit.append(bool(src.jitter[0]))
-        blur.append(bool(src.blur[0]))
-    # 1000 steps: 3 sigma of the frequency is 0.04 (jitter) and 0.05 (blur)
-    assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
+    assert_coins_shared_per_step(draw_step_aug)
     f = draw_strong_aug(1000, (37, 45), True, True, 0.25, torch.Generator().manual_seed(0))
     assert f.factors.dtype == torch.float32 and f.order.dtype == torch.int64 and f.jitter.dtype == torch.bool
     assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians

@@ -6,12 +6,10 @@ test_method_equivalence: fp32, summation order only), and the fast step's operat
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from op_recorder import OpRecorder
 from test_method_equivalence import (
     LT_PRESENT,
     SCRIPT_DSP,
@@ -24,13 +22,12 @@ from test_method_equivalence import (
     settings,
 )
 from test_method_equivalence import to_device_choices as plain_device_choices
-from test_step_capturable import cuda_like_context, value_checks_off  # noqa: F401 (a fixture)
-from test_train_step import assert_same_losses, buffers, fast_context
+from test_step_capturable import cuda_like_context, record_next_step, value_checks_off  # noqa: F401 (a fixture)
+from test_train_step import assert_fast_step_matches_reference, buffers
 
 from dsp_fast import method, reference
 from dsp_fast.config import Config, load_config
-from dsp_fast.engine.features import build_models, scheduled_lr
-from dsp_fast.engine.step import read_stats, train_step
+from dsp_fast.engine.features import build_models
 from dsp_fast.models import build_model, normalize_input
 
 CPU = torch.device("cpu")
@@ -186,20 +183,7 @@ def test_fast_train_step_matches_reference_with_gta2cs_script_switches():
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     choices = script_choices(cfg, batch[3], gen)
-    student, teacher = build_models(cfg, CPU)
-    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    step = 3
-    ref_losses = reference.train_step(cfg, student, teacher, reference.build_optimizer(cfg, student), step, batch,
-                                      choices)
-    ctx = fast_context(cfg, fast_student, fast_teacher)
-    ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
-    train_step(ctx, buffers(batch, device_choices(cfg, choices)))
-    losses, skipped, _ = read_stats(ctx)
-    _, atol = assert_same_losses(losses, skipped, ref_losses, channels_last=False)
-    for (name, a), b in zip(student.state_dict().items(), fast_student.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=name)
-    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=atol)
+    assert_fast_step_matches_reference(cfg, batch, choices, device_choices(cfg, choices))
 
 
 @pytest.mark.usefixtures("value_checks_off")
@@ -212,9 +196,6 @@ def test_step_with_script_switches_issues_no_host_sync():
     student, teacher = build_models(cfg, CPU)
     ctx = cuda_like_context(cfg, student, teacher, torch.float32, CPU)
     ctx.set_schedule_(3, 1e-3)
-    train_step(ctx, buffers(batch, ch))
-    with OpRecorder() as rec:
-        train_step(ctx, buffers(batch, ch))
-    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+    rec = record_next_step(ctx, lambda: buffers(batch, ch))
     assert "dsp_fast::dual_soft_paste" in {op for op, _ in rec.ops}
 

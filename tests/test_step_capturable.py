@@ -44,6 +44,17 @@ def cuda_like_context(cfg, student, teacher, amp: torch.dtype, device: torch.dev
                        autocast_cache=False)
 
 
+def record_next_step(ctx: StepContext, make_buffers) -> OpRecorder:
+    """One eager train_step (as the graph is captured after warm-up), then the operators of the next one; asserts
+    that none syncs with the host or has a data-dependent shape."""
+    train_step(ctx, make_buffers())
+    buf = make_buffers()
+    with OpRecorder() as rec:
+        train_step(ctx, buf)
+    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+    return rec
+
+
 def test_recorder_finds_syncs_and_data_dependent_shapes():
     """The recorder is not vacuous: it names the host read behind _foreach_lerp_'s tensor weight (the EMA fault it
     was written for), a boolean index and nonzero, with their lines; the device-weight EMA passes."""
@@ -76,11 +87,7 @@ def test_train_step_issues_no_host_sync(amp, twins, dsp, repeats, value_checks_o
     ctx = cuda_like_context(cfg, student, teacher, AMP[amp], CPU)
     ctx.set_schedule_(3, 1e-3)
     with force_twins(twins):
-        train_step(ctx, buffers(batch, ch))
-        buf = buffers(batch, ch)
-        with OpRecorder() as rec:
-            train_step(ctx, buf)
-    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+        rec = record_next_step(ctx, lambda: buffers(batch, ch))
     names = {op for op, _ in rec.ops}
     assert ("dsp_fast::dual_soft_paste" in names) == (dsp and not twins)  # the fused operators did run
     # fused SGD ran (a CPU 0-d lr binds the float overload; test_whole_step_on_fake_cuda checks that a cuda lr
@@ -104,10 +111,7 @@ def test_mit_b0_step_issues_no_host_sync(algorithm, value_checks_off):
     student, teacher = build_models(cfg, CPU)
     ctx = cuda_like_context(cfg, student, teacher, torch.bfloat16, CPU)
     ctx.set_schedule_(3, 1e-4)
-    train_step(ctx, buffers(batch, ch))
-    with OpRecorder() as rec:
-        train_step(ctx, buffers(batch, ch))
-    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+    rec = record_next_step(ctx, lambda: buffers(batch, ch))
     names = {op for op, _ in rec.ops}
     assert any(op.startswith(f"aten::_fused_{'adamw' if algorithm == 'adamw' else 'sgd'}_") for op in names)
 

@@ -64,6 +64,15 @@ def assert_same_losses(losses: dict, skipped: float, ref_losses: dict, channels_
     return rel, atol
 
 
+def assert_same_models(ref_student, ref_teacher, student, teacher, atol: float) -> None:
+    """After one step: every student tensor (parameters and BN buffers) and every teacher parameter of the fast
+    step equal the reference step's within atol."""
+    for (name, a), b in zip(ref_student.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=name)
+    for a, b in zip(ref_teacher.parameters(), teacher.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=atol)
+
+
 def with_repeats(cfg: Config, on: bool) -> Config:
     """cfg with optim.script_param_repeats (the authors' repeated backbone updates) set to `on`."""
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, script_param_repeats=on))
@@ -77,6 +86,13 @@ def test_fast_step_matches_reference_step(dsp, channels_last, repeats):
     gen = torch.Generator().manual_seed(1)
     batch = make_batch(gen)
     choices = make_choices(cfg, batch[3], gen)
+    assert_fast_step_matches_reference(cfg, batch, choices, to_device_choices(choices), channels_last)
+
+
+def assert_fast_step_matches_reference(cfg: Config, batch, choices, device_choices: DeviceChoices,
+                                       channels_last: bool = False) -> None:
+    """The fast trainer's train_step (the engine's optimizer and buffers) against reference.train_step with the
+    reference's own optimizer, on the same weights, batch and choices, at step 3: losses and updated models."""
     student, teacher = build_models(cfg, CPU)
     fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     step = 3
@@ -86,14 +102,11 @@ def test_fast_step_matches_reference_step(dsp, channels_last, repeats):
 
     ctx = fast_context(cfg, fast_student, fast_teacher, channels_last=channels_last)
     ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
-    train_step(ctx, buffers(batch, to_device_choices(choices), channels_last))
+    train_step(ctx, buffers(batch, device_choices, channels_last))
     losses, skipped, _ = read_stats(ctx)
 
-    rel, atol = assert_same_losses(losses, skipped, ref_losses, channels_last)
-    for (name, a), b in zip(student.state_dict().items(), fast_student.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=name)
-    for a, b in zip(teacher.parameters(), fast_teacher.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=atol)
+    _, atol = assert_same_losses(losses, skipped, ref_losses, channels_last)
+    assert_same_models(student, teacher, fast_student, fast_teacher, atol)
 
 
 def _snapshot(ctx: StepContext) -> list[torch.Tensor]:
