@@ -92,6 +92,16 @@ def _replace_text(path: str, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: str, text: str) -> str:
+    """A small file of the run (summary.json, provenance.json) written to a temporary file and renamed; a failed
+    write removes the temporary file, leaves any earlier `path` as it was, and raises RunWriteError (exit 4)."""
+    try:
+        _replace_text(path, text)
+    except OSError as e:
+        raise write_error(path, e) from None
+    return path
+
+
 def atomic_torch_save(obj: Any, path: str) -> str:
     """torch.save to a temporary file and rename, so a kill mid-write never leaves a truncated checkpoint; then
     its checksum beside it. Returns the SHA-256. A failed write (ENOSPC, EACCES, EIO, ...) removes the temporary

@@ -27,6 +27,7 @@ from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the referenc
     EXIT_WRITE_FAILED,
     RunWriteError,
     atomic_torch_save,
+    atomic_write_text,
     read_checkpoint_file,
     write_error,
 )
@@ -125,12 +126,7 @@ def format_final_table(models: dict[str, dict[str, Any]], num_classes: int) -> s
 
 def write_summary(folder: str, summary: dict[str, Any]) -> str:
     """summary.json of a whole run (written atomically); returns its path."""
-    path = os.path.join(folder, "summary.json")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(os.path.join(folder, "summary.json"), json.dumps(summary, indent=1))
 
 
 def resolve_device(name: str, field: str = "train.device") -> torch.device:
@@ -209,11 +205,7 @@ def write_provenance(folder: str, device: torch.device) -> str:
         first = None
     if isinstance(first, dict):
         record = {**first, "resumes": [*first.get("resumes", []), record]}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def _fmt_time(seconds: float) -> str:

@@ -139,3 +139,28 @@ def test_a_failed_metrics_write_is_said_once_and_the_run_goes_on(tmp_path, capsy
     log.close()
     err = capsys.readouterr().err
     assert err.count("warning: could not write") == 1 and "metrics.jsonl" in err and "training continues" in err
+
+
+def test_a_full_disk_while_a_run_file_is_written_is_one_clear_error(tmp_path, monkeypatch):
+    """summary.json and provenance.json: a failed write raises RunWriteError (exit 4) naming the file and the free
+    space, leaves no temporary file and keeps the earlier file as it was."""
+    from dsp_fast.run_io import RunWriteError, write_provenance, write_summary
+
+    write_summary(str(tmp_path), {"models": {"a": 1}})
+    before = (tmp_path / "summary.json").read_text()
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp." in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    for write in (lambda: write_summary(str(tmp_path), {"models": {"b": 2}}),
+                  lambda: write_provenance(str(tmp_path), torch.device("cpu"))):
+        with pytest.raises(RunWriteError) as err:
+            write()
+        assert "ENOSPC" in str(err.value) and "MiB free" in str(err.value) and str(tmp_path) in str(err.value)
+    monkeypatch.undo()
+    assert (tmp_path / "summary.json").read_text() == before
+    assert not glob.glob(str(tmp_path / "*.tmp*")) and not (tmp_path / "provenance.json").exists()
