@@ -226,7 +226,8 @@ def test_config_refuses(make, names):
 @pytest.mark.parametrize("opts, names", [(FastConfig(amp="fp16", cuda_graphs=False), "fast.amp fp16"),
                                          (FastConfig(optimizer="apex", cuda_graphs=False), "fast.optimizer apex")])
 def test_fast_options_refused(opts, names):
-    """fp16 or apex given on the command line (not in the config): refused when the optimizer is built."""
+    """fp16 or apex in the fast settings handed to build_optimizer (whatever the config says): refused when the
+    optimizer is built (through the config, Config.__post_init__ refuses fp16 first)."""
     cfg = repeats_cfg()
     with pytest.raises(OptionsError, match=f"optim.script_param_repeats.*{names}"):
         build_optimizer(cfg, build_model(cfg.model), opts, CPU)

@@ -27,11 +27,10 @@ def amp_dtype(fast: FastConfig, device: torch.device) -> torch.dtype:
 
 
 def graphs_on(fast: FastConfig, device: torch.device) -> bool:
-    """Whether the step is captured in a CUDA graph: the one place this is decided. Graphs need CUDA; fp16's
-    GradScaler keeps Python-side state per step, and only the fused optimizers ('auto', 'fused') read their lr and
-    skip flag on the device, so anything else runs eagerly."""
-    fused = fast.optimizer in ("auto", "fused")
-    return fast.cuda_graphs and device.type == "cuda" and amp_dtype(fast, device) != torch.float16 and fused
+    """Whether the step is captured in a CUDA graph: the one place this is decided. Graphs need CUDA; what a graph
+    cannot capture (fp16's GradScaler, the foreach and apex optimizers) FastConfig refuses with cuda_graphs on, so
+    every FastConfig that asks for graphs can have them."""
+    return fast.cuda_graphs and device.type == "cuda"
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
