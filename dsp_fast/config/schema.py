@@ -157,6 +157,10 @@ class FastConfig:
     (equivalence checks)."""
     channels_last: bool = True
     """Model weights and input buffers in channels_last memory format."""
+    batched_student: bool = True
+    """Run the student's three forwards of a DSP step (source, mixed source, mixed target) as one call over 3B
+    images, its BN layers taking training statistics per group of B images: the results of three calls (running
+    statistics included), with fewer, larger kernels. Off (--no-batched-student): three calls."""
     cuda_graphs: bool = True
     """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere). Not with
     amp fp16 or optimizer foreach / apex, which cannot be captured: refused on every device (a config means the
