@@ -186,7 +186,7 @@ class FastConfig:
     """torch.use_deterministic_algorithms and no cuDNN autotuning (CPU runs are deterministic without it)."""
     compile: str = "off"
     """torch.compile (inductor): 'off', 'model' (the student's and the teacher's forward) or 'step' (steps 1-6:
-    teacher, mixing, three student forwards and the losses as one graph; backward compiled with it). Inductor's own
+    teacher, mixing, the student forward(s) and the losses as one graph; backward compiled with it). Inductor's own
     CUDA graphs stay off: the engine captures the whole step (with SGD and the EMA) itself."""
     prepared_source: str = ""
     """A prepared source folder (python -m dsp_fast.prepare) to train from instead of data.source_root; '': the
