@@ -123,11 +123,11 @@ if ((TOOLCHAIN)); then
     # 4. GPU tests (TRITON_INTERPRET=0: conftest would otherwise turn the interpreter on)
     step gpu_tests 70 env TRITON_INTERPRET=0 "$PY" -m pytest tests -q -p no:cacheprovider -x \
         -k "gpu or cuda or graph or bf16"
-    THROUGHPUT_KERNELS=(--ablations graphs amp kernels)
+    THROUGHPUT_KERNELS=(--ablations graphs amp kernels batched_student)
 else
     skip compile_kernels "no C compiler or Python.h: Triton cannot build launchers"
     skip gpu_tests "no C compiler or Python.h"
-    THROUGHPUT_KERNELS=(--twins --ablations graphs amp)
+    THROUGHPUT_KERNELS=(--twins --ablations graphs amp batched_student)
 fi
 # 5. the paper config on generated scenes of GTA5 / Cityscapes sizes (no DALI on the GPU machine)
 step throughput 110 "$PY" -m bench.throughput --config gta2cs --data paper --paper-images 8 4 \

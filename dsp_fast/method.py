@@ -177,6 +177,9 @@ class LossSettings:
     long_tail_columns: bool = False  # dsp.long_tail_paste 'columns'
     share_first_mask: bool = False
     paste_ignore_label: bool = False
+    # the student's three forwards as one call over 3B images; its BN layers must then take statistics per group of
+    # B images (engine/group_bn.py), or the result is not the three calls' (fast.batched_student)
+    batched_student: bool = False
     # Several ranks (engine/sync.py): the step of one rank on the global batch. world_size scales each rank's loss
     # so that DDP's mean of the gradients is the global loss's gradient; sum_ranks all-reduces (sums) a tensor that
     # needs no gradient (q's and L_src's pixel counts); gather_rows all-gathers the pooled MMD vectors with autograd.
@@ -235,13 +238,20 @@ def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: De
 def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices
                ) -> dict[str, torch.Tensor]:
     """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
-    logits_s, _ = seg_forward(student, x_s, normalize)
-    l_src = source_loss(s, logits_s, y_s)
     if not s.enabled:
+        l_src = source_loss(s, seg_forward(student, x_s, normalize)[0], y_s)
         return {"loss": l_src, "src": l_src}
-    mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
-    logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
-    logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
+    if s.batched_student:  # step 5 as one call: the mixing first, then x_s, xs_mix, xt_mix in the calls' order
+        mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
+        logits, feat = seg_forward(student, torch.cat([x_s, mix.xs_mix, mix.xt_mix]), normalize)
+        logits_s, logits_sm, logits_tm = logits.chunk(3)
+        feat_sm, feat_tm = feat.chunk(3)[1:]
+    else:
+        logits_s, _ = seg_forward(student, x_s, normalize)
+        mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
+        logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
+        logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
+    l_src = source_loss(s, logits_s, y_s)
     # the losses and the MMD in fp32 whatever the run's autocast: a .float() alone is not enough, autocast would
     # cast the MMD's pooling matmul back to bf16
     with torch.autocast(x_s.device.type, enabled=False):

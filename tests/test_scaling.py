@@ -57,7 +57,7 @@ def _rank_slice(batch, ch: DeviceChoices, rank: int, n: int):
 
 def _step(cfg, student, teacher, batch, choices, settings=None, sync=False, syncs: list | None = None):
     """One fast step; `syncs` collects the host syncs the op recorder sees in it (the collectives included)."""
-    ctx = fast_context(cfg, student, teacher)
+    ctx = fast_context(cfg, student, teacher, group_size=batch[0].shape[0])
     if settings is not None:
         ctx.settings, ctx.sync_flag = settings, sync
     ctx.set_schedule_(STEP, scheduled_lr(cfg.optim, STEP, cfg.train.max_steps))

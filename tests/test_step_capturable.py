@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsp_fast.config import FastConfig
 from dsp_fast.engine.features import build_grad_scaler, build_models, build_optimizer, make_normalize
+from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
 from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.kernels import force_twins, set_value_checks
@@ -35,7 +36,10 @@ def value_checks_off():
 
 def cuda_like_context(cfg, student, teacher, amp: torch.dtype, device: torch.device) -> StepContext:
     """The step's context as the CUDA path builds it: fused SGD with a device-tensor lr that reads found_inf on
-    the device, autocast's weight cache off (as under graph capture)."""
+    the device, autocast's weight cache off (as under graph capture), and the student's three forwards as one
+    call with per-group BN statistics (fast.batched_student, the default)."""
+    if cfg.fast.batched_student:
+        apply_group_bn(student, cfg.data.batch_size)
     opt, device_skip = build_optimizer(cfg, student, FastConfig(amp="fp32", optimizer="fused"), device,
                                        device_lr=True)
     assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)

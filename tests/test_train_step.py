@@ -28,6 +28,7 @@ from dsp_fast.engine.features import (
     make_normalize,
     scheduled_lr,
 )
+from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
 from dsp_fast.engine.trainer import loss_settings
@@ -38,8 +39,13 @@ from dsp_fast.models import build_model, normalize_input
 CPU = torch.device("cpu")
 
 
-def fast_context(cfg, student, teacher, optimizer: str = "fused", channels_last: bool = False) -> StepContext:
+def fast_context(cfg, student, teacher, optimizer: str = "fused", channels_last: bool = False,
+                 group_size: int | None = None) -> StepContext:
+    """The step's context as the trainer builds it on CPU; with fast.batched_student (the default) the student's BN
+    layers take statistics per group of `group_size` images (default: data.batch_size, one rank's batch)."""
     opts = FastConfig(amp="fp32", channels_last=channels_last, cuda_graphs=False, optimizer=optimizer)
+    if cfg.fast.batched_student:
+        apply_group_bn(student, group_size or cfg.data.batch_size)
     if channels_last:
         apply_channels_last(student, teacher)
     opt, device_skip = build_optimizer(cfg, student, opts, CPU)
@@ -207,6 +213,7 @@ def test_graphed_step_matches_eager_step():
         teacher = copy.deepcopy(student).requires_grad_(False)
         opts = FastConfig(amp="fp32", channels_last=True, optimizer="fused")
         apply_channels_last(student, teacher)
+        apply_group_bn(student, cfg.data.batch_size)
         opt, device_skip = build_optimizer(cfg, student, opts, dev)
         ctx = StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", dev),
                           torch.float32, build_grad_scaler(torch.float32, dev), cfg.dsp.ema_max, device_skip,

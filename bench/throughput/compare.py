@@ -60,7 +60,7 @@ from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
 RESULTS = RESULTS_DIR
-ABLATIONS = ("dali", "kernels", "channels_last", "amp", "graphs")
+ABLATIONS = ("dali", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
 @dataclasses.dataclass
@@ -90,6 +90,10 @@ def ablation_variant(key: str, fast: FastBench) -> Variant | str:
         if not o.channels_last:
             return "n/a: the fast trainer runs NCHW"
         return Variant(key, "channels_last off (NCHW)", {"channels_last": False})
+    if key == "batched_student":
+        if not o.batched_student or not fast.trainer.cfg.dsp.enabled:
+            return "n/a: the fast trainer calls the student three times already"
+        return Variant(key, "batched student off (three calls)", {"batched_student": False})
     if key == "amp":
         if amp_dtype(o, dev) == torch.float32:
             return f"n/a {where}: the fast trainer computes in fp32 here (autocast off)"

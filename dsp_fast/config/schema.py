@@ -157,6 +157,10 @@ class FastConfig:
     (equivalence checks)."""
     channels_last: bool = True
     """Model weights and input buffers in channels_last memory format."""
+    batched_student: bool = True
+    """Run the student's three forwards of a DSP step (source, mixed source, mixed target) as one call over 3B
+    images, its BN layers taking training statistics per group of B images: the results of three calls (running
+    statistics included), with fewer, larger kernels. Off (--no-batched-student): three calls."""
     cuda_graphs: bool = True
     """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere). Not with
     amp fp16 or optimizer foreach / apex, which cannot be captured: refused on every device (a config means the
@@ -182,7 +186,7 @@ class FastConfig:
     """torch.use_deterministic_algorithms and no cuDNN autotuning (CPU runs are deterministic without it)."""
     compile: str = "off"
     """torch.compile (inductor): 'off', 'model' (the student's and the teacher's forward) or 'step' (steps 1-6:
-    teacher, mixing, three student forwards and the losses as one graph; backward compiled with it). Inductor's own
+    teacher, mixing, the student forward(s) and the losses as one graph; backward compiled with it). Inductor's own
     CUDA graphs stay off: the engine captures the whole step (with SGD and the EMA) itself."""
     prepared_source: str = ""
     """A prepared source folder (python -m dsp_fast.prepare) to train from instead of data.source_root; '': the

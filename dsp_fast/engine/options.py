@@ -39,6 +39,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU; fp16 uses a GradScaler)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=None,
                         help="keep the model and inputs in NCHW")
+    parser.add_argument("--no-batched-student", dest="batched_student", action="store_const", const=False,
+                        default=None, help="the student's three forwards as three calls (fast.batched_student)")
     parser.add_argument("--no-graphs", dest="cuda_graphs", action="store_const", const=False, default=None,
                         help="never capture CUDA graphs")
     parser.add_argument("--data-backend", choices=DATA_BACKENDS, default=None)

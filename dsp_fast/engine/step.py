@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsp_fast.config import DSPConfig
+from dsp_fast.engine.group_bn import check_group_bn
 from dsp_fast.method import AUG_COLS, DeviceChoices, LossSettings, dsp_losses, ema_update
 
 LOSS_KEYS_DSP = ("loss", "src", "srcmix", "tgtmix", "mmd", "q")
@@ -118,6 +119,8 @@ class StepContext:
     student_params: list[torch.Tensor] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        if self.settings.batched_student:
+            check_group_bn(self.student)
         dev = next(self.teacher.parameters()).device
         self.step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self.found_inf = torch.zeros((), device=dev)

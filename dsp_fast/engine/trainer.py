@@ -38,6 +38,7 @@ from dsp_fast.engine.features import (
     scheduled_lr,
 )
 from dsp_fast.engine.graphs import make_step_runner
+from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.options import amp_dtype, graphs_on
 from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, train_step
@@ -72,7 +73,8 @@ def loss_settings(cfg: Config, world_size: int = 1) -> LossSettings:
     s = LossSettings(cfg.model.num_classes, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul,
                      d.mmd_kernel_num, d.drop_target_soft_term, d.enabled,
                      blur_kernel_shape(cfg.data.crop_size[1], cfg.data.crop_size[0]), d.kornia_hsv_quirk,
-                     d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label)
+                     d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label,
+                     batched_student=cfg.fast.batched_student and d.enabled)
     if world_size > 1:
         s.world_size, s.sum_ranks, s.gather_rows = world_size, sum_over_ranks, gather_rows
     return s
@@ -113,6 +115,8 @@ class Trainer:
         if info.enabled:  # BN statistics over the global batch, the teacher's too (DSP_METHOD "Scaling out")
             convert_global_bn(self.student, device)
             convert_global_bn(self.teacher, device)
+        if fast.batched_student:  # after convert_global_bn: per-group statistics over ranks too
+            apply_group_bn(self.student, self.batch)
         if fast.channels_last:
             apply_channels_last(self.student, self.teacher)
         self.optimizer, device_skip = build_optimizer(cfg, self.student, fast, device)
