@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="store_true", help="with --device cpu: predicted vs bench.profile_step")
     p.add_argument("--plan", action="store_true", help="the predicted saving of each remaining change")
     p.add_argument("--steps", type=int, default=5, help="--compare: profiled steps")
+    p.add_argument("--threads", type=int, default=0, help="--compare: torch threads (0: torch's default)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if args.device == "cpu":
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--device cpu needs --compare (its rates are measured, and checked against a profile)")
         from bench.cost_cpu import compare_main
 
-        return compare_main(args.steps, args.json)
+        return compare_main(args.steps, args.json, args.threads)
     if args.plan:
         from bench.cost_plan import plan_main
 

@@ -123,10 +123,12 @@ def meta_autocast() -> Iterator[None]:
 
 
 def record_step(arch: str, crop: int, batch: int, fast: bool, batched: bool = False, cast_once: bool = False,
-                num_classes: int = 19) -> tuple[list[Op], int]:
-    """Every operator of one DSP step (meta tensors), and the number of trained parameters."""
-    dtype = torch.bfloat16 if fast else torch.float32
-    fmt = torch.channels_last if fast else torch.contiguous_format
+                num_classes: int = 19, cpu: bool = False) -> tuple[list[Op], int]:
+    """Every operator of one DSP step (meta tensors), and the number of trained parameters. cpu: the fast trainer
+    as it runs on a CPU (fp32, channels_last, the adjoint MMD from interpolation matrices, the soft paste's twin)."""
+    dtype = torch.bfloat16 if fast and not cpu else torch.float32
+    fmt = torch.channels_last if fast or cpu else torch.contiguous_format
+    twins, paste_as_kernel = not (fast or cpu), fast and not cpu
     with torch.device("meta"):
         student, teacher = (build_model(ModelConfig(arch=arch, num_classes=num_classes)).train() for _ in range(2))
     student, teacher = (m.to(memory_format=fmt) for m in (student, teacher))
@@ -151,9 +153,10 @@ def record_step(arch: str, crop: int, batch: int, fast: bool, batched: bool = Fa
     counter = Counter()
     set_value_checks(False)  # a label check reads values; meta tensors have none
     try:
-        with counter, meta_autocast(), force_twins(not fast), dsp_parts(counter, paste_as_kernel=fast):
-            losses = method.dsp_losses(settings, stand_in, CastCall(teacher, dtype, cast_once), lambda x: (x - mean) / std,
-                                       img(batch), lab(batch), img(batch), lab(batch), img(batch), choices)
+        with counter, meta_autocast(), force_twins(twins), dsp_parts(counter, paste_as_kernel):
+            losses = method.dsp_losses(settings, stand_in, CastCall(teacher, dtype, cast_once),
+                                       lambda x: (x - mean) / std, img(batch), lab(batch), img(batch), lab(batch),
+                                       img(batch), choices)
             counter.phase = "backward"
             losses["loss"].backward()
             student_passes(counter, model, stand_in, batched)
