@@ -175,13 +175,14 @@ def student_passes(counter: Counter, model: CastCall, stand_in: StudentStandIn, 
     """The student's forward + backward on what dsp_losses fed it, with the gradients its losses gave back."""
     grads = [tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in out) for out in stand_in.outputs]
     runs = [(stand_in.inputs, grads)] if batched else [([x], [g]) for x, g in zip(stand_in.inputs, grads)]
+    outs, outs_grads = [], []
+    counter.phase = "forward"
     for xs, gs in runs:
-        counter.phase = "forward"
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        logits, feat = model(x)
-        counter.phase = "backward"
-        g_logits, g_feat = (g[0] if len(gs) == 1 else torch.cat(g) for g in zip(*gs))
-        torch.autograd.backward([logits, feat], [g_logits, g_feat])
+        logits, feat = model(xs[0] if len(xs) == 1 else torch.cat(xs))
+        outs += [logits, feat]
+        outs_grads += [g[0] if len(gs) == 1 else torch.cat(g) for g in zip(*gs)]
+    counter.phase = "backward"  # one backward, as the step's: gradients meet before a shared weight cast
+    torch.autograd.backward(outs, outs_grads)
 
 
 def update(counter: Counter, student: nn.Module, teacher: nn.Module, params: list[torch.Tensor],
