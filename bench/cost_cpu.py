@@ -186,7 +186,7 @@ def print_compare(r: dict) -> None:
 
 def compare_main(steps: int, json_path: str = "", threads: int = 0, rounds: int = 3) -> int:
     r = compare(steps, threads, rounds)
-    r["env"] = result_env("cpu", command_line("python -m bench.cost_model --device cpu --compare"))
+    r["env"] = result_env("cpu", command_line("python -m bench.cost_model"))
     print_compare(r)
     path = json_path or os.path.join(RESULTS, f"cost_model_cpu_check_{datetime.date.today():%Y%m%d}.json")
     write_result(path, r)

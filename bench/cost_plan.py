@@ -148,6 +148,6 @@ def plan_main(device: str, arch: str, crop: int, batch: int, json_path: str = ""
     print(f"after every change: {r['rows'][-2]['step_ms']:.1f} ms ({r['rows'][-2]['hours_250k']:.2f} h) against the "
           f"target {r['target_ms']:.1f} ms; with (d) {r['rows'][-1]['step_ms']:.1f} ms; floor {r['floor_ms']:.1f} ms")
     if json_path:
-        r["env"] = result_env(device, command_line("python -m bench.cost_model --plan"))
+        r["env"] = result_env(device, command_line("python -m bench.cost_model"))
         write_result(json_path, r)
     return 0
