@@ -116,7 +116,8 @@ def compare(steps: int, threads: int = 0, rounds: int = 3) -> dict:
     measured = {c: statistics.median(r[c] for r in per_round) for c in CLASSES}
     measured["data wait"] = statistics.median(data_ms)
     rate = {k: statistics.median(r[k] for r in rates) for k in ("fp32_flops", "bytes_per_s", "op_s")}
-    model_ops, _ = record_step(cfg.model.arch, cfg.data.crop_size[0], cfg.data.batch_size, fast=True, cpu=True)
+    model_ops, _ = record_step(cfg.model.arch, cfg.data.crop_size[0], cfg.data.batch_size, fast=True, cpu=True,
+                               batched=cfg.fast.batched_student)
     args = (rate["fp32_flops"], rate["bytes_per_s"], rate["op_s"])
     names = {n for r in per_op_rounds for n in r}
     measured_op = {n: statistics.median(r.get(n, 0.0) for r in per_op_rounds) for n in names}

@@ -35,6 +35,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from dsp_fast.config import FastConfig
+
 # measured on an H200 here (bf16 dense matmul, HBM copy); TF32 and fp32 SIMT rates are the datasheet ratios to bf16
 DEVICES = {
     "h200": {"bf16_flops": 790e12, "tf32_flops": 395e12, "fp32_flops": 60e12, "hbm_bytes_per_s": 4.3e12},
@@ -77,8 +79,8 @@ class Op:
     flops: float
     bytes: float
     phase: str = "forward"  # "backward" inside a recorded backward: fusion never crosses it
-    ins: tuple[tuple[int, float], ...] = ()  # (tensor key, bytes) read
-    outs: tuple[tuple[int, float], ...] = ()  # (tensor key, bytes) written (outputs and mutated arguments)
+    ins: tuple[tuple[tuple, float], ...] = ()  # (tensor key, bytes) read; key: Counter._key
+    outs: tuple[tuple[tuple, float], ...] = ()  # (tensor key, bytes) written (outputs and mutated arguments)
     launches: int = 1
 
 
@@ -105,7 +107,8 @@ class Counter(TorchDispatchMode):
     """Records each aten operator's class, FLOPs and bytes moved: the tensors it reads (its inputs) and writes (its
     outputs and the arguments it mutates in place); views and allocations move nothing. `part` (when set) classes
     every operator, as profile_step's DSP ranges do; `phase` marks the backward. Tensors are keyed by identity
-    (kept alive while counting) so that a fusion can tell which operator produced what another reads."""
+    (kept alive while counting; a view by the tensor it views and its place in it) so that a fusion can tell which
+    operator produced what another reads."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,9 +117,12 @@ class Counter(TorchDispatchMode):
         self.phase = "forward"
         self._alive: list[torch.Tensor] = []
 
-    def _key(self, t: torch.Tensor) -> int:
-        self._alive.append(t)
-        return id(t)
+    def _key(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(the storage's tensor, offset, elements): a view is keyed by the tensor it views, so that an operator
+        reading a slice of another's output (the per-group batch norm's split) is seen as its consumer."""
+        base = t if t._base is None else t._base
+        self._alive += [t, base]
+        return id(base), t.storage_offset(), t.numel()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -174,7 +180,8 @@ def run(device: str, arch: str, crop: int, batch: int, data_workers: int) -> dic
     out = {"device": device, "device_figures": dev, "efficiency": EFFICIENCY, "arch": arch, "crop": crop,
            "batch": batch}
     for name, fast in (("fast", True), ("reference", False)):
-        ops, n_params = record_step(arch, crop, batch, fast)
+        # the fast trainer's default: the student's three forwards as one call (fast.batched_student)
+        ops, n_params = record_step(arch, crop, batch, fast, batched=fast and FastConfig().batched_student)
         out[name] = predict_gpu(ops, dev, fast, n_params)
     # the reference decodes 3 x B full-size PNGs per step with `data_workers` DataLoader workers; the fast trainer
     # reads prepared JPEGs on the GPU (nvJPEG) or on CPU threads, overlapped with the step: not its bottleneck

@@ -1,17 +1,19 @@
-"""A plan to 2 hours on one H200, from the cost model: the predicted fast step today, then each remaining change
+"""A plan to 2 hours on one H200, from the cost model: the predicted fast step before issue 22, then each change
 applied on top of the previous ones, with the ms it saves and the hours for 250k steps after it. A prediction:
 what the first GPU run should test, change by change, not only the total.
 
     python -m bench.cost_model --plan [--device h200] [--json OUT]
 
-Changes, in order (each row says what it assumes):
+Changes, in the order applied (each row says what it assumes):
+(b) done in issue 22 and on by default (fast.batched_student), so it comes first: the student's three forwards of B
+    images as one forward + backward of 3B images, as engine/group_bn.py runs it (each batch norm split into its
+    three groups, one B-image batch norm each, and the outputs concatenated: one more copy per batch norm, forward
+    and backward): the same FLOPs, a third of the other kernels and of autocast's weight casts; the convolutions'
+    efficiency kept at the model's figure.
 (a) inductor fuses batch norm's normalisation with the ReLU and the residual add, forward and backward: every chain
     of batch norm, relu / threshold_backward and add operators joined by a tensor one produces and the next reads
     becomes one fused pass that reads each outside tensor once and writes what is read outside the chain (or never
     read again); batch norm's statistics stay one kernel of their own (a chain pays a launch per batch norm in it).
-(b) the student's three forwards of B images as one forward + backward of 3B images (batch norm's statistics per
-    group of B: the same bytes as a batch norm, counted as one): the same FLOPs and bytes, a third of the model's
-    kernels and of autocast's weight casts; the convolutions' efficiency kept at the model's figure.
 (c) the weights cast to bf16 once per step per model (a bf16 copy the optimizer and the EMA keep up to date): one
     cast of the student's and one of the teacher's weights, one cast of the student's weight gradients back.
 (d) an assumption, not a change: the convolutions at 0.65 of the matrix rate instead of 0.55 (cuDNN on 3B = 6
@@ -29,7 +31,8 @@ from bench.result_schema import command_line, result_env, write_result
 
 STEPS = 250_000
 TARGET_H = 2.0
-FUSIBLE = {"relu", "relu_", "threshold_backward", "add", "add_"}
+# cat: the per-group batch norm's concatenation, which inductor writes in place from the fused producers
+FUSIBLE = {"relu", "relu_", "threshold_backward", "add", "add_", "cat"}
 
 
 def fuse(ops: list[Op], member: Callable[[Op], bool], keep: Callable[[list[Op]], bool]) -> list[Op]:
@@ -44,20 +47,21 @@ def fuse(ops: list[Op], member: Callable[[Op], bool], keep: Callable[[list[Op]],
             i = parent[i]
         return i
 
+    # tensors by their storage (key[0]): reading a slice of a tensor (a view) reads what its writer produced
     producer: dict[int, int] = {}
-    readers: dict[tuple[int, int], set[int]] = collections.defaultdict(set)  # (key, producer op) -> readers
-    sources: list[list[tuple[int, float, int | None]]] = []  # per op: (key, bytes, the op that wrote that version)
+    readers: dict[tuple[int, int], set[int]] = collections.defaultdict(set)  # (storage, producer op) -> readers
+    sources: list[list[tuple[tuple, float, int | None]]] = []  # per op: (key, bytes, the op that wrote it)
     for j, op in enumerate(ops):
-        sources.append([(key, b, producer.get(key)) for key, b in op.ins])
+        sources.append([(key, b, producer.get(key[0])) for key, b in op.ins])
         for key, _ in op.ins:
-            i = producer.get(key)
+            i = producer.get(key[0])
             if i is None:
                 continue
-            readers[(key, i)].add(j)
+            readers[(key[0], i)].add(j)
             if member(ops[i]) and member(op) and ops[i].phase == op.phase:
                 parent[root(j)] = root(i)
         for key, _ in op.outs:
-            producer[key] = j
+            producer[key[0]] = j
     groups: dict[int, list[int]] = collections.defaultdict(list)
     for j, op in enumerate(ops):
         if member(op):
@@ -71,8 +75,10 @@ def fuse(ops: list[Op], member: Callable[[Op], bool], keep: Callable[[list[Op]],
         inside = set(idx)
         # a version written inside and read only inside never reaches memory; one read outside (or none) is written
         stored = {(key, j): b for j in idx for key, b in ops[j].outs
-                  if not readers[(key, j)] or readers[(key, j)] - inside}
-        read = {(key, i): b for j in idx for key, b, i in sources[j] if i not in inside or (key, i) in stored}
+                  if not readers[(key[0], j)] or readers[(key[0], j)] - inside}
+        stored_at = {(key[0], j) for key, j in stored}
+        # each slice read once (the three groups' slices of one tensor are three reads of a third each)
+        read = {(key, i): b for j in idx for key, b, i in sources[j] if i not in inside or (key[0], i) in stored_at}
         written = stored
         bn = sum("batch_norm" in op.name for op in members)
         cls = "batch norm" if bn else members[0].cls
@@ -101,11 +107,11 @@ def plan(device: str, arch: str, crop: int, batch: int) -> dict:
         finally:
             EFFICIENCY["matrix"] = saved
 
-    today = step()
-    # (name, the change alone on today's step, the changes so far together)
-    rows = [("today: bf16, channels_last, adjoint MMD, one CUDA graph", today, today),
-            ("(a) inductor: batch norm + ReLU + residual add fused", step(fused=True), step(fused=True)),
-            ("(b) the student's 3 forwards as one of 3B images", step(batched=True),
+    before = step()
+    # (name, the change alone on the step before issue 22, the changes so far together)
+    rows = [("three student calls: bf16, channels_last, adjoint MMD, CUDA graph", before, before),
+            ("(b) done, the default: one student call of 3B, BN per group", step(batched=True), step(batched=True)),
+            ("(a) inductor: batch norm + ReLU + residual add fused", step(fused=True),
              step(batched=True, fused=True)),
             ("(c) weights cast to bf16 once per step", step(cast_once=True),
              step(batched=True, cast_once=True, fused=True)),
@@ -117,7 +123,7 @@ def plan(device: str, arch: str, crop: int, batch: int) -> dict:
     for name, alone, pred in rows:
         ms = pred["compute_ms"]
         out_rows.append({"change": name, "step_ms": ms, "saves_ms": 0.0 if prev is None else prev - ms,
-                         "saves_alone_ms": today["compute_ms"] - alone["compute_ms"],
+                         "saves_alone_ms": before["compute_ms"] - alone["compute_ms"],
                          "hours_250k": ms * STEPS / 3.6e6,
                          "per_class_ms": {k: v["ms"] for k, v in pred["per_class"].items()},
                          "kernels": sum(v["ops"] for v in pred["per_class"].values())})

@@ -4,7 +4,8 @@ The step's own code runs: dsp_fast.method.dsp_losses (the teacher's forward, cla
 dual soft paste, the strong augmentations, the losses and the weighted MMD) and its backward, then the student's
 forward + backward passes, the finite check, SGD with momentum and the EMA. The student is split out of
 dsp_losses so that its passes can be recorded as the trainer runs them (three forwards of B images) or as the
-batched switch would (one forward of 3B images, `batched=True`): inside dsp_losses the student is a stand-in that
+batched student runs them (fast.batched_student, the trainer's default: one forward of 3B images whose batch norm
+takes statistics per group of B, `batched=True`): inside dsp_losses the student is a stand-in that
 returns outputs of the right shape and keeps its inputs; their gradients then drive the recorded backward.
 
 Fast (bf16): autocast casts the convolution weights to bf16 at every forward (the CUDA graph disables its cache),
@@ -27,6 +28,7 @@ from torch.func import functional_call
 from bench.cost_model import Counter, Op
 from dsp_fast import method
 from dsp_fast.config import DSPConfig, ModelConfig
+from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.kernels import force_twins, set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices
@@ -133,8 +135,12 @@ def record_step(arch: str, crop: int, batch: int, fast: bool, batched: bool = Fa
         student, teacher = (build_model(ModelConfig(arch=arch, num_classes=num_classes)).train() for _ in range(2))
     student, teacher = (m.to(memory_format=fmt) for m in (student, teacher))
     params = [p for p in student.parameters() if p.requires_grad]
+    if batched:  # the trainer's per-group batch norm: one split, B-image calls and a concatenation per layer
+        apply_group_bn(student, batch)
+    # dsp_losses calls the stand-in once per pass (batched_student off); student_passes records them batched or not
     cfg = types.SimpleNamespace(dsp=DSPConfig(), model=types.SimpleNamespace(num_classes=num_classes),
-                                data=types.SimpleNamespace(crop_size=(crop, crop)))
+                                data=types.SimpleNamespace(crop_size=(crop, crop)),
+                                fast=types.SimpleNamespace(batched_student=False))
     settings = loss_settings(cfg)
 
     def img(n: int) -> torch.Tensor:
