@@ -9,8 +9,9 @@ on a CPU): the fast one through dsp_fast.engine.memory_model (its `Trainer`; wha
 out is written there), the reference through bench.memory_steps (its `train_step`). One rank, one device; the
 CUDA context (about 0.5 GiB, outside torch's allocator) comes on top of every figure.
 
---check-cpu: both steps of the first config also on real CPU tensors, beside their fake prediction: live tensor
-bytes and the CPU allocator's own peak (tests/test_memory.py holds them to the prediction).
+--check-cpu [PRESET]: both steps of a preset (default synthetic, at --check-crop 48) also on real CPU tensors,
+beside their fake prediction (the kernels as this machine runs them on both sides): live tensor bytes and the CPU
+allocator's own peak (tests/test_memory.py holds them to the prediction).
 --measure-cuda: both trainers built for real on the GPU and stepped (the fast one past its warm-up and graph
 capture), torch.cuda.max_memory_allocated beside the prediction, one `[memory]` line per trainer
 (bench/gpu_check.sh copies those lines into its summary).
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     flags, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", nargs="+", default=preset_names(), help="presets or YAML files (default: every preset)")
-    p.add_argument("--check-cpu", action="store_true", help="the first config also on real CPU tensors")
+    p.add_argument("--check-cpu", nargs="?", const="synthetic", default="", metavar="PRESET",
+                   help="a preset's step also on real CPU tensors beside its prediction (default: synthetic)")
+    p.add_argument("--check-crop", type=int, default=48, help="the crop of the CPU check (default 48)")
     p.add_argument("--measure-cuda", action="store_true", help="measure both trainers on the GPU as well")
     p.add_argument("--out", default="", help="folder for memory_<date>.json and .md (default: print only)")
     args = p.parse_args(flags)
@@ -134,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(r['reference']['peak_gib'] * mm.GIB)} ({r['seconds']:.1f} s)", flush=True)
     print(markdown(results))
     if args.check_cpu:
-        cfg = load_config(args.config[0], overrides)
-        results["cpu_check"] = {"config": args.config[0], "crop": list(cfg.data.crop_size), **check_on_cpu(cfg)}
+        c = args.check_crop
+        cfg = load_config(args.check_cpu, [f"data.crop_size=[{c},{c}]"])
+        results["cpu_check"] = {"config": args.check_cpu, "crop": [c, c],
+                                "triton_interpret": os.environ.get("TRITON_INTERPRET", ""), **check_on_cpu(cfg)}
         for t in TRAINERS:
-            c = results["cpu_check"][t]
-            print(f"CPU check {args.config[0]} {t}: predicted {c['predicted_mib']:.2f} MiB, live tensors "
-                  f"{c['live_tensors_mib']:.2f} MiB, CPU allocator peak {c['allocator_mib']:.2f} MiB")
+            r = results["cpu_check"][t]
+            print(f"CPU check {args.check_cpu} {c}x{c} {t}: predicted {r['predicted_mib']:.2f} MiB, live tensors "
+                  f"{r['live_tensors_mib']:.2f} MiB, CPU allocator peak {r['allocator_mib']:.2f} MiB "
+                  f"(x{r['allocator_mib'] / r['predicted_mib']:.2f})")
     if args.measure_cuda:
         name = args.config[0]
         measured = measure_on_device(load_config(name, overrides), torch.device("cuda"))
