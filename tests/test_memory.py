@@ -5,6 +5,8 @@ on a CPU with the CUDA memory queries stood in for."""
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from bench.memory import measure_on_device
@@ -46,7 +48,7 @@ class _Run:
     config, the warm-up length, say and the metrics log."""
 
     def __init__(self, cfg, device: str = "cuda", rank: int = 0) -> None:
-        self.cfg, self.warmup_steps = cfg, 12
+        self.cfg, self.warmup_steps, self.step_fn = cfg, 12, None
         self.info = DistInfo(rank=rank, world_size=1, device=torch.device(device))
         self.lines: list[str] = []
         self.recorded: list[tuple[int, dict]] = []
@@ -66,7 +68,10 @@ def test_trainer_line_beside_cuda_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
     run = _Run(cfg)
     mm.report_peak_once(run, 12)  # the capture step itself: not yet
+    run.step_fn = types.SimpleNamespace(calls=12)  # a resumed run at step 5000: 12 calls of its graphed step
+    mm.report_peak_once(run, 5000)
     assert run.lines == []
+    run.step_fn = None
     mm.report_peak_once(run, 50)
     mm.report_peak_once(run, 100)
     [line] = run.lines

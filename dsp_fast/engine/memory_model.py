@@ -5,17 +5,21 @@ How: the `Trainer` itself is built under FakeTensorMode (shapes, dtypes and stri
 and stepped twice through `Trainer.step`, with a loader that hands it one batch of the loader's shapes; the second
 step runs under `LiveBytes`, a dispatch mode that follows every tensor storage from the operator that creates it
 to its release and keeps the breakdown by category at the moment the total was largest. A change of the step
-(method.py, engine/step.py) or of the trainer's assembly is in the prediction without a change here.
+(method.py, engine/step.py) or of the trainer's assembly is in the prediction without a change here. Two calls of
+the trainer's constructor cannot run on fake tensors and are swapped for the prediction: `build_models` (the
+models are built on meta, then given fake storage) and `apply_channels_last` (Module.to cannot swap fake
+parameters: it is applied on meta first).
 
 Fake CPU tensors, not fake cuda: on a CPU build of torch, autograd on fake cuda tensors asks the CUDA runtime for a
 stream (FACTS.md), so no backward can run. The step runs on fake tensors of the CPU device with the CUDA path's
 settings instead: autocast in the dtype `fast.amp` gives on CUDA (bf16 for 'auto'), channels_last, autocast's
 weight cache off when graphs are on (as under capture), fused SGD / AdamW, the value checks off, and the fused
 kernels' operators (their fake implementations return exactly the kernel's outputs) where the CPU would run the
-twins. Left out: CPU autocast's op lists where they differ from CUDA's, cuDNN / cuBLAS workspaces and autotuning,
-the caching allocator's rounding and fragmentation, kernel-internal scratch (the adjoint map's (B, H, w) row
-buffer, 0.3 MiB at the paper's shapes), DDP's gradient buckets, the CUDA context. So the measured peak should sit
-at or a little above the prediction.
+twins. Left out: CPU autocast's op lists where they differ from CUDA's, operators lowered differently on CUDA
+(cuDNN's batch norm keeps a reserve buffer; attention runs as `_scaled_dot_product_flash_attention_for_cpu`, which
+saves what flash attention saves), cuDNN / cuBLAS workspaces and autotuning, the caching allocator's rounding and
+fragmentation, kernel-internal scratch (the adjoint map's (B, H, w) row buffer, 0.3 MiB at the paper's shapes),
+DDP's gradient buckets, the CUDA context. So the measured peak should sit at or a little above the prediction.
 
 Categories: weights (student and teacher parameters and buffers), optimizer (its state: momentum, AdamW's two
 moments; the lr tensors), gradients (`.grad` of the student, fp32, alive from the backward to the next step's
@@ -34,7 +38,6 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
-from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -208,11 +211,21 @@ def with_fake_storage(models: tuple[torch.nn.Module, ...], device: torch.device)
 
 
 @contextlib.contextmanager
+def _swapped(obj: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+@contextlib.contextmanager
 def cuda_kernel_dispatch() -> Iterator[None]:
     """The kernels' dispatch as on CUDA tensors: their operators (fake implementations on fake tensors) wherever
     Triton is installed, the twins inside force_twins()."""
     rule = lambda t: HAS_TRITON and not twins_forced()  # noqa: E731
-    with mock.patch.object(soft_paste, "use_triton", rule), mock.patch.object(upsample_pool, "use_triton", rule):
+    with _swapped(soft_paste, "use_triton", rule), _swapped(upsample_pool, "use_triton", rule):
         yield
 
 
@@ -263,9 +276,9 @@ def cuda_like_trainer(cfg: Config, world_size: int = 1, fake: bool = True, cuda_
                 apply_channels_last(*models)
             # the trainer's two calls that cannot run on fake tensors: its models, given fake storage instead
             # (to_empty keeps the memory format), and channels_last, already applied
-            stack.enter_context(mock.patch.object(trainer_mod, "build_models",
-                                                  lambda _cfg, device: with_fake_storage(models, device)))
-            stack.enter_context(mock.patch.object(trainer_mod, "apply_channels_last", lambda *_: None))
+            stack.enter_context(_swapped(trainer_mod, "build_models",
+                                         lambda _cfg, device: with_fake_storage(models, device)))
+            stack.enter_context(_swapped(trainer_mod, "apply_channels_last", lambda *_: None))
             stack.enter_context(FakeTensorMode())
         stack.callback(set_value_checks, kernel_flags._value_checks)  # as it was (a CUDA run has them off)
         set_value_checks(False)  # as on CUDA (engine.trainer.value_checks_wanted); fake tensors hold no values
@@ -311,7 +324,8 @@ def report_peak_once(run: trainer_mod.Trainer, done: int) -> None:
     predicted peak of one step beside torch.cuda.max_memory_allocated so far, printed and in metrics.jsonl. A
     prediction that fails is said and skipped: it never stops a run."""
     info = run.info
-    if info.device.type != "cuda" or not info.is_main or run in _reported or done <= run.warmup_steps:
+    ran = getattr(run.step_fn, "calls", done)  # a graphed step counts its calls in this process (a resumed run)
+    if info.device.type != "cuda" or not info.is_main or run in _reported or ran <= run.warmup_steps:
         return
     _reported.add(run)
     measured = torch.cuda.max_memory_allocated(info.device)
