@@ -40,6 +40,8 @@ from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.trainer import Trainer
 
 TRAINERS = ("fast", "reference")
+PHASES = {"activations": "forward", "backward": "backward", "update": "update"}
+"""The phase of the step in which the peak was reached, from the category of the allocation that made it."""
 
 
 def fmt(n_bytes: float) -> str:
@@ -115,7 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
             p = r[t]
             cells = " | ".join(fmt(p["columns_gib"][c] * mm.GIB) for c in cols)
             lines.append(f"| {name} | {what} | {t} | {cells} | **{fmt(p['peak_gib'] * mm.GIB)}** | "
-                         f"{p['peak_during']} |")
+                         f"{PHASES.get(p['peak_during'], p['peak_during'])} |")
     return "\n".join(lines)
 
 

@@ -171,9 +171,11 @@ class LiveBytes(TorchDispatchMode):
 def cuda_settings(cfg: Config) -> Config:
     """The config whose CPU trainer takes the decisions the CUDA trainer takes: fast.amp as CUDA resolves it,
     torch.compile off (its memory planning is not modelled), no weights file (shapes only), the torch data backend
-    (the loader is replaced)."""
+    (the loader is replaced), torch's fused SGD for apex's (the same momentum buffer per parameter; apex may not
+    import here)."""
     amp = next(k for k, v in AMP_DTYPES.items() if v == amp_dtype(cfg.fast, CUDA))
-    fast = dataclasses.replace(cfg.fast, amp=amp, compile="off", data_backend="torch")
+    optimizer = "fused" if cfg.fast.optimizer == "apex" else cfg.fast.optimizer
+    fast = dataclasses.replace(cfg.fast, amp=amp, compile="off", data_backend="torch", optimizer=optimizer)
     return dataclasses.replace(cfg, fast=fast, model=dataclasses.replace(cfg.model, pretrained=""))
 
 
