@@ -15,6 +15,8 @@
 #   5. the throughput comparison at the paper's config with the ablations that matter (graphs, AMP, kernels); its
 #      JSON is rewritten after every round, so a timeout keeps what was measured; then a short one on MiT-B5
 #   6. kernel microbenchmarks (kernel vs twin; no cold torch.compile), 7. MMD memory, 8. GPU data path (nvJPEG)
+#   9. one step's peak memory at the paper's config: predicted on fake tensors (bench.memory) beside
+#      torch.cuda.max_memory_allocated of the fast and the reference trainer; its `[memory]` lines go into summary.txt
 # Without a C toolchain the Triton kernels cannot run: steps 3, 4 and 6 are skipped and the throughput runs the twins.
 # At most 8 files land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log (every step's
 # output, the compiled kernels' registers among it), throughput_*.json + .png, throughput_*_mitb5.json,
@@ -101,7 +103,7 @@ fi
 WORK="$REPO"
 if [[ "$DRY_RUN" == "1" ]] || ! "$PY" -c "import dsp_fast.kernels, dsp_fast.pipelines" 2>/dev/null; then
     if [[ "$DRY_RUN" == "1" ]] || grep -q '^PASS editable install' "$LOG"; then
-        step install 30 "$PY" -m pip install --no-deps --no-build-isolation -e .
+        step install 20 "$PY" -m pip install --no-deps --no-build-isolation -e .
     else
         # a link farm: the repository's entries, with dsp_fast/ rebuilt to hold kernels/ and pipelines/; the steps
         # then run from there (tests find their files relative to themselves, git through GIT_DIR)
@@ -130,11 +132,11 @@ else
     THROUGHPUT_KERNELS=(--twins --ablations graphs amp batched_student)
 fi
 # 5. the paper config on generated scenes of GTA5 / Cityscapes sizes (no DALI on the GPU machine)
-step throughput 110 "$PY" -m bench.throughput --config gta2cs --data paper --paper-images 8 4 \
+step throughput 95 "$PY" -m bench.throughput --config gta2cs --data paper --paper-images 8 4 \
     --device cuda --data-backend torch --rounds 3 --steps 8 --warmup 2 --scaling 0 "${THROUGHPUT_KERNELS[@]}" \
     --out "$OUT"
 # 5b. the MiT-B5 backbone with DAFormer's recipe, fast vs reference only (JSON only: the file count is capped)
-step throughput_mitb5 35 "$PY" -m bench.throughput --config gta2cs_mitb5 --data paper \
+step throughput_mitb5 30 "$PY" -m bench.throughput --config gta2cs_mitb5 --data paper \
     --paper-images 8 4 --device cuda --data-backend torch --rounds 1 --steps 4 --warmup 2 --scaling 0 \
     --ablations - --no-chart --tag mitb5 --out "$OUT"
 if ((TOOLCHAIN)); then
@@ -147,9 +149,13 @@ else
 fi
 step mmd_memory 15 "$PY" -m bench.mmd_memory --device cuda
 step data_throughput 20 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
+# 9. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
+# graph's warm-up shortened to 2 steps, which changes no allocation of the captured step
+step memory 30 "$PY" -m bench.memory --config gta2cs --measure-cuda fast.graph_warmup=2
 
 if [[ "$DRY_RUN" != "1" ]]; then
     [[ -f bench/results/mmd_memory_cuda.json ]] && cp bench/results/mmd_memory_cuda.json "$OUT/"
+    awk '/^=== /{on = /^=== memory /} on && /^\[memory\]/' "$LOG" >>"$SUMMARY"
     rm -f "$OUT"/*.tmp
     n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
     echo "total $(($(date +%s) - START)) s, $n_files files in $OUT, $([[ $FAILED == 0 ]] && echo 'all steps passed' \

@@ -51,12 +51,13 @@ def test_gpu_check_script_is_valid_bash_and_dry_runs(tmp_path):
     proc = subprocess.run(["bash", script, "--dry-run", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr
-    steps = {"preflight": 15, "install": 30, "compile_kernels": 20, "gpu_tests": 70, "throughput": 110,
-             "throughput_mitb5": 35, "kernel_bench": 30, "mmd_memory": 15, "data_throughput": 20}
+    steps = {"preflight": 15, "install": 20, "compile_kernels": 20, "gpu_tests": 70, "throughput": 95,
+             "throughput_mitb5": 30, "kernel_bench": 30, "mmd_memory": 15, "data_throughput": 20, "memory": 30}
     for name, limit in steps.items():
         assert f"({name}, timeout {limit}s)" in proc.stdout
     assert sum(steps.values()) == 345  # the step limits add up to the default budget
     assert "--config gta2cs --data paper" in proc.stdout
+    assert "bench.memory --config gta2cs --measure-cuda" in proc.stdout
     assert "--ablations graphs amp kernels" in proc.stdout and "not compiled_twin" in proc.stdout
     assert not out.exists()  # a dry run writes nothing
 
