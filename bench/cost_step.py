@@ -125,9 +125,11 @@ def meta_autocast() -> Iterator[None]:
 
 
 def record_step(arch: str, crop: int, batch: int, fast: bool, batched: bool = False, cast_once: bool = False,
-                num_classes: int = 19, cpu: bool = False) -> tuple[list[Op], int]:
+                num_classes: int = 19, cpu: bool = False, groups_in_place: bool = False) -> tuple[list[Op], int]:
     """Every operator of one DSP step (meta tensors), and the number of trained parameters. cpu: the fast trainer
-    as it runs on a CPU (fp32, channels_last, the adjoint MMD from interpolation matrices, the soft paste's twin)."""
+    as it runs on a CPU (fp32, channels_last, the adjoint MMD from interpolation matrices, the soft paste's twin).
+    groups_in_place (with batched): a per-group batch norm that writes each group's output into its slice (a plan
+    row, not the trainer's): priced as one batch norm over the 3B images, with no concatenation."""
     dtype = torch.bfloat16 if fast and not cpu else torch.float32
     fmt = torch.channels_last if fast or cpu else torch.contiguous_format
     twins, paste_as_kernel = not (fast or cpu), fast and not cpu
@@ -135,7 +137,7 @@ def record_step(arch: str, crop: int, batch: int, fast: bool, batched: bool = Fa
         student, teacher = (build_model(ModelConfig(arch=arch, num_classes=num_classes)).train() for _ in range(2))
     student, teacher = (m.to(memory_format=fmt) for m in (student, teacher))
     params = [p for p in student.parameters() if p.requires_grad]
-    if batched:  # the trainer's per-group batch norm: one split, B-image calls and a concatenation per layer
+    if batched and not groups_in_place:  # the trainer's per-group batch norm: one split, B-image calls and a concatenation per layer
         apply_group_bn(student, batch)
     # dsp_losses calls the stand-in once per pass (batched_student off); student_passes records them batched or not
     cfg = types.SimpleNamespace(dsp=DSPConfig(), model=types.SimpleNamespace(num_classes=num_classes),
