@@ -137,7 +137,7 @@ def record_step(arch: str, crop: int, batch: int, fast: bool, batched: bool = Fa
         student, teacher = (build_model(ModelConfig(arch=arch, num_classes=num_classes)).train() for _ in range(2))
     student, teacher = (m.to(memory_format=fmt) for m in (student, teacher))
     params = [p for p in student.parameters() if p.requires_grad]
-    if batched and not groups_in_place:  # the trainer's per-group batch norm: one split, B-image calls and a concatenation per layer
+    if batched and not groups_in_place:  # the trainer's per-group BN: a split, B-image calls, a concatenation
         apply_group_bn(student, batch)
     # dsp_losses calls the stand-in once per pass (batched_student off); student_passes records them batched or not
     cfg = types.SimpleNamespace(dsp=DSPConfig(), model=types.SimpleNamespace(num_classes=num_classes),
