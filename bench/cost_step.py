@@ -17,7 +17,6 @@ launch that reads its inputs and writes its outputs once.
 from __future__ import annotations
 
 import contextlib
-import functools
 import types
 from collections.abc import Iterator
 
@@ -26,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bench.cost_model import Counter, Op
+from bench.profile_step import wrapped_method_calls
 from dsp_fast import method
 from dsp_fast.config import DSPConfig, ModelConfig
 from dsp_fast.engine.group_bn import apply_group_bn
@@ -76,14 +76,11 @@ class StudentStandIn:
         return out
 
 
-@contextlib.contextmanager
-def dsp_parts(counter: Counter, paste_as_kernel: bool) -> Iterator[None]:
+def dsp_parts(counter: Counter, paste_as_kernel: bool) -> contextlib.AbstractContextManager:
     """The step's calls into dsp_fast.kernels class as DSP ops (as profile_step's ranges); with paste_as_kernel the
     soft paste's operators fold into one launch that reads the call's inputs and writes its outputs once."""
-    saved = {name: getattr(method, name) for name in ("dual_soft_paste", "weighted_mmd")}
 
     def ranged(name, fn):
-        @functools.wraps(fn)
         def call(*args, **kwargs):
             first, counter.part = len(counter.ops), "DSP ops"
             try:
@@ -98,13 +95,7 @@ def dsp_parts(counter: Counter, paste_as_kernel: bool) -> Iterator[None]:
             return out
         return call
 
-    for name, fn in saved.items():
-        setattr(method, name, ranged(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(method, name, fn)
+    return wrapped_method_calls(("dual_soft_paste", "weighted_mmd"), ranged)
 
 
 @contextlib.contextmanager

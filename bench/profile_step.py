@@ -65,24 +65,29 @@ DSP_CALLS = ("dual_soft_paste", "weighted_mmd")
 
 
 @contextlib.contextmanager
-def dsp_ranges() -> Iterator[None]:
-    """The step's calls into dsp_fast.kernels (looked up in dsp_fast.method at call time) inside profiler ranges."""
-    saved = {name: getattr(method, name) for name in DSP_CALLS}
-
-    def ranged(name, fn):
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            with record_function(DSP_RANGE + name):
-                return fn(*args, **kwargs)
-        return call
-
+def wrapped_method_calls(names, wrap) -> Iterator[None]:
+    """dsp_fast.method's functions `names` replaced by wrap(name, fn) while the block runs (the step looks them up
+    in dsp_fast.method at call time), then restored."""
+    saved = {name: getattr(method, name) for name in names}
     for name, fn in saved.items():
-        setattr(method, name, ranged(name, fn))
+        setattr(method, name, functools.wraps(fn)(wrap(name, fn)))
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(method, name, fn)
+
+
+def dsp_ranges() -> contextlib.AbstractContextManager:
+    """The step's calls into dsp_fast.kernels inside profiler ranges."""
+
+    def ranged(name, fn):
+        def call(*args, **kwargs):
+            with record_function(DSP_RANGE + name):
+                return fn(*args, **kwargs)
+        return call
+
+    return wrapped_method_calls(DSP_CALLS, ranged)
 
 
 def event_class(evt) -> str | None:
