@@ -194,6 +194,9 @@ def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, s
     if what == "truncated":  # header intact, entropy-coded data cut: only the decoder can notice
         data = open(path, "rb").read()
         open(path, "wb").write(data[: data.index(b"\xff\xda") + 40])
+    elif what == "tail cut":  # only the last rows lost: a region decode above them would not notice
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) * 9 // 10])
     elif what == "garbage":
         open(path, "wb").write(os.urandom(500))
     elif what == "missing label":
@@ -204,7 +207,7 @@ def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, s
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-@pytest.mark.parametrize("what", ["truncated", "garbage", "missing label", "label size"])
+@pytest.mark.parametrize("what", ["truncated", "tail cut", "garbage", "missing label", "label size"])
 def test_bad_file_raises_an_error_naming_it(sets, tmp_path, backend, what):
     loader, path = _plant(sets, tmp_path, "jpeg", what, backend)
     try:
