@@ -1,6 +1,6 @@
 """Data throughput: the reference's PIL DataLoader over the original PNGs vs the prepared data (torch and DALI).
 
-    python -m bench.data_throughput [--quick] [--threads 1 2] [--device cpu|cuda]
+    python -m bench.data_throughput [--quick] [--threads 1 2] [--device cpu|cuda] [--dali-roi on off] [--rounds N]
 
 Generates GTA5-like (1914x1052 PNG, palette labels) and Cityscapes-like (2048x1024 PNG) scenes in a temp folder
 (nothing is downloaded), prepares them with `dsp_fast.prepare` (JPEG q95), then times, with the same thread count:
@@ -8,12 +8,17 @@ Generates GTA5-like (1914x1052 PNG, palette labels) and Cityscapes-like (2048x10
 - per stream (B crops of 512x512 per batch; source = image + label, target = image only):
   `reference-png`  the reference trainer's RandomCrops DataLoader: PIL decode of the PNG, resize, crop;
   `torch-<fmt>`    the `torch` backend over prepared data (PIL decode + crop in DataLoader workers);
-  `dali-<fmt>`     the `dali` backend (CPU operators on a CPU device, GPU decode with --device cuda);
+  `dali-<fmt>-roi` the `dali` backend (CPU operators on a CPU device, GPU decode with --device cuda), decoding
+                   only each crop's window (`fn.decoders.image_slice`, what the loaders run);
+  `dali-<fmt>-full` the same pipeline decoding each whole file and then slicing it (the path before 2026-12-06);
+  `longtail` stream: the 2B long-tail crops of a step from the 1920x1080 longtail/ set (image + label);
 - per training step (3B crops + K long-tail crops): the reference's three loaders plus its long-tail crops
   (decoded on the main thread) vs `build_loaders` with each backend;
 - the long-tail plan of one step (B x 2 windows, host only, on the DALI feeder's thread): drawn from the window maps
   stored at preparation (what the loaders do) vs from the decoded 1920x1080 label (what the maps replace).
 images/s counts 512x512 crops delivered; threads = DataLoader workers or DALI threads per stream.
+--rounds N measures every row N times, alternating the variants within each round (a shared machine's load drifts
+over minutes), and reports the median per row under "medians".
 Results go to bench/results/data_throughput_<date>.json with the device, git sha and versions.
 """
 
@@ -108,7 +113,8 @@ def reference_stream(dataset, base: tuple[int, int], batch: int, threads: int, r
     return iter(loader)
 
 
-def prepared_stream(backend: str, root: str, labels: bool, batch: int, threads: int, device: torch.device):
+def prepared_stream(backend: str, root: str, labels: bool, batch: int, threads: int, device: torch.device,
+                    roi: bool = True):
     ds = load_prepared(root)
     sampler, seed = ShardedSampler(len(ds), seed=1), 1
 
@@ -120,7 +126,7 @@ def prepared_stream(backend: str, root: str, labels: bool, batch: int, threads: 
     if backend == "dali":
         from dsp_fast.pipelines.dali_backend import DaliCropStream
 
-        return DaliCropStream(ds, plan, CROP, labels, device, max(1, threads))
+        return DaliCropStream(ds, plan, CROP, labels, device, max(1, threads), roi=roi)
     from dsp_fast.pipelines.torch_backend import TorchCropStream
 
     return TorchCropStream(ds, plan, CROP, labels, device, threads, gpu_decode=backend == "torchvision")
@@ -166,19 +172,21 @@ def long_tail_plan_ms(src_dir: str, batch: int, steps: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def backends(device: torch.device) -> list[str]:
-    names = ["torch"]
+def backends(device: torch.device, dali_roi: list[str]) -> list[tuple[str, str, bool]]:
+    """(row name, backend, DALI region decode) of each prepared-data variant; the DALI ones adjacent, so a round
+    measures them back to back."""
+    names = [("torch-jpeg", "torch", True)]
     try:
         import nvidia.dali  # noqa: F401
 
-        names.append("dali")
+        names += [(f"dali-jpeg-{'roi' if r == 'on' else 'full'}", "dali", r == "on") for r in dali_roi]
     except ImportError:
         print("DALI not installed: skipping the dali rows", file=sys.stderr)
     if device.type == "cuda":
         try:
             import torchvision.io  # noqa: F401
 
-            names.append("torchvision")
+            names.append(("torchvision-jpeg", "torchvision", True))
         except ImportError:
             pass
     return names
@@ -196,7 +204,7 @@ def run(args: argparse.Namespace, work: str) -> dict:
         prepare.main(["--dataset", name, "--root", root, "--out", out, "--no-progress", "--workers",
                       str(os.cpu_count()), *extra])
         info[f"prepare_{name}_s"] = round(time.perf_counter() - t0, 1)
-    tgt_dir = os.path.join(tgt_dir, "train")
+    tgt_dir, lt_dir = os.path.join(tgt_dir, "train"), os.path.join(src_dir, LONG_TAIL_DIR)
     info["bytes_per_image"] = {
         "gta5_png": os.path.getsize(os.path.join(gta, "images", "00000.png")),
         "gta5_prepared_jpeg": os.path.getsize(os.path.join(src_dir, "images", "00000.jpg")),
@@ -208,31 +216,49 @@ def run(args: argparse.Namespace, work: str) -> dict:
 
     def row(kind: str, stream: str, backend: str, threads: int, make: Callable[[], Iterator], per: int) -> None:
         it = make()
-        r = {"kind": kind, "stream": stream, "backend": backend, "threads": threads, "batch": per,
+        r = {"round": rnd, "kind": kind, "stream": stream, "backend": backend, "threads": threads, "batch": per,
              "device": str(device), **timed(it, w, n, per)}
         close = getattr(it, "close", None)
         if close:
             close()
         rows.append(r)
-        print(f"{kind:6s} {stream:7s} {backend:14s} threads={threads}  {r['images_per_s']:8.2f} img/s  "
+        print(f"{kind:6s} {stream:8s} {backend:15s} threads={threads}  {r['images_per_s']:8.2f} img/s  "
               f"{r['ms_per_batch']:8.1f} ms/batch", flush=True)
 
-    for t in args.threads:
-        row("stream", "source", "reference-png", t, lambda: reference_stream(GTA5(gta), SOURCE_BASE, b, t), b)
-        row("stream", "target", "reference-png", t,
-            lambda: reference_stream(Cityscapes(cs, "train", labels=False), TARGET_BASE, b, t), b)
-        for be in backends(device):
-            row("stream", "source", f"{be}-jpeg", t, lambda: prepared_stream(be, src_dir, True, b, t, device), b)
-            row("stream", "target", f"{be}-jpeg", t, lambda: prepared_stream(be, tgt_dir, False, b, t, device), b)
-        row("step", "all", "reference-png", t, lambda: reference_steps(gta, cs, b, t), 5 * b)
-        for be in backends(device):
-            row("step", "all", f"{be}-jpeg", t, lambda: build_loaders(
-                src_dir, tgt_dir, batch_size=b, backend=be, device=device, num_threads=t,
-                long_tail_classes=LONG_TAIL, num_long_tail=2), 5 * b)
+    variants = backends(device, args.dali_roi)
+    for rnd in range(args.rounds):
+        for t in args.threads:
+            row("stream", "source", "reference-png", t, lambda: reference_stream(GTA5(gta), SOURCE_BASE, b, t), b)
+            row("stream", "target", "reference-png", t,
+                lambda: reference_stream(Cityscapes(cs, "train", labels=False), TARGET_BASE, b, t), b)
+            for stream, root, labels, per in (("source", src_dir, True, b), ("target", tgt_dir, False, b),
+                                              ("longtail", lt_dir, True, 2 * b)):
+                for name, be, roi in variants:
+                    row("stream", stream, name, t, lambda: prepared_stream(be, root, labels, per, t, device, roi), per)
+            row("step", "all", "reference-png", t, lambda: reference_steps(gta, cs, b, t), 5 * b)
+            for name, be, roi in variants:
+                row("step", "all", name, t, lambda: build_loaders(
+                    src_dir, tgt_dir, batch_size=b, backend=be, device=device, num_threads=t,
+                    long_tail_classes=LONG_TAIL, num_long_tail=2, dali_roi=roi), 5 * b)
     plan = long_tail_plan_ms(src_dir, b, n)
     for name, ms in plan.items():
         print(f"plan   longtail {name:14s}            {ms:8.1f} ms/step ({2 * b} windows)", flush=True)
-    return {"info": info, "rows": rows, "long_tail_plan_ms_per_step": plan}
+    return {"info": info, "rows": rows, "medians": medians(rows), "long_tail_plan_ms_per_step": plan}
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (kind, stream, backend, threads): the median over the rounds, and how many rounds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["stream"], r["backend"], r["threads"]), []).append(r)
+    out = []
+    for (kind, stream, backend, threads), rs in groups.items():
+        ms = float(np.median([r["ms_per_batch"] for r in rs]))
+        out.append({"kind": kind, "stream": stream, "backend": backend, "threads": threads, "rounds": len(rs),
+                    "ms_per_batch": round(ms, 2), "images_per_s": round(1e3 * rs[0]["batch"] / ms, 2)})
+        print(f"median {kind:6s} {stream:8s} {backend:15s} threads={threads}  {out[-1]['images_per_s']:8.2f} img/s  "
+              f"{ms:8.1f} ms/batch  ({len(rs)} rounds)", flush=True)
+    return out
 
 
 def environment() -> dict:
@@ -264,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--source-images", type=int, default=24)
     p.add_argument("--target-images", type=int, default=12)
+    p.add_argument("--dali-roi", nargs="+", choices=["on", "off"], default=["off", "on"],
+                   help="DALI rows to measure: 'on' decodes only each crop's window (what the loaders do), 'off' "
+                        "decodes whole files then slices (the path before); both by default, side by side")
+    p.add_argument("--rounds", type=int, default=1, help="measure every row this many times, alternating; "
+                   "medians reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

@@ -141,14 +141,14 @@ step throughput_mitb5 30 "$PY" -m bench.throughput --config gta2cs_mitb5 --data 
     --ablations - --no-chart --tag mitb5 --out "$OUT"
 if ((TOOLCHAIN)); then
     # 6. kernel vs twin only: a cold torch.compile of each twin costs more than the whole step's budget
-    step kernel_bench 30 env TRITON_INTERPRET=0 "$PY" -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
+    step kernel_bench 25 env TRITON_INTERPRET=0 "$PY" -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
         -k "not compiled_twin" --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3 \
         --benchmark-json "$OUT/kernels_bench.json"
 else
     skip kernel_bench "no C compiler or Python.h"
 fi
-step mmd_memory 15 "$PY" -m bench.mmd_memory --device cuda
-step data_throughput 20 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
+step mmd_memory 10 "$PY" -m bench.mmd_memory --device cuda
+step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
 # 9. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
 # graph's warm-up shortened to 2 steps, which changes no allocation of the captured step
 step memory 30 "$PY" -m bench.memory --config gta2cs --measure-cuda fast.graph_warmup=2

@@ -2,7 +2,12 @@
 
 Every random choice comes from the host plan (`plan.py`) through `external_source`: the same window and flip
 feed the image crop and the label crop, and the labels are sliced, never resampled, so they stay aligned pixel
-for pixel and keep their ids. The file bytes are read on the host in the input callback, which also checks each
+for pixel and keep their ids. With `roi` (the default) the decoder is given the window
+(`fn.decoders.image_slice`): a JPEG decoder stops after the window's last row and skips the inverse DCT of the
+blocks outside it, so a 512x512 crop of a 1920x1080 long-tail image costs about half its full decode; on CPU the
+pixels are the same, bit for bit, as a full decode then a slice (`tests/test_pipelines.py`). A PNG label is
+lossless, so its region decode is exact too (it saves little: inflate and unfilter run row by row up to the
+window's end either way). The file bytes are read on the host in the input callback, which also checks each
 header (type, size) so that a foreign or wrongly sized file is named before a decoder sees it. A decoder failure
 (DALI's message does not know file names) is traced back to the file by re-reading the in-flight batches with PIL.
 """
@@ -90,7 +95,9 @@ class DaliCropStream:
 
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
                  with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, roi: bool = True) -> None:
+        """roi: decode only the planned window (`fn.decoders.image_slice`); False decodes the whole file and then
+        slices it (the path before 2026-12-06, kept so that `bench.data_throughput --dali-roi` measures both)."""
         fn, types, Pipeline = import_dali()
         self.with_labels, self.device = with_labels, device
         self.feeder = _Feeder(ds, plan_fn, with_labels, start_step)
@@ -107,19 +114,24 @@ class DaliCropStream:
                                                         batch=True, dtype=dtypes)))
             shape = np.array([ch, cw], dtype=np.int32)  # in the plan's (y0, x0) order of the anchors
 
-            def crop_flip(x):
-                x = fn.slice(x, inputs["anchors"], shape, axis_names="HW", normalized_anchor=False,
-                             normalized_shape=False, out_of_bounds_policy="error")
+            window = {"axis_names": "HW", "normalized_anchor": False, "normalized_shape": False}
+
+            def decode_crop_flip(data, **decoder):
+                if roi:  # the same operator on both devices; with `mixed`, nvJPEG's ROI decode (not run on a GPU yet)
+                    x = fn.decoders.image_slice(data, inputs["anchors"], shape, **window, **decoder)
+                else:
+                    x = fn.slice(fn.decoders.image(data, **decoder), inputs["anchors"], shape, **window,
+                                 out_of_bounds_policy="error")
                 return fn.flip(x, horizontal=inputs["flips"])
 
             # Size hints let the GPU decoder allocate once instead of growing its buffers over the first batches.
             hints = {"preallocate_width_hint": ds.size[0], "preallocate_height_hint": ds.size[1]} if gpu else {}
-            images = crop_flip(fn.decoders.image(inputs["images"], device="mixed" if gpu else "cpu",
-                                                 output_type=types.RGB, **hints))
+            images = decode_crop_flip(inputs["images"], device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                      **hints)
             outputs = [images]
             if with_labels:
                 # PNG labels decode on CPU threads whatever the device; cropping first moves 512x512, not the image.
-                labels = crop_flip(fn.decoders.image(inputs["labels"], device="cpu", output_type=types.GRAY))
+                labels = decode_crop_flip(inputs["labels"], device="cpu", output_type=types.GRAY)
                 outputs.append(labels.gpu() if gpu else labels)
             self.pipe.set_outputs(*outputs)
         self.pipe.build()

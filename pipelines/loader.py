@@ -68,7 +68,7 @@ class StepLoader:
 def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int] = (512, 512), batch_size: int = 2,
                   backend: str = "dali", device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                   seed: int = 0, num_threads: int = 4, long_tail_classes: Sequence[int] = (), num_long_tail: int = 0,
-                  flip: bool = False, start_step: int = 0, prefetch: int = 2) -> StepLoader:
+                  flip: bool = False, start_step: int = 0, prefetch: int = 2, dali_roi: bool = True) -> StepLoader:
     """The step loader over prepared folders (`python -m dsp_fast.prepare`).
 
     source_dir: a prepared GTA5 / SYNTHIA folder (with labels); target_dir: a prepared Cityscapes split folder.
@@ -79,6 +79,7 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     long_tail_classes, num_long_tail: the classes long-tail crops are drawn from, and how many per step.
     flip: random horizontal flips (False: the reference trainer does none). start_step: resume point.
     prefetch: steps prepared ahead (DALI's queue depth; the DataLoader's prefetch_factor per worker).
+    dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks).
     """
     if backend not in BACKENDS:
         raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
@@ -95,7 +96,7 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     if backend == "dali":
         from .dali_backend import DaliCropStream as Stream
 
-        kwargs = {"num_threads": max(1, num_threads)}
+        kwargs = {"num_threads": max(1, num_threads), "roi": dali_roi}
     else:
         from .torch_backend import TorchCropStream as Stream
 

@@ -242,6 +242,19 @@ def check_gray8(data: bytes | np.ndarray, path: str) -> None:
         raise DatasetError(f"{path}: not an 8-bit grayscale PNG label (prepared labels are 'L' train-id PNGs)")
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+_JPEG_END = b"\xff\xd9"  # the end-of-image marker
+
+
+def check_complete(data: bytes | np.ndarray, path: str) -> None:
+    """DatasetError naming `path` unless the file ends as a whole PNG or JPEG does. A region decode stops after the
+    window's last row, so a file cut below the window would decode without complaint: the check on the host keeps
+    a truncated file an error whatever window is drawn (preparation writes files whole: a cut one is damage)."""
+    head, tail = bytes(memoryview(data)[:2]), bytes(memoryview(data)[-12:])
+    if not tail.endswith(_PNG_END if head == _PNG_SIGNATURE[:2] else _JPEG_END):
+        raise DatasetError(f"{path}: truncated file (no end marker); rerun python -m dsp_fast.prepare")
+
+
 def read_label_array(ds: PreparedSet, i: int) -> np.ndarray:
     """Label i of a prepared set, decoded on the host: (H, W) uint8 train ids."""
     path = ds.label_path(i)
@@ -254,8 +267,9 @@ def read_label_array(ds: PreparedSet, i: int) -> np.ndarray:
 
 
 def read_checked(path: str, size: tuple[int, int], gray8: bool = False) -> np.ndarray:
-    """A prepared file's bytes, after checking its header (size, and 8-bit gray for labels): DatasetError naming
-    the path otherwise. Both backends read through here, so they reject the same files the same way."""
+    """A prepared file's bytes, after checking its header (size, and 8-bit gray for labels) and its end marker:
+    DatasetError naming the path otherwise. Both backends read through here, so they reject the same files the
+    same way."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -263,6 +277,7 @@ def read_checked(path: str, size: tuple[int, int], gray8: bool = False) -> np.nd
     except OSError as e:
         raise DatasetError(f"{path}: cannot read ({e})") from None
     check_size(data, path, size)
+    check_complete(data, path)
     if gray8:
         check_gray8(data, path)
     return data

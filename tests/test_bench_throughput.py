@@ -52,7 +52,7 @@ def test_gpu_check_script_is_valid_bash_and_dry_runs(tmp_path):
                           timeout=30)
     assert proc.returncode == 0, proc.stderr
     steps = {"preflight": 15, "install": 20, "compile_kernels": 20, "gpu_tests": 70, "throughput": 95,
-             "throughput_mitb5": 30, "kernel_bench": 30, "mmd_memory": 15, "data_throughput": 20, "memory": 30}
+             "throughput_mitb5": 30, "kernel_bench": 25, "mmd_memory": 10, "data_throughput": 30, "memory": 30}
     for name, limit in steps.items():
         assert f"({name}, timeout {limit}s)" in proc.stdout
     assert sum(steps.values()) == 345  # the step limits add up to the default budget

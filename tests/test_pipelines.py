@@ -194,6 +194,9 @@ def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, s
     if what == "truncated":  # header intact, entropy-coded data cut: only the decoder can notice
         data = open(path, "rb").read()
         open(path, "wb").write(data[: data.index(b"\xff\xda") + 40])
+    elif what == "tail cut":  # only the last rows lost: a region decode above them would not notice
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) * 9 // 10])
     elif what == "garbage":
         open(path, "wb").write(os.urandom(500))
     elif what == "missing label":
@@ -204,7 +207,7 @@ def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, s
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-@pytest.mark.parametrize("what", ["truncated", "garbage", "missing label", "label size"])
+@pytest.mark.parametrize("what", ["truncated", "tail cut", "garbage", "missing label", "label size"])
 def test_bad_file_raises_an_error_naming_it(sets, tmp_path, backend, what):
     loader, path = _plant(sets, tmp_path, "jpeg", what, backend)
     try:
@@ -277,3 +280,65 @@ def test_long_tail_sampler_matches_the_retry_loop(tmp_path):
     assert tv < 0.07, tv
     plan = planner.long_tail_plan(5)  # B = 2 crops of the one class, image-major
     assert plan.classes == [12] and len(plan.indices) == len(plan.windows) == 2
+
+
+def _roi_set(root: str, size: tuple[int, int], n: int, seed: int) -> prepared.PreparedSet:
+    """n images and labels of `size` (w, h) written with preparation's own encoders (JPEG q95 4:4:4, gray PNG):
+    smooth gradients, sharp-edged blocks and noise, so every 8x8 block has AC coefficients and colour edges."""
+    from dsp_fast.prepare import encode_image, encode_label
+
+    (w, h), rng, stems = size, np.random.default_rng(seed), [f"{i:03d}" for i in range(n)]
+    os.makedirs(os.path.join(root, "images")), os.makedirs(os.path.join(root, "labels"))
+    yy, xx = np.mgrid[:h, :w]
+    for stem in stems:
+        img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.float32)
+        ids = rng.integers(0, 19, (h // 7 + 1, w // 5 + 1)).repeat(7, 0).repeat(5, 1)[:h, :w].astype(np.uint8)
+        img = np.clip(0.5 * img + 6.0 * ids[..., None] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        with open(prepared.image_path(root, stem, "jpeg"), "wb") as f:
+            f.write(encode_image(img, "jpeg", 95))
+        with open(prepared.label_path(root, stem), "wb") as f:
+            f.write(encode_label(ids))
+    return prepared.PreparedSet(root, "gta5", size, "jpeg", 19, stems, True, [], size, None, [], None)
+
+
+@pytest.mark.parametrize("size, crop, offsets", [((333, 217), (61, 45), (0, 1, 7, 8, 9, 15, 17)),
+                                                  ((1920, 1080), (512, 512), (0, 9, 16))])
+def test_dali_roi_decode_is_the_full_decode_then_slice_bit_for_bit(tmp_path, size, crop, offsets):
+    """fn.decoders.image_slice (what the DALI backend runs) against fn.decoders.image + fn.slice (what it ran before)
+    and against PIL's full decode sliced with numpy, over windows at every corner and edge, at odd offsets on both
+    sides of 8x8 block boundaries, and at random: tolerance 0 (both CPU decoders are libjpeg-turbo; a region decode
+    that differed at block or upsampling boundaries would show here). Odd image and crop sizes in the first case,
+    the long-tail size in the second."""
+    from dsp_fast.pipelines.dali_backend import DaliCropStream
+    from dsp_fast.pipelines.plan import CropPlan
+
+    ds = _roi_set(str(tmp_path / "set"), size, 3, seed=len(offsets))
+    (w, h), (cw, ch), per_step = size, crop, 8
+    ys, xs = [*offsets, h - ch - 1, h - ch], [*offsets, w - cw - 1, w - cw]
+    fixed = [(y, x) for y in ys for x in xs]  # every pair: corners, edges, odd offsets around block boundaries
+    steps = -(-len(fixed) // per_step) + 1  # and a step of random windows at least
+
+    def plan(step: int) -> CropPlan:  # a function of the step alone: both streams plan the same crops
+        rng = np.random.default_rng([7, step])
+        windows = fixed[step * per_step:(step + 1) * per_step]
+        windows += [(int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)))
+                    for _ in range(per_step - len(windows))]
+        return CropPlan([(step + k) % len(ds) for k in range(per_step)], windows,
+                        [bool(f) for f in rng.integers(0, 2, per_step)], [])
+
+    streams = [DaliCropStream(ds, plan, crop, True, torch.device("cpu"), 1, prefetch=1, roi=roi)
+               for roi in (True, False)]
+    full = [(read(ds.image_path(i)), read(ds.label_path(i))) for i in range(len(ds))]
+    for step in range(steps):
+        (img, lab, p), (img_full, lab_full, p_full) = (next(s) for s in streams)
+        assert p.windows == p_full.windows == plan(step).windows
+        exp_img, exp_lab = [], []
+        for i, (y0, x0), flip in zip(p.indices, p.windows, p.flips):
+            cut = (slice(y0, y0 + ch), slice(x0, x0 + cw))
+            a, b = full[i][0][cut], full[i][1][cut]
+            exp_img.append(a[:, ::-1] if flip else a)
+            exp_lab.append(b[:, ::-1] if flip else b)
+        for got, whole, exp in ((img, img_full, exp_img), (lab, lab_full, exp_lab)):
+            diff = (got.int() - whole.int()).abs()
+            assert torch.equal(got, whole), f"step {step}: {int((diff > 0).sum())} values differ, max {int(diff.max())}"
+            np.testing.assert_array_equal(got.numpy(), np.stack(exp))
