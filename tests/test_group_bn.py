@@ -80,6 +80,19 @@ def test_per_group_bn_passes_through_eval_and_small_calls():
         grouped(x[:5])
 
 
+@pytest.mark.parametrize("cls", [nn.BatchNorm2d, GlobalBatchNorm2d, nn.SyncBatchNorm])
+def test_each_bn_class_gets_its_per_group_version(cls):
+    """The classes the trainer's BN layers can have (GlobalBatchNorm2d with several CPU ranks, SyncBatchNorm with
+    several GPUs): each per-group version equals separate calls of the class itself (one process here, where both
+    rank-aware classes compute plain batch statistics; their reduction over ranks per group: test_scaling.py)."""
+    bn = cls(4)
+    grouped = apply_group_bn(nn.Sequential(copy.deepcopy(bn)), 2)[0]
+    assert isinstance(grouped, cls) and isinstance(grouped, PerGroupStats)
+    x = torch.randn(6, 4, 5, 7)
+    assert torch.equal(grouped(x), torch.cat([bn(part) for part in x.split(2)]))
+    assert torch.equal(grouped.running_var, bn.running_var)
+
+
 def test_apply_group_bn_keeps_tensors_and_keys():
     cfg = make_cfg()
     student, _ = build_models(cfg, CPU)
@@ -147,7 +160,7 @@ def test_batched_step_equals_three_calls(dsp, channels_last):
     s, t = copy.deepcopy(student), copy.deepcopy(teacher)
     ctx = fast_context(cfg_wrong, s, t, group_size=3 * b)  # one group: whole-call statistics
     wrong = compute_losses(ctx, buffers(batch, choices))
-    assert abs(float(wrong["loss"]) - one[0]["loss"]) > 1e-4
+    assert abs(float(wrong["loss"].detach()) - one[0]["loss"]) > 1e-4
 
 
 def test_batched_step_equals_three_calls_on_mit_b0():
