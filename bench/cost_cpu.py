@@ -2,12 +2,13 @@
 with bench.profile_step's measured one, per operator class, on the same config (the `synthetic` preset: `tiny`,
 128x128 crops, batch 2+2, fp32, eager, channels_last, the adjoint MMD from interpolation matrices).
 
-    python -m bench.cost_model --device cpu --compare [--steps 5] [--json OUT]
+    python -m bench.cost_model --device cpu --compare [--steps 5] [--rounds 5] [--threads 1] [--json OUT]
 
-Rates, measured before and after the profile (the machine may be shared: their mean is used, both are written):
-the fp32 matmul rate (a 1024^3 matmul), the bandwidth of a 256 MiB copy (bench._env.copy_bandwidth_gbs), and the
-self time of one eager operator under torch.profiler (a 64-element add: dispatch and allocation, which profile_step
-counts in every operator's self time), all with the torch threads profile_step runs with. The cost model's own
+In each of --rounds rounds (the machine may be shared: medians over the rounds are used, every round is written)
+the rates are measured, then --steps steps profiled: the fp32 matmul rate (a 1024^3 matmul), the bandwidth of a
+256 MiB copy (bench._env.copy_bandwidth_gbs), and the self time of one eager operator under torch.profiler (a
+64-element add: dispatch and allocation, which profile_step counts in every operator's self time), all with the
+torch threads profile_step runs with (--threads N sets them). The cost model's own
 efficiencies (bench.cost_model.EFFICIENCY) are kept: the check is of the model as the GPU prediction uses it.
 
 Two predictions: "model" is bench.cost_step's recording on the meta device (what the GPU figures use); "recorded"

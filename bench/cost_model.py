@@ -10,7 +10,8 @@ How: the step runs on the `meta` device (shapes only, no data, seconds on a CPU)
 every aten operator with its FLOPs (torch.utils.flop_counter's formulas) and the bytes it reads and writes (its
 input tensors, its outputs and the arguments it writes in place; views move nothing): bench.cost_step runs the
 step's own code (dsp_fast.method.dsp_losses: teacher, class selection, pastes, augmentations, losses, MMD) with the
-student's three forward + backward passes, then SGD with momentum and the EMA. The fast trainer runs them in bf16
+student's forward + backward (one call over 3B images, as fast.batched_student runs it; three for the reference),
+then SGD with momentum and the EMA. The fast trainer runs them in bf16
 (autocast's cast of the weights at every forward: the graph disables its cache), channels_last, the MMD as the
 adjoint, the soft paste as one kernel, one CUDA graph; the reference in fp32 NCHW (cuDNN's default TF32 for
 convolutions), the naive MMD and the twins, eager, one Python dispatch and launch per operator, per-parameter loops.
@@ -84,19 +85,22 @@ class Op:
     launches: int = 1
 
 
-def op_class(name: str, part: str | None) -> str:
-    """The class of an aten operator, as bench.profile_step classes profiler events (the same six names)."""
-    if part is not None:
-        return part
-    if name.startswith(("_foreach", "_fused_sgd")) or name == "_amp_foreach_non_finite_check_and_unscale_":
-        return "optimizer + EMA"
+def aten_class(name: str) -> str:
+    """The class of an aten operator (its name without 'aten::'): the classes of bench.profile_step too."""
+    if "convolution" in name or name.startswith("conv") or name == "_slow_conv2d_forward":
+        return "convolution"
     if "batch_norm" in name:
         return "batch norm"
-    if "convolution" in name:
-        return "convolution"
     if name in MATMUL_OPS:
         return "matmul"
+    if name.startswith(("_foreach", "_fused_sgd")) or name == "_amp_foreach_non_finite_check_and_unscale_":
+        return "optimizer + EMA"
     return "elementwise / reduction"
+
+
+def op_class(name: str, part: str | None) -> str:
+    """The class of a recorded operator: `part` when set (the DSP ops' range), else aten_class."""
+    return aten_class(name) if part is None else part
 
 
 def _nbytes(t: torch.Tensor) -> float:

@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench.cost_model import aten_class
 from bench.result_schema import command_line, result_env, write_result
 from bench.throughput.setup import build_config, fast_data_dirs
 from bench.throughput.trainers import FastBench, build_fast, warm_up
@@ -48,16 +49,7 @@ def op_class(name: str) -> str | None:
         return "DSP ops"
     if not name.startswith("aten::"):
         return None
-    op = name[len("aten::"):]
-    if "convolution" in op or op.startswith("conv") or op in ("mkldnn_convolution", "_slow_conv2d_forward"):
-        return "convolution"
-    if "batch_norm" in op:
-        return "batch norm"
-    if op in ("mm", "bmm", "addmm", "matmul", "baddbmm"):
-        return "matmul"
-    if op.startswith("_foreach") or op.startswith("_fused_sgd") or op == "_amp_foreach_non_finite_check_and_unscale_":
-        return "optimizer + EMA"
-    return "elementwise / reduction"
+    return aten_class(name[len("aten::"):])
 
 
 DSP_RANGE = "dsp_range::"
