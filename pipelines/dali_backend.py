@@ -4,8 +4,9 @@ Every random choice comes from the host plan (`plan.py`) through `external_sourc
 feed the image crop and the label crop, and the labels are sliced, never resampled, so they stay aligned pixel
 for pixel and keep their ids. With `roi` (the default) the decoder is given the window
 (`fn.decoders.image_slice`): a JPEG decoder stops after the window's last row and skips the inverse DCT of the
-blocks outside it, so a 512x512 crop of a 1920x1080 long-tail image costs about half its full decode; on CPU the
-pixels are the same, bit for bit, as a full decode then a slice (`tests/test_pipelines.py`). A PNG label is
+blocks outside it, so a 512x512 crop of a 1920x1080 long-tail image and its label cost about 0.6 of the full
+decode on CPU (bench.data_throughput); on CPU the pixels are the same, bit for bit, as a full decode then a slice
+(`tests/test_pipelines.py`). A PNG label is
 lossless, so its region decode is exact too (it saves little: inflate and unfilter run row by row up to the
 window's end either way). The file bytes are read on the host in the input callback, which also checks each
 header (type, size) so that a foreign or wrongly sized file is named before a decoder sees it. A decoder failure
