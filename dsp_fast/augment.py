@@ -1,8 +1,6 @@
-"""Strong augmentation of the mixed images (DSP step 4), in plain PyTorch: colour jitter and Gaussian blur.
-
-Parameters are drawn first (`draw_step_aug`) and applied after (`strong_augment`), so two implementations of a
-step can be fed the same random choices. Semantics are those of the authors' script with kornia 0.2.0, on 0..1
-RGB images (B, 3, H, W):
+"""Strong augmentation of the mixed images (DSP step 4) on the device: colour jitter and Gaussian blur with fixed
+shapes and no host branch, so the step can be captured in a CUDA graph. Semantics are those of the authors' script
+with kornia 0.2.0, on 0..1 RGB images (B, 3, H, W):
 
 - one jitter coin (p = 0.8) and one blur coin (p = 0.5) per step, shared by every mixed image of the step;
 - colour jitter per image: brightness *adds* b ~ U(-s, s), contrast *multiplies* by c ~ U(1-s, 1+s) (no blend to
@@ -14,11 +12,14 @@ RGB images (B, 3, H, W):
 - `kornia_hsv_quirk`: kornia 0.2.0's `hsv_to_rgb` fills the six hue sectors in turn with `out[out == k] = ...`, so a
   value that sector 0 wrote as exactly 1.0 is selected again by the sector-1 pass and overwritten (a library bug
   the authors trained with, reproduced on request).
+
+The random choices arrive as a table of AUG_COLS columns per image (drawn by `dsp_fast.method.draw_choices_`);
+the reference trainer has its own image-by-image implementation (dsp_fast/reference/strong_aug.py), and both are
+tested against values worked out by hand (tests/test_augment.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -26,16 +27,9 @@ import torch.nn.functional as F
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # kornia 0.2.0's transform list order (the order's indices)
 TWO_PI = 2 * math.pi
-
-
-@dataclasses.dataclass
-class StrongAug:
-    jitter: torch.Tensor  # (B,) bool: colour jitter applied to image b (one coin per step: all equal)
-    factors: torch.Tensor  # (B, 4) float: brightness offset, contrast factor, saturation factor, hue shift (rad)
-    order: torch.Tensor  # (B, 4) int64: a permutation of BRIGHTNESS..HUE, the order the four are applied in
-    blur: torch.Tensor  # (B,) bool: Gaussian blur applied to image b (one coin per step: all equal)
-    sigma: torch.Tensor  # (B,) float: blur sigma
-    kernel_size: tuple[int, int]  # odd blur kernel size (rows, columns)
+AUG_COLS = 11
+"""Columns of an augmentation table (B, AUG_COLS): [jitter coin, brightness offset, contrast, saturation, hue (rad),
+blur coin, sigma, 4 order keys]: the jitter order of an image is argsort of its keys (a uniform random permutation)."""
 
 
 def blur_kernel_size(length: int) -> int:
@@ -47,30 +41,6 @@ def blur_kernel_size(length: int) -> int:
 def blur_kernel_shape(height: int, width: int) -> tuple[int, int]:
     """(rows, columns) of the blur kernel: each axis from its own length, as the script computes k_y and k_x."""
     return blur_kernel_size(height), blur_kernel_size(width)
-
-
-def draw_strong_aug(batch: int, crop_hw: tuple[int, int], jitter: bool, blur: bool, strength: float,
-                    gen: torch.Generator | None = None) -> StrongAug:
-    """Per-image jitter factors, jitter order and blur sigma for `batch` images of size crop_hw = (H, W), under the
-    step's two coins."""
-    u = torch.rand(batch, 5, generator=gen)
-    s = strength
-    factors = torch.stack([-s + 2 * s * u[:, 0], 1 - s + 2 * s * u[:, 1], 1 - s + 2 * s * u[:, 2],
-                           -s + 2 * s * u[:, 3]], 1)
-    order = torch.stack([torch.randperm(4, generator=gen) for _ in range(batch)])
-    sigma = 0.15 + u[:, 4]  # U(0.15, 1.15)
-    return StrongAug(torch.full((batch,), bool(jitter)), factors, order, torch.full((batch,), bool(blur)), sigma,
-                     blur_kernel_shape(*crop_hw))
-
-
-def draw_step_aug(batch: int, crop_hw: tuple[int, int], jitter_p: float, strength: float, blur_p: float,
-                  gen: torch.Generator | None = None) -> tuple[StrongAug, StrongAug]:
-    """A step's augmentation of the mixed source and mixed target images: the two coins drawn once and shared
-    (the script draws them once per step), everything else per image."""
-    coins = torch.rand(2, generator=gen)
-    jitter, blur = bool(coins[0] < jitter_p), bool(coins[1] < blur_p)
-    return (draw_strong_aug(batch, crop_hw, jitter, blur, strength, gen),
-            draw_strong_aug(batch, crop_hw, jitter, blur, strength, gen))
 
 
 # ---------------------------------------------------------------------------------------------- colour space
@@ -109,50 +79,6 @@ def hsv_to_rgb(x_B3HW: torch.Tensor, kornia_quirk: bool = False) -> torch.Tensor
     return torch.stack([r, channel(3), channel(1)], 1)
 
 
-def _per_image(f_B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return f_B.to(x).view(-1, 1, 1, 1)
-
-
-def adjust_brightness(x_B3HW: torch.Tensor, b_B: torch.Tensor) -> torch.Tensor:
-    """kornia 0.2.0: x + b, clamped to [0, 1]."""
-    return (x_B3HW + _per_image(b_B, x_B3HW)).clamp(0, 1)
-
-
-def adjust_contrast(x_B3HW: torch.Tensor, c_B: torch.Tensor) -> torch.Tensor:
-    """kornia 0.2.0: x * c, clamped to [0, 1] (no blend towards the mean grey)."""
-    return (x_B3HW * _per_image(c_B, x_B3HW)).clamp(0, 1)
-
-
-def adjust_saturation(x_B3HW: torch.Tensor, s_B: torch.Tensor, kornia_quirk: bool = False) -> torch.Tensor:
-    """kornia 0.2.0: HSV S times s, clamped to [0, 1]."""
-    h, s, v = rgb_to_hsv(x_B3HW).unbind(1)
-    s = (s * _per_image(s_B, x_B3HW)[:, 0]).clamp(0, 1)
-    return hsv_to_rgb(torch.stack([h, s, v], 1), kornia_quirk)
-
-
-def adjust_hue(x_B3HW: torch.Tensor, h_B: torch.Tensor, kornia_quirk: bool = False) -> torch.Tensor:
-    """kornia 0.2.0: H + h radians, modulo 2pi; no clamping."""
-    h, s, v = rgb_to_hsv(x_B3HW).unbind(1)
-    h = torch.fmod(h + _per_image(h_B, x_B3HW)[:, 0], TWO_PI)  # may be negative: hsv_to_rgb wraps it, as kornia
-    return hsv_to_rgb(torch.stack([h, s, v], 1), kornia_quirk)
-
-
-ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # indexed by BRIGHTNESS..HUE
-
-
-def color_jitter(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor,
-                 kornia_quirk: bool = False) -> torch.Tensor:
-    """kornia 0.2.0's ColorJitter with drawn factors: image by image, the four adjustments in that image's order."""
-    out = []
-    for b in range(x_B3HW.shape[0]):
-        x = x_B3HW[b:b + 1]
-        for idx in order_B4[b].tolist():
-            f = factors_B4[b:b + 1, idx]
-            x = ADJUST[idx](x, f, kornia_quirk) if idx in (SATURATION, HUE) else ADJUST[idx](x, f)
-        out.append(x)
-    return torch.cat(out)
-
-
 def gaussian_blur(x_B3HW: torch.Tensor, sigma_B: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
     """Separable Gaussian blur, one sigma per image, kernel_size (rows, columns), reflect padding (each axis'
     kernel capped below that axis' length, as reflect padding needs)."""
@@ -170,13 +96,35 @@ def gaussian_blur(x_B3HW: torch.Tensor, sigma_B: torch.Tensor, kernel_size: tupl
     return y.view(b, c, h, w)
 
 
-def strong_augment(x_B3HW: torch.Tensor, aug: StrongAug, kornia_hsv_quirk: bool = False) -> torch.Tensor:
-    """Apply the drawn jitter and blur; images whose coin came up false pass through unchanged."""
-    jit = aug.jitter.to(x_B3HW.device).view(-1, 1, 1, 1)
+def color_jitter(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor,
+                        kornia_quirk: bool = False) -> torch.Tensor:
+    """kornia 0.2.0's ColorJitter with drawn factors (B, 4: brightness offset, contrast, saturation, hue) and orders
+    (B, 4, a permutation of BRIGHTNESS..HUE per image), with fixed shapes: four stages; at stage j every image applies
+    its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
+    clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
+    evaluations per stage instead of four, bit for bit the four applied one at a time (x * 1, + 0, fmod(h + 0), s * 1 are exact)."""
+    b, c, s, h = factors_B4.to(x_B3HW).unbind(1)
+    one, zero = torch.ones_like(b), torch.zeros_like(b)
     x = x_B3HW
-    if bool(aug.jitter.any()):
-        x = torch.where(jit, color_jitter(x_B3HW, aug.factors, aug.order, kornia_hsv_quirk), x_B3HW)
-    if bool(aug.blur.any()):
-        blur = aug.blur.to(x.device).view(-1, 1, 1, 1)
-        x = torch.where(blur, gaussian_blur(x, aug.sigma, aug.kernel_size), x)
+    for j in range(4):
+        op = order_B4[:, j]
+        mul = torch.where(op == CONTRAST, c, one)
+        add = torch.where(op == BRIGHTNESS, b, zero)
+        affine = (x * mul.view(-1, 1, 1, 1) + add.view(-1, 1, 1, 1)).clamp(0, 1)
+        hue, sat, val = rgb_to_hsv(x).unbind(1)
+        sat = (sat * torch.where(op == SATURATION, s, one).view(-1, 1, 1)).clamp(0, 1)
+        hue = torch.fmod(hue + torch.where(op == HUE, h, zero).view(-1, 1, 1), TWO_PI)
+        hsv = hsv_to_rgb(torch.stack([hue, sat, val], 1), kornia_quirk)
+        x = torch.where(((op == BRIGHTNESS) | (op == CONTRAST)).view(-1, 1, 1, 1), affine, hsv)
     return x
+
+
+def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: tuple[int, int],
+                   kornia_hsv_quirk: bool = False) -> torch.Tensor:
+    """Step 4's colour jitter and blur, computed for every image and selected per image by its coin: no
+    data-dependent branch, so it can be captured. aug: (B, AUG_COLS), see AUG_COLS; kernel_size (rows, cols)."""
+    order = aug[:, 7:11].argsort(dim=1)
+    jit = aug[:, 0].bool().view(-1, 1, 1, 1)
+    x = torch.where(jit, color_jitter(x_B3HW, aug[:, 1:5], order, kornia_hsv_quirk), x_B3HW)
+    blur = aug[:, 5].bool().view(-1, 1, 1, 1)
+    return torch.where(blur, gaussian_blur(x, aug[:, 6], kernel_size), x)

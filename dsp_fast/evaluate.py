@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override, split_overrides
 from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, DatasetError, class_names, resize_image, resize_label
 from dsp_fast.data.build import target_dataset
-from dsp_fast.models import build_model, normalize_input
+from dsp_fast.models import build_model, normalize_input, unwrap
 from dsp_fast.run_io import read_checkpoint_file, resolve_device
 
 
@@ -101,7 +101,7 @@ def predict_batch(model: torch.nn.Module, images_uint8_HWC: list[np.ndarray], de
     x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images_uint8_HWC])
     x = x.float().div(255).to(device)
     logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
-    align = getattr(model, "module", model).logits_align_corners
+    align = unwrap(model).logits_align_corners
     preds = []
     for i in range(len(images_uint8_HWC)):
         size = x.shape[-2:] if out_sizes is None else (out_sizes[i][1], out_sizes[i][0])

@@ -1,9 +1,11 @@
-"""The DSP math of the fast path: on the device, fixed shapes, no host sync, fused kernels.
+"""The DSP step's math on the fast path: on the device, fixed shapes, no host sync, fused kernels.
 
 Everything here can run inside a CUDA graph: random choices arrive as tensors (uniform draws, long-tail crops
 and their classes), class selection is a sort over a fixed (B, K) table instead of `unique`, the teacher update is
 three foreach ops with a device weight, and the losses read the mask and q directly. Step numbers refer to
-shared/DSP_METHOD.md; `dsp_fast.reference` is the readable oracle this module is tested against.
+docs/method.md; `dsp_fast.reference` is the readable oracle this module is tested against.
+
+To add a loss term, edit `dsp_losses` (docs/extending.md): every entry of its `terms` joins the loss and the logs.
 
 Shapes: B batch, K classes, L long-tail classes per step, H x W crop, h x w stride-8 features.
 """
@@ -16,10 +18,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dsp_fast.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, TWO_PI, gaussian_blur, hsv_to_rgb, rgb_to_hsv
+from dsp_fast.augment import AUG_COLS, blur_kernel_shape, strong_augment
+from dsp_fast.config import Config, DSPConfig
+from dsp_fast.data import IGNORE_LABEL
 from dsp_fast.kernels import dual_soft_paste, weighted_mmd
-
-IGNORE_LABEL = 255
+from dsp_fast.models import unwrap
 
 
 @dataclasses.dataclass
@@ -31,13 +34,29 @@ class DeviceChoices:
     lt_img: torch.Tensor  # (B*L, 3, H, W) long-tail crops, image-major: crop l of template b at b*L + l (step 3)
     lt_label: torch.Tensor  # (B*L, H, W) their labels
     lt_cls: torch.Tensor  # (L,) int64 the class crop l is pasted for (the same for every image); -1: no crop
-    aug_src: torch.Tensor  # (B, AUG_COLS) jitter coin, 4 jitter factors, blur coin, sigma, 4 order keys
+    aug_src: torch.Tensor  # (B, AUG_COLS) jitter coin, 4 jitter factors, blur coin, sigma, 4 order keys (augment.py)
     aug_tgt: torch.Tensor  # (B, AUG_COLS) the same for the mixed target images
 
 
-AUG_COLS = 11
-"""Columns of DeviceChoices.aug_*: [jitter coin, brightness offset, contrast, saturation, hue (rad), blur coin,
-sigma, 4 order keys]: the jitter order of an image is argsort of its keys (a uniform random permutation)."""
+def draw_choices_(ch: DeviceChoices, gen: torch.Generator, d: DSPConfig) -> None:
+    """Steps 2 and 4's random choices, drawn in place on the device: class ranks U(0,1); one jitter coin and one blur
+    coin for the whole step (every mixed image shares them); per image brightness in +- s, contrast and saturation
+    in 1 +- s, hue in +- s rad, sigma in U(0.15, 1.15), and four uniform keys whose argsort is the jitter order.
+    Long-tail crops come from the loader."""
+    ch.class_u.uniform_(generator=gen)
+    s = d.jitter_strength
+    for aug in (ch.aug_src, ch.aug_tgt):
+        aug.uniform_(generator=gen)
+        aug[:, 1].mul_(2 * s).sub_(s)
+        aug[:, 2:4].mul_(2 * s).add_(1 - s)
+        aug[:, 4].mul_(2 * s).sub_(s)
+        aug[:, 6].add_(0.15)
+    # the coins: column 0 and 5 of the source rows' first image, copied to every row of both tables
+    jitter = ch.aug_src[0, 0] < d.jitter_p
+    blur = ch.aug_src[0, 5] < d.blur_p
+    for aug in (ch.aug_src, ch.aug_tgt):
+        aug[:, 0] = jitter
+        aug[:, 5] = blur
 
 
 def present_classes(y_BHW: torch.Tensor, num_classes: int, with_ignore: bool = False) -> torch.Tensor:
@@ -105,45 +124,12 @@ def script_masks(chosen_BHW: torch.Tensor, pasted_BHW: torch.Tensor, share_first
     return shared, torch.cat([final[None], chosen_BHW[1:]]), final.expand_as(mask)
 
 
-def color_jitter_staged(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor,
-                        kornia_quirk: bool = False) -> torch.Tensor:
-    """augment.color_jitter (per image, a loop) with fixed shapes: four stages; at stage j every
-    image applies its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
-    clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
-    evaluations per stage instead of four, bit for bit the reference's (x * 1, + 0, fmod(h + 0), s * 1 are exact)."""
-    b, c, s, h = factors_B4.to(x_B3HW).unbind(1)
-    one, zero = torch.ones_like(b), torch.zeros_like(b)
-    x = x_B3HW
-    for j in range(4):
-        op = order_B4[:, j]
-        mul = torch.where(op == CONTRAST, c, one)
-        add = torch.where(op == BRIGHTNESS, b, zero)
-        affine = (x * mul.view(-1, 1, 1, 1) + add.view(-1, 1, 1, 1)).clamp(0, 1)
-        hue, sat, val = rgb_to_hsv(x).unbind(1)
-        sat = (sat * torch.where(op == SATURATION, s, one).view(-1, 1, 1)).clamp(0, 1)
-        hue = torch.fmod(hue + torch.where(op == HUE, h, zero).view(-1, 1, 1), TWO_PI)
-        hsv = hsv_to_rgb(torch.stack([hue, sat, val], 1), kornia_quirk)
-        x = torch.where(((op == BRIGHTNESS) | (op == CONTRAST)).view(-1, 1, 1, 1), affine, hsv)
-    return x
-
-
-def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: tuple[int, int],
-                   kornia_hsv_quirk: bool = False) -> torch.Tensor:
-    """Step 4's colour jitter and blur, computed for every image and selected per image by its coin: no
-    data-dependent branch, so it can be captured. aug: (B, AUG_COLS), see DeviceChoices; kernel_size (rows, cols)."""
-    order = aug[:, 7:11].argsort(dim=1)
-    jit = aug[:, 0].bool().view(-1, 1, 1, 1)
-    x = torch.where(jit, color_jitter_staged(x_B3HW, aug[:, 1:5], order, kornia_hsv_quirk), x_B3HW)
-    blur = aug[:, 5].bool().view(-1, 1, 1, 1)
-    return torch.where(blur, gaussian_blur(x, aug[:, 6], kernel_size), x)
-
-
 def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits resized to the input size (bilinear, align_corners as the model class says: DeepLab True, MiT False),
     and the model's MMD features at their own stride. `model` may be a DDP wrapper (the student when distributed)."""
     logits, feat = model(normalize(x))
-    align = getattr(model, "module", model).logits_align_corners  # a class attribute: no device read, capturable
+    align = unwrap(model).logits_align_corners  # a class attribute: no device read, capturable
     return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align), feat
 
 
@@ -161,31 +147,22 @@ def source_ce(logits_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tenso
     return total / (label_BHW != IGNORE_LABEL).sum().clamp(min=1)
 
 
-@dataclasses.dataclass
-class LossSettings:
-    num_classes: int
-    lam: float
-    conf_threshold: float
-    mmd_weight: float
-    mmd_kernel_mul: float
-    mmd_kernel_num: int
-    drop_target_soft_term: bool
-    enabled: bool
-    blur_kernel: tuple[int, int]  # (rows, columns)
-    # the authors'-script switches of docs/method.md (dsp.*)
-    kornia_hsv_quirk: bool = False
-    long_tail_columns: bool = False  # dsp.long_tail_paste 'columns'
-    share_first_mask: bool = False
-    paste_ignore_label: bool = False
-    # the student's three forwards as one call over 3B images; its BN layers must then take statistics per group of
-    # B images (engine/group_bn.py), or the result is not the three calls' (fast.batched_student)
-    batched_student: bool = False
-    # Several ranks (engine/sync.py): the step of one rank on the global batch. world_size scales each rank's loss
-    # so that DDP's mean of the gradients is the global loss's gradient; sum_ranks all-reduces (sums) a tensor that
-    # needs no gradient (q's and L_src's pixel counts); gather_rows all-gathers the pooled MMD vectors with autograd.
-    world_size: int = 1
-    sum_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
-    gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """The collectives that make one rank's step the step of the global batch (several ranks; engine/distributed.py).
+    world_size scales each rank's loss so that DDP's mean of the gradients is the global loss's gradient; `sum`
+    all-reduces (sums) a tensor that needs no gradient (q's and L_src's pixel counts); `gather_rows` all-gathers the
+    pooled MMD vectors with autograd."""
+
+    world_size: int
+    sum: Callable[[torch.Tensor], torch.Tensor]
+    gather_rows: Callable[[torch.Tensor], torch.Tensor]
+
+
+def batched_student(cfg: Config) -> bool:
+    """Step 5 as one student call over 3B images (fast.batched_student; DSP only): its BN layers must then take
+    statistics per group of B images (engine/group_bn.py), or the result is not the three calls'."""
+    return cfg.fast.batched_student and cfg.dsp.enabled
 
 
 @dataclasses.dataclass
@@ -204,89 +181,95 @@ class Mixed:
     q: torch.Tensor  # 0-d fraction of confident target pixels
 
 
-def dsp_mix(s: LossSettings, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices) -> Mixed:
+def dsp_mix(cfg: Config, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices, *,
+            ranks: Ranks | None = None) -> Mixed:
     """Steps 1-4 on the device: pseudo-labels, class selection, long-tail paste, dual soft paste, augmentation."""
+    d, num_classes = cfg.dsp, cfg.model.num_classes
     with torch.no_grad():
         prob = torch.softmax(seg_forward(teacher, x_t, normalize)[0].float(), dim=1)
         conf, yhat_t = prob.max(dim=1)
-        if s.sum_ranks is None:
-            q = (conf >= s.conf_threshold).float().mean()
+        if ranks is None:
+            q = (conf >= d.conf_threshold).float().mean()
         else:  # q over the global batch: one all-reduce of [confident pixels, pixels]
-            confident = (conf >= s.conf_threshold).sum().float()
+            confident = (conf >= d.conf_threshold).sum().float()
             # full_like, not new_tensor: a fill kernel, where new_tensor would copy from the host (no graph capture)
-            counts = torch.stack([confident, torch.full_like(confident, conf.numel())])
-            counts = s.sum_ranks(counts)
+            counts = ranks.sum(torch.stack([confident, torch.full_like(confident, conf.numel())]))
             q = counts[0] / counts[1]
-    class_sel = select_classes(y_m, ch.class_u, s.num_classes)  # on the template's own labels, before step 3
-    x_m_pasted, y_m_pasted, pasted = paste_long_tail(x_m, y_m, ch.lt_img, ch.lt_label, ch.lt_cls, s.long_tail_columns)
+    class_sel = select_classes(y_m, ch.class_u, num_classes)  # on the template's own labels, before step 3
+    columns = d.long_tail_paste == "columns"
+    x_m_pasted, y_m_pasted, pasted = paste_long_tail(x_m, y_m, ch.lt_img, ch.lt_label, ch.lt_cls, columns)
     weight_mask = mmd_mask = None
-    if s.long_tail_columns or s.share_first_mask or s.paste_ignore_label:
+    if columns or d.share_first_mask or d.paste_ignore_label:
         # M from the template's labels before the paste (the column paste overwrites pixels outside M), handed to
         # the kernel as its `pasted` input with no class chosen, so that the kernel's mask is exactly M
-        if not s.paste_ignore_label:
+        if not d.paste_ignore_label:
             class_sel = torch.cat([class_sel, torch.zeros_like(class_sel[:, :1])], dim=1)  # the ignore column
-        pasted, weight_mask, mmd_mask = script_masks(class_mask(y_m, class_sel), pasted, s.share_first_mask)
-        class_sel = torch.zeros_like(class_sel[:, :s.num_classes])
+        pasted, weight_mask, mmd_mask = script_masks(class_mask(y_m, class_sel), pasted, d.share_first_mask)
+        class_sel = torch.zeros_like(class_sel[:, :num_classes])
     xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m_pasted, y_m_pasted, class_sel, x_s, y_s, x_t, yhat_t,
-                                                           s.lam, pasted)
-    xs_mix = strong_augment(xs_mix, ch.aug_src, s.blur_kernel, s.kornia_hsv_quirk)
-    xt_mix = strong_augment(xt_mix, ch.aug_tgt, s.blur_kernel, s.kornia_hsv_quirk)
+                                                           d.lam, pasted)
+    kernel = blur_kernel_shape(*x_s.shape[-2:])
+    xs_mix = strong_augment(xs_mix, ch.aug_src, kernel, d.kornia_hsv_quirk)
+    xt_mix = strong_augment(xt_mix, ch.aug_tgt, kernel, d.kornia_hsv_quirk)
     weight_mask, mmd_mask = (mask, mask) if weight_mask is None else (weight_mask, mmd_mask)
     return Mixed(x_m_pasted, mask, weight_mask, mmd_mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
 
 
-def dsp_losses(s: LossSettings, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices
-               ) -> dict[str, torch.Tensor]:
-    """Steps 1-6 on the device; every entry is a 0-d tensor (no .item())."""
-    if not s.enabled:
-        l_src = source_loss(s, seg_forward(student, x_s, normalize)[0], y_s)
+def dsp_losses(cfg: Config, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices, *,
+               ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
+    """Steps 1-6 on the device: {"loss": the sum of the terms, each term, "q"}, every entry a 0-d tensor (no .item()).
+    The trainer logs the mean of every entry over the steps between two log lines, under its key."""
+    if not cfg.dsp.enabled:
+        l_src = source_loss(seg_forward(student, x_s, normalize)[0], y_s, ranks=ranks)
         return {"loss": l_src, "src": l_src}
-    if s.batched_student:  # step 5 as one call: the mixing first, then x_s, xs_mix, xt_mix in the calls' order
-        mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
+    if batched_student(cfg):  # step 5 as one call: the mixing first, then x_s, xs_mix, xt_mix in the calls' order
+        mix = dsp_mix(cfg, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch, ranks=ranks)
         logits, feat = seg_forward(student, torch.cat([x_s, mix.xs_mix, mix.xt_mix]), normalize)
         logits_s, logits_sm, logits_tm = logits.chunk(3)
         feat_sm, feat_tm = feat.chunk(3)[1:]
     else:
         logits_s, _ = seg_forward(student, x_s, normalize)
-        mix = dsp_mix(s, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch)
+        mix = dsp_mix(cfg, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch, ranks=ranks)
         logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
         logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
-    l_src = source_loss(s, logits_s, y_s)
+    d = cfg.dsp
+    terms = {"src": source_loss(logits_s, y_s, ranks=ranks)}
     # the losses and the MMD in fp32 whatever the run's autocast: a .float() alone is not enough, autocast would
     # cast the MMD's pooling matmul back to bf16
     with torch.autocast(x_s.device.type, enabled=False):
         logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
         logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
-        lam = s.lam
+        lam = d.lam
         # the mixed losses' mean runs over all B*H*W pixels; every rank holds the same number, so a rank's own mean
         # is its share of the global mean times world_size, which DDP's mean over ranks divides back out
-        l_srcmix = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
+        terms["srcmix"] = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
         weight = torch.where(mix.weight_mask, 1.0, mix.q)
         tgt = lam * nll(logp_tm, mix.yt_mix)
-        if not s.drop_target_soft_term:
+        if not d.drop_target_soft_term:
             tgt = tgt + (1 - lam) * nll(logp_tm, mix.yhat_t)
-        l_tgtmix = (weight * tgt).mean()
-        l_mmd = mmd_term(s, feat_sm, feat_tm, mix.mmd_mask, tuple(x_s.shape[-2:]))
-    loss = l_src + l_srcmix + l_tgtmix + l_mmd
-    return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": mix.q}
+        terms["tgtmix"] = (weight * tgt).mean()
+        terms["mmd"] = mmd_term(d, feat_sm, feat_tm, mix.mmd_mask, tuple(x_s.shape[-2:]), ranks=ranks)
+    # a new term: terms["name"] = value (a 0-d tensor); it joins the loss and the logs
+    loss = sum(terms.values())
+    return {"loss": loss, **terms, "q": mix.q}
 
 
-def source_loss(s: LossSettings, logits_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
+def source_loss(logits_s: torch.Tensor, y_s: torch.Tensor, *, ranks: Ranks | None = None) -> torch.Tensor:
     """L_src: CE over the valid pixels. Several ranks: the sum over this rank's pixels divided by the global valid
     count, times world_size (DDP averages the gradients over ranks); 0 when no pixel of the global batch is valid."""
-    if s.sum_ranks is None:
+    if ranks is None:
         return source_ce(logits_s.float(), y_s)
     total = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL, reduction="sum")
-    valid = s.sum_ranks((y_s != IGNORE_LABEL).sum().float())
-    return total * s.world_size / valid.clamp(min=1.0)
+    valid = ranks.sum((y_s != IGNORE_LABEL).sum().float())
+    return total * ranks.world_size / valid.clamp(min=1.0)
 
 
-def mmd_term(s: LossSettings, feat_s: torch.Tensor, feat_t: torch.Tensor, mask_BHW: torch.Tensor,
-             size: tuple[int, int]) -> torch.Tensor:
-    """Step 6's c * weighted MMD, in fp32 even inside an autocast region (the spec keeps the MMD in fp32)."""
+def mmd_term(d: DSPConfig, feat_s: torch.Tensor, feat_t: torch.Tensor, mask_BHW: torch.Tensor,
+             size: tuple[int, int], *, ranks: Ranks | None = None) -> torch.Tensor:
+    """Step 6's c * weighted MMD, in fp32 even inside an autocast region (the MMD stays fp32)."""
     with torch.autocast(feat_s.device.type, enabled=False):
-        return s.mmd_weight * weighted_mmd(feat_s.float(), feat_t.float(), mask_BHW, size, s.mmd_kernel_mul,
-                                           s.mmd_kernel_num, s.gather_rows)
+        return d.mmd_weight * weighted_mmd(feat_s.float(), feat_t.float(), mask_BHW, size, d.mmd_kernel_mul,
+                                           d.mmd_kernel_num, None if ranks is None else ranks.gather_rows)
 
 
 @torch.no_grad()

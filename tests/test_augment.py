@@ -6,7 +6,7 @@ clamp [0, 1]; hue: H (radians) + h, fmod 2pi, no clamp; HSV -> RGB by the sector
 f = (6 H / 2pi) % 6 - hi, p = v(1-s), q = v(1-fs), t = v(1-(1-f)s). Tolerance 1e-5: float32 rounding through a
 division and a few products.
 
-The hand-worked values are the oracle of both implementations: the fast path's primitives (dsp_fast.augment, batched)
+The hand-worked values are the oracle of both implementations: the fast path's (dsp_fast.augment, batched, staged)
 and the reference's own (dsp_fast.reference.strong_aug, image by image), so neither trainer checks the other alone.
 """
 
@@ -16,25 +16,21 @@ import pytest
 import torch
 
 from dsp_fast.augment import (
+    AUG_COLS,
     BRIGHTNESS,
     CONTRAST,
     HUE,
     SATURATION,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
     blur_kernel_shape,
     blur_kernel_size,
     color_jitter,
-    draw_step_aug,
-    draw_strong_aug,
     gaussian_blur,
     hsv_to_rgb,
     rgb_to_hsv,
     strong_augment,
 )
-from dsp_fast.method import color_jitter_staged
+from dsp_fast.config import DSPConfig
+from dsp_fast.method import DeviceChoices, draw_choices_
 from dsp_fast.reference import strong_aug as ref_aug
 
 
@@ -79,10 +75,24 @@ class Reference:
         return Reference._each(lambda img, s: ref_aug.gaussian_blur(img, s, kernel_size), x, sigma.tolist())
 
 
+IDENTITY = (0.0, 1.0, 1.0, 0.0)  # brightness offset, contrast, saturation, hue: each adjustment's identity
+
+
+def _one_adjustment(op: int):
+    """The fast path's jitter with one adjustment (op) at the given factors and the other three at their identity
+    (exact but for fp32 rounding in the HSV round trip: within the tests' 1e-5)."""
+    def adjust(x, f, kornia_quirk=False):
+        factors = torch.tensor(IDENTITY).repeat(x.shape[0], 1)
+        factors[:, op] = f
+        order = torch.tensor([op, *(o for o in range(4) if o != op)]).repeat(x.shape[0], 1)
+        return color_jitter(x, factors, order, kornia_quirk)
+    return staticmethod(adjust)
+
+
 class Fast:
     rgb_to_hsv, hsv_to_rgb = staticmethod(rgb_to_hsv), staticmethod(hsv_to_rgb)
-    adjust_brightness, adjust_contrast = staticmethod(adjust_brightness), staticmethod(adjust_contrast)
-    adjust_saturation, adjust_hue = staticmethod(adjust_saturation), staticmethod(adjust_hue)
+    adjust_brightness, adjust_contrast = _one_adjustment(BRIGHTNESS), _one_adjustment(CONTRAST)
+    adjust_saturation, adjust_hue = _one_adjustment(SATURATION), _one_adjustment(HUE)
     color_jitter, gaussian_blur = staticmethod(color_jitter), staticmethod(gaussian_blur)
 
 
@@ -151,13 +161,14 @@ def test_jitter_order_is_per_image(aug):
     assert torch.allclose(aug.color_jitter(x, ident, order), x, atol=1e-5)
 
 
-def test_fast_path_staged_jitter_equals_the_per_image_one():
-    # bit for bit: the fused stages only add exact identities (x * 1, + 0, S * 1, fmod(H + 0)); 64 images cover
-    # many of the 24 orders
+def test_fast_jitter_equals_the_reference_image_by_image():
+    # the staged jitter against the reference's own image-by-image implementation on random factors and orders; 64
+    # images cover many of the 24 orders; 2e-6 (a few fp32 ulps): the same formulas in another arrangement
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(64, 3, 8, 8, generator=gen)
-    aug = draw_strong_aug(64, (8, 8), jitter=True, blur=False, strength=0.25, gen=gen)
-    assert torch.equal(color_jitter_staged(x, aug.factors, aug.order), color_jitter(x, aug.factors, aug.order))
+    drawn = ref_aug.draw_strong_aug(64, (8, 8), jitter=True, blur=False, strength=0.25, gen=gen)
+    torch.testing.assert_close(color_jitter(x, drawn.factors, drawn.order),
+                               Reference.color_jitter(x, drawn.factors, drawn.order), rtol=0, atol=2e-6)
 
 
 @both
@@ -190,18 +201,49 @@ def assert_coins_shared_per_step(draw_step_aug) -> None:
     assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
 
 
-def test_coins_are_shared_per_step_and_select_images():
+def _choices(batch: int) -> DeviceChoices:
+    return DeviceChoices(class_u=torch.zeros(batch, 19), lt_img=torch.zeros(0), lt_label=torch.zeros(0),
+                         lt_cls=torch.zeros(0), aug_src=torch.zeros(batch, AUG_COLS), aug_tgt=torch.zeros(batch, AUG_COLS))
+
+
+def test_drawn_choices_share_the_coins_per_step_with_their_distributions():
+    """draw_choices_ over 1000 steps: one jitter coin and one blur coin per step, shared by both mixed batches, with
+    frequencies 0.8 and 0.5 (3 sigma: 0.04 and 0.05); per image factors in their ranges, sigma in [0.15, 1.15], and
+    order keys whose argsort reaches all 24 orders."""
+    gen = torch.Generator().manual_seed(0)
+    d = DSPConfig()
+    ch = _choices(4)
+    jit, blur, rows = [], [], []
+    for _ in range(1000):
+        draw_choices_(ch, gen, d)
+        coins = torch.cat([ch.aug_src[:, [0, 5]], ch.aug_tgt[:, [0, 5]]])
+        assert (coins == coins[0]).all()
+        jit.append(bool(coins[0, 0]))
+        blur.append(bool(coins[0, 1]))
+        rows.append(ch.aug_tgt.clone())
+    assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
+    f = torch.cat(rows)
+    s = d.jitter_strength
+    assert f[:, [1, 4]].abs().max() <= s and f[:, [1, 4]].abs().max() > 0.9 * s  # offsets, the hue in radians
+    assert f[:, 2:4].min() >= 1 - s and f[:, 2:4].max() <= 1 + s
+    assert f[:, 6].min() >= 0.15 and f[:, 6].max() <= 1.15
+    assert len(torch.unique(f[:, 7:11].argsort(dim=1), dim=0)) == 24
+
+
+def test_strong_augment_follows_each_images_coins():
     x = torch.rand(4, 3, 16, 16)
-    on = draw_strong_aug(4, (16, 16), jitter=True, blur=False, strength=0.25)
-    assert not torch.equal(strong_augment(x, on)[0], x[0])
-    off = draw_strong_aug(4, (16, 16), jitter=False, blur=False, strength=0.25)
-    assert torch.equal(strong_augment(x, off), x)
-    assert_coins_shared_per_step(draw_step_aug)
-    f = draw_strong_aug(1000, (16, 16), True, True, 0.25, torch.Generator().manual_seed(0))
-    assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians
-    assert f.factors[:, 1:3].min() >= 0.75 and f.factors[:, 1:3].max() <= 1.25
-    assert f.sigma.min() >= 0.15 and f.sigma.max() <= 1.15
-    assert len(torch.unique(f.order, dim=0)) == 24  # every order occurs
+    ch = _choices(4)
+    draw_choices_(ch, torch.Generator().manual_seed(0), DSPConfig())
+    aug = ch.aug_src.clone()
+    aug[:, [0, 5]] = 0.0
+    assert torch.equal(strong_augment(x, aug, (3, 3)), x)  # no coin: the images pass through, bit for bit
+    aug[1, 0] = 1.0  # image 1 jittered only
+    out = strong_augment(x, aug, (3, 3))
+    assert not torch.equal(out[1], x[1]) and torch.equal(out[[0, 2, 3]], x[[0, 2, 3]])
+    aug[1, 0], aug[2, 5] = 0.0, 1.0  # image 2 blurred only
+    out = strong_augment(x, aug, (3, 3))
+    torch.testing.assert_close(out[2:3], gaussian_blur(x[2:3], aug[2:3, 6], (3, 3)), rtol=0, atol=0)
+    assert torch.equal(out[[0, 1, 3]], x[[0, 1, 3]])
 
 
 @both
@@ -222,15 +264,12 @@ def test_kornia_hsv_quirk_overwrites_sector_0_reds_of_exactly_one(aug):
     close(aug.adjust_brightness(x, zero), 1.0, 0.5, 0.0)
     order = torch.tensor([[BRIGHTNESS, CONTRAST, SATURATION, HUE]])
     close(aug.color_jitter(x, torch.tensor([[0.0, 1.0, 1.0, 0.0]]), order, kornia_quirk=True), 0.5, 0.5, 0.0)
-    close(color_jitter_staged(x, torch.tensor([[0.0, 1.0, 1.0, 0.0]]), order, kornia_quirk=True), 0.5, 0.5, 0.0)
 
 
 @both
 def test_blur_kernel_per_axis(aug):
     # the script's kornia GaussianBlur2d((k_y, k_x)): ceil(3.7) = 4 -> 3 rows, ceil(4.5) = 5 -> 5 columns
     assert blur_kernel_shape(37, 45) == (3, 5)
-    drawn = draw_strong_aug(2, (37, 45), jitter=False, blur=True, strength=0.25)
-    assert drawn.kernel_size == (3, 5)
     assert ref_aug.draw_strong_aug(2, (37, 45), False, True, 0.25).kernel_size == (3, 5)  # the reference's own
     impulse = torch.zeros(1, 3, 37, 45)
     impulse[..., 18, 22] = 1

@@ -7,13 +7,13 @@ after one SGD step at lr 1e-2.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from dsp_fast import method, reference
-from dsp_fast.augment import draw_step_aug
-from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig, OptimConfig
+from dsp_fast.config import Config, DataConfig, DSPConfig, FastConfig, ModelConfig, OptimConfig
 from dsp_fast.models import build_model, normalize_input, param_groups
 
 B, H, W, K = 2, 32, 32, 19
@@ -61,7 +61,7 @@ def make_choices(cfg, y_m, gen, jitter: bool = True, blur: bool = True):
             lab[20:22, :] = 3  # other classes in the crop must not be pasted
             per_image.append((cls, torch.rand(3, H, W, generator=gen), lab))
         crops.append(per_image)
-    aug_src, aug_tgt = draw_step_aug(B, (H, W), 0.8, 0.25, 0.5, gen)
+    aug_src, aug_tgt = reference.draw_step_aug(B, (H, W), 0.8, 0.25, 0.5, gen)
     for a in (aug_src, aug_tgt):  # the step's shared coins, forced so that both branches can be tested
         a.jitter[:], a.blur[:] = jitter, blur
     return reference.StepChoices(sel, crops, aug_src, aug_tgt)
@@ -83,17 +83,11 @@ def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
         aug_src=aug_tensor(ch.aug_src), aug_tgt=aug_tensor(ch.aug_tgt))
 
 
-def settings(cfg: Config, kernel_size: tuple[int, int]) -> method.LossSettings:
-    d = cfg.dsp
-    return method.LossSettings(K, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul, d.mmd_kernel_num,
-                               d.drop_target_soft_term, d.enabled, kernel_size, d.kornia_hsv_quirk,
-                               d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label)
-
-
 def assert_fast_math_matches_reference(cfg: Config, batch, choices: reference.StepChoices,
                                        device_choices: method.DeviceChoices) -> None:
     """The fast path's DSP math (method.dsp_losses, one SGD step, method.ema_update) against reference.train_step
     on the same weights, batch and choices: losses 1e-5 relative, weights 1e-6 absolute."""
+    cfg = dataclasses.replace(cfg, fast=FastConfig(batched_student=False))  # three calls on a plain student
     torch.manual_seed(0)
     student = build_model(cfg.model)
     teacher = copy.deepcopy(student)
@@ -108,7 +102,7 @@ def assert_fast_math_matches_reference(cfg: Config, batch, choices: reference.St
     opt = sgd(fast_student)
     for g in opt.param_groups:
         g["lr"] = reference.poly_lr(cfg, 3) * g["lr_mult"]
-    losses = method.dsp_losses(settings(cfg, choices.aug_src.kernel_size), fast_student, fast_teacher,
+    losses = method.dsp_losses(cfg, fast_student, fast_teacher,
                                lambda x: normalize_input(x, "torchvision"), *batch, device_choices)
     losses["loss"].backward()
     opt.step()

@@ -21,7 +21,6 @@ from test_method_equivalence import to_device_choices
 from test_train_step import CPU, assert_same_losses, buffers, fast_context
 
 from dsp_fast import reference
-from dsp_fast.augment import draw_step_aug
 from dsp_fast.config import Config, DataConfig, DSPConfig, FastConfig, ModelConfig, OptimConfig, TrainConfig
 from dsp_fast.engine.features import build_models, scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
@@ -64,7 +63,7 @@ def make_choices(y_m: torch.Tensor, gen: torch.Generator, jitter: bool = True, b
             lab[40:44, :] = 3  # other classes in the crop must not be pasted
             per_image.append((cls, torch.rand(3, S, S, generator=gen), lab))
         crops.append(per_image)
-    aug_src, aug_tgt = draw_step_aug(B, (S, S), 0.8, 0.25, 0.5, gen)
+    aug_src, aug_tgt = reference.draw_step_aug(B, (S, S), 0.8, 0.25, 0.5, gen)
     for a in (aug_src, aug_tgt):
         a.jitter[:], a.blur[:] = jitter, blur
     return reference.StepChoices(sel, crops, aug_src, aug_tgt)

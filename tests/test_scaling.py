@@ -24,7 +24,7 @@ from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.features import apply_ddp, build_models, scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
 from dsp_fast.engine.sync import convert_global_bn, per_rank_batch
-from dsp_fast.engine.trainer import loss_settings
+from dsp_fast.engine.trainer import step_ranks
 from dsp_fast.method import DeviceChoices
 
 CPU = torch.device("cpu")
@@ -55,11 +55,11 @@ def _rank_slice(batch, ch: DeviceChoices, rank: int, n: int):
                                      lt_img=ch.lt_img[per_crop], lt_label=ch.lt_label[per_crop])
 
 
-def _step(cfg, student, teacher, batch, choices, settings=None, sync=False, syncs: list | None = None):
+def _step(cfg, student, teacher, batch, choices, ranks=None, sync=False, syncs: list | None = None):
     """One fast step; `syncs` collects the host syncs the op recorder sees in it (the collectives included)."""
     ctx = fast_context(cfg, student, teacher, group_size=batch[0].shape[0])
-    if settings is not None:
-        ctx.settings, ctx.sync_flag = settings, sync
+    if ranks is not None:
+        ctx.ranks, ctx.sync_flag = ranks, sync
     ctx.set_schedule_(STEP, scheduled_lr(cfg.optim, STEP, cfg.train.max_steps))
     buf = buffers(batch, choices)
     with OpRecorder() as rec:
@@ -83,12 +83,12 @@ def _worker(rank: int, port: int, out: dict) -> None:
             if variant != "no_global_bn":
                 convert_global_bn(student)
                 convert_global_bn(teacher)
-            settings = loss_settings(cfg, 2)
-            if variant == "no_mmd_gather":
-                settings.gather_rows = None
+            ranks = step_ranks(2)
+            if variant == "no_mmd_gather":  # each rank's MMD over its own vectors only
+                ranks = dataclasses.replace(ranks, gather_rows=lambda rows: rows)
             ddp = apply_ddp(student, info, find_unused=False)
             syncs: list[str] = []
-            losses = _step(cfg, ddp, teacher, part, ch, settings, sync=True, syncs=syncs)
+            losses = _step(cfg, ddp, teacher, part, ch, ranks, sync=True, syncs=syncs)
             del ddp
             if rank == 0:
                 out[variant] = (losses, copy.deepcopy(student.state_dict()), copy.deepcopy(teacher.state_dict()))

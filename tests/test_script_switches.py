@@ -19,7 +19,6 @@ from test_method_equivalence import (
     make_batch,
     make_cfg,
     make_choices,
-    settings,
 )
 from test_method_equivalence import to_device_choices as plain_device_choices
 from test_step_capturable import cuda_like_context, record_next_step, value_checks_off  # noqa: F401 (a fixture)
@@ -159,10 +158,9 @@ def test_script_switches_change_the_step():
     for dsp in ({}, SCRIPT_DSP):
         cfg = make_cfg(**dsp)
         choices = script_choices(cfg, batch[3], torch.Generator().manual_seed(2))
-        s = settings(cfg, choices.aug_src.kernel_size)
         torch.manual_seed(0)
         teacher = build_model(cfg.model)
-        outs.append(method.dsp_mix(s, teacher, lambda x: normalize_input(x, "torchvision"), *batch,
+        outs.append(method.dsp_mix(cfg, teacher, lambda x: normalize_input(x, "torchvision"), *batch,
                                    device_choices(cfg, choices)))
     assert not torch.equal(outs[0].mask, outs[1].mask) and not torch.equal(outs[0].xs_mix, outs[1].xs_mix)
 

@@ -18,7 +18,6 @@ from dsp_fast.config import FastConfig
 from dsp_fast.engine.features import build_grad_scaler, build_models, build_optimizer, make_normalize
 from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
-from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.kernels import force_twins, set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices, mmd_term
 
@@ -43,7 +42,7 @@ def cuda_like_context(cfg, student, teacher, amp: torch.dtype, device: torch.dev
     opt, device_skip = build_optimizer(cfg, student, FastConfig(amp="fp32", optimizer="fused"), device,
                                        device_lr=True)
     assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
-    return StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", device), amp,
+    return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", device), amp,
                        build_grad_scaler(amp, device), cfg.dsp.ema_max, device_skip, sync_flag=False,
                        autocast_cache=False)
 
@@ -123,7 +122,7 @@ def test_mit_b0_step_issues_no_host_sync(algorithm, value_checks_off):
 def test_mmd_stays_fp32_under_autocast():
     """The pooling matmul inside the weighted MMD would run in bf16 under autocast if only its inputs were cast:
     no operator of the MMD term returns bf16, and the value equals the one computed without autocast."""
-    s = loss_settings(make_cfg())
+    s = make_cfg().dsp
     gen = torch.Generator().manual_seed(0)
     feat_s, feat_t = (torch.randn(2, 8, 5, 7, generator=gen) for _ in range(2))
     mask = torch.rand(2, 33, 49, generator=gen) < 0.5

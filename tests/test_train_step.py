@@ -30,8 +30,8 @@ from dsp_fast.engine.features import (
 )
 from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
-from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, read_stats, train_step
-from dsp_fast.engine.trainer import loss_settings
+from dsp_fast.engine.step import StepBuffers, StepContext, read_stats, train_step
+from dsp_fast.method import draw_choices_
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices
 from dsp_fast.models import build_model, normalize_input
@@ -49,7 +49,7 @@ def fast_context(cfg, student, teacher, optimizer: str = "fused", channels_last:
     if channels_last:
         apply_channels_last(student, teacher)
     opt, device_skip = build_optimizer(cfg, student, opts, CPU)
-    return StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", CPU), torch.float32,
+    return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", CPU), torch.float32,
                        build_grad_scaler(torch.float32, CPU), cfg.dsp.ema_max, device_skip, sync_flag=False)
 
 
@@ -215,7 +215,7 @@ def test_graphed_step_matches_eager_step():
         apply_channels_last(student, teacher)
         apply_group_bn(student, cfg.data.batch_size)
         opt, device_skip = build_optimizer(cfg, student, opts, dev)
-        ctx = StepContext(loss_settings(cfg), student, teacher, opt, make_normalize("torchvision", dev),
+        ctx = StepContext(cfg, student, teacher, opt, make_normalize("torchvision", dev),
                           torch.float32, build_grad_scaler(torch.float32, dev), cfg.dsp.ema_max, device_skip,
                           sync_flag=False, autocast_cache=not graphed)
         buf = buffers(batches[0], DeviceChoices(*(t.to(dev) for t in vars(ch).values())), channels_last=True)

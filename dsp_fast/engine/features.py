@@ -181,10 +181,6 @@ def apply_ddp(model: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
     return ddp
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def make_normalize(kind: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """`models.normalize_input` with its constants made once on the device: the same arithmetic (same bits), but
     no host-to-device copy per call, which a CUDA graph capture forbids."""

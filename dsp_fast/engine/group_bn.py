@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dsp_fast.engine.sync import GlobalBatchNorm2d
+from dsp_fast.models import unwrap
 
 
 class PerGroupStats:
@@ -82,7 +83,7 @@ def apply_group_bn(model: nn.Module, group_size: int) -> nn.Module:
 def check_group_bn(model: nn.Module) -> None:
     """Refuse a batched student whose BN layers would take one set of statistics over all three groups (a silent
     change of the method): every BN layer must be per-group (`apply_group_bn`)."""
-    inner = getattr(model, "module", model)  # a DDP wrapper
+    inner = unwrap(model)  # a DDP wrapper
     plain = [name for name, m in inner.named_modules()
              if isinstance(m, _BatchNorm) and not (isinstance(m, PerGroupStats) and m.group_size > 0)]
     if plain:

@@ -18,7 +18,7 @@ from torch import nn
 from dsp_fast.config import Config
 from dsp_fast.data import class_names
 from dsp_fast.data.labels import CITYSCAPES_PALETTE
-from dsp_fast.engine.features import unwrap
+from dsp_fast.models import unwrap
 from dsp_fast.method import dsp_mix, seg_forward
 from dsp_fast.run_io import RunLog
 
@@ -131,7 +131,7 @@ def save_image_grid(path: str, ctx, buf) -> None:
     after the step's update."""
     student = unwrap(ctx.student)  # the module itself: no DDP hooks for a picture
     with preserved_buffers(student, ctx.teacher):
-        mix = dsp_mix(ctx.settings, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t,
+        mix = dsp_mix(ctx.cfg, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t,
                       buf.choices)
         pred = seg_forward(student, mix.xt_mix, ctx.normalize)[0].argmax(1)
     rows = []
@@ -141,5 +141,5 @@ def save_image_grid(path: str, ctx, buf) -> None:
                      _colour(pred[b])])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.png"
-    labelled_grid(rows, class_names(ctx.settings.num_classes)).save(tmp)
+    labelled_grid(rows, class_names(ctx.cfg.model.num_classes)).save(tmp)
     os.replace(tmp, path)

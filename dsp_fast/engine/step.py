@@ -19,12 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsp_fast.config import DSPConfig
+from dsp_fast.augment import AUG_COLS
+from dsp_fast.config import Config
 from dsp_fast.engine.group_bn import check_group_bn
-from dsp_fast.method import AUG_COLS, DeviceChoices, LossSettings, dsp_losses, ema_update
-
-LOSS_KEYS_DSP = ("loss", "src", "srcmix", "tgtmix", "mmd", "q")
-LOSS_KEYS_SOURCE_ONLY = ("loss", "src")
+from dsp_fast.method import DeviceChoices, Ranks, batched_student, dsp_losses, ema_update
 
 
 @dataclasses.dataclass
@@ -73,32 +71,11 @@ class StepBuffers:
         self.choices.lt_cls.copy_(batch["lt_class"], non_blocking=True)
 
 
-def draw_choices_(ch: DeviceChoices, gen: torch.Generator, d: DSPConfig) -> None:
-    """Steps 2 and 4's random choices, drawn in place on the device (the distributions of augment.draw_step_aug):
-    class ranks U(0,1); one jitter coin and one blur coin for the whole step (every mixed image shares them); per
-    image brightness in +- s, contrast and saturation in 1 +- s, hue in +- s rad, sigma in U(0.15, 1.15), and four
-    uniform keys whose argsort is the jitter order. Long-tail crops come from the loader."""
-    ch.class_u.uniform_(generator=gen)
-    s = d.jitter_strength
-    for aug in (ch.aug_src, ch.aug_tgt):
-        aug.uniform_(generator=gen)
-        aug[:, 1].mul_(2 * s).sub_(s)
-        aug[:, 2:4].mul_(2 * s).add_(1 - s)
-        aug[:, 4].mul_(2 * s).sub_(s)
-        aug[:, 6].add_(0.15)
-    # the coins: column 0 and 5 of the source rows' first image, copied to every row of both tables
-    jitter = ch.aug_src[0, 0] < d.jitter_p
-    blur = ch.aug_src[0, 5] < d.blur_p
-    for aug in (ch.aug_src, ch.aug_tgt):
-        aug[:, 0] = jitter
-        aug[:, 5] = blur
-
-
 @dataclasses.dataclass
 class StepContext:
     """Everything `train_step` touches besides the buffers. Device tensors here keep fixed addresses."""
 
-    settings: LossSettings
+    cfg: Config  # the losses read it directly (method.dsp_losses)
     student: nn.Module  # the DDP wrapper when distributed: its forward and backward sync the gradients
     teacher: nn.Module
     optimizer: torch.optim.Optimizer
@@ -109,23 +86,23 @@ class StepContext:
     device_skip: bool  # the optimizer reads found_inf on the device (torch fused SGD)
     sync_flag: bool  # all-reduce found_inf so every rank skips the same steps
     autocast_cache: bool = True  # off under CUDA graph capture (a cached cast would outlive the capture)
-    compiled_losses: Callable | None = None  # torch.compile(compute_losses) with fast.compile 'step
+    compiled_losses: Callable | None = None  # torch.compile(compute_losses) with fast.compile 'step'
+    ranks: Ranks | None = None  # several ranks: the collectives of the global batch's step
     # made by __post_init__, on the teacher's device
     step_t: torch.Tensor = dataclasses.field(init=False)  # int64 0-d: the step number (EMA alpha)
     found_inf: torch.Tensor = dataclasses.field(init=False)  # float 0-d: 1 when this step is skipped
-    sums: dict[str, torch.Tensor] = dataclasses.field(init=False)  # loss terms summed over good steps
+    sums: dict[str, torch.Tensor] = dataclasses.field(init=False)  # each entry of dsp_losses summed over good steps
     counts: torch.Tensor = dataclasses.field(init=False)  # [good steps, skipped steps, current skipped run]
     teacher_params: list[torch.Tensor] = dataclasses.field(init=False)
     student_params: list[torch.Tensor] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        if self.settings.batched_student:
+        if batched_student(self.cfg):
             check_group_bn(self.student)
         dev = next(self.teacher.parameters()).device
         self.step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self.found_inf = torch.zeros((), device=dev)
-        keys = LOSS_KEYS_DSP if self.settings.enabled else LOSS_KEYS_SOURCE_ONLY
-        self.sums = {k: torch.zeros((), device=dev) for k in keys}
+        self.sums = {}  # filled by the first (eager) step with the keys dsp_losses returns
         self.counts = torch.zeros(3, device=dev)
         self.teacher_params = list(self.teacher.parameters())
         self.student_params = list(self.student.parameters())
@@ -154,8 +131,8 @@ def compute_losses(ctx: StepContext, buf: StepBuffers) -> dict[str, torch.Tensor
     """Steps 1-6 under the run's autocast (the losses and the MMD turn it off inside: they stay fp32)."""
     with torch.autocast(buf.x_s.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype != torch.float32,
                         cache_enabled=ctx.autocast_cache):
-        return dsp_losses(ctx.settings, ctx.student, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m,
-                          buf.y_m, buf.x_t, buf.choices)
+        return dsp_losses(ctx.cfg, ctx.student, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m, buf.y_m,
+                          buf.x_t, buf.choices, ranks=ctx.ranks)
 
 
 def apply_update(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
@@ -171,8 +148,10 @@ def apply_update(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
         ctx.optimizer.step()
     ema_update(ctx.teacher_params, ctx.student_params, ctx.step_t, ctx.ema_max, skip=found)
     keep = found == 0
-    for k, total in ctx.sums.items():
-        total.add_(torch.where(keep, losses[k].detach().float(), 0.0))
+    for k, value in losses.items():
+        if k not in ctx.sums:  # the first step, eager (a graph is captured later, over the same tensors)
+            ctx.sums[k] = torch.zeros((), device=value.device)
+        ctx.sums[k].add_(torch.where(keep, value.detach().float(), 0.0))
     ctx.counts[0].add_(1 - found)
     ctx.counts[1].add_(found)
     ctx.counts[2].add_(found).mul_(found)  # consecutive skipped steps: reset by any good step

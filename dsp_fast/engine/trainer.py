@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsp_fast.augment import blur_kernel_shape
 from dsp_fast.config import Config, FastConfig
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.data import build_step_loader, resolve_backend
@@ -41,12 +40,12 @@ from dsp_fast.engine.graphs import make_step_runner
 from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.options import amp_dtype, graphs_on
-from dsp_fast.engine.step import StepBuffers, StepContext, draw_choices_, train_step
+from dsp_fast.engine.step import StepBuffers, StepContext, train_step
 from dsp_fast.engine.sync import convert_global_bn, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.kernels import _common as kernel_flags
 from dsp_fast.kernels import set_value_checks
-from dsp_fast.method import LossSettings
-from dsp_fast.models import PROJECTION_ROOT
+from dsp_fast.method import Ranks, draw_choices_
+from dsp_fast.models import PROJECTION_ROOT, unwrap
 
 
 def value_checks_wanted(fast: FastConfig, device: torch.device) -> bool:
@@ -67,17 +66,9 @@ def configure_backends(fast: FastConfig, device: torch.device) -> None:
     set_value_checks(value_checks_wanted(fast, device))
 
 
-def loss_settings(cfg: Config, world_size: int = 1) -> LossSettings:
-    """The step's settings; with several ranks, the collectives that make it the step of the global batch."""
-    d = cfg.dsp
-    s = LossSettings(cfg.model.num_classes, d.lam, d.conf_threshold, d.mmd_weight, d.mmd_kernel_mul,
-                     d.mmd_kernel_num, d.drop_target_soft_term, d.enabled,
-                     blur_kernel_shape(cfg.data.crop_size[1], cfg.data.crop_size[0]), d.kornia_hsv_quirk,
-                     d.long_tail_paste == "columns", d.share_first_mask, d.paste_ignore_label,
-                     batched_student=cfg.fast.batched_student and d.enabled)
-    if world_size > 1:
-        s.world_size, s.sum_ranks, s.gather_rows = world_size, sum_over_ranks, gather_rows
-    return s
+def step_ranks(world_size: int) -> Ranks | None:
+    """With several ranks, the collectives that make a rank's step the step of the global batch."""
+    return Ranks(world_size, sum_over_ranks, gather_rows) if world_size > 1 else None
 
 
 def choice_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
@@ -90,7 +81,7 @@ def freeze_projection(student: nn.Module) -> None:
     grads stay None, so the optimizer skips it, as before). Frozen, DDP registers no hook on it and needs no
     find_unused_parameters traversal, whose cost and warning ("did not find any unused parameters": the dropped
     features are in the forward's output) every source-only torchrun paid."""
-    inner = getattr(student, "module", student)
+    inner = unwrap(student)
     root = getattr(inner, "param_roots", (None, None, PROJECTION_ROOT))[2]
     for p in inner.get_submodule(root).parameters():
         p.requires_grad_(False)
@@ -112,7 +103,7 @@ class Trainer:
         self.backend = resolve_backend(fast, info)
         self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size  # the global batch
         self.student, self.teacher = build_models(cfg, device)
-        if info.enabled:  # BN statistics over the global batch, the teacher's too (DSP_METHOD "Scaling out")
+        if info.enabled:  # BN statistics over the global batch, the teacher's too (docs/distributed.md)
             convert_global_bn(self.student, device)
             convert_global_bn(self.teacher, device)
         if fast.batched_student:  # after convert_global_bn: per-group statistics over ranks too
@@ -132,9 +123,10 @@ class Trainer:
         if not cfg.dsp.enabled:
             freeze_projection(self.student)
         ddp = apply_ddp(self.student, info, find_unused=False)
-        self.ctx = StepContext(loss_settings(cfg, info.world_size), ddp, self.teacher, self.optimizer,
+        self.ctx = StepContext(cfg, ddp, self.teacher, self.optimizer,
                                make_normalize(self.student.input_kind, device), dtype, scaler, cfg.dsp.ema_max,
-                               device_skip, sync_flag=info.enabled, autocast_cache=not self.graphs)
+                               device_skip, sync_flag=info.enabled, autocast_cache=not self.graphs,
+                               ranks=step_ranks(info.world_size))
         self.ctx.compiled_losses = apply_compile(fast.compile, self.student, self.teacher)
         if resume is not None:
             self.ctx.counts[2].fill_(int(resume[1]["consecutive_skipped"]))

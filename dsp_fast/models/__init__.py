@@ -28,10 +28,12 @@ from dsp_fast.models.deeplabv2 import (
 )
 from dsp_fast.models.mit import MIT_SPECS
 from dsp_fast.models.weights import WeightsError, load_mit_pretrained, load_pretrained, normalize_input
+from dsp_fast.models.wrapper import unwrap
 
 ARCHS = (*deeplabv2.ARCHS, *MIT_SPECS)  # every model.arch value
 
 __all__ = [
+    "unwrap",
     "ARCHS",
     "DeepLabV2",
     "MiTDAFormer",
@@ -97,7 +99,7 @@ def build_student_teacher(cfg: ModelConfig, device: torch.device) -> tuple[nn.Mo
 def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
     """freeze_bn: every BN uses running statistics (eval mode); otherwise BN follows the model's own mode. The
     choice is remembered by the model (DeepLabV2 or MiTDAFormer, or a wrapper holding one as `.module`)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     if isinstance(inner, MiTDAFormer):
         inner.freeze_bn = freeze_bn
     deeplabv2.set_bn_mode(model, freeze_bn)
@@ -115,7 +117,7 @@ def param_groups(model: nn.Module, lr: float, head_lr_mult: float, train_mmd_pro
     norm_decay_mult != 1 moves every parameter whose name contains 'norm' (LayerNorms, as mmcv's `custom_keys`
     rule that DAFormer uses) into '<group>_norm' groups with weight decay weight_decay * norm_decay_mult.
     """
-    inner = getattr(model, "module", model)  # accept a DDP / DataParallel wrapper
+    inner = unwrap(model)  # accept a DDP / DataParallel wrapper
     backbone_roots, classifier_root, projection_root = getattr(
         inner, "param_roots", (BACKBONE_ROOTS, CLASSIFIER_ROOT, PROJECTION_ROOT))
     for p in inner.get_submodule(projection_root).parameters():

@@ -14,6 +14,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dsp_fast.models.wrapper import unwrap
+
 # arch -> (blocks per stage, stem width); stage widths are width, 2x, 4x, 8x and bottlenecks expand them by 4.
 ARCHS: dict[str, tuple[tuple[int, int, int, int], int]] = {
     "deeplabv2_r101": ((3, 4, 23, 3), 64),
@@ -203,7 +205,7 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
 
     On a DeepLabV2 (or a wrapper holding one as `.module`) the choice is remembered, so later `train()` calls keep it.
     """
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     if isinstance(inner, DeepLabV2):
         inner.freeze_bn = freeze_bn
     _set_bn_training(model, model.training and not freeze_bn)
@@ -217,7 +219,7 @@ def script_backbone_listing(model: nn.Module) -> list[nn.Parameter]:
     deep. Their SGD (torch 1.7.1) stepped every entry, so the length of a parameter's run here is the number of
     updates it took per step. Frozen parameters (DeepLab's BN) are left out, as theirs.
     """
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     if not isinstance(inner, DeepLabV2):
         raise TypeError(f"script_backbone_listing: the authors' listing is DeepLabv2's, got {type(inner).__name__}")
     return [p for root in BACKBONE_ROOTS for j in inner.get_submodule(root).modules()
