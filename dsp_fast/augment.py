@@ -102,7 +102,8 @@ def color_jitter(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch
     (B, 4, a permutation of BRIGHTNESS..HUE per image), with fixed shapes: four stages; at stage j every image applies
     its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
     clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
-    evaluations per stage instead of four, bit for bit the four applied one at a time (x * 1, + 0, fmod(h + 0), s * 1 are exact)."""
+    evaluations per stage instead of four, bit for bit the four applied one at a time (x * 1, + 0, fmod(h + 0) and
+    s * 1 are exact)."""
     b, c, s, h = factors_B4.to(x_B3HW).unbind(1)
     one, zero = torch.ones_like(b), torch.zeros_like(b)
     x = x_B3HW

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dsp_fast.augment import AUG_COLS, blur_kernel_shape, strong_augment
+from dsp_fast.augment import blur_kernel_shape, strong_augment
 from dsp_fast.config import Config, DSPConfig
 from dsp_fast.data import IGNORE_LABEL
 from dsp_fast.kernels import dual_soft_paste, weighted_mmd

@@ -203,7 +203,8 @@ def assert_coins_shared_per_step(draw_step_aug) -> None:
 
 def _choices(batch: int) -> DeviceChoices:
     return DeviceChoices(class_u=torch.zeros(batch, 19), lt_img=torch.zeros(0), lt_label=torch.zeros(0),
-                         lt_cls=torch.zeros(0), aug_src=torch.zeros(batch, AUG_COLS), aug_tgt=torch.zeros(batch, AUG_COLS))
+                         lt_cls=torch.zeros(0), aug_src=torch.zeros(batch, AUG_COLS),
+                         aug_tgt=torch.zeros(batch, AUG_COLS))
 
 
 def test_drawn_choices_share_the_coins_per_step_with_their_distributions():

@@ -113,7 +113,8 @@ def test_batched_student_refused_without_per_group_bn():
     student, teacher = build_models(cfg, CPU)
     ctx = fast_context(dataclasses.replace(cfg, fast=FastConfig(batched_student=False)), student, teacher)
     with pytest.raises(ValueError, match="BN layers take statistics over the whole call"):
-        StepContext(dataclasses.replace(cfg, fast=FastConfig(batched_student=True)), student, teacher, ctx.optimizer, ctx.normalize, ctx.amp_dtype, ctx.scaler,
+        StepContext(dataclasses.replace(cfg, fast=FastConfig(batched_student=True)), student, teacher, ctx.optimizer,
+                    ctx.normalize, ctx.amp_dtype, ctx.scaler,
                     ctx.ema_max, ctx.device_skip, sync_flag=False)
 
 

@@ -31,9 +31,8 @@ from dsp_fast.engine.features import (
 from dsp_fast.engine.group_bn import apply_group_bn
 from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
 from dsp_fast.engine.step import StepBuffers, StepContext, read_stats, train_step
-from dsp_fast.method import draw_choices_
 from dsp_fast.kernels import set_value_checks
-from dsp_fast.method import AUG_COLS, DeviceChoices
+from dsp_fast.method import AUG_COLS, DeviceChoices, draw_choices_
 from dsp_fast.models import build_model, normalize_input
 
 CPU = torch.device("cpu")

@@ -18,8 +18,8 @@ from torch import nn
 from dsp_fast.config import Config
 from dsp_fast.data import class_names
 from dsp_fast.data.labels import CITYSCAPES_PALETTE
-from dsp_fast.models import unwrap
 from dsp_fast.method import dsp_mix, seg_forward
+from dsp_fast.models import unwrap
 from dsp_fast.run_io import RunLog
 
 PALETTE = CITYSCAPES_PALETTE  # Cityscapes colours of the 19 train ids (the ignore label and anything else: black)
