@@ -32,22 +32,9 @@ from dsp_fast.models.weights import WeightsError, load_mit_pretrained, load_pret
 ARCHS = (*deeplabv2.ARCHS, *MIT_SPECS)  # every model.arch value
 
 __all__ = [
-    "ARCHS",
-    "DeepLabV2",
-    "MiTDAFormer",
-    "WeightsError",
-    "build_model",
-    "build_student_teacher",
-    "check_weights_file",
-    "count_parameters",
-    "load_mit_pretrained",
-    "load_pretrained",
-    "normalize_input",
-    "output_size",
-    "param_groups",
-    "script_backbone_listing",
-    "script_multiplicity",
-    "set_bn_mode",
+    "ARCHS", "DeepLabV2", "MiTDAFormer", "WeightsError", "build_model", "build_student_teacher", "check_weights_file",
+    "count_parameters", "load_mit_pretrained", "load_pretrained", "normalize_input", "output_size", "param_groups",
+    "script_backbone_listing", "script_multiplicity", "set_bn_mode",
 ]
 
 

@@ -232,7 +232,6 @@ def script_multiplicity(model: nn.Module) -> dict[int, int]:
     return counts
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all, or those with requires_grad)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters, frozen ones included."""
+    return sum(p.numel() for p in module.parameters())
