@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dsp_fast.data.errors import DatasetError
+from dsp_fast.data.pngio import PNG_SIGNATURE
 
 FORMAT_VERSION = 3  # 2: bicubic source images, longtail/ subset with window counts; 3: and window maps
 MANIFEST = "manifest.json"
@@ -88,13 +89,6 @@ def write_atomic(path: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
-
-
-def image_stats(label_HW: np.ndarray | None, num_classes: int) -> dict[str, Any]:
-    """Per-class pixel counts."""
-    if label_HW is None:
-        return {"counts": []}
-    return {"counts": np.bincount(label_HW.ravel(), minlength=256)[:num_classes].astype(int).tolist()}
 
 
 def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects: list[dict[str, str]],
@@ -192,7 +186,6 @@ def load_prepared(root: str) -> PreparedSet:
 
 
 # --------------------------------------------------------------------------------------------- encoded sizes
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic variants) carry the size.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -205,7 +198,7 @@ def encoded_size(data: bytes | np.ndarray, path: str) -> tuple[int, int]:
     """
     buf = memoryview(data)  # no copy of a whole file to read its header
     head = bytes(buf[:26])
-    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
         w, h = struct.unpack(">II", head[16:24])
         return int(w), int(h)
     if head[:2] == b"\xff\xd8":
@@ -238,7 +231,7 @@ def check_gray8(data: bytes | np.ndarray, path: str) -> None:
     """DatasetError naming `path` unless it is an 8-bit grayscale PNG: a palette or colour label decodes to colours
     in DALI (the palette indices, i.e. the class ids, would be lost)."""
     head = bytes(memoryview(data)[:26])
-    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[24] != 8 or head[25] != 0:
+    if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[24] != 8 or head[25] != 0:
         raise DatasetError(f"{path}: not an 8-bit grayscale PNG label (prepared labels are 'L' train-id PNGs)")
 
 
@@ -251,7 +244,7 @@ def check_complete(data: bytes | np.ndarray, path: str) -> None:
     window's last row, so a file cut below the window would decode without complaint: the check on the host keeps
     a truncated file an error whatever window is drawn (preparation writes files whole: a cut one is damage)."""
     head, tail = bytes(memoryview(data)[:2]), bytes(memoryview(data)[-12:])
-    if not tail.endswith(_PNG_END if head == _PNG_SIGNATURE[:2] else _JPEG_END):
+    if not tail.endswith(_PNG_END if head == PNG_SIGNATURE[:2] else _JPEG_END):
         raise DatasetError(f"{path}: truncated file (no end marker); rerun python -m dsp_fast.prepare")
 
 

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from dsp_fast.data.pngio import PNG_SIGNATURE
 
 
 def encode_png16(arr: np.ndarray, filters: np.ndarray | list[int] | None = None) -> bytes:
@@ -32,4 +32,4 @@ def encode_png16(arr: np.ndarray, filters: np.ndarray | list[int] | None = None)
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 16, ctype, 0, 0, 0)
-    return _PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")

@@ -100,8 +100,7 @@ class SegmentationDataset:
         i = self._check_index(i)
         if not self.label_paths:
             raise DatasetError(f"{self.root}: this {self.name} reader was built without labels")
-        path = self.label_paths[i]
-        return self._map_label(path).astype(np.int64)
+        return self._map_label(self.label_paths[i]).astype(np.int64)
 
     def _map_label(self, path: str) -> np.ndarray:
         raise NotImplementedError

@@ -21,7 +21,7 @@ from PIL import Image
 
 from dsp_fast.data.errors import DatasetError
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour type -> samples per pixel (0 gray, 2 RGB, 4 gray+alpha, 6 RGBA; 3 palette is never 16-bit).
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 # Everything PIL (and zlib / struct below) raises on a corrupt or truncated file.
@@ -35,7 +35,7 @@ def _png_header(path: str) -> tuple[int, int] | None:
             head = f.read(33)
     except OSError as e:
         raise DatasetError(f"{path}: cannot open ({e})") from None
-    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+    if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return head[24], head[25]
 
@@ -79,7 +79,7 @@ def decode_png16(path: str) -> np.ndarray:
             data = f.read()
     except OSError as e:
         raise DatasetError(f"{path}: cannot open ({e})") from None
-    if data[:8] != _PNG_SIGNATURE:
+    if data[:8] != PNG_SIGNATURE:
         raise DatasetError(f"{path}: not a PNG file")
     pos, idat, header, ended = 8, [], None, False
     while pos + 8 <= len(data):
