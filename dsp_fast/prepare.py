@@ -172,9 +172,7 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         # which long-tail classes this image holds at the long-tail size (nearest upsampling keeps every class)
         lt_label = resize_label(label, opt.long_tail_size)
         side["long_tail"] = [c for c in opt.long_tail_classes if (lt_label == c).any()]
-    if mismatch:
-        # Real GTA5 has a few pairs whose image and label sizes differ; the authors resize both straight to the
-        # base size (image bicubic, label nearest), which aligns them again. Counted in the summary.
+    if mismatch:  # a GTA5 pair of different sizes, aligned as the authors do (`GTA5.resizes_mismatched_pairs`)
         image = np.asarray(Image.fromarray(image).resize(tuple(opt.size), Image.Resampling.BICUBIC))
     else:
         image = resize_image(image, opt.size, opt.resample)

@@ -135,13 +135,11 @@ class PreparedSet:
     """A prepared folder, read back: what the loaders need to plan crops on the host."""
 
     root: str
-    dataset: str
     size: tuple[int, int]  # (width, height) of every image and label
     format: str  # 'jpeg' or 'png'
     num_classes: int
     stems: list[str]
     has_labels: bool
-    class_images: list[list[int]]  # class -> indices of the images that contain it
     crop: tuple[int, int]  # (width, height) the window counts are for
     window_counts: np.ndarray | None  # (N, C) int64 windows holding each class (a longtail/ set), else None
     long_tail_classes: list[int]  # the classes whose windows were counted (prepare --long-tail-classes)
@@ -179,10 +177,9 @@ def load_prepared(root: str) -> PreparedSet:
     except (OSError, KeyError, ValueError) as e:
         raise DatasetError(f"{index_file}: unreadable class index ({e}); rerun python -m dsp_fast.prepare") from None
     long_tail = os.path.join(os.path.abspath(root), m["long_tail"]) if m.get("long_tail") else None
-    return PreparedSet(root=os.path.abspath(root), dataset=m["dataset"], size=tuple(m["size"]), format=m["format"],
-                       num_classes=m["num_classes"], stems=m["stems"], has_labels=m["labels"],
-                       class_images=m["class_images"], crop=tuple(m["crop"]), window_counts=windows,
-                       long_tail_classes=list(m["long_tail_classes"]), long_tail=long_tail)
+    return PreparedSet(root=os.path.abspath(root), size=tuple(m["size"]), format=m["format"],
+                       num_classes=m["num_classes"], stems=m["stems"], has_labels=m["labels"], crop=tuple(m["crop"]),
+                       window_counts=windows, long_tail_classes=list(m["long_tail_classes"]), long_tail=long_tail)
 
 
 # --------------------------------------------------------------------------------------------- encoded sizes

@@ -199,10 +199,7 @@ def _set_bn_training(model: nn.Module, training: bool) -> None:
 
 
 def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """freeze_bn: every BN uses running statistics (eval mode); otherwise BN follows the model's own mode.
-
-    On a DeepLabV2 (or a wrapper holding one as `.module`) the choice is remembered, so later `train()` calls keep it.
-    """
+    """`dsp_fast.models.set_bn_mode` for a DeepLabV2, which remembers the choice so later `train()` calls keep it."""
     inner = getattr(model, "module", model)
     if isinstance(inner, DeepLabV2):
         inner.freeze_bn = freeze_bn
