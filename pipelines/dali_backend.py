@@ -27,10 +27,6 @@ from dsp_fast.data.pngio import read_label_ids, read_rgb
 from . import prepared
 from .plan import CropPlan
 
-_INSTALL_HINT = ("the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' (nvidia-dali-cuda130), "
-                 "or use --data-backend torch")
-
-
 # Every live pipeline, so a forked child (a DataLoader worker of another loader) can keep them from being
 # destroyed there: their destructor joins DALI threads that only exist in the parent, and would hang forever.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -43,7 +39,8 @@ def import_dali():
     try:
         from nvidia.dali import fn, pipeline, types
     except ImportError as e:
-        raise ImportError(f"{_INSTALL_HINT} ({e})") from None
+        raise ImportError(f"the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' (nvidia-dali-cuda130), "
+                          f"or use --data-backend torch ({e})") from None
     return fn, types, pipeline.Pipeline
 
 

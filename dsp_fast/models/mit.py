@@ -169,7 +169,6 @@ class MixVisionTransformer(nn.Module):
 
     def __init__(self, spec: MiTSpec, drop_path_rate: float = 0.1) -> None:
         super().__init__()
-        self.embed_dims = spec.embed_dims
         in_dims = (3, *spec.embed_dims[:3])
         # stochastic depth grows linearly from 0 to drop_path_rate over all blocks (SegFormer's decay rule)
         n = sum(spec.depths)
