@@ -53,7 +53,7 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, str]]:
             raise InputError(f"{item}: no such image file or folder")
     names: dict[str, str] = {}
     for path, name in found:
-        key = os.path.splitext(name)[0] + ".png"
+        key = output_name(name)
         if key in names:
             raise InputError(f"{path} and {names[key]} would both be written as {key}; give them separately")
         names[key] = path

@@ -10,9 +10,8 @@ Cityscapes; nearest for labels), written as a baseline JPEG (decoded by nvJPEG o
 its label as an 8-bit train-id PNG. The layout and the manifest are described in `dsp_fast.pipelines.prepared`.
 
 A source set also gets `longtail/`: the images that hold a long-tail class, resized to the long-tail size
-(1920x1080, as the authors' long-tail crops), with the number of crop windows that hold each long-tail class per
-image and the map of those windows: the long-tail sampler draws an image from the counts and a window from its map
-(the distribution of the authors' retry loop, with no loop and no label decoded while training).
+(1920x1080, as the authors' long-tail crops), with each class's crop windows counted and mapped
+(`dsp_fast.data.windows`), so that the loader draws a long-tail crop without decoding a label.
 
 Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
 done, so a rerun after an interruption skips finished images. A file that cannot be read is listed with its error
@@ -40,15 +39,13 @@ from dsp_fast.data import GTA5, SOURCE_RESAMPLE, SYNTHIA, Cityscapes, DatasetErr
 from dsp_fast.data.windows import valid_window_box
 from dsp_fast.pipelines import prepared
 
+# (width, height) each dataset is resized to before cropping, and the PIL filter, as the authors' script and loaders
 BASE_SIZES = {"gta5": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
-"""(width, height) each dataset is resized to before cropping (DSP paper and the authors' script)."""
 RESAMPLE = {"gta5": SOURCE_RESAMPLE, "synthia": SOURCE_RESAMPLE, "cityscapes": "bilinear"}
-"""PIL filter of the image resize per dataset, as the authors' loaders."""
-LONG_TAIL_SIZE = (1920, 1080)
-"""(width, height) a source image is resized to before a long-tail crop (the authors' rand_mixer)."""
+LONG_TAIL_SIZE = (1920, 1080)  # (width, height) of a source image before a long-tail crop (the authors' rand_mixer)
+# The authors' long-tail classes (train ids): GTA5 rider, bus, train, motorcycle, bicycle; SYNTHIA wall, fence,
+# traffic light, bus.
 LONG_TAIL_CLASSES = {"gta5": (12, 15, 16, 17, 18), "synthia": (3, 4, 6, 13)}
-"""The authors' long-tail classes (train ids): GTA5 rider, bus, train, motorcycle, bicycle; SYNTHIA wall, fence,
-traffic light, bus."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +71,6 @@ class Options:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def long_tail_options(self) -> Options:
-        """The options of this source set's longtail/ subset."""
         assert self.long_tail_size is not None
         return dataclasses.replace(self, size=self.long_tail_size, long_tail_size=None, is_long_tail=True)
 
@@ -176,9 +172,7 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         # which long-tail classes this image holds at the long-tail size (nearest upsampling keeps every class)
         lt_label = resize_label(label, opt.long_tail_size)
         side["long_tail"] = [c for c in opt.long_tail_classes if (lt_label == c).any()]
-    if mismatch:
-        # Real GTA5 has a few pairs whose image and label sizes differ; the authors resize both straight to the
-        # base size (image bicubic, label nearest), which aligns them again. Counted in the summary.
+    if mismatch:  # a GTA5 pair of different sizes, aligned as the authors do (`GTA5.resizes_mismatched_pairs`)
         image = np.asarray(Image.fromarray(image).resize(tuple(opt.size), Image.Resampling.BICUBIC))
     else:
         image = resize_image(image, opt.size, opt.resample)
@@ -190,7 +184,8 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
         data = encode_label(label)
         prepared.write_atomic(prepared.label_path(out, stem), data)
         nbytes += len(data)
-    side.update(bytes=nbytes, **prepared.image_stats(label, opt.num_classes))
+    counts = [] if label is None else np.bincount(label.ravel(), minlength=256)[:opt.num_classes].astype(int).tolist()
+    side.update(bytes=nbytes, counts=counts)  # per-class pixel counts
     if label is not None and opt.is_long_tail:
         maps = {int(c): valid_window_box(label, int(c), opt.crop) for c in opt.long_tail_classes}
         maps = {c: m for c, m in maps.items() if m[0].any()}
@@ -268,8 +263,7 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
                             long_tail=prepared.LONG_TAIL_DIR if long_tail is not None else None)
     nbytes = resized = 0
     for s in done:
-        with open(prepared.stats_path(out, s)) as f:
-            side = json.load(f)
+        side = _sidecar(out, s)
         nbytes += side["bytes"]
         resized += bool(side.get("resized_pair"))
     return Summary(out, len(stems), len(todo) - len(rejects), len(stems) - len(todo), rejects, nbytes,
@@ -286,21 +280,11 @@ class Subset:
 
     def __init__(self, dataset, indices: list[int], stems: list[str]) -> None:
         self.dataset, self.indices, self.stems = dataset, indices, stems
-        self.resizes_mismatched_pairs = dataset.resizes_mismatched_pairs
         self.image_paths = [dataset.image_paths[i] for i in indices]
         self.label_paths = [dataset.label_paths[i] for i in indices]
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def __getitem__(self, j: int):
         return self.dataset[self.indices[j]]
-
-    def read_image(self, j: int) -> np.ndarray:
-        return self.dataset.read_image(self.indices[j])
-
-    def read_label(self, j: int) -> np.ndarray:
-        return self.dataset.read_label(self.indices[j])
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -48,11 +48,8 @@ def mmd_rbf_stacked(x_SNC: torch.Tensor, y_SMC: torch.Tensor, kernel_mul: float 
 
 
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
-    """Biased multi-bandwidth Gaussian MMD between the rows of x (N, C) and y (M, C): a float32 scalar.
-
-    Bandwidths beta * kernel_mul**(j - kernel_num//2), beta = mean off-diagonal pairwise squared distance over the
-    N + M rows, detached (no gradient through the bandwidth), as docs/method.md.
-    """
+    """Biased multi-bandwidth Gaussian MMD between the rows of x (N, C) and y (M, C), a float32 scalar, as
+    `twins.mmd_rbf` and docs/method.md (bandwidths around the detached mean pairwise squared distance)."""
     check_mmd(x, y, kernel_mul, kernel_num)
     return mmd_rbf_stacked(x[None], y[None], kernel_mul, kernel_num)[0]
 

@@ -20,6 +20,7 @@ from . import twins
 from ._common import (
     IGNORE_LABEL,
     bad_label_message,
+    check_label_values,
     check_soft_paste,
     interpreting,
     next_pow2,
@@ -164,11 +165,8 @@ def _dual_soft_paste_triton(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, cl
     )
     if value_checks_active(tmpl_label) and int(err.item()) > 0:
         # name the offending tensor: the kernel only counted; finding which one costs nothing on this error path
-        labels = {"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo}
-        for name, t in labels.items():
-            bad = (t >= class_sel.shape[1]) & (t != IGNORE_LABEL)
-            if bool((bad | (t < 0)).any()):
-                raise ValueError(bad_label_message(name, class_sel.shape[1]))
+        check_label_values({"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo},
+                           class_sel.shape[1])
         raise ValueError(bad_label_message("a label map", class_sel.shape[1]))
     return src_out, src_lbl_out, tgt_out, tgt_lbl_out, mask_BHW
 

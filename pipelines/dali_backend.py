@@ -5,12 +5,10 @@ feed the image crop and the label crop, and the labels are sliced, never resampl
 for pixel and keep their ids. With `roi` (the default) the decoder is given the window
 (`fn.decoders.image_slice`): a JPEG decoder stops after the window's last row and skips the inverse DCT of the
 blocks outside it, so a 512x512 crop of a 1920x1080 long-tail image and its label cost about 0.6 of the full
-decode on CPU (bench.data_throughput); on CPU the pixels are the same, bit for bit, as a full decode then a slice
-(`tests/test_pipelines.py`). A PNG label is
-lossless, so its region decode is exact too (it saves little: inflate and unfilter run row by row up to the
-window's end either way). The file bytes are read on the host in the input callback, which also checks each
-header (type, size) so that a foreign or wrongly sized file is named before a decoder sees it. A decoder failure
-(DALI's message does not know file names) is traced back to the file by re-reading the in-flight batches with PIL.
+decode on CPU (bench.data_throughput), with the same pixels, bit for bit, as a full decode then a slice. A PNG
+label's region decode is exact too (it saves little: inflate and unfilter run row by row up to the window's end).
+The file bytes are read and their headers checked on the host in the input callback; a decoder failure (DALI's
+message does not know file names) is traced back to the file by re-reading the in-flight batches with PIL.
 """
 
 from __future__ import annotations
@@ -29,10 +27,6 @@ from dsp_fast.data.pngio import read_label_ids, read_rgb
 from . import prepared
 from .plan import CropPlan
 
-_INSTALL_HINT = ("the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' (nvidia-dali-cuda130), "
-                 "or use --data-backend torch")
-
-
 # Every live pipeline, so a forked child (a DataLoader worker of another loader) can keep them from being
 # destroyed there: their destructor joins DALI threads that only exist in the parent, and would hang forever.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
@@ -45,7 +39,8 @@ def import_dali():
     try:
         from nvidia.dali import fn, pipeline, types
     except ImportError as e:
-        raise ImportError(f"{_INSTALL_HINT} ({e})") from None
+        raise ImportError(f"the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' (nvidia-dali-cuda130), "
+                          f"or use --data-backend torch ({e})") from None
     return fn, types, pipeline.Pipeline
 
 
@@ -97,8 +92,8 @@ class DaliCropStream:
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
                  with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,
                  prefetch: int = 2, roi: bool = True) -> None:
-        """roi: decode only the planned window (`fn.decoders.image_slice`); False decodes the whole file and then
-        slices it (the path before 2026-12-06, kept so that `bench.data_throughput --dali-roi` measures both)."""
+        """roi: decode only the planned window; False decodes the whole file and then slices it (kept so that
+        `bench.data_throughput --dali-roi` measures both)."""
         fn, types, Pipeline = import_dali()
         self.with_labels, self.device = with_labels, device
         self.feeder = _Feeder(ds, plan_fn, with_labels, start_step)

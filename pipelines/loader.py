@@ -37,9 +37,8 @@ class StepLoader:
     continues the same sequence. Images stay uint8: the trainer converts and normalises on the device.
     """
 
-    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device, start_step: int) -> None:
-        self.planner, self.source, self.target, self.long_tail = planner, source, target, long_tail
-        self.device, self.step = device, start_step
+    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device) -> None:
+        self.planner, self.source, self.target, self.long_tail, self.device = planner, source, target, long_tail, device
 
     def __iter__(self) -> StepLoader:
         return self
@@ -53,7 +52,6 @@ class StepLoader:
             lt_img, classes = _nchw(lt_img), lt_plan.classes
         else:  # no long-tail crops: empty tensors of the right shapes
             lt_img, lt_label, classes = s_img[:0], s_label[:0], []
-        self.step += 1
         return {"src_img": s_img[:b], "src_label": s_label[:b], "tmpl_img": s_img[b:2 * b],
                 "tmpl_label": s_label[b:2 * b], "lt_img": lt_img, "lt_label": lt_label,
                 "lt_class": torch.tensor(classes, dtype=torch.int64).to(self.device, non_blocking=True),
@@ -108,4 +106,4 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
         assert long_tail is not None  # the planner checked it
         lt = Stream(long_tail, planner.long_tail_plan, crop, True, device, start_step=start_step, prefetch=prefetch,
                     **kwargs)
-    return StepLoader(planner, src, tgt, lt, device, start_step)
+    return StepLoader(planner, src, tgt, lt, device)

@@ -3,9 +3,8 @@ which long-tail classes and crops. Numpy (plus the long-tail window maps stored 
 the same (seed, rank, step) gives the same plan, so the DALI and torch backends produce the same crops, and a
 resumed run continues the same sequence.
 
-Long-tail crops (DSP step 3) follow the distribution of the authors' retry loop without the loop: the image in
-proportion to its number of crop windows that hold the class (counted at preparation), then one of those windows
-uniformly (from that image's window map, stored at preparation: `dsp_fast.data.windows`; no label is decoded).
+Long-tail crops (DSP step 3) follow the distribution of the authors' retry loop without the loop, from the window
+counts and maps stored at preparation (`dsp_fast.data.windows`).
 
 Sharding: each stream walks an endless sequence of per-epoch permutations (seed + stream + epoch). Position g of
 that global sequence goes to rank g % world_size, so within every epoch each sample goes to exactly one rank,

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from dsp_fast.data.errors import DatasetError
+from dsp_fast.data.pngio import PNG_SIGNATURE
 
 FORMAT_VERSION = 3  # 2: bicubic source images, longtail/ subset with window counts; 3: and window maps
 MANIFEST = "manifest.json"
@@ -90,13 +91,6 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def image_stats(label_HW: np.ndarray | None, num_classes: int) -> dict[str, Any]:
-    """Per-class pixel counts."""
-    if label_HW is None:
-        return {"counts": []}
-    return {"counts": np.bincount(label_HW.ravel(), minlength=256)[:num_classes].astype(int).tolist()}
-
-
 def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects: list[dict[str, str]],
                    long_tail: str | None = None) -> dict:
     """Gather the finished images' sidecars (in `stems` order) into manifest.json + index.npz; return the manifest.
@@ -141,13 +135,11 @@ class PreparedSet:
     """A prepared folder, read back: what the loaders need to plan crops on the host."""
 
     root: str
-    dataset: str
     size: tuple[int, int]  # (width, height) of every image and label
     format: str  # 'jpeg' or 'png'
     num_classes: int
     stems: list[str]
     has_labels: bool
-    class_images: list[list[int]]  # class -> indices of the images that contain it
     crop: tuple[int, int]  # (width, height) the window counts are for
     window_counts: np.ndarray | None  # (N, C) int64 windows holding each class (a longtail/ set), else None
     long_tail_classes: list[int]  # the classes whose windows were counted (prepare --long-tail-classes)
@@ -185,14 +177,12 @@ def load_prepared(root: str) -> PreparedSet:
     except (OSError, KeyError, ValueError) as e:
         raise DatasetError(f"{index_file}: unreadable class index ({e}); rerun python -m dsp_fast.prepare") from None
     long_tail = os.path.join(os.path.abspath(root), m["long_tail"]) if m.get("long_tail") else None
-    return PreparedSet(root=os.path.abspath(root), dataset=m["dataset"], size=tuple(m["size"]), format=m["format"],
-                       num_classes=m["num_classes"], stems=m["stems"], has_labels=m["labels"],
-                       class_images=m["class_images"], crop=tuple(m["crop"]), window_counts=windows,
-                       long_tail_classes=list(m["long_tail_classes"]), long_tail=long_tail)
+    return PreparedSet(root=os.path.abspath(root), size=tuple(m["size"]), format=m["format"],
+                       num_classes=m["num_classes"], stems=m["stems"], has_labels=m["labels"], crop=tuple(m["crop"]),
+                       window_counts=windows, long_tail_classes=list(m["long_tail_classes"]), long_tail=long_tail)
 
 
 # --------------------------------------------------------------------------------------------- encoded sizes
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic variants) carry the size.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -205,7 +195,7 @@ def encoded_size(data: bytes | np.ndarray, path: str) -> tuple[int, int]:
     """
     buf = memoryview(data)  # no copy of a whole file to read its header
     head = bytes(buf[:26])
-    if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
         w, h = struct.unpack(">II", head[16:24])
         return int(w), int(h)
     if head[:2] == b"\xff\xd8":
@@ -238,7 +228,7 @@ def check_gray8(data: bytes | np.ndarray, path: str) -> None:
     """DatasetError naming `path` unless it is an 8-bit grayscale PNG: a palette or colour label decodes to colours
     in DALI (the palette indices, i.e. the class ids, would be lost)."""
     head = bytes(memoryview(data)[:26])
-    if len(head) < 26 or head[:8] != _PNG_SIGNATURE or head[24] != 8 or head[25] != 0:
+    if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[24] != 8 or head[25] != 0:
         raise DatasetError(f"{path}: not an 8-bit grayscale PNG label (prepared labels are 'L' train-id PNGs)")
 
 
@@ -251,7 +241,7 @@ def check_complete(data: bytes | np.ndarray, path: str) -> None:
     window's last row, so a file cut below the window would decode without complaint: the check on the host keeps
     a truncated file an error whatever window is drawn (preparation writes files whole: a cut one is damage)."""
     head, tail = bytes(memoryview(data)[:2]), bytes(memoryview(data)[-12:])
-    if not tail.endswith(_PNG_END if head == _PNG_SIGNATURE[:2] else _JPEG_END):
+    if not tail.endswith(_PNG_END if head == PNG_SIGNATURE[:2] else _JPEG_END):
         raise DatasetError(f"{path}: truncated file (no end marker); rerun python -m dsp_fast.prepare")
 
 

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from png16 import encode_png16
 
 from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
-from dsp_fast.data.pngio import encode_png16
 from dsp_fast.data.transforms import SOURCE_RESAMPLE
 from dsp_fast.reference import RandomCrops
 

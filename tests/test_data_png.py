@@ -6,9 +6,10 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from png16 import encode_png16
 
 from dsp_fast.data import DatasetError
-from dsp_fast.data.pngio import decode_png16, encode_png16, read_label_ids, read_rgb
+from dsp_fast.data.pngio import decode_png16, read_label_ids, read_rgb
 
 
 def _write(path, data: bytes) -> str:

@@ -44,9 +44,8 @@ def test_the_stored_window_map_draws_what_the_label_draws(seed, tmp_path):
     stored = tmp_path / "windows" / "img.npz"
     stored.parent.mkdir()
     stored.write_bytes(prepared.encode_window_maps({c: valid_window_box(label, c, crop) for c in (4, 7)}))
-    ds = prepared.PreparedSet(root=str(tmp_path), dataset="gta5", size=(53, 37), format="png", num_classes=19,
-                              stems=["img"], has_labels=True, class_images=[], crop=crop, window_counts=None,
-                              long_tail_classes=[4, 7], long_tail=None)
+    ds = prepared.PreparedSet(root=str(tmp_path), size=(53, 37), format="png", num_classes=19, stems=["img"],
+                              has_labels=True, crop=crop, window_counts=None, long_tail_classes=[4, 7], long_tail=None)
     for cls in (4, 7):
         a, b = np.random.default_rng(seed), np.random.default_rng(seed)
         from_label = [draw_valid_window(a, label, cls, crop) for _ in range(50)]

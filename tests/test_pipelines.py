@@ -298,7 +298,7 @@ def _roi_set(root: str, size: tuple[int, int], n: int, seed: int) -> prepared.Pr
             f.write(encode_image(img, "jpeg", 95))
         with open(prepared.label_path(root, stem), "wb") as f:
             f.write(encode_label(ids))
-    return prepared.PreparedSet(root, "gta5", size, "jpeg", 19, stems, True, [], size, None, [], None)
+    return prepared.PreparedSet(root, size, "jpeg", 19, stems, True, size, None, [], None)
 
 
 @pytest.mark.parametrize("size, crop, offsets", [((333, 217), (61, 45), (0, 1, 7, 8, 9, 15, 17)),

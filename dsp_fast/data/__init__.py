@@ -14,21 +14,9 @@ from dsp_fast.data.labels import (
 from dsp_fast.data.transforms import SOURCE_RESAMPLE, resize_image, resize_label
 
 __all__ = [
-    "CITYSCAPES_CLASSES",
-    "GTA5",
-    "IGNORE_LABEL",
-    "SOURCE_RESAMPLE",
-    "SYNTHIA",
-    "SYNTHIA13_INDICES",
-    "SYNTHIA16_CLASSES",
-    "Cityscapes",
-    "DatasetError",
-    "SegmentationDataset",
-    "class_names",
-    "ensure_synthetic",
-    "load_or_build_class_index",
-    "resize_image",
-    "resize_label",
+    "CITYSCAPES_CLASSES", "GTA5", "IGNORE_LABEL", "SOURCE_RESAMPLE", "SYNTHIA", "SYNTHIA13_INDICES",
+    "SYNTHIA16_CLASSES", "Cityscapes", "DatasetError", "SegmentationDataset", "class_names", "ensure_synthetic",
+    "load_or_build_class_index", "resize_image", "resize_label",
 ]
 
 

@@ -11,8 +11,7 @@ from dsp_fast.data.datasets import GTA5, SYNTHIA, Cityscapes, SegmentationDatase
 from dsp_fast.data.errors import DatasetError
 from dsp_fast.data.synthetic import ensure_synthetic
 
-LAYOUTS = {"gta5": ("images", "labels"), "synthia": ("RGB", "GT"), "cityscapes": ("leftImg8bit",)}
-"""The top-level folders that identify each official layout."""
+LAYOUTS = {"gta5": ("images", "labels"), "synthia": ("RGB", "GT"), "cityscapes": ("leftImg8bit",)}  # top folders
 _LAYOUT_WORDS = {"gta5": "GTA5 (images/, labels/)", "synthia": "SYNTHIA (RGB/, GT/LABELS/)",
                  "cityscapes": "Cityscapes (leftImg8bit/, gtFine/)"}
 
@@ -36,17 +35,16 @@ def target_dataset(cfg: Config, split: str, labels: bool) -> Cityscapes:
     return Cityscapes(root, split, num_classes=cfg.model.num_classes, labels=labels)
 
 
-def check_readable(dataset: SegmentationDataset, count: int = 0, workers: int = 0) -> None:
+def check_readable(dataset: SegmentationDataset, count: int = 0) -> None:
     """Read images and labels 0..count-1 of `dataset` (0: all) as the evaluation does, so that a corrupt or
     mis-sized file stops the run before its first step (a DatasetError naming the first bad file in index order).
     Threads, since PIL and zlib decode without the GIL: Cityscapes val is 500 pairs at 2048x1024."""
     n = len(dataset) if count == 0 else min(count, len(dataset))
-    workers = workers or min(8, os.cpu_count() or 1)
 
     def read(i: int) -> None:
         dataset[i]  # the pair decoded and checked, then dropped
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(read, range(n)))  # re-raises the first failure in index order
 
 

@@ -15,11 +15,12 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from dsp_fast.data.datasets import SegmentationDataset
 from dsp_fast.data.errors import DatasetError
 from dsp_fast.data.labels import IGNORE_LABEL
 
@@ -27,24 +28,14 @@ _FORMAT = 1  # bump when the cache's content changes meaning
 _PARALLEL_MIN_IMAGES = 256  # below this, starting worker processes costs more than it saves
 
 
-class LabelledDataset(Protocol):
-    root: str
-    name: str
-    label_paths: list[str]
-
-    def __len__(self) -> int: ...
-
-    def read_label(self, i: int) -> np.ndarray: ...
-
-
-def default_cache_path(dataset: LabelledDataset, num_classes: int) -> str:
+def default_cache_path(dataset: SegmentationDataset, num_classes: int) -> str:
     """`<root>/.dsp_class_index_<name>[_<split>]_<num_classes>.json`; the split keeps Cityscapes splits apart."""
     split = getattr(dataset, "split", "")
     tag = f"{dataset.name}_{split}" if split else dataset.name
     return os.path.join(dataset.root, f".dsp_class_index_{tag}_{num_classes}.json")
 
 
-def _fingerprint(dataset: LabelledDataset) -> str:
+def _fingerprint(dataset: SegmentationDataset) -> str:
     """Digest of every label file's path (relative to the root), size and mtime, in index order."""
     digest = hashlib.sha256()
     for path in dataset.label_paths:
@@ -56,7 +47,7 @@ def _fingerprint(dataset: LabelledDataset) -> str:
     return digest.hexdigest()
 
 
-def _classes_in(dataset: LabelledDataset, i: int, num_classes: int) -> list[int]:
+def _classes_in(dataset: SegmentationDataset, i: int, num_classes: int) -> list[int]:
     label = dataset.read_label(i)
     counts = np.bincount(label.ravel(), minlength=IGNORE_LABEL + 1)
     if len(counts) > IGNORE_LABEL + 1 or counts[num_classes:IGNORE_LABEL].any():
@@ -64,10 +55,10 @@ def _classes_in(dataset: LabelledDataset, i: int, num_classes: int) -> list[int]
     return np.flatnonzero(counts[:num_classes]).tolist()
 
 
-_worker_dataset: LabelledDataset | None = None  # set once per worker process, so tasks carry only an index
+_worker_dataset: SegmentationDataset | None = None  # set once per worker process, so tasks carry only an index
 
 
-def _init_worker(dataset: LabelledDataset) -> None:
+def _init_worker(dataset: SegmentationDataset) -> None:
     global _worker_dataset
     _worker_dataset = dataset
 
@@ -77,7 +68,7 @@ def _worker_classes_in(i: int, num_classes: int) -> list[int]:
     return _classes_in(_worker_dataset, i, num_classes)
 
 
-def _build(dataset: LabelledDataset, num_classes: int, workers: int) -> list[list[int]]:
+def _build(dataset: SegmentationDataset, num_classes: int, workers: int) -> list[list[int]]:
     index: list[list[int]] = [[] for _ in range(num_classes)]
     bar = dict(total=len(dataset), desc=f"class index {dataset.name}", unit="img", disable=not sys.stderr.isatty())
     if workers > 1 and len(dataset) >= _PARALLEL_MIN_IMAGES:
@@ -126,7 +117,7 @@ def _write_cache(path: str, payload: dict[str, Any]) -> None:
                       stacklevel=3)
 
 
-def load_or_build_class_index(dataset: LabelledDataset, num_classes: int, cache_path: str | None = None,
+def load_or_build_class_index(dataset: SegmentationDataset, num_classes: int, cache_path: str | None = None,
                               workers: int | None = None) -> list[list[int]]:
     """For each class 0..num_classes-1, the sorted indices of the images whose label contains it.
 

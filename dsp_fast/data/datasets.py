@@ -56,12 +56,6 @@ def _missing_error(missing: list[tuple[str, str]], total: int) -> DatasetError:
     return DatasetError(f"{len(missing)} of {total} images have no label file: {shown}{more}")
 
 
-def _same_name_pairs(image_dir: str, label_dir: str) -> list[tuple[str, str, bool]]:
-    """(image, label, label exists) for every PNG of image_dir, the label being the same name in label_dir."""
-    label_names = set(_list_pngs(label_dir))
-    return [(os.path.join(image_dir, n), os.path.join(label_dir, n), n in label_names) for n in _list_pngs(image_dir)]
-
-
 class SegmentationDataset:
     """Shared behaviour of the readers; subclasses fill the path lists and implement `_map_label`."""
 
@@ -100,8 +94,7 @@ class SegmentationDataset:
         i = self._check_index(i)
         if not self.label_paths:
             raise DatasetError(f"{self.root}: this {self.name} reader was built without labels")
-        path = self.label_paths[i]
-        return self._map_label(path).astype(np.int64)
+        return self._map_label(self.label_paths[i]).astype(np.int64)
 
     def _map_label(self, path: str) -> np.ndarray:
         raise NotImplementedError
@@ -126,6 +119,15 @@ class SegmentationDataset:
             raise _missing_error(missing, len(pairs))
         self.image_paths = [img for img, _, _ in pairs]
         self.label_paths = [lab for _, lab, _ in pairs] if labels else []
+
+    def _same_names(self, image_sub: str, label_sub: str, what: str) -> None:
+        """Every PNG of <root>/image_sub, paired with the label of the same name in <root>/label_sub."""
+        image_dir, label_dir = os.path.join(self.root, image_sub), os.path.join(self.root, label_sub)
+        _require_dir(image_dir, f"{what} {image_sub}")
+        _require_dir(label_dir, f"{what} {label_sub}")
+        label_names = set(_list_pngs(label_dir))
+        self._finish([(os.path.join(image_dir, n), os.path.join(label_dir, n), n in label_names)
+                      for n in _list_pngs(image_dir)], image_dir)
 
 
 class Cityscapes(SegmentationDataset):
@@ -185,10 +187,7 @@ class GTA5(SegmentationDataset):
 
     def __init__(self, root: str) -> None:
         super().__init__(root, 19)
-        image_dir, label_dir = os.path.join(self.root, "images"), os.path.join(self.root, "labels")
-        _require_dir(image_dir, "GTA5 images")
-        _require_dir(label_dir, "GTA5 labels")
-        self._finish(_same_name_pairs(image_dir, label_dir), image_dir)
+        self._same_names("images", "labels", "GTA5")
 
     def _map_label(self, path: str) -> np.ndarray:
         return apply_lut(read_label_ids(path), CITYSCAPES_ID_TO_TRAIN_ID, path)
@@ -205,10 +204,7 @@ class SYNTHIA(SegmentationDataset):
 
     def __init__(self, root: str) -> None:
         super().__init__(root, 16)
-        image_dir, label_dir = os.path.join(self.root, "RGB"), os.path.join(self.root, "GT", "LABELS")
-        _require_dir(image_dir, "SYNTHIA RGB")
-        _require_dir(label_dir, "SYNTHIA GT/LABELS")
-        self._finish(_same_name_pairs(image_dir, label_dir), image_dir)
+        self._same_names("RGB", "GT/LABELS", "SYNTHIA")
 
     def _map_label(self, path: str) -> np.ndarray:
         return apply_lut(read_label_ids(path, allow_multichannel=True), SYNTHIA_ID_TO_TRAIN_ID, path)

@@ -123,9 +123,7 @@ def train_id_to_cityscapes19(num_classes: int) -> np.ndarray:
     16 through the inverse of CITYSCAPES19_TO_SYNTHIA16); 255 elsewhere."""
     class_names(num_classes)  # 19 or 16 only
     if num_classes == 19:
-        lut = np.full(256, IGNORE_LABEL, dtype=np.uint8)
-        lut[:19] = np.arange(19)
-        return lut
+        return _make_lut({i: i for i in range(19)})
     return _invert(CITYSCAPES19_TO_SYNTHIA16, IGNORE_LABEL)
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from dsp_fast.data.errors import DatasetError
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour type -> samples per pixel (0 gray, 2 RGB, 4 gray+alpha, 6 RGBA; 3 palette is never 16-bit).
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 # Everything PIL (and zlib / struct below) raises on a corrupt or truncated file.
@@ -35,7 +35,7 @@ def _png_header(path: str) -> tuple[int, int] | None:
             head = f.read(33)
     except OSError as e:
         raise DatasetError(f"{path}: cannot open ({e})") from None
-    if len(head) < 33 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+    if len(head) < 33 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return head[24], head[25]
 
@@ -79,7 +79,7 @@ def decode_png16(path: str) -> np.ndarray:
             data = f.read()
     except OSError as e:
         raise DatasetError(f"{path}: cannot open ({e})") from None
-    if data[:8] != _PNG_SIGNATURE:
+    if data[:8] != PNG_SIGNATURE:
         raise DatasetError(f"{path}: not a PNG file")
     pos, idat, header, ended = 8, [], None, False
     while pos + 8 <= len(data):
@@ -130,36 +130,6 @@ def decode_png16(path: str) -> np.ndarray:
                 out[r] = filt[r] + prev
             prev = out[r]
     return out.view(">u2").reshape(height, width, channels).astype(np.uint16)
-
-
-def encode_png16(arr: np.ndarray, filters: np.ndarray | list[int] | None = None) -> bytes:
-    """Encode uint16 HxW or HxWxC (C = 1..4) as a 16-bit PNG; PIL cannot write 16-bit colour PNGs.
-
-    filters: the PNG row filter (0..4) of each row (default 0). Used to write SYNTHIA-style fixtures and to
-    test `decode_png16` against every filter.
-    """
-    arr = np.asarray(arr, dtype=np.uint16)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    height, width, channels = arr.shape
-    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    bpp = 2 * channels
-    cur = arr.astype(">u2").view(np.uint8).reshape(height, width, bpp).astype(np.int16)
-    up = np.concatenate([np.zeros_like(cur[:1]), cur[:-1]], axis=0)
-    left = np.concatenate([np.zeros_like(cur[:, :1]), cur[:, :-1]], axis=1)
-    upleft = np.concatenate([np.zeros_like(up[:, :1]), up[:, :-1]], axis=1)
-    p = left + up - upleft
-    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
-    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-    preds = np.stack([np.zeros_like(cur), left, up, (left + up) >> 1, paeth])  # indexed by filter type
-    kinds = np.zeros(height, dtype=np.int64) if filters is None else np.asarray(filters, dtype=np.int64)
-    filt = ((cur - preds[kinds, np.arange(height)]) & 0xFF).astype(np.uint8).reshape(height, width * bpp)
-    raw = np.concatenate([kinds.astype(np.uint8)[:, None], filt], axis=1).tobytes()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, ctype, 0, 0, 0)
-    return _PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
 def read_rgb(path: str) -> np.ndarray:

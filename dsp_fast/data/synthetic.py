@@ -48,37 +48,22 @@ from dsp_fast.data.synthetic_scene import (
 class Style:
     """How one domain turns a scene into pixels (colours in sRGB 0..1)."""
 
-    hue_shift_deg: float = 0.0
-    """Rotation of every colour's hue about the grey axis."""
-    class_hue_spread_deg: float = 0.0
-    """Std of an extra hue rotation fixed per class (drawn once from the seed): the palette is not one global map."""
-    saturation: float = 1.0
-    """Colour saturation multiplier (1 keeps it, 0 gives grey)."""
-    brightness: float = 1.0
-    """Multiplier of every colour."""
-    contrast: float = 1.0
-    """Contrast about the image mean."""
-    haze: float = 0.0
-    """Blend towards `haze_colour` (a flat, overcast look)."""
+    hue_shift_deg: float = 0.0  # rotation of every colour's hue about the grey axis
+    class_hue_spread_deg: float = 0.0  # std of an extra hue rotation fixed per class: not one global palette map
+    saturation: float = 1.0  # 1 keeps the colour, 0 gives grey
+    brightness: float = 1.0  # multiplier of every colour
+    contrast: float = 1.0  # about the image mean
+    haze: float = 0.0  # blend towards `haze_colour` (a flat, overcast look)
     haze_colour: tuple[float, float, float] = (0.6, 0.6, 0.6)
-    cast: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    """Global colour cast added to RGB."""
-    gamma: float = 1.0
-    """Output = input ** gamma (above 1 darkens the mid tones)."""
-    texture: str = "noise"
-    """'noise': per-pixel and blotchy noise per class; 'stripes': oriented sine stripes per class."""
-    texture_strength: float = 0.05
-    """Amplitude of the texture (0..1 scale) before the per-class factors."""
-    sky_gradient: float = 0.25
-    """Sky brightens by this much from the top of the image to the horizon."""
-    colour_jitter: float = 0.05
-    """Std of the per-scene and per-instance colour variation of each class."""
-    illumination_jitter: float = 0.12
-    """Per-image brightness factor drawn from 1 +- this."""
-    blur_sigma: float = 0.0
-    """Gaussian blur (pixels) of the rendered image, as from a softer lens."""
-    sensor_noise: float = 0.0
-    """Std of per-pixel Gaussian noise added after the blur (0..1 scale)."""
+    cast: tuple[float, float, float] = (0.0, 0.0, 0.0)  # global colour cast added to RGB
+    gamma: float = 1.0  # output = input ** gamma (above 1 darkens the mid tones)
+    texture: str = "noise"  # 'noise': per-pixel and blotchy noise; 'stripes': oriented sine stripes per class
+    texture_strength: float = 0.05  # amplitude (0..1 scale) before the per-class factors
+    sky_gradient: float = 0.25  # the sky brightens by this much from the top of the image to the horizon
+    colour_jitter: float = 0.05  # std of the per-scene and per-instance colour variation of each class
+    illumination_jitter: float = 0.12  # per-image brightness factor drawn from 1 +- this
+    blur_sigma: float = 0.0  # Gaussian blur (pixels) of the rendered image, as from a softer lens
+    sensor_noise: float = 0.0  # std of per-pixel Gaussian noise added after the blur (0..1 scale)
 
 
 SOURCE_STYLE = Style()
@@ -101,8 +86,7 @@ class SyntheticSpec:
     target_size: tuple[int, int] = (256, 128)
     source_style: Style = field(default_factory=lambda: SOURCE_STYLE)
     target_style: Style = field(default_factory=lambda: TARGET_STYLE)
-    version: int = 1
-    """Bump when the generator changes what it draws, so old datasets are regenerated."""
+    version: int = 1  # bumped when the generator changes what it draws, so old datasets are regenerated
 
 
 MARKER = ".dsp_synthetic_complete.json"

@@ -19,8 +19,7 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-SOURCE_RESAMPLE = "bicubic"
-"""How GTA5 / SYNTHIA (and the synthetic source) images are resized, as the authors' loaders; Cityscapes: bilinear."""
+SOURCE_RESAMPLE = "bicubic"  # GTA5 / SYNTHIA and the synthetic source
 
 
 def resize_image(img_HWC: np.ndarray, size: tuple[int, int], resample: str = "bilinear") -> np.ndarray:

@@ -33,23 +33,9 @@ from dsp_fast.models.wrapper import unwrap
 ARCHS = (*deeplabv2.ARCHS, *MIT_SPECS)  # every model.arch value
 
 __all__ = [
-    "unwrap",
-    "ARCHS",
-    "DeepLabV2",
-    "MiTDAFormer",
-    "WeightsError",
-    "build_model",
-    "build_student_teacher",
-    "check_weights_file",
-    "count_parameters",
-    "load_mit_pretrained",
-    "load_pretrained",
-    "normalize_input",
-    "output_size",
-    "param_groups",
-    "script_backbone_listing",
-    "script_multiplicity",
-    "set_bn_mode",
+    "ARCHS", "DeepLabV2", "MiTDAFormer", "WeightsError", "build_model", "build_student_teacher", "check_weights_file",
+    "count_parameters", "load_mit_pretrained", "load_pretrained", "normalize_input", "output_size", "param_groups",
+    "script_backbone_listing", "script_multiplicity", "set_bn_mode", "unwrap",
 ]
 
 

@@ -201,10 +201,7 @@ def _set_bn_training(model: nn.Module, training: bool) -> None:
 
 
 def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """freeze_bn: every BN uses running statistics (eval mode); otherwise BN follows the model's own mode.
-
-    On a DeepLabV2 (or a wrapper holding one as `.module`) the choice is remembered, so later `train()` calls keep it.
-    """
+    """`dsp_fast.models.set_bn_mode` for a DeepLabV2, which remembers the choice so later `train()` calls keep it."""
     inner = unwrap(model)
     if isinstance(inner, DeepLabV2):
         inner.freeze_bn = freeze_bn
@@ -234,7 +231,6 @@ def script_multiplicity(model: nn.Module) -> dict[int, int]:
     return counts
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all, or those with requires_grad)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters, frozen ones included."""
+    return sum(p.numel() for p in module.parameters())

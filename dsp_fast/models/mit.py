@@ -98,12 +98,11 @@ class EfficientSelfAttention(nn.Module):
     """Multi-head attention whose keys and values come from the map shrunk by sr x sr (a strided conv + LayerNorm):
     N x N/sr^2 scores instead of N x N."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, attn_drop: float = 0.0) -> None:
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not a multiple of {num_heads} heads")
         self.num_heads = num_heads
-        self.attn_drop = attn_drop
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -120,8 +119,8 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio > 1:
             src = self.norm(map_to_tokens(self.sr(tokens_to_map(x_BNC, h, w))))
         k, v = self.kv(src).view(b, -1, 2, self.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-        # scale 1/sqrt(d): SegFormer's qk_scale default, and SDPA's
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        # scale 1/sqrt(d): SegFormer's qk_scale default, and SDPA's; no attention dropout (SegFormer's 0.0)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -136,18 +135,16 @@ class DWConv(nn.Module):
         return map_to_tokens(self.dwconv(tokens_to_map(x_BNC, h, w)))
 
 
-class MixFFN(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+class MixFFN(nn.Module):  # fc1, depth-wise conv, GELU, fc2 (SegFormer's dropout here is 0.0: none)
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
 
     def forward(self, x_BNC: Tensor, h: int, w: int) -> Tensor:
-        x = self.drop(self.act(self.dwconv(self.fc1(x_BNC), h, w)))
-        return self.drop(self.fc2(x))
+        return self.fc2(self.act(self.dwconv(self.fc1(x_BNC), h, w)))
 
 
 class Block(nn.Module):
@@ -172,7 +169,6 @@ class MixVisionTransformer(nn.Module):
 
     def __init__(self, spec: MiTSpec, drop_path_rate: float = 0.1) -> None:
         super().__init__()
-        self.embed_dims = spec.embed_dims
         in_dims = (3, *spec.embed_dims[:3])
         # stochastic depth grows linearly from 0 to drop_path_rate over all blocks (SegFormer's decay rule)
         n = sum(spec.depths)

@@ -97,6 +97,43 @@ def _fmt(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOW]) + more
 
 
+def _check_fits(head: str, problems: list[tuple[str, list[str]]]) -> None:
+    """WeightsError `head` followed by every non-empty (what, keys) problem, counted and listed."""
+    parts = [f"{len(keys)} {what} ({_fmt(keys)})" for what, keys in problems if keys]
+    if parts:
+        raise WeightsError(head + "; ".join(parts))
+
+
+def _copy_heads(state: Mapping[str, Tensor], target: Mapping[str, Tensor], heads: tuple[tuple[str, str], ...],
+                to_load: dict[str, Tensor]) -> list[str]:
+    """Each head (root module, name) goes whole into `to_load` when the file has all of it with the model's shapes;
+    returns the notes on the heads that keep their initialisation."""
+    notes = []
+    for root, what in heads:
+        keys = [k for k in target if k.startswith(f"{root}.") and not k.endswith("num_batches_tracked")]
+        if not any(k in state for k in keys):
+            notes.append(f"{what} ({root}.*) not in the file: kept its initialisation")
+        elif all(k in state and state[k].shape == target[k].shape for k in keys):
+            to_load.update({k: state[k] for k in keys})
+        else:
+            found = [f"{k} {tuple(state[k].shape)}" for k in keys if k in state]
+            notes.append(f"{what} ({root}.*) ignored, shapes do not fit the model ({_fmt(found)}): kept its "
+                         "initialisation")
+    return notes
+
+
+def _finish_load(model: nn.Module, path: str, to_load: dict[str, Tensor], kind: str, notes: list[str],
+                 what: str) -> str:
+    # strict=False because a head may be skipped; the completeness of the backbone was checked before
+    model.load_state_dict(to_load, strict=False)
+    model.input_kind = kind
+    model.weights_notes = notes
+    log.info("loaded %s weights from %s (%d tensors)", what, path, len(to_load))
+    for note in notes:
+        log.info("weights %s: %s", path, note)
+    return kind
+
+
 def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str:
     """Copy the weights in `path` into `model`; return and set `model.input_kind` ('deeplab' or 'torchvision').
 
@@ -114,42 +151,19 @@ def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str
     missing = [k for k in backbone if k not in state]
     wrong = [f"{k} file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
              for k in backbone if k in state and state[k].shape != target[k].shape]
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} backbone keys missing ({_fmt(missing)})")
-        if wrong:
-            parts.append(f"{len(wrong)} backbone tensors with wrong shapes ({_fmt(wrong)})")
-        raise WeightsError(f"{path}: does not fit this model ({type(model).__name__}): " + "; ".join(parts))
+    _check_fits(f"{path}: does not fit this model ({type(model).__name__}): ",
+                [("backbone keys missing", missing), ("backbone tensors with wrong shapes", wrong)])
     kind = kind or _detect_kind(state, declared, saw_scale, path)
 
     to_load = {k: state[k] for k in target if k.split(".", 1)[0] in BACKBONE_ROOTS and k in state
                and state[k].shape == target[k].shape}
-    notes: list[str] = []
-    for root, what in ((CLASSIFIER_ROOT, "classifier"), (PROJECTION_ROOT, "MMD projection")):
-        keys = [k for k in target if k.split(".", 1)[0] == root]
-        if not any(k in state for k in keys):
-            notes.append(f"{what} ({root}.*) not in the file: kept its initialisation")
-        elif all(k in state and state[k].shape == target[k].shape for k in keys):
-            to_load.update({k: state[k] for k in keys})
-        else:
-            found = [f"{k} {tuple(state[k].shape)}" for k in keys if k in state]
-            notes.append(f"{what} ({root}.*) ignored, shapes do not fit the model ({_fmt(found)}): kept its "
-                         f"initialisation")
+    notes = _copy_heads(state, target, ((CLASSIFIER_ROOT, "classifier"), (PROJECTION_ROOT, "MMD projection")), to_load)
     if any(k.startswith("fc.") for k in state):
         notes.append("torchvision ImageNet head (fc.*) ignored")
     others = sorted(k for k in state if k not in target and not k.startswith("fc."))
     if others:
         notes.append(f"{len(others)} keys unknown to the model ignored ({_fmt(others)})")
-
-    # strict=False because the head may be skipped; completeness of the backbone was checked above.
-    model.load_state_dict(to_load, strict=False)
-    model.input_kind = kind
-    model.weights_notes = notes
-    log.info("loaded %s weights from %s (%d tensors)", kind, path, len(to_load))
-    for note in notes:
-        log.info("weights %s: %s", path, note)
-    return kind
+    return _finish_load(model, path, to_load, kind, notes, kind)
 
 
 def normalize_input(x_BCHW: Tensor, kind: str) -> Tensor:
@@ -185,7 +199,8 @@ def load_mit_pretrained(model: nn.Module, path: str) -> str:
     """
     state, _, _ = _read_state_dict(path)
     segmentor = any(k.startswith("backbone.") for k in state)
-    encoder_target = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    target = model.state_dict()
+    encoder_target = {k: v for k, v in target.items() if k.startswith("backbone.")}
     if segmentor:
         unknown = [k for k in state if not k.startswith(_MIT_ALLOWED_PREFIXES)
                    and not k.startswith(("auxiliary_head.", _MIT_IMAGENET_HEAD))]
@@ -204,33 +219,11 @@ def load_mit_pretrained(model: nn.Module, path: str) -> str:
     missing = [k for k in encoder_target if k not in file_encoder]
     wrong = [f"{k} file {tuple(file_encoder[k].shape)} vs model {tuple(v.shape)}"
              for k, v in encoder_target.items() if k in file_encoder and file_encoder[k].shape != v.shape]
-    if unknown or missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} encoder keys missing ({_fmt(missing)})")
-        if unknown:
-            parts.append(f"{len(unknown)} keys unknown to {getattr(model, 'arch', 'the model')} ({_fmt(unknown)})")
-        if wrong:
-            parts.append(f"{len(wrong)} tensors with wrong shapes ({_fmt(wrong)})")
-        raise WeightsError(f"{path}: not a {getattr(model, 'arch', 'MiT')} weights file: " + "; ".join(parts))
-
+    _check_fits(f"{path}: not a {getattr(model, 'arch', 'MiT')} weights file: ",
+                [("encoder keys missing", missing), (f"keys unknown to {getattr(model, 'arch', 'the model')}", unknown),
+                 ("tensors with wrong shapes", wrong)])
     to_load = dict(file_encoder)
-    notes = []
-    if any(k.startswith(_MIT_IMAGENET_HEAD) for k in state):
-        notes.append("ImageNet classifier (head.*) ignored")
-    target = model.state_dict()
-    for root, what in (("decode_head.", "decoder"), ("c1.", "MMD projection")):
-        keys = [k for k in target if k.startswith(root) and not k.endswith("num_batches_tracked")]
-        if not any(k in state for k in keys):
-            notes.append(f"{what} ({root}*) not in the file: kept its initialisation")
-        elif all(k in state and state[k].shape == target[k].shape for k in keys):
-            to_load.update({k: state[k] for k in keys})
-        else:
-            notes.append(f"{what} ({root}*) ignored, shapes do not fit the model: kept its initialisation")
-    model.load_state_dict(to_load, strict=False)  # strict=False: the decoder may be skipped; the encoder is complete
-    model.input_kind = "torchvision"  # MiT's ImageNet weights expect the ImageNet mean/std on RGB
-    model.weights_notes = notes
-    log.info("loaded MiT weights from %s (%d tensors)", path, len(to_load))
-    for note in notes:
-        log.info("weights %s: %s", path, note)
-    return "torchvision"
+    notes = ["ImageNet classifier (head.*) ignored"] if any(k.startswith(_MIT_IMAGENET_HEAD) for k in state) else []
+    notes += _copy_heads(state, target, (("decode_head", "decoder"), ("c1", "MMD projection")), to_load)
+    # MiT's ImageNet weights expect the ImageNet mean/std on RGB
+    return _finish_load(model, path, to_load, "torchvision", notes, "MiT")

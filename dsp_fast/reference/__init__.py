@@ -2,7 +2,7 @@
 
 It is the correctness oracle of the fast trainer and the baseline of the throughput comparison, so it shares no
 code with the fast path: it imports only config, data, models, evaluate, run_io and the kernels' plain-PyTorch
-twins (ARCHITECTURE.md; tests/test_reference_imports.py guards the rule). One file per concern:
+twins (tests/test_reference_imports.py guards the rule). One file per concern:
 
 - `data.py`: random crops of the original files, step 3's long-tail crops;
 - `strong_aug.py`: step 4's colour jitter and blur, kornia 0.2.0's formulas written out image by image;

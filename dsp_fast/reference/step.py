@@ -1,7 +1,5 @@
 """One reference DSP step, readable beside the paper: steps 1-7 of docs/method.md in plain eager PyTorch (fp32).
-
-Its only shared pieces are the kernels' plain-PyTorch twins (the MMD), as ARCHITECTURE.md allows.
-"""
+Its only piece shared with the fast path is the MMD, the kernels' plain-PyTorch twin."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 by image, as the authors' script ran them on 0..1 RGB images.
 
 This is the reference's own code, on purpose a second implementation: the fast path's `dsp_fast/augment.py` is
-tested against it (and against values worked out by hand), so the two must never share a line (ARCHITECTURE.md).
+tested against it (and against values worked out by hand), so the two must never share a line.
 
 - one jitter coin (p = 0.8) and one blur coin (p = 0.5) per step, shared by every mixed image of the step;
 - colour jitter per image, the four adjustments in that image's own random order: brightness adds b ~ U(-s, s)
