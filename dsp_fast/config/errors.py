@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
 
@@ -22,16 +24,24 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-def _field(default: Any, *, choices: tuple[str, ...] = (), at_least: float | None = None) -> Any:
-    """A field with its allowed values or lower bound on it, so that `_check_fields` and the command line
-    (`config.cli`) read them from one place."""
-    return dataclasses.field(default=default, metadata={"choices": choices, "at_least": at_least})
+def _field(default: Any, *, choices: tuple[str, ...] = (), within: str = "") -> Any:
+    """A field with its allowed values, or the interval its number lies in ('[0, 1)', '[1, inf)'), which
+    `_check_fields` and the command line (`config.cli`) both read."""
+    return dataclasses.field(default=default, metadata={"choices": choices, "within": within})
 
 
 def _check_fields(section: Any, name: str) -> None:
-    """The `choices` and `at_least` of every `_field` of `section` (the `name:` section)."""
+    """The `choices` and `within` of every `_field` of `section` (the `name:` section); [width, height] fields made
+    tuples of two positive ints."""
     for f in dataclasses.fields(section):
-        value, choices, low = getattr(section, f.name), f.metadata.get("choices"), f.metadata.get("at_least")
-        _check(not choices or value in choices, f"{name}.{f.name}",
-               f"must be one of {', '.join(choices or ())}, got {value!r}")
-        _check(low is None or value >= low, f"{name}.{f.name}", f"must be >= {low}, got {value}")
+        dotted, choices, within = f"{name}.{f.name}", f.metadata.get("choices"), f.metadata.get("within")
+        if f.type == "tuple[int, int]":
+            setattr(section, f.name, _pair(getattr(section, f.name), dotted))
+        value = getattr(section, f.name)
+        _check(not choices or value in choices, dotted, f"must be one of {', '.join(choices or ())}, got {value!r}")
+        if within:
+            left, low, high, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", within).groups()
+            low, high = float(low), float(high)
+            ok = (low <= value if left == "[" else low < value) and (value <= high if right == "]" else value < high)
+            bound = f"in {within}" if high != math.inf else f"{'>=' if left == '[' else '>'} {low:g}"
+            _check(ok, dotted, f"must be {bound}, got {value}")

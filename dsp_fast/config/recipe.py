@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsp_fast.config.errors import _check, _check_fields, _field, _pair
+from dsp_fast.config.errors import _check, _check_fields, _field
 
 OPTIM_ALGORITHMS = ("sgd", "adamw")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -16,9 +16,9 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 class DSPConfig:
     enabled: bool = True
     """False trains source-only (L_src alone): the baseline adaptation is compared against."""
-    lam: float = 0.9
+    lam: float = _field(0.9, within="[0, 1]")
     """Fusion weight of the soft paste (0.9 for GTA5, 0.8 for SYNTHIA)."""
-    conf_threshold: float = 0.968
+    conf_threshold: float = _field(0.968, within="[0, 1]")
     """Pseudo-label confidence threshold for the target pixel weight q."""
     long_tail_classes: list[int] = field(default_factory=lambda: [12, 15, 16, 17, 18])
     """Train ids of the long-tail classes (GTA5: rider, bus, train, motorcycle, bicycle)."""
@@ -28,23 +28,23 @@ class DSPConfig:
     """True restores the authors' script, which computes the (1-lam) target term and throws it away."""
     train_mmd_projection: bool = True
     """False restores the authors' script, where the MMD projection is never given to the optimizer."""
-    mmd_weight: float = _field(1e-4, at_least=0)
+    mmd_weight: float = _field(1e-4, within="[0, inf)")
     """Weight c of the MMD loss."""
     mmd_kernel_mul: float = 2.0
     """Ratio between successive Gaussian bandwidths of the MMD."""
-    mmd_kernel_num: int = _field(5, at_least=1)
+    mmd_kernel_num: int = _field(5, within="[1, inf)")
     """Number of Gaussian kernels of the MMD."""
-    ema_max: float = 0.99
+    ema_max: float = _field(0.99, within="[0, 1)")
     """Cap of the teacher's EMA coefficient alpha_t = min(1 - 1/(t+1), ema_max)."""
     long_tail_size: tuple[int, int] = (1920, 1080)
     """[width, height] a source image is resized to (bicubic) before a long-tail crop is cut from it (the authors'
     1920x1080, larger than data.source_size: pasted objects are 1.5 times the size of the source crops')."""
-    jitter_p: float = 0.8
+    jitter_p: float = _field(0.8, within="[0, 1]")
     """Probability of colour jitter, one coin per step shared by every mixed image (kornia 0.2.0 semantics)."""
-    jitter_strength: float = 0.25
+    jitter_strength: float = _field(0.25, within="[0, 0.5]")
     """Jitter amplitude s: brightness adds U(-s, s), contrast and saturation multiply by U(1-s, 1+s), hue adds
     U(-s, s) radians."""
-    blur_p: float = 0.5
+    blur_p: float = _field(0.5, within="[0, 1]")
     """Probability of Gaussian blur, one coin per step shared by every mixed image."""
     share_first_mask: bool = False
     """True restores the authors' indexing bug: image 1 pasted with image 0's mask, image 1's pixel weights from its
@@ -64,42 +64,34 @@ class DSPConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "dsp")
-        _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
-        _check(0.0 <= self.conf_threshold <= 1.0, "dsp.conf_threshold", f"must be in [0, 1], got {self.conf_threshold}")
         _check(all(isinstance(c, int) and 0 <= c < 255 for c in self.long_tail_classes), "dsp.long_tail_classes",
                f"must be train ids in [0, 255), got {self.long_tail_classes!r}")
         _check(0 <= self.num_long_tail <= len(self.long_tail_classes), "dsp.num_long_tail",
                f"must be in [0, {len(self.long_tail_classes)}] (the long-tail list's length), got {self.num_long_tail}")
-        _check(0.0 <= self.ema_max < 1.0, "dsp.ema_max", f"must be in [0, 1), got {self.ema_max}")
-        for name in ("jitter_p", "blur_p"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"dsp.{name}", f"must be in [0, 1], got {getattr(self, name)}")
-        _check(0.0 <= self.jitter_strength <= 0.5, "dsp.jitter_strength",
-               f"must be in [0, 0.5], got {self.jitter_strength}")
-        self.long_tail_size = _pair(self.long_tail_size, "dsp.long_tail_size")
 
 
 @dataclass
 class OptimConfig:
     algorithm: str = _field("sgd", choices=OPTIM_ALGORITHMS)
     """'sgd' (DeepLab / DSP: momentum SGD) or 'adamw' (DAFormer's recipe for MiT)."""
-    lr: float = 2.5e-4
+    lr: float = _field(2.5e-4, within="(0, inf)")
     """Base learning rate of the backbone (DSP's SGD: 2.5e-4; DAFormer's AdamW: 6e-5)."""
-    head_lr_mult: float = 10.0
+    head_lr_mult: float = _field(10.0, within="(0, inf)")
     """Learning-rate multiplier of the classifier head (ASPP, or the DAFormer decoder) and the MMD projection."""
-    momentum: float = 0.9
+    momentum: float = _field(0.9, within="[0, 1)")
     """SGD momentum (unused by AdamW)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW's (beta1, beta2) (unused by SGD)."""
-    weight_decay: float = _field(5e-4, at_least=0)
+    weight_decay: float = _field(5e-4, within="[0, inf)")
     """Weight decay: L2 in SGD (DSP: 5e-4), decoupled in AdamW (DAFormer: 0.01)."""
-    norm_decay_mult: float = _field(1.0, at_least=0)
+    norm_decay_mult: float = _field(1.0, within="[0, inf)")
     """Weight-decay multiplier of parameters whose name contains 'norm' (DAFormer: 0.0 for the LayerNorms)."""
-    poly_power: float = _field(0.9, at_least=0)
+    poly_power: float = _field(0.9, within="[0, inf)")
     """Poly decay: lr * (1 - step / max_steps) ** poly_power (DSP: 0.9; DAFormer: 1.0)."""
-    warmup_steps: int = _field(0, at_least=0)
+    warmup_steps: int = _field(0, within="[0, inf)")
     """Linear warm-up steps (DAFormer: 1500); 0: none. During warm-up the poly lr is scaled by
     1 - (1 - step / warmup_steps) * (1 - warmup_ratio), as mmcv's linear warm-up."""
-    warmup_ratio: float = 1e-6
+    warmup_ratio: float = _field(1e-6, within="(0, 1]")
     """Fraction of the poly lr at step 0 of the warm-up (DAFormer: 1e-6)."""
     lr_scaling: str = _field("none", choices=LR_SCALINGS)
     """How a global batch other than the paper's 2 changes the schedule: 'none' (lr and steps as written), 'linear'
@@ -114,11 +106,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "optim")
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(self.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
-        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         self.betas = _betas(self.betas)
-        _check(0.0 < self.warmup_ratio <= 1.0, "optim.warmup_ratio", f"must be in (0, 1], got {self.warmup_ratio}")
         _check(not (self.script_param_repeats and self.algorithm != "sgd"), "optim.script_param_repeats",
                f"repeats the authors' SGD updates: needs optim.algorithm sgd, got {self.algorithm!r}")
 

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsp_fast.config.errors import _check, _check_fields, _field, _pair
+from dsp_fast.config.errors import _check, _check_fields, _field
 from dsp_fast.config.recipe import DSPConfig, OptimConfig
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
@@ -52,14 +52,14 @@ class DataConfig:
     """[width, height] of the random training crops."""
     eval_size: tuple[int, int] = (1024, 512)
     """[width, height] target validation images are evaluated at (single scale)."""
-    batch_size: int = _field(2, at_least=1)
+    batch_size: int = _field(2, within="[1, inf)")
     """Images per domain per step over all ranks (the global batch: source, template and target batches each hold
     this many; the paper: 2). With N ranks each takes batch_size / N, so it must divide by N."""
-    num_workers: int = _field(4, at_least=0)
+    num_workers: int = _field(4, within="[0, inf)")
     """DataLoader worker processes per loader (0: load in the training process)."""
     eval_split: str = "val"
     """Cityscapes split used for evaluation."""
-    max_eval_images: int = _field(0, at_least=0)
+    max_eval_images: int = _field(0, within="[0, inf)")
     """Evaluate on at most this many target images (0: all)."""
 
     def __post_init__(self) -> None:
@@ -67,8 +67,6 @@ class DataConfig:
         if self.source != "synthetic":
             _check(bool(self.source_root), "data.source_root", f"required for source {self.source!r}")
             _check(bool(self.target_root), "data.target_root", "required for a real source dataset")
-        for name in ("source_size", "target_size", "crop_size", "eval_size"):
-            setattr(self, name, _pair(getattr(self, name), f"data.{name}"))
         cw, ch = self.crop_size
         for name in ("source_size", "target_size"):
             w, h = getattr(self, name)
@@ -80,7 +78,7 @@ class ModelConfig:
     arch: str = _field("deeplabv2_r101", choices=MODEL_ARCHS)
     """'deeplabv2_r101' (the paper's model), 'tiny' (same structure, narrow and shallow: CPU runs and tests), or
     'mit_b0'..'mit_b5': SegFormer's Mix Transformer encoder with a DAFormer decoder (mit_b0 serves CPU runs)."""
-    num_classes: int = _field(19, at_least=2)
+    num_classes: int = _field(19, within="[2, inf)")
     """Output classes: 19 for GTA5 -> Cityscapes, 16 for SYNTHIA -> Cityscapes."""
     pretrained: str = ""
     """Local file of initial weights; '' = random init. DeepLab archs: ResNet-101 (torchvision- or DeepLab-style
@@ -93,18 +91,16 @@ class ModelConfig:
     """False (authors): BN uses batch statistics in every forward. True: running statistics (frozen BN)."""
     aspp_two_branch_bug: bool = False
     """True restores the authors' ASPP that sums only the rates 6 and 12 (an early return in their code)."""
-    mmd_dim: int = _field(256, at_least=1)
+    mmd_dim: int = _field(256, within="[1, inf)")
     """Channels of the MMD feature projection h (a 1x1 conv on layer4, or on the DAFormer decoder's fused features)."""
-    decoder_dim: int = _field(256, at_least=1)
+    decoder_dim: int = _field(256, within="[1, inf)")
     """MiT archs: channels of the DAFormer decoder's embeddings and fused features (DAFormer: 256)."""
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = _field(0.1, within="[0, 1)")
     """MiT archs: stochastic depth of the last encoder block, growing linearly from 0 (SegFormer/DAFormer: 0.1).
     The mean teacher never drops a path."""
 
     def __post_init__(self) -> None:
         _check_fields(self, "model")
-        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate",
-               f"must be in [0, 1), got {self.drop_path_rate}")
         if self.arch in MIT_ARCHS:
             _check(self.pretrained_kind in ("auto", "torchvision"), "model.pretrained_kind",
                    f"MiT weights expect ImageNet normalisation: 'auto' or 'torchvision', got {self.pretrained_kind!r}")
@@ -112,7 +108,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _field(250_000, at_least=1)
+    max_steps: int = _field(250_000, within="[1, inf)")
     """Training steps (also the length of the poly schedule)."""
     seed: int = 0
     """Seed of every random choice (data order, crops, class selection, augmentation, init)."""
@@ -120,11 +116,11 @@ class TrainConfig:
     """'auto' (cuda when available, else cpu), 'cpu' or 'cuda'."""
     out_dir: str = "runs/default"
     """Run folder: resolved config, metrics JSONL, checkpoints."""
-    log_every: int = _field(50, at_least=0)
+    log_every: int = _field(50, within="[0, inf)")
     """Print a progress line and write metrics every this many steps."""
-    eval_every: int = _field(0, at_least=0)
+    eval_every: int = _field(0, within="[0, inf)")
     """Evaluate on the target every this many steps (0: only at the end)."""
-    checkpoint_every: int = _field(5000, at_least=0)
+    checkpoint_every: int = _field(5000, within="[0, inf)")
     """Write a checkpoint every this many steps (0: only at the end)."""
     compare_source_only: bool = False
     """Also train a source-only model with the same steps and print its target mIoU beside the adapted one."""
@@ -151,22 +147,22 @@ class FastConfig:
     """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere). Not with
     amp fp16 or optimizer foreach / apex, which cannot be captured: refused on every device (a config means the
     same on a laptop and on a GPU), so turn graphs off for them (--no-graphs)."""
-    graph_warmup: int = _field(11, at_least=1)
+    graph_warmup: int = _field(11, within="[1, inf)")
     """Eager steps before the capture (DDP needs about 11: its buckets are rebuilt after the first iteration)."""
     data_backend: str = _field("auto", choices=DATA_BACKENDS)
     """'dali', 'torch', or 'auto': DALI on CUDA when it imports, the torch backend otherwise."""
-    data_threads: int = _field(-1, at_least=-1)
+    data_threads: int = _field(-1, within="[-1, inf)")
     """DALI threads or DataLoader workers per stream; -1 takes data.num_workers."""
     optimizer: str = _field("auto", choices=OPTIMIZERS)
     """'fused' torch SGD / AdamW (device-side lr and skip flag; 'auto'), 'foreach', or 'apex' FusedSGD (if
     importable); foreach and apex skip a non-finite step on the host: they need cuda_graphs false."""
-    keep_last: int = _field(3, at_least=1)
+    keep_last: int = _field(3, within="[1, inf)")
     """Periodic checkpoints kept (the newest K); best.pt is kept apart."""
     tensorboard: bool = True
     """Also write TensorBoard scalars when `torch.utils.tensorboard` imports (needs the tensorboard package)."""
-    image_every: int = _field(500, at_least=0)
+    image_every: int = _field(500, within="[0, inf)")
     """Write an image grid PNG (template, mask, both mixed images, pseudo-label, prediction) every N steps; 0: never."""
-    max_bad_steps: int = _field(20, at_least=1)
+    max_bad_steps: int = _field(20, within="[1, inf)")
     """Stop (with a checkpoint) after this many consecutive steps skipped for a non-finite loss or gradient."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms and no cuDNN autotuning (CPU runs are deterministic without it)."""
@@ -188,17 +184,12 @@ class FastConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "fast")
-        self._check_capturable()
-
-    def _check_capturable(self) -> None:
-        """A step that cannot be captured is refused rather than run eagerly behind the user's back."""
-        if not self.cuda_graphs:
-            return
+        # a step that cannot be captured is refused rather than run eagerly behind the user's back
         off = "pass --no-graphs (fast.cuda_graphs=false) to run the step eagerly"
-        _check(self.amp != "fp16", "fast.amp",
+        _check(not self.cuda_graphs or self.amp != "fp16", "fast.amp",
                "'fp16' with fast.cuda_graphs true: the GradScaler keeps Python-side state every step, which a "
                f"CUDA graph cannot replay; use bf16, or {off}")
-        _check(self.optimizer not in UNCAPTURABLE_OPTIMIZERS, "fast.optimizer",
+        _check(not self.cuda_graphs or self.optimizer not in UNCAPTURABLE_OPTIMIZERS, "fast.optimizer",
                f"{self.optimizer!r} with fast.cuda_graphs true: only the fused optimizer skips a non-finite step on "
                f"the device, as a captured step must; use fused (auto), or {off}")
 
@@ -222,17 +213,15 @@ class Config:
         if self.optim.script_param_repeats:
             _check(self.model.arch not in MIT_ARCHS, "optim.script_param_repeats",
                    f"the authors' parameter listing is DeepLabv2's: not with model.arch {self.model.arch!r}")
-            # fused SGD divides p.grad by the GradScaler's scale in place (seen on CPU, torch 2.13): a second pass
-            # would divide again; apex's FusedSGD is not a torch.optim.SGD, which the repeated updates subclass
             _check(self.fast.amp != "fp16", "optim.script_param_repeats",
                    "not with fast.amp fp16: fused SGD unscales the gradients in place, so a repeated update would "
                    "unscale them again (use bf16 or fp32)")
             _check(self.fast.optimizer != "apex", "optim.script_param_repeats",
-                   "not with fast.optimizer apex, whose FusedSGD cannot repeat an update (use fused)")
+                   "not with fast.optimizer apex: its FusedSGD is not the torch SGD the repeated updates subclass "
+                   "(use fused)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "optim": OptimConfig,
-                  "train": TrainConfig, "fast": FastConfig}
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}
