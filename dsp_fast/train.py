@@ -20,11 +20,10 @@ import os
 import sys
 
 from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
-from dsp_fast.config import Config, ConfigError, load_config, split_overrides
+from dsp_fast.config import Config, ConfigError, add_cli_args, apply_cli_args, load_config, split_overrides
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.loop import NonFiniteStop
-from dsp_fast.engine.options import OptionsError, add_cli_args, apply_cli_args
 from dsp_fast.engine.runner import resume_config, run_all
 from dsp_fast.engine.signals import StopRequested
 
@@ -33,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Flags by argparse; every `section.field=value` word, wherever it stands, is an override."""
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="synthetic", help="preset name (synthetic, gta2cs, synthia2cs) or YAML")
+    parser.add_argument("--resume", nargs="?", const="auto", default="", metavar="PATH|auto",
+                        help="continue from a checkpoint file, a run folder, or 'auto' (the newest in train.out_dir)")
     add_cli_args(parser)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         # --resume: the run folder's own config, the overrides on top
         cfg = resume_config(args.resume, args.overrides, command_config) if args.resume else command_config()
         run_all(apply_cli_args(cfg, args), args.resume)
-    except (ConfigError, OptionsError, ResumeError, DatasetError) as e:
+    except (ConfigError, ResumeError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteStop as e:

@@ -1,12 +1,22 @@
-"""Config: presets load, unknown keys and bad values are rejected naming the field, overrides apply."""
+"""Config: presets load, unknown keys and bad values are rejected naming the field, overrides and flags apply."""
 
 import argparse
+import dataclasses
 
 import pytest
 
 from dsp_fast import reference, train
-from dsp_fast.config import DATA_BACKENDS, ConfigError, FastConfig, ModelConfig, load_config, preset_names, save_config
-from dsp_fast.engine.options import add_cli_args, apply_cli_args
+from dsp_fast.config import (
+    DATA_BACKENDS,
+    ConfigError,
+    FastConfig,
+    ModelConfig,
+    add_cli_args,
+    apply_cli_args,
+    load_config,
+    preset_names,
+    save_config,
+)
 
 
 @pytest.mark.parametrize("preset", ["synthetic", "gta2cs.yaml", "configs/synthia2cs.yaml"])
@@ -110,16 +120,72 @@ def test_fast_section_and_its_flags(tmp_path):
         load_config(None, ["fast.amp=fp64"])
     with pytest.raises(ConfigError, match=r"fast\.keep_last"):
         load_config(None, ["fast.keep_last=0"])
-    cfg = load_config(_write(tmp_path, "fast:\n  keep_last: 5\n  amp: bf16\n"))
-    parser = argparse.ArgumentParser()
-    add_cli_args(parser)
-    args = parser.parse_args(["--amp", "fp32", "--no-graphs", "--resume"])
+    cfg = load_config(_write(tmp_path, "fast:\n  keep_last: 5\n  amp: bf16\n  deterministic: true\n"))
+    args = train.parse_args(["--amp", "fp32", "--no-graphs", "--resume"])
     cfg = apply_cli_args(cfg, args)
     opts = cfg.fast
     assert (opts.amp, opts.cuda_graphs, opts.keep_last, args.resume) == ("fp32", False, 5, "auto")  # preset kept
-    assert (cfg.fast.amp, cfg.fast.cuda_graphs, cfg.fast.channels_last) == ("fp32", False, True)  # saved as run
+    assert (opts.channels_last, opts.deterministic) == (True, True)
+    # a flag for every field, booleans both ways (a preset's true turned off, its false turned on)
+    args = train.parse_args(["--no-deterministic", "--graphs", "--graph-warmup", "3", "--prepared-format", "png",
+                             "--prepared-dir", "cache", "--no-channels-last", "--no-batched-student"])
+    opts = apply_cli_args(cfg, args).fast
+    assert (opts.deterministic, opts.cuda_graphs, opts.graph_warmup, opts.prepared_format, opts.prepared_dir,
+            opts.channels_last, opts.batched_student) == (False, True, 3, "png", "cache", False, False)
     with pytest.raises(ConfigError, match=r"fast\.image_every"):
-        apply_cli_args(cfg, parser.parse_args(["--image-every", "-1"]))
+        apply_cli_args(cfg, train.parse_args(["--image-every", "-1"]))
+    with pytest.raises(SystemExit):  # the field's own choices
+        train.parse_args(["--prepared-format", "gif"])
+
+
+def test_help_lists_every_flag_with_its_fields_docstring(capsys):
+    """`python -m dsp_fast.train --help`: a flag per `fast:` field, its help the field's docstring (argparse wraps
+    the lines: compared without whitespace)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--amp {auto,bf16,fp16,fp32}", "--no-graphs", "--no-channels-last", "--no-batched-student",
+                 "--data-backend {auto,dali,torch}", "--data-threads", "--optimizer {auto,fused,foreach,apex}",
+                 "--compile {off,model,step}", "--keep-last", "--no-tensorboard", "--image-every", "--max-bad-steps",
+                 "--deterministic", "--prepared-source", "--prepared-target", "--prepared-dir",
+                 "--prepared-format {auto,jpeg,png}", "--graph-warmup", "--resume [PATH|auto]"):
+        assert flag in out, flag
+    flat = "".join(out.split())
+    for f in dataclasses.fields(FastConfig):
+        assert f"fast.{f.name}:" in out, f.name
+    # the docstrings themselves, a few words of each field's
+    for words in ("channels_last memory format", "Eager steps before the capture", "a non-finite loss or gradient",
+                  "Image format of the trainer's own preparations"):
+        assert "".join(words.split()) in flat, words
+
+
+@pytest.mark.parametrize("flags, fields", [
+    (["--optimizer", "apex", "--no-graphs", "optim.algorithm=adamw"], ("fast.optimizer", "optim.algorithm")),
+    (["fast.optimizer=apex", "fast.cuda_graphs=false", "optim.algorithm=adamw"], ("fast.optimizer", "optim.algorithm")),
+    (["dsp.long_tail_search=retry"], ("dsp.long_tail_search", "dsp_fast.reference")),
+    (["--amp", "fp16", "--no-graphs", "optim.script_param_repeats=true"], ("optim.script_param_repeats", "fast.amp")),
+    (["--optimizer", "apex", "--no-graphs", "optim.script_param_repeats=true"],
+     ("optim.script_param_repeats", "fast.optimizer")),
+    (["--keep-last", "0"], ("fast.keep_last",)),
+])
+def test_a_bad_setting_exits_2_in_one_line_naming_the_field(tmp_path, capsys, flags, fields):
+    """Refused when the config is read, before any data, folder or model is made: exit 2, one line, the field."""
+    args = ["--config", "synthetic", f"data.synthetic_root={tmp_path / 'unused'}", f"train.out_dir={tmp_path / 'run'}",
+            "model.arch=tiny", *flags]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "config field '" in err, err
+    assert all(name in err for name in fields), err
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "run").exists()
+
+
+def test_the_retry_loop_is_a_setting_of_the_reference_trainer():
+    """'retry' is a valid config (the reference trainer runs the loop); only the fast trainer refuses it."""
+    cfg = load_config(None, ["dsp.long_tail_search=retry"])
+    assert cfg.dsp.long_tail_search == "retry"
+    with pytest.raises(ConfigError, match=r"dsp\.long_tail_search"):
+        apply_cli_args(cfg, argparse.Namespace())
 
 
 @pytest.mark.parametrize("text, want", [("1e-3", 1e-3), ("1e9", 1e9), ("1.0e9", 1e9), ("2.5e-3", 2.5e-3),

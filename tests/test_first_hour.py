@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 from dsp_fast import evaluate, prepare, reference, train
-from dsp_fast.config import load_config
+from dsp_fast.config import apply_cli_args, load_config
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.data import resolve_data
 from dsp_fast.engine.monitor import CAPTION_H, GRID_COLUMNS, PALETTE, labelled_grid
-from dsp_fast.engine.options import apply_cli_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.crop_size=[32,32]", "data.eval_size=[64,32]", "data.max_eval_images=2", "train.log_every=1",

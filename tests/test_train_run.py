@@ -113,12 +113,6 @@ def test_non_finite_streak_stops_with_a_checkpoint(synthetic_root, tmp_path, cap
     assert step < 30 and 3 <= ckpt["consecutive_skipped"] <= ckpt["skipped_steps"]
 
 
-def test_the_retry_loop_is_refused(tmp_path, capsys):
-    args = tiny_args(str(tmp_path / "unused"), str(tmp_path / "run"), 2)
-    assert train.main(args + ["dsp.long_tail_search=retry"]) == 2
-    assert "dsp.long_tail_search='retry'" in capsys.readouterr().err
-
-
 def test_resume_continues_with_the_run_folders_config_and_overrides_on_top(synthetic_root, tmp_path, capsys):
     """--resume used to start from --config (the synthetic preset by default) and blame its values ("was trained
     with train.max_steps=4, this run has 600"); it now starts from the run folder's config.yaml."""

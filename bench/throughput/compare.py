@@ -52,10 +52,10 @@ from bench.throughput.setup import (
     step_flops,
 )
 from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
-from dsp_fast.config import FastConfig
+from dsp_fast.config import ConfigError, FastConfig
 from dsp_fast.engine.data import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import OptionsError, amp_dtype
+from dsp_fast.engine.options import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     try:
         resolve_backend(FastConfig(data_backend=args.data_backend), DistInfo(device=device))
-    except OptionsError as e:  # e.g. --data-backend dali where DALI does not import: a message, not a traceback
+    except ConfigError as e:  # e.g. --data-backend dali where DALI does not import: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:

@@ -10,16 +10,16 @@ One module per concern, every name importable from here:
   recipe.py     the dsp / optim sections (the method and its optimizer)
   overrides.py  `section.field=value` and type coercion (`config_from_dict`, `parse_override`, `split_overrides`)
   presets.py    the shipped presets by name (also the legacy 'configs/x.yaml' spelling), the unread-field check
-  scaling.py    optim.lr_scaling, resolved once at load time
-  io.py         `load_config`, `save_config`
+  io.py         `load_config` (optim.lr_scaling resolved there, once), `save_config`
+  cli.py        the fast trainer's flags, made from the `fast:` section's fields (`add_cli_args`, `apply_cli_args`)
 """
 
+from dsp_fast.config.cli import add_cli_args, apply_cli_args
 from dsp_fast.config.errors import ConfigError
-from dsp_fast.config.io import load_config, save_config
+from dsp_fast.config.io import PAPER_BATCH, apply_lr_scaling, load_config, save_config
 from dsp_fast.config.overrides import config_from_dict, parse_override, split_overrides
 from dsp_fast.config.presets import PRESET_DIR, check_fields_read, preset_names, resolve_config
 from dsp_fast.config.recipe import LR_SCALINGS, OPTIM_ALGORITHMS, DSPConfig, OptimConfig
-from dsp_fast.config.scaling import PAPER_BATCH, apply_lr_scaling
 from dsp_fast.config.schema import (
     AMP_CHOICES,
     BENCH_ONLY_BACKENDS,
@@ -38,34 +38,10 @@ from dsp_fast.config.schema import (
 )
 
 __all__ = [
-    "AMP_CHOICES",
-    "BENCH_ONLY_BACKENDS",
-    "COMPILE_MODES",
-    "DATA_BACKENDS",
-    "LOADER_BACKENDS",
-    "LR_SCALINGS",
-    "MIT_ARCHS",
-    "MODEL_ARCHS",
-    "OPTIMIZERS",
-    "OPTIM_ALGORITHMS",
-    "PAPER_BATCH",
-    "PRESET_DIR",
-    "UNCAPTURABLE_OPTIMIZERS",
-    "Config",
-    "ConfigError",
-    "DSPConfig",
-    "DataConfig",
-    "FastConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "apply_lr_scaling",
-    "check_fields_read",
-    "config_from_dict",
-    "load_config",
-    "parse_override",
-    "preset_names",
-    "resolve_config",
-    "save_config",
+    "AMP_CHOICES", "BENCH_ONLY_BACKENDS", "COMPILE_MODES", "DATA_BACKENDS", "LOADER_BACKENDS", "LR_SCALINGS",
+    "MIT_ARCHS", "MODEL_ARCHS", "OPTIMIZERS", "OPTIM_ALGORITHMS", "PAPER_BATCH", "PRESET_DIR",
+    "UNCAPTURABLE_OPTIMIZERS", "Config", "ConfigError", "DSPConfig", "DataConfig", "FastConfig", "ModelConfig",
+    "OptimConfig", "TrainConfig", "add_cli_args", "apply_cli_args", "apply_lr_scaling", "check_fields_read",
+    "config_from_dict", "load_config", "parse_override", "preset_names", "resolve_config", "save_config",
     "split_overrides",
 ]

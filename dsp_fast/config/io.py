@@ -1,7 +1,9 @@
-"""Reading a config (a preset's name or a YAML file, plus overrides) and writing the resolved one to a run folder."""
+"""Reading a config (a preset's name or a YAML file, plus overrides; optim.lr_scaling resolved once) and writing the
+resolved one to a run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import yaml
@@ -9,8 +11,9 @@ import yaml
 from dsp_fast.config.errors import ConfigError, _check
 from dsp_fast.config.overrides import config_from_dict, parse_override
 from dsp_fast.config.presets import resolve_config
-from dsp_fast.config.scaling import apply_lr_scaling
 from dsp_fast.config.schema import Config
+
+PAPER_BATCH = 2  # images per domain per step in the paper: the batch optim.lr_scaling scales from
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -35,6 +38,19 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         return apply_lr_scaling(config_from_dict(raw))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def apply_lr_scaling(cfg: Config) -> Config:
+    """optim.lr_scaling resolved: lr x k (linear) or x sqrt(k), train.max_steps and optim.warmup_steps / k, with
+    k = data.batch_size / 2; the result says 'none' so that loading it again does not scale twice."""
+    o = cfg.optim
+    if o.lr_scaling == "none":
+        return cfg
+    k = cfg.data.batch_size / PAPER_BATCH
+    lr = o.lr * (k if o.lr_scaling == "linear" else k ** 0.5)
+    optim = dataclasses.replace(o, lr=lr, lr_scaling="none", warmup_steps=round(o.warmup_steps / k))
+    train = dataclasses.replace(cfg.train, max_steps=max(1, round(cfg.train.max_steps / k)))
+    return dataclasses.replace(cfg, optim=optim, train=train)
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsp_fast.config.errors import _check, _pair
+from dsp_fast.config.errors import _check, _check_fields, _field
 
 OPTIM_ALGORITHMS = ("sgd", "adamw")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -16,9 +16,9 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 class DSPConfig:
     enabled: bool = True
     """False trains source-only (L_src alone): the baseline adaptation is compared against."""
-    lam: float = 0.9
+    lam: float = _field(0.9, within="[0, 1]")
     """Fusion weight of the soft paste (0.9 for GTA5, 0.8 for SYNTHIA)."""
-    conf_threshold: float = 0.968
+    conf_threshold: float = _field(0.968, within="[0, 1]")
     """Pseudo-label confidence threshold for the target pixel weight q."""
     long_tail_classes: list[int] = field(default_factory=lambda: [12, 15, 16, 17, 18])
     """Train ids of the long-tail classes (GTA5: rider, bus, train, motorcycle, bicycle)."""
@@ -28,33 +28,33 @@ class DSPConfig:
     """True restores the authors' script, which computes the (1-lam) target term and throws it away."""
     train_mmd_projection: bool = True
     """False restores the authors' script, where the MMD projection is never given to the optimizer."""
-    mmd_weight: float = 1e-4
+    mmd_weight: float = _field(1e-4, within="[0, inf)")
     """Weight c of the MMD loss."""
     mmd_kernel_mul: float = 2.0
     """Ratio between successive Gaussian bandwidths of the MMD."""
-    mmd_kernel_num: int = 5
+    mmd_kernel_num: int = _field(5, within="[1, inf)")
     """Number of Gaussian kernels of the MMD."""
-    ema_max: float = 0.99
+    ema_max: float = _field(0.99, within="[0, 1)")
     """Cap of the teacher's EMA coefficient alpha_t = min(1 - 1/(t+1), ema_max)."""
     long_tail_size: tuple[int, int] = (1920, 1080)
     """[width, height] a source image is resized to (bicubic) before a long-tail crop is cut from it (the authors'
     1920x1080, larger than data.source_size: pasted objects are 1.5 times the size of the source crops')."""
-    jitter_p: float = 0.8
+    jitter_p: float = _field(0.8, within="[0, 1]")
     """Probability of colour jitter, one coin per step shared by every mixed image (kornia 0.2.0 semantics)."""
-    jitter_strength: float = 0.25
+    jitter_strength: float = _field(0.25, within="[0, 0.5]")
     """Jitter amplitude s: brightness adds U(-s, s), contrast and saturation multiply by U(1-s, 1+s), hue adds
     U(-s, s) radians."""
-    blur_p: float = 0.5
+    blur_p: float = _field(0.5, within="[0, 1]")
     """Probability of Gaussian blur, one coin per step shared by every mixed image."""
     share_first_mask: bool = False
     """True restores the authors' indexing bug: image 1 pasted with image 0's mask, image 1's pixel weights from its
     own chosen classes, image 0's mask collecting every image's long-tail pixels."""
     paste_ignore_label: bool = False
     """True restores the authors' script, where the ignore label can be drawn as a pasted class."""
-    long_tail_search: str = "counts"
+    long_tail_search: str = _field("counts", choices=("counts", "retry"))
     """'counts': (image, window) drawn from per-image counts of the windows that hold the class (the retry loop's
     distribution, no loop); 'retry': the authors' loop literally, up to 1000 redraws (reference trainer only)."""
-    long_tail_paste: str = "class"
+    long_tail_paste: str = _field("class", choices=("class", "columns"))
     """'class': a long-tail crop's class pixels are pasted (the paper); 'columns': the authors' script, whose oneMix
     reads the first row of the (H, W) mask: the crop's image and label are pasted in the full columns where the
     crop's first row holds the class (M still gets the class's pixels only)."""
@@ -63,50 +63,37 @@ class DSPConfig:
     is overwritten by the sector-1 formula (saturated reds of full brightness come out darker)."""
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.lam <= 1.0, "dsp.lam", f"must be in [0, 1], got {self.lam}")
-        _check(0.0 <= self.conf_threshold <= 1.0, "dsp.conf_threshold", f"must be in [0, 1], got {self.conf_threshold}")
+        _check_fields(self, "dsp")
         _check(all(isinstance(c, int) and 0 <= c < 255 for c in self.long_tail_classes), "dsp.long_tail_classes",
                f"must be train ids in [0, 255), got {self.long_tail_classes!r}")
         _check(0 <= self.num_long_tail <= len(self.long_tail_classes), "dsp.num_long_tail",
                f"must be in [0, {len(self.long_tail_classes)}] (the long-tail list's length), got {self.num_long_tail}")
-        _check(self.mmd_weight >= 0, "dsp.mmd_weight", f"must be >= 0, got {self.mmd_weight}")
-        _check(self.mmd_kernel_num >= 1, "dsp.mmd_kernel_num", f"must be >= 1, got {self.mmd_kernel_num}")
-        _check(0.0 <= self.ema_max < 1.0, "dsp.ema_max", f"must be in [0, 1), got {self.ema_max}")
-        for name in ("jitter_p", "blur_p"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"dsp.{name}", f"must be in [0, 1], got {getattr(self, name)}")
-        _check(0.0 <= self.jitter_strength <= 0.5, "dsp.jitter_strength",
-               f"must be in [0, 0.5], got {self.jitter_strength}")
-        _check(self.long_tail_search in ("counts", "retry"), "dsp.long_tail_search",
-               f"must be 'counts' or 'retry', got {self.long_tail_search!r}")
-        _check(self.long_tail_paste in ("class", "columns"), "dsp.long_tail_paste",
-               f"must be 'class' or 'columns', got {self.long_tail_paste!r}")
-        self.long_tail_size = _pair(self.long_tail_size, "dsp.long_tail_size")
 
 
 @dataclass
 class OptimConfig:
-    algorithm: str = "sgd"
+    algorithm: str = _field("sgd", choices=OPTIM_ALGORITHMS)
     """'sgd' (DeepLab / DSP: momentum SGD) or 'adamw' (DAFormer's recipe for MiT)."""
-    lr: float = 2.5e-4
+    lr: float = _field(2.5e-4, within="(0, inf)")
     """Base learning rate of the backbone (DSP's SGD: 2.5e-4; DAFormer's AdamW: 6e-5)."""
-    head_lr_mult: float = 10.0
+    head_lr_mult: float = _field(10.0, within="(0, inf)")
     """Learning-rate multiplier of the classifier head (ASPP, or the DAFormer decoder) and the MMD projection."""
-    momentum: float = 0.9
+    momentum: float = _field(0.9, within="[0, 1)")
     """SGD momentum (unused by AdamW)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW's (beta1, beta2) (unused by SGD)."""
-    weight_decay: float = 5e-4
+    weight_decay: float = _field(5e-4, within="[0, inf)")
     """Weight decay: L2 in SGD (DSP: 5e-4), decoupled in AdamW (DAFormer: 0.01)."""
-    norm_decay_mult: float = 1.0
+    norm_decay_mult: float = _field(1.0, within="[0, inf)")
     """Weight-decay multiplier of parameters whose name contains 'norm' (DAFormer: 0.0 for the LayerNorms)."""
-    poly_power: float = 0.9
+    poly_power: float = _field(0.9, within="[0, inf)")
     """Poly decay: lr * (1 - step / max_steps) ** poly_power (DSP: 0.9; DAFormer: 1.0)."""
-    warmup_steps: int = 0
+    warmup_steps: int = _field(0, within="[0, inf)")
     """Linear warm-up steps (DAFormer: 1500); 0: none. During warm-up the poly lr is scaled by
     1 - (1 - step / warmup_steps) * (1 - warmup_ratio), as mmcv's linear warm-up."""
-    warmup_ratio: float = 1e-6
+    warmup_ratio: float = _field(1e-6, within="(0, 1]")
     """Fraction of the poly lr at step 0 of the warm-up (DAFormer: 1e-6)."""
-    lr_scaling: str = "none"
+    lr_scaling: str = _field("none", choices=LR_SCALINGS)
     """How a global batch other than the paper's 2 changes the schedule: 'none' (lr and steps as written), 'linear'
     (lr x batch/2) or 'sqrt' (lr x sqrt(batch/2)); both also divide train.max_steps (and optim.warmup_steps) by
     batch/2, so the run sees as many images as the paper's. A rule the paper did not test. Applied once when the
@@ -118,19 +105,8 @@ class OptimConfig:
     SGD and DeepLabv2 only; not with fast.amp fp16 (fused SGD unscales the gradients in place on its first pass)."""
 
     def __post_init__(self) -> None:
-        _check(self.algorithm in OPTIM_ALGORITHMS, "optim.algorithm",
-               f"must be one of {', '.join(OPTIM_ALGORITHMS)}, got {self.algorithm!r}")
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(self.head_lr_mult > 0, "optim.head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
-        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check_fields(self, "optim")
         self.betas = _betas(self.betas)
-        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.norm_decay_mult >= 0, "optim.norm_decay_mult", f"must be >= 0, got {self.norm_decay_mult}")
-        _check(self.poly_power >= 0, "optim.poly_power", f"must be >= 0, got {self.poly_power}")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(0.0 < self.warmup_ratio <= 1.0, "optim.warmup_ratio", f"must be in (0, 1], got {self.warmup_ratio}")
-        _check(self.lr_scaling in LR_SCALINGS, "optim.lr_scaling",
-               f"must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
         _check(not (self.script_param_repeats and self.algorithm != "sgd"), "optim.script_param_repeats",
                f"repeats the authors' SGD updates: needs optim.algorithm sgd, got {self.algorithm!r}")
 

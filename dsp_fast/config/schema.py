@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsp_fast.config.errors import _check, _pair
+from dsp_fast.config.errors import _check, _check_fields, _field
 from dsp_fast.config.recipe import DSPConfig, OptimConfig
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
@@ -32,11 +32,11 @@ MODEL_ARCHS = ("deeplabv2_r101", "tiny", *MIT_ARCHS)
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = _field("synthetic", choices=("gta5", "synthia", "synthetic"))
     """Labelled source domain: 'gta5', 'synthia' or 'synthetic' (the built-in generated scenes)."""
     source_root: str = ""
     """Folder of the source dataset in its official layout ('' with source 'synthetic', which does not read it)."""
-    target: str = "cityscapes"
+    target: str = _field("cityscapes", choices=("cityscapes",))
     """Unlabelled target domain: always 'cityscapes' (the synthetic target is written in the Cityscapes layout)."""
     target_root: str = ""
     """Folder of Cityscapes (leftImg8bit/, gtFine/); '' with source 'synthetic': generated under synthetic_root."""
@@ -52,107 +52,89 @@ class DataConfig:
     """[width, height] of the random training crops."""
     eval_size: tuple[int, int] = (1024, 512)
     """[width, height] target validation images are evaluated at (single scale)."""
-    batch_size: int = 2
+    batch_size: int = _field(2, within="[1, inf)")
     """Images per domain per step over all ranks (the global batch: source, template and target batches each hold
     this many; the paper: 2). With N ranks each takes batch_size / N, so it must divide by N."""
-    num_workers: int = 4
+    num_workers: int = _field(4, within="[0, inf)")
     """DataLoader worker processes per loader (0: load in the training process)."""
     eval_split: str = "val"
     """Cityscapes split used for evaluation."""
-    max_eval_images: int = 0
+    max_eval_images: int = _field(0, within="[0, inf)")
     """Evaluate on at most this many target images (0: all)."""
 
     def __post_init__(self) -> None:
-        _check(self.source in ("gta5", "synthia", "synthetic"), "data.source", f"unknown dataset {self.source!r}")
-        _check(self.target == "cityscapes", "data.target", f"only 'cityscapes' is supported, got {self.target!r}")
+        _check_fields(self, "data")
         if self.source != "synthetic":
             _check(bool(self.source_root), "data.source_root", f"required for source {self.source!r}")
             _check(bool(self.target_root), "data.target_root", "required for a real source dataset")
-        for name in ("source_size", "target_size", "crop_size", "eval_size"):
-            setattr(self, name, _pair(getattr(self, name), f"data.{name}"))
         cw, ch = self.crop_size
         for name in ("source_size", "target_size"):
             w, h = getattr(self, name)
             _check(w >= cw and h >= ch, f"data.{name}", f"{w}x{h} is smaller than data.crop_size {cw}x{ch}")
-        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(self.max_eval_images >= 0, "data.max_eval_images", f"must be >= 0, got {self.max_eval_images}")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "deeplabv2_r101"
+    arch: str = _field("deeplabv2_r101", choices=MODEL_ARCHS)
     """'deeplabv2_r101' (the paper's model), 'tiny' (same structure, narrow and shallow: CPU runs and tests), or
     'mit_b0'..'mit_b5': SegFormer's Mix Transformer encoder with a DAFormer decoder (mit_b0 serves CPU runs)."""
-    num_classes: int = 19
+    num_classes: int = _field(19, within="[2, inf)")
     """Output classes: 19 for GTA5 -> Cityscapes, 16 for SYNTHIA -> Cityscapes."""
     pretrained: str = ""
     """Local file of initial weights; '' = random init. DeepLab archs: ResNet-101 (torchvision- or DeepLab-style
     keys); MiT archs: a SegFormer `mit_b*.pth` (ImageNet) or an mmseg segmentor state dict (`backbone.*` keys).
     Checked when the model is built (a missing or unfitting file is an error naming this field), not here."""
-    pretrained_kind: str = "auto"
+    pretrained_kind: str = _field("auto", choices=("auto", "deeplab", "torchvision"))
     """'auto' (from the file's keys), 'deeplab' or 'torchvision': the weights' kind, which sets input normalisation.
     MiT weights are always 'torchvision' (ImageNet mean/std): 'auto' or 'torchvision' only."""
     freeze_bn: bool = False
     """False (authors): BN uses batch statistics in every forward. True: running statistics (frozen BN)."""
     aspp_two_branch_bug: bool = False
     """True restores the authors' ASPP that sums only the rates 6 and 12 (an early return in their code)."""
-    mmd_dim: int = 256
+    mmd_dim: int = _field(256, within="[1, inf)")
     """Channels of the MMD feature projection h (a 1x1 conv on layer4, or on the DAFormer decoder's fused features)."""
-    decoder_dim: int = 256
+    decoder_dim: int = _field(256, within="[1, inf)")
     """MiT archs: channels of the DAFormer decoder's embeddings and fused features (DAFormer: 256)."""
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = _field(0.1, within="[0, 1)")
     """MiT archs: stochastic depth of the last encoder block, growing linearly from 0 (SegFormer/DAFormer: 0.1).
     The mean teacher never drops a path."""
 
     def __post_init__(self) -> None:
-        _check(self.arch in MODEL_ARCHS, "model.arch",
-               f"unknown architecture {self.arch!r} (known: {', '.join(MODEL_ARCHS)})")
-        _check(self.decoder_dim >= 1, "model.decoder_dim", f"must be >= 1, got {self.decoder_dim}")
-        _check(0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate",
-               f"must be in [0, 1), got {self.drop_path_rate}")
+        _check_fields(self, "model")
         if self.arch in MIT_ARCHS:
             _check(self.pretrained_kind in ("auto", "torchvision"), "model.pretrained_kind",
                    f"MiT weights expect ImageNet normalisation: 'auto' or 'torchvision', got {self.pretrained_kind!r}")
-        _check(self.num_classes >= 2, "model.num_classes", f"must be >= 2, got {self.num_classes}")
-        _check(self.pretrained_kind in ("auto", "deeplab", "torchvision"), "model.pretrained_kind",
-               f"must be auto, deeplab or torchvision, got {self.pretrained_kind!r}")
-        _check(self.mmd_dim >= 1, "model.mmd_dim", f"must be >= 1, got {self.mmd_dim}")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 250_000
+    max_steps: int = _field(250_000, within="[1, inf)")
     """Training steps (also the length of the poly schedule)."""
     seed: int = 0
     """Seed of every random choice (data order, crops, class selection, augmentation, init)."""
-    device: str = "auto"
+    device: str = _field("auto", choices=("auto", "cpu", "cuda"))
     """'auto' (cuda when available, else cpu), 'cpu' or 'cuda'."""
     out_dir: str = "runs/default"
     """Run folder: resolved config, metrics JSONL, checkpoints."""
-    log_every: int = 50
+    log_every: int = _field(50, within="[0, inf)")
     """Print a progress line and write metrics every this many steps."""
-    eval_every: int = 0
+    eval_every: int = _field(0, within="[0, inf)")
     """Evaluate on the target every this many steps (0: only at the end)."""
-    checkpoint_every: int = 5000
+    checkpoint_every: int = _field(5000, within="[0, inf)")
     """Write a checkpoint every this many steps (0: only at the end)."""
     compare_source_only: bool = False
     """Also train a source-only model with the same steps and print its target mIoU beside the adapted one."""
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
-        _check(self.device in ("auto", "cpu", "cuda"), "train.device",
-               f"must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("log_every", "eval_every", "checkpoint_every"):
-            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check_fields(self, "train")
 
 
 @dataclass
 class FastConfig:
     """Settings of the fast trainer only (`python -m dsp_fast.train`); the reference trainer ignores them.
-    Each also has a command-line flag (`--amp`, `--no-graphs`, ...) that overrides the preset."""
+    Each is also a flag of that trainer, made from the field and its docstring (cli.py: `--amp`, `--no-graphs`)."""
 
-    amp: str = "auto"
+    amp: str = _field("auto", choices=AMP_CHOICES)
     """'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp16' (with a GradScaler; needs cuda_graphs false) or 'fp32'
     (equivalence checks)."""
     channels_last: bool = True
@@ -165,26 +147,26 @@ class FastConfig:
     """Capture the step in a CUDA graph after a few eager warm-up steps (CUDA only, ignored elsewhere). Not with
     amp fp16 or optimizer foreach / apex, which cannot be captured: refused on every device (a config means the
     same on a laptop and on a GPU), so turn graphs off for them (--no-graphs)."""
-    graph_warmup: int = 11
+    graph_warmup: int = _field(11, within="[1, inf)")
     """Eager steps before the capture (DDP needs about 11: its buckets are rebuilt after the first iteration)."""
-    data_backend: str = "auto"
+    data_backend: str = _field("auto", choices=DATA_BACKENDS)
     """'dali', 'torch', or 'auto': DALI on CUDA when it imports, the torch backend otherwise."""
-    data_threads: int = -1
+    data_threads: int = _field(-1, within="[-1, inf)")
     """DALI threads or DataLoader workers per stream; -1 takes data.num_workers."""
-    optimizer: str = "auto"
+    optimizer: str = _field("auto", choices=OPTIMIZERS)
     """'fused' torch SGD / AdamW (device-side lr and skip flag; 'auto'), 'foreach', or 'apex' FusedSGD (if
     importable); foreach and apex skip a non-finite step on the host: they need cuda_graphs false."""
-    keep_last: int = 3
+    keep_last: int = _field(3, within="[1, inf)")
     """Periodic checkpoints kept (the newest K); best.pt is kept apart."""
     tensorboard: bool = True
     """Also write TensorBoard scalars when `torch.utils.tensorboard` imports (needs the tensorboard package)."""
-    image_every: int = 500
+    image_every: int = _field(500, within="[0, inf)")
     """Write an image grid PNG (template, mask, both mixed images, pseudo-label, prediction) every N steps; 0: never."""
-    max_bad_steps: int = 20
+    max_bad_steps: int = _field(20, within="[1, inf)")
     """Stop (with a checkpoint) after this many consecutive steps skipped for a non-finite loss or gradient."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms and no cuDNN autotuning (CPU runs are deterministic without it)."""
-    compile: str = "off"
+    compile: str = _field("off", choices=COMPILE_MODES)
     """torch.compile (inductor): 'off', 'model' (the student's and the teacher's forward) or 'step' (steps 1-6:
     teacher, mixing, the student forward(s) and the losses as one graph; backward compiled with it). Inductor's own
     CUDA graphs stay off: the engine captures the whole step (with SGD and the EMA) itself."""
@@ -194,35 +176,20 @@ class FastConfig:
     prepared_target: str = ""
     """A prepared Cityscapes train split (or its parent folder) instead of data.target_root's; '': prepared, cached."""
     prepared_dir: str = ""
-    """Where the trainer's own preparations are cached: '' puts them beside the data (<parent of the root>/prepared/
-    <root name>_<W>x<H>_<format>); re-used while the root, size and format match."""
-    prepared_format: str = "auto"
+    """Where the trainer's own preparations are cached: '' puts them beside the data
+    (<parent of the root>/prepared/<root name>_<W>x<H>_<format>); re-used while the root, size and format match."""
+    prepared_format: str = _field("auto", choices=("auto", "jpeg", "png"))
     """Image format of the trainer's own preparations: 'jpeg' (GPU-decodable), 'png' (lossless), or 'auto' (png for
     the synthetic shift, so both trainers see the same pixels; jpeg for real datasets)."""
 
     def __post_init__(self) -> None:
-        choices = {"amp": AMP_CHOICES, "data_backend": DATA_BACKENDS, "optimizer": OPTIMIZERS,
-                   "compile": COMPILE_MODES}
-        for name, allowed in choices.items():
-            _check(getattr(self, name) in allowed, f"fast.{name}",
-                   f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("keep_last", "max_bad_steps", "graph_warmup"):
-            _check(getattr(self, name) >= 1, f"fast.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _check(self.image_every >= 0, "fast.image_every", f"must be >= 0, got {self.image_every}")
-        _check(self.data_threads >= -1, "fast.data_threads", f"must be >= -1, got {self.data_threads}")
-        _check(self.prepared_format in ("auto", "jpeg", "png"), "fast.prepared_format",
-               f"must be auto, jpeg or png, got {self.prepared_format!r}")
-        self._check_capturable()
-
-    def _check_capturable(self) -> None:
-        """A step that cannot be captured is refused rather than run eagerly behind the user's back."""
-        if not self.cuda_graphs:
-            return
+        _check_fields(self, "fast")
+        # a step that cannot be captured is refused rather than run eagerly behind the user's back
         off = "pass --no-graphs (fast.cuda_graphs=false) to run the step eagerly"
-        _check(self.amp != "fp16", "fast.amp",
+        _check(not self.cuda_graphs or self.amp != "fp16", "fast.amp",
                "'fp16' with fast.cuda_graphs true: the GradScaler keeps Python-side state every step, which a "
                f"CUDA graph cannot replay; use bf16, or {off}")
-        _check(self.optimizer not in UNCAPTURABLE_OPTIMIZERS, "fast.optimizer",
+        _check(not self.cuda_graphs or self.optimizer not in UNCAPTURABLE_OPTIMIZERS, "fast.optimizer",
                f"{self.optimizer!r} with fast.cuda_graphs true: only the fused optimizer skips a non-finite step on "
                f"the device, as a captured step must; use fused (auto), or {off}")
 
@@ -241,16 +208,20 @@ class Config:
         _check(not bad, "dsp.long_tail_classes", f"{bad} not below model.num_classes={self.model.num_classes}")
         (w, h), (cw, ch) = self.dsp.long_tail_size, self.data.crop_size
         _check(w >= cw and h >= ch, "dsp.long_tail_size", f"{w}x{h} is smaller than data.crop_size {cw}x{ch}")
+        _check(self.fast.optimizer != "apex" or self.optim.algorithm == "sgd", "fast.optimizer",
+               f"'apex' (FusedSGD) needs optim.algorithm sgd, got {self.optim.algorithm!r}; use fused (auto)")
         if self.optim.script_param_repeats:
             _check(self.model.arch not in MIT_ARCHS, "optim.script_param_repeats",
                    f"the authors' parameter listing is DeepLabv2's: not with model.arch {self.model.arch!r}")
             _check(self.fast.amp != "fp16", "optim.script_param_repeats",
                    "not with fast.amp fp16: fused SGD unscales the gradients in place, so a repeated update would "
                    "unscale them again (use bf16 or fp32)")
+            _check(self.fast.optimizer != "apex", "optim.script_param_repeats",
+                   "not with fast.optimizer apex: its FusedSGD is not the torch SGD the repeated updates subclass "
+                   "(use fused)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "dsp": DSPConfig, "optim": OptimConfig,
-                  "train": TrainConfig, "fast": FastConfig}
+_SECTION_TYPES = {f.name: f.default_factory for f in dataclasses.fields(Config)}

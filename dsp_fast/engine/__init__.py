@@ -1,6 +1,6 @@
 """dsp_fast.engine: the pieces of the fast trainer (`python -m dsp_fast.train`), one module per concern.
 
-    options      the command-line flags over the config's `fast:` section, the AMP dtype, whether graphs are on
+    options      the AMP dtype and whether graphs are on, from the config's `fast:` section
     step         the DSP step as a plain function over static buffers (no host sync), device-side choices
     features     channels_last, fused SGD with a device lr, GradScaler, DDP, input normalisation
     graphs       CUDA-graph capture of the step (CUDA only)

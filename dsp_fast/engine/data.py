@@ -21,11 +21,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from dsp_fast.config import Config, FastConfig
+from dsp_fast.config import Config, ConfigError, FastConfig
 from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.build import check_data, dataset_roots
 from dsp_fast.engine.distributed import DistInfo, broadcast_object
-from dsp_fast.engine.options import OptionsError
 from dsp_fast.pipelines.prepared import FORMAT_VERSION, MANIFEST, OPTIONS
 
 PREPARED_SUBDIR = "prepared"
@@ -210,13 +209,14 @@ def prepared_dirs(cfg: Config, info: DistInfo, check_eval: bool = True) -> tuple
 
 def resolve_backend(fast: FastConfig, info: DistInfo) -> str:
     """'auto': DALI where it can decode on the GPU and imports; the torch backend otherwise. An explicit 'dali'
-    that does not import is an OptionsError (exit 2), not a traceback from deep inside the loader."""
+    that does not import is a ConfigError (exit 2), not a traceback from deep inside the loader."""
     if fast.data_backend == "dali":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
-            raise OptionsError(f"--data-backend dali (fast.data_backend): NVIDIA DALI does not import here ({e}); "
-                               "install nvidia-dali-cuda130 (or -cuda120), or use --data-backend torch") from None
+            raise ConfigError(f"config field 'fast.data_backend': 'dali' (--data-backend dali), but NVIDIA DALI "
+                              f"does not import here ({e}); install nvidia-dali-cuda130 (or -cuda120), or use "
+                              "--data-backend torch") from None
     if fast.data_backend != "auto":
         return fast.data_backend
     if info.device.type == "cuda":

@@ -11,9 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dsp_fast.config import Config, FastConfig, OptimConfig
+from dsp_fast.config import Config, ConfigError, FastConfig, OptimConfig
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import OptionsError
 from dsp_fast.engine.step import compute_losses
 from dsp_fast.models import build_student_teacher, param_groups, script_multiplicity
 from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
@@ -45,15 +44,13 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastConfig, device: tor
     groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
                           o.norm_decay_mult)
     if o.script_param_repeats:
-        _check_repeats_options(opts)
         groups = split_by_repeats(groups, script_multiplicity(model))
     if opts.optimizer == "apex":
-        if o.algorithm != "sgd":
-            raise SystemExit(f"--optimizer apex: only with optim.algorithm sgd (got {o.algorithm!r}); use fused")
         try:
             from apex.optimizers import FusedSGD
         except ImportError as e:
-            raise SystemExit(f"--optimizer apex: NVIDIA apex does not import ({e}); use --optimizer fused") from None
+            raise ConfigError(f"config field 'fast.optimizer': 'apex' (--optimizer apex), but NVIDIA apex does not "
+                              f"import here ({e}); use --optimizer fused") from None
         return FusedSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay), False
     fused = opts.optimizer in ("auto", "fused")
     on_cuda = fused and device.type == "cuda"
@@ -117,16 +114,6 @@ def split_by_repeats(groups: list[dict], counts: dict[int, int]) -> list[dict]:
             params = [p for p in g["params"] if counts[id(p)] == k]
             out.append({**g, "name": f"{g['name']}_x{k}", "params": params, "repeats": k})
     return out
-
-
-def _check_repeats_options(opts: FastConfig) -> None:
-    # fused SGD divides p.grad by the GradScaler's scale in place (seen on CPU, torch 2.13): a second pass would
-    # divide again. apex's FusedSGD is not a torch.optim.SGD, so RepeatedSGD cannot wrap it.
-    if opts.amp == "fp16":
-        raise OptionsError("optim.script_param_repeats: not with fast.amp fp16 (--amp fp16): fused SGD unscales the "
-                           "gradients in place, a repeated update would unscale them again; use bf16 or fp32")
-    if opts.optimizer == "apex":
-        raise OptionsError("optim.script_param_repeats: not with fast.optimizer apex (--optimizer apex); use fused")
 
 
 def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable | None:

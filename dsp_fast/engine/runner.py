@@ -20,7 +20,7 @@ from dsp_fast.engine.data import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, teardown
 from dsp_fast.engine.loop import train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
-from dsp_fast.engine.options import OptionsError, graphs_on
+from dsp_fast.engine.options import graphs_on
 from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.engine.trainer import Trainer, configure_backends
@@ -49,16 +49,6 @@ def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
         src_only = dataclasses.replace(cfg, dsp=dataclasses.replace(cfg.dsp, enabled=False))
         runs = [("source-only", src_only, "source_only"), ("adapted (DSP)", cfg, "dsp")]
     return runs
-
-
-def check_supported(cfg: Config) -> None:
-    """dsp.long_tail_search 'retry' (the authors' host loop, redrawing up to 1000 times) is the one switch the fast
-    trainer refuses rather than train something else than the config says: its sampler draws the loop's
-    distribution from counts (the default, 'counts'); the reference trainer runs the loop."""
-    if cfg.dsp.long_tail_search == "retry":
-        raise OptionsError("dsp.long_tail_search='retry': the authors' host-side retry loop is not run by the fast "
-                           "trainer, whose sampler draws the same distribution ('counts', the default); use python "
-                           "-m dsp_fast.reference to run the loop itself")
 
 
 def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
@@ -93,7 +83,6 @@ def resume_command(run_dir: str, world_size: int) -> str:
 def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | None]) -> dict[str, float]:
     t0 = time.time()
     device = resolve_device(cfg.train.device)
-    check_supported(cfg)
     check_weights_file(cfg.model)  # before any data is prepared or any folder made
     runs = plan_runs(cfg)
     # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
