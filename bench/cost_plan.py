@@ -6,7 +6,7 @@ what the first GPU run should test, change by change, not only the total.
 
 Changes, in the order applied (each row says what it assumes):
 (b) done in issue 22 and on by default (fast.batched_student), so it comes first: the student's three forwards of B
-    images as one forward + backward of 3B images, as engine/group_bn.py runs it (each batch norm split into its
+    images as one forward + backward of 3B images, as engine/batchnorm.py runs it (each batch norm split into its
     three groups, one B-image batch norm each, and the outputs concatenated: one more copy per batch norm, forward
     and backward): the same FLOPs, a third of the other kernels and of autocast's weight casts; the convolutions'
     efficiency kept at the model's figure.

@@ -28,7 +28,7 @@ from bench.cost_model import Counter, Op
 from bench.profile_step import wrapped_method_calls
 from dsp_fast import method
 from dsp_fast.config import DSPConfig, ModelConfig
-from dsp_fast.engine.group_bn import apply_group_bn
+from dsp_fast.engine.batchnorm import apply_group_bn
 from dsp_fast.engine.trainer import loss_settings
 from dsp_fast.kernels import force_twins, set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices

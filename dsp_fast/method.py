@@ -161,7 +161,7 @@ class Ranks:
 
 def batched_student(cfg: Config) -> bool:
     """Step 5 as one student call over 3B images (fast.batched_student; DSP only): its BN layers must then take
-    statistics per group of B images (engine/group_bn.py), or the result is not the three calls'."""
+    statistics per group of B images (engine/batchnorm.py), or the result is not the three calls'."""
     return cfg.fast.batched_student and cfg.dsp.enabled
 
 

@@ -18,7 +18,7 @@ def synthetic_root(tmp_path_factory) -> str:
     # imported here, not at the top: the kernels must be imported only after TRITON_INTERPRET is set above,
     # and most test modules never need the engine
     from dsp_fast.config import load_config
-    from dsp_fast.engine.data import prepare_synthetic
+    from dsp_fast.engine.data_setup import prepare_synthetic
 
     root = str(tmp_path_factory.getbasetemp() / "synthetic")
     prepare_synthetic(load_config("synthetic", [f"data.synthetic_root={root}"]))

@@ -15,7 +15,8 @@ from test_method_equivalence import make_batch, make_cfg, make_choices, to_devic
 from test_train_step import buffers, fast_context
 
 from dsp_fast.config import FastConfig
-from dsp_fast.engine.features import apply_compile, build_models, scheduled_lr
+from dsp_fast.engine.model_setup import apply_compile, build_models
+from dsp_fast.engine.optimizer import scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
 from dsp_fast.engine.trainer import value_checks_wanted
 from dsp_fast.kernels import set_value_checks

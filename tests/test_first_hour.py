@@ -18,7 +18,7 @@ from PIL import Image
 from dsp_fast import evaluate, prepare, reference, train
 from dsp_fast.config import apply_cli_args, load_config
 from dsp_fast.data import DatasetError
-from dsp_fast.engine.data import resolve_data
+from dsp_fast.engine.data_setup import resolve_data
 from dsp_fast.engine.monitor import CAPTION_H, GRID_COLUMNS, PALETTE, labelled_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,10 +23,15 @@ from test_train_step import CPU, buffers, fast_context
 from torch import nn
 
 from dsp_fast.config import FastConfig
-from dsp_fast.engine.features import build_models
-from dsp_fast.engine.group_bn import PerGroupBatchNorm2d, PerGroupStats, apply_group_bn
+from dsp_fast.engine.batchnorm import (
+    GlobalBatchNorm2d,
+    PerGroupBatchNorm2d,
+    PerGroupStats,
+    apply_group_bn,
+    convert_global_bn,
+)
+from dsp_fast.engine.model_setup import build_models
 from dsp_fast.engine.step import StepContext, compute_losses
-from dsp_fast.engine.sync import GlobalBatchNorm2d, convert_global_bn
 
 
 def _bn_pair(channels: int, dtype: torch.dtype) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:

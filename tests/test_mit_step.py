@@ -22,7 +22,8 @@ from test_train_step import CPU, assert_same_losses, buffers, fast_context
 
 from dsp_fast import reference
 from dsp_fast.config import Config, DataConfig, DSPConfig, FastConfig, ModelConfig, OptimConfig, TrainConfig
-from dsp_fast.engine.features import build_models, scheduled_lr
+from dsp_fast.engine.model_setup import build_models
+from dsp_fast.engine.optimizer import scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
 
 # 64x64: stage maps 16, 8, 4, 2 and 4 keys per attention after sequence reduction (at 32x32 every stage would see a

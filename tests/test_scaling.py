@@ -20,10 +20,11 @@ from test_method_equivalence import make_batch, make_cfg, make_choices, to_devic
 from test_train_step import buffers, fast_context
 
 from dsp_fast.config import ConfigError
-from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.features import apply_ddp, build_models, scheduled_lr
+from dsp_fast.engine.batchnorm import convert_global_bn
+from dsp_fast.engine.distributed import DistInfo, per_rank_batch
+from dsp_fast.engine.model_setup import apply_ddp, build_models
+from dsp_fast.engine.optimizer import scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
-from dsp_fast.engine.sync import convert_global_bn, per_rank_batch
 from dsp_fast.engine.trainer import step_ranks
 from dsp_fast.method import DeviceChoices
 

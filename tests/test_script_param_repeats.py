@@ -20,7 +20,7 @@ import torch
 
 from dsp_fast import reference
 from dsp_fast.config import Config, ConfigError, FastConfig, ModelConfig, OptimConfig
-from dsp_fast.engine.features import RepeatedSGD, build_optimizer
+from dsp_fast.engine.optimizer import RepeatedSGD, build_optimizer
 from dsp_fast.models import DeepLabV2, build_model, script_backbone_listing, script_multiplicity
 
 CPU = torch.device("cpu")

@@ -26,7 +26,7 @@ from test_train_step import assert_fast_step_matches_reference, buffers
 
 from dsp_fast import method, reference
 from dsp_fast.config import Config, load_config
-from dsp_fast.engine.features import build_models
+from dsp_fast.engine.model_setup import build_models
 from dsp_fast.models import build_model, normalize_input
 
 CPU = torch.device("cpu")

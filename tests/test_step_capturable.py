@@ -15,8 +15,9 @@ from test_train_step import buffers, with_repeats
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsp_fast.config import FastConfig
-from dsp_fast.engine.features import build_grad_scaler, build_models, build_optimizer, make_normalize
-from dsp_fast.engine.group_bn import apply_group_bn
+from dsp_fast.engine.batchnorm import apply_group_bn
+from dsp_fast.engine.model_setup import build_models, make_normalize
+from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer
 from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
 from dsp_fast.kernels import force_twins, set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices, mmd_term

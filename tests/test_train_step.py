@@ -20,16 +20,10 @@ from test_method_equivalence import B, H, K, W, make_batch, make_cfg, make_choic
 
 from dsp_fast import reference
 from dsp_fast.config import Config, DSPConfig, FastConfig
-from dsp_fast.engine.features import (
-    apply_channels_last,
-    build_grad_scaler,
-    build_models,
-    build_optimizer,
-    make_normalize,
-    scheduled_lr,
-)
-from dsp_fast.engine.group_bn import apply_group_bn
+from dsp_fast.engine.batchnorm import apply_group_bn
+from dsp_fast.engine.model_setup import apply_channels_last, build_models, make_normalize
 from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
+from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
 from dsp_fast.engine.step import StepBuffers, StepContext, read_stats, train_step
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import AUG_COLS, DeviceChoices, draw_choices_

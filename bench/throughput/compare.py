@@ -53,7 +53,7 @@ from bench.throughput.setup import (
 )
 from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
 from dsp_fast.config import ConfigError, FastConfig
-from dsp_fast.engine.data import resolve_backend
+from dsp_fast.engine.data_setup import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.options import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting

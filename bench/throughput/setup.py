@@ -3,7 +3,7 @@ assumes and the device's measured matrix rate (the MFU denominator), and the pro
 
 Two data modes:
 - `config`: the config's own data (the built-in synthetic shift of the synthetic preset): the reference reads the
-  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (engine/data.py, lossless PNG).
+  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (engine/data_setup.py, lossless PNG).
 - `paper`: scenes generated at the real datasets' file sizes (GTA5 1914x1052, Cityscapes 2048x1024 PNG, as
   bench/data_throughput.py draws them) in a temp folder: the reference decodes and resizes those PNGs every step
   as it would GTA5's, the fast trainer reads them prepared once by `dsp_fast.prepare` (JPEG q95, its default).
@@ -22,7 +22,7 @@ import torch
 from bench.flops import image_flops, matmul_rate
 from bench.result_schema import result_env
 from dsp_fast.config import Config, load_config
-from dsp_fast.engine.data import prepared_dirs
+from dsp_fast.engine.data_setup import prepared_dirs
 from dsp_fast.engine.distributed import DistInfo
 
 LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays positive however many steps are timed

@@ -1,4 +1,7 @@
-"""Process-group setup and teardown for torchrun (gloo on CPU, NCCL on CUDA), and a few collectives.
+"""Process-group setup and teardown for torchrun (gloo on CPU, NCCL on CUDA), the per-rank batch, and the
+collectives: the host-side agreements of the loop and the device-side ones the DSP losses call (a sum over ranks for
+q and the pixel counts, an autograd-aware all-gather of the pooled MMD vectors; plain collectives on device tensors,
+no host read, so the step still captures).
 
 Teardown as measured on the CPU machines: every DDP wrapper must be gone (`del`, `gc.collect()`) before
 `destroy_process_group()`, or gloo aborts at exit in about 5% of runs.
@@ -14,6 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from dsp_fast.config import ConfigError
 
 
 @dataclasses.dataclass
@@ -117,3 +123,25 @@ def agree_max(values: list[int], info: DistInfo) -> list[int]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def per_rank_batch(batch_size: int, world_size: int) -> int:
+    """data.batch_size is the global batch per domain per step: each of the N ranks takes batch_size / N."""
+    if batch_size % world_size:
+        raise ConfigError(f"config field 'data.batch_size': the global batch {batch_size} does not split evenly over "
+                          f"{world_size} ranks; use a multiple of {world_size}")
+    return batch_size // world_size
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a tensor that needs no gradient (pixel counts): one all-reduce, on the device."""
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated along dim 0 in rank order, differentiable: the backward hands each rank the
+    sum over ranks of the gradients of its own rows (a reduce-scatter), as torch.distributed.nn.functional's
+    all_gather did; torch 2.13 deprecates that one (a FutureWarning on every rank) for this functional collective."""
+    return funcol.all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)

@@ -46,10 +46,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsp_fast.config import Config
 from dsp_fast.engine import trainer as trainer_mod
-from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.features import apply_channels_last
+from dsp_fast.engine.distributed import DistInfo, per_rank_batch
+from dsp_fast.engine.model_setup import apply_channels_last
 from dsp_fast.engine.options import AMP_DTYPES, amp_dtype, graphs_on
-from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.kernels import HAS_TRITON, set_value_checks, soft_paste, upsample_pool
 from dsp_fast.kernels import _common as kernel_flags
 from dsp_fast.kernels._common import twins_forced

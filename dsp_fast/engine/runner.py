@@ -16,13 +16,12 @@ import torch
 from dsp_fast.config import Config, load_config
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.checkpoint import ResumeError
-from dsp_fast.engine.data import prepared_dirs, resolve_backend
-from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, teardown
+from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
+from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, teardown
 from dsp_fast.engine.loop import train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
 from dsp_fast.engine.options import graphs_on
 from dsp_fast.engine.signals import StopRequested, StopSignals
-from dsp_fast.engine.sync import per_rank_batch
 from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file

@@ -21,7 +21,7 @@ from torch import nn
 
 from dsp_fast.augment import AUG_COLS
 from dsp_fast.config import Config
-from dsp_fast.engine.group_bn import check_group_bn
+from dsp_fast.engine.batchnorm import check_group_bn
 from dsp_fast.method import DeviceChoices, Ranks, batched_student, dsp_losses, ema_update
 
 

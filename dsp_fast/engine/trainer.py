@@ -24,24 +24,15 @@ from torch import nn
 
 from dsp_fast.config import Config, FastConfig
 from dsp_fast.engine import checkpoint as ckpt_io
-from dsp_fast.engine.data import build_step_loader, resolve_backend
-from dsp_fast.engine.distributed import DistInfo, gather_objects
-from dsp_fast.engine.features import (
-    apply_channels_last,
-    apply_compile,
-    apply_ddp,
-    build_grad_scaler,
-    build_models,
-    build_optimizer,
-    make_normalize,
-    scheduled_lr,
-)
+from dsp_fast.engine.batchnorm import apply_group_bn, convert_global_bn
+from dsp_fast.engine.data_setup import build_step_loader, resolve_backend
+from dsp_fast.engine.distributed import DistInfo, gather_objects, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.engine.graphs import make_step_runner
-from dsp_fast.engine.group_bn import apply_group_bn
+from dsp_fast.engine.model_setup import apply_channels_last, apply_compile, apply_ddp, build_models, make_normalize
 from dsp_fast.engine.monitor import NullLog
+from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
 from dsp_fast.engine.options import amp_dtype, graphs_on
 from dsp_fast.engine.step import StepBuffers, StepContext, train_step
-from dsp_fast.engine.sync import convert_global_bn, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.kernels import _common as kernel_flags
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import Ranks, draw_choices_

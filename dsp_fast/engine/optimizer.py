@@ -1,32 +1,16 @@
-"""Features applied to the models and the optimizer, one function each, in the order engine/trainer.py's `Trainer`
-applies them: channels_last, the optimizer (fused SGD or AdamW with a device lr; optionally the authors' repeated
-SGD updates) and its lr schedule, the GradScaler, DDP, torch.compile, and the input normalisation.
+"""The optimizer of the fast step: fused SGD or AdamW with a device lr (a CUDA graph reads it in place), the authors'
+repeated SGD updates on request (optim.script_param_repeats), the poly lr schedule and the GradScaler (fp16 only).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dsp_fast.config import Config, ConfigError, FastConfig, OptimConfig
-from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.step import compute_losses
-from dsp_fast.models import build_student_teacher, param_groups, script_multiplicity
-from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-
-
-def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """Student and teacher, initialised exactly as the reference trainer does (seed, then build)."""
-    torch.manual_seed(cfg.train.seed)
-    return build_student_teacher(cfg.model, device)
-
-
-def apply_channels_last(*models: nn.Module) -> None:
-    for m in models:
-        m.to(memory_format=torch.channels_last)
+from dsp_fast.models import param_groups, script_multiplicity
 
 
 def build_optimizer(cfg: Config, model: nn.Module, opts: FastConfig, device: torch.device,
@@ -116,19 +100,6 @@ def split_by_repeats(groups: list[dict], counts: dict[int, int]) -> list[dict]:
     return out
 
 
-def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable | None:
-    """fast.compile: 'model' compiles both models' forward in place (state_dict keys unchanged); 'step' returns
-    compute_losses compiled as one graph (teacher, mixing, student forwards, losses; autograd compiles its
-    backward), to be put in StepContext.compiled_losses. Inductor's default mode: no CUDA graphs of its own, the
-    engine captures the whole step, SGD and EMA included."""
-    if mode == "model":
-        student.compile(dynamic=False)
-        teacher.compile(dynamic=False)
-    if mode == "step":
-        return torch.compile(compute_losses, dynamic=False)
-    return None
-
-
 def scheduled_lr(o: OptimConfig, step: int, max_steps: int) -> float:
     """The base lr at `step` (0-based): poly decay lr * (1 - step/max_steps) ** poly_power, during the first
     warmup_steps scaled by 1 - (1 - step/warmup_steps) * (1 - warmup_ratio) (mmcv's linear warm-up, DAFormer's
@@ -142,40 +113,3 @@ def scheduled_lr(o: OptimConfig, step: int, max_steps: int) -> float:
 def build_grad_scaler(dtype: torch.dtype, device: torch.device) -> torch.amp.GradScaler:
     """Enabled for fp16 only; bf16 and fp32 need no loss scaling (a disabled scaler is a pass-through)."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def apply_ddp(model: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
-    """Wrap the student (never the teacher) in DDP. The three student forwards of a DSP step meet one backward:
-    every parameter's gradient hook fires once, so the default reducer works. BN buffers are not broadcast: BN
-    uses batch statistics in training, and rank 0's running statistics are the ones evaluated and saved.
-    find_unused: source-only training never uses the MMD projection."""
-    if not info.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # torch >= 2.13 renames broadcast_buffers (the old name warns); both keep the sync at construction
-    params = inspect.signature(DDP).parameters
-    sync_kw = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    kwargs = {sync_kw: False, "find_unused_parameters": find_unused}
-    if info.device.type != "cuda":
-        return DDP(model, **kwargs)
-    # DDP built on a side stream, as full-backward CUDA graph capture requires.
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ddp = DDP(model, device_ids=[info.device.index], output_device=info.device.index, **kwargs)
-    torch.cuda.current_stream().wait_stream(side)
-    return ddp
-
-
-def make_normalize(kind: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`models.normalize_input` with its constants made once on the device: the same arithmetic (same bits), but
-    no host-to-device copy per call, which a CUDA graph capture forbids."""
-    if kind == "torchvision":
-        mean = torch.tensor(IMAGENET_MEAN_RGB, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD_RGB, device=device).view(1, 3, 1, 1)
-        return lambda x: (x - mean) / std
-    if kind == "deeplab":
-        mean_bgr = torch.tensor(DEEPLAB_MEAN_BGR, device=device).view(1, 3, 1, 1)
-        return lambda x: x.flip(1) * 255.0 - mean_bgr
-    raise ValueError(f"unknown input kind {kind!r}")
