@@ -37,8 +37,7 @@ import time
 
 import torch
 
-from bench._env import RESULTS_DIR
-from bench.result_schema import command_line, write_result
+from bench.provenance import RESULTS_DIR, command_line, write_result
 from bench.throughput.report import print_summary, write_chart
 from bench.throughput.scaling import run_scaling
 from bench.throughput.setup import (
@@ -59,7 +58,6 @@ from dsp_fast.engine.options import OptionsError, amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
-RESULTS = RESULTS_DIR
 ABLATIONS = ("dali", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling", type=int, default=2, help="processes for the scaling run (0 or 1: skip)")
     p.add_argument("--scaling-timeout", type=int, default=600)
     p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
-    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
     p.add_argument("--twins", action="store_true",
@@ -312,7 +310,7 @@ def result_path(out: str, device: torch.device, tag: str) -> str:
 
 
 def dump_json(result: dict, path: str) -> None:
-    write_result(path, result)  # the one results schema (bench/result_schema.py), written atomically
+    write_result(path, result)  # the one results schema (bench/provenance.py), written atomically
 
 
 def write_results(result: dict, path: str, chart: bool = True) -> None:
