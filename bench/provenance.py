@@ -24,15 +24,6 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 SCHEMA = "dsp_fast.bench/1"
 
 
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(RESULTS_DIR), capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def environment(device: str) -> dict[str, str]:
     """Date, git sha, the device's name and the versions that change a figure."""
     try:
@@ -41,12 +32,17 @@ def environment(device: str) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(RESULTS_DIR), capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads " \
                f"{torch.get_num_threads()})"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(),
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
             "device": name, "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version()}
 
@@ -72,7 +68,7 @@ def write_result(path: str, result: dict[str, Any]) -> str:
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20, repeats: int = 10) -> float:

@@ -73,7 +73,7 @@ def test_gpu_check_runs_modules_and_flags_that_exist(tmp_path):
 def test_data_backend_dali_without_dali_is_exit_2():
     """--data-backend dali where DALI does not import: a message naming the flag, exit 2, no traceback."""
     probe = ("import sys; sys.modules['nvidia.dali'] = None\n"
-             "from bench.throughput import main\n"
+             "from bench.throughput.compare import main\n"
              "sys.exit(main(['--data-backend', 'dali', '--smoke']))\n")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -50,7 +50,7 @@ from bench.throughput.setup import (
     provenance,
     step_flops,
 )
-from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
+from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, time_steps, warm_up
 from dsp_fast.config import FastConfig
 from dsp_fast.engine.data import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
@@ -244,7 +244,8 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda par
     opts = cfg.fast  # every option of the fast trainer: the config's own `fast:` section
     dirs = fast_data_dirs(cfg, info)
     say(f"config: {cfg.model.arch}, crop {cfg.data.crop_size}, batch {cfg.data.batch_size}, {device}, "
-        f"{threads_note()}; counting FLOPs and measuring the matmul rate")
+        f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        "counting FLOPs and measuring the matmul rate")
     flops, rate = step_flops(cfg, device), matrix_rate(device)
     f_step, r = float(flops["step"]), float(rate["flops_per_s"])
     t0 = time.perf_counter()
