@@ -4,27 +4,19 @@
 #   bench/gpu_check.sh [OUT_DIR]          (default bench/results/gpu_<date>)
 #   bench/gpu_check.sh --dry-run [OUT]    (or DRY_RUN=1): print the commands, run nothing
 #
-# Steps, in priority order, each under `timeout`; the step limits add up to the budget (GPU_CHECK_BUDGET_S, 400 s)
-# and each is clipped to what is left of it; every step runs even when an earlier one failed:
-#   1. preflight: CUDA, triton, a C compiler and Python.h (Triton builds a launcher per kernel), setuptools >= 70.1
-#      or wheel (an editable install)
-#   2. make dsp_fast importable: an editable install without dependencies, or, where that cannot work (no
-#      setuptools >= 70.1 nor wheel), a link farm that maps kernels/ and pipelines/ into the package as setup.py does
-#   3. the Triton kernels compiled for this GPU's toolchain (registers, spills)
-#   4. the GPU tests: compiled kernels against their twins in fp32/fp16/bf16, the graphed step against eager
-#   5. the throughput comparison at the paper's config with the ablations that matter (graphs, AMP, kernels); its
-#      JSON is rewritten after every round, so a timeout keeps what was measured; then a short one on MiT-B5
-#   6. kernel microbenchmarks (kernel vs twin; no cold torch.compile)
-#   7. the cost model tested: the paper config's step profiled on the GPU (bench.profile_step, device time per
-#      operator class), then bench.cost_model's prediction per class beside it, into summary.txt
-#   8. one step's peak memory at the paper's config: predicted on fake tensors (bench.memory) beside
-#      torch.cuda.max_memory_allocated of the fast and the reference trainer; its `[memory]` lines go into summary.txt
-#   9. GPU data path (nvJPEG)
-# Without a C toolchain the Triton kernels cannot run: steps 3, 4 and 6 are skipped and the throughput runs the twins.
-# At most 8 files land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log (every step's
-# output, the compiled kernels' registers among it), throughput_*.json + .png, throughput_*_mitb5.json,
-# kernels_bench.json, profile_step_cuda_*.json, data_throughput_*.json. Exit status: 0 when every step exited 0,
-# else 1.
+# Steps in priority order, each under `timeout`; the limits add up to the budget (GPU_CHECK_BUDGET_S, 400 s), each is
+# clipped to what is left, and every step runs even when an earlier one failed: 1. preflight (CUDA, triton, a C
+# compiler and Python.h for Triton's launchers, setuptools >= 70.1 or wheel); 2. dsp_fast importable (an editable
+# install, or a link farm mapping kernels/ and pipelines/ into the package as setup.py does); 3. the kernels compiled
+# for this GPU (registers, spills); 4. the GPU tests (kernels against their twins in fp32/fp16/bf16, the graphed step
+# against eager); 5. throughput at the paper's config with the graphs / AMP / kernels ablations (its JSON rewritten
+# every round), then MiT-B5; 6. kernel microbenchmarks; 7. the paper config's step profiled on the GPU
+# (bench.profile_step) with bench.cost_model's prediction per class beside it; 8. the memory prediction beside the
+# measured peaks (bench.memory --measure-cuda); 9. the nvJPEG data path. Without a C toolchain steps 3, 4 and 6 are
+# skipped and the throughput runs the twins. The prediction lines of 7 and 8 go into summary.txt. At most 8 files
+# land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log, throughput_*.json + .png,
+# throughput_*_mitb5.json, kernels_bench.json, profile_step_cuda_*.json, data_throughput_*.json.
+# Exit status: 0 when every step exited 0, else 1.
 set -u
 
 DRY_RUN="${DRY_RUN:-0}"
