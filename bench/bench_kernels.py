@@ -20,7 +20,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench._env import append_csv, copy_bandwidth_gbs, environment, timed
 from bench.kernel_cases import (
     C_FEAT,
     LAM,
@@ -34,6 +33,7 @@ from bench.kernel_cases import (
     pool_bytes,
     weighted_mmd_bytes,
 )
+from bench.provenance import append_csv, copy_bandwidth_gbs, environment, timed
 from dsp_fast import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -65,7 +65,6 @@ class StandInDriver:
 def compiling_for(arch: int, sink: list[dict]) -> Iterator[None]:
     """Route every kernel launch to a compile for `arch` (no launch); each compiled kernel goes to `sink`."""
     real_run = JITFunction.run
-    real_use = {m: m.use_triton for m in (soft_paste, upsample_pool)}
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         compiled = real_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -77,15 +76,12 @@ def compiling_for(arch: int, sink: list[dict]) -> Iterator[None]:
     saved_driver = driver._active  # None here: no GPU, and reset_active() would fail looking for one
     driver.set_active(StandInDriver(arch))
     JITFunction.run = compile_only
-    for m in real_use:
-        m.use_triton = lambda t: True  # CPU tensors take the Triton path, as CUDA tensors do
     kernels.set_value_checks(False)  # as on CUDA; nothing is launched, so there is nothing to check
     try:
-        yield
+        with kernels.force_kernels():  # CPU tensors take the Triton path, as CUDA tensors do
+            yield
     finally:
         JITFunction.run = real_run
-        for m, fn in real_use.items():
-            m.use_triton = fn
         driver._active = saved_driver
         for k in _jit_kernels():
             k.device_caches.clear()  # the next arch specialises afresh

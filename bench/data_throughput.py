@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.provenance import RESULTS_DIR, command_line, result_env, write_result
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, SOURCE_RESAMPLE, Cityscapes, load_or_build_class_index
 from dsp_fast.data.windows import draw_in_box, draw_valid_window
@@ -261,25 +259,11 @@ def medians(rows: list[dict]) -> list[dict]:
     return out
 
 
-def environment() -> dict:
-    def version(mod: str) -> str | None:
-        try:
-            return importlib.import_module(mod).__version__
-        except ImportError:
-            return None
-
+def _version(module: str) -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        sha = ""
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    import PIL
-
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_sha": sha, "host": platform.node(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__, "dali": version("nvidia.dali"),
-            "pillow": PIL.__version__, "numpy": np.__version__}
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,17 +281,17 @@ def main(argv: list[str] | None = None) -> int:
                    "medians reported")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out", default=RESULTS_DIR)
     args = p.parse_args(argv)
     if args.quick:
         args.threads, args.source_images, args.target_images, args.warmup, args.batches = [1], 4, 2, 1, 3
     with tempfile.TemporaryDirectory(prefix="dsp_data_bench_") as work:
-        result = {"env": environment(), "args": vars(args), **run(args, work)}
-    os.makedirs(args.out, exist_ok=True)
+        env = result_env(args.device, command_line("python -m bench.data_throughput", argv),
+                         dali=_version("nvidia.dali"), pillow=_version("PIL"), numpy=np.__version__)
+        result = {"env": env, "args": vars(args), **run(args, work)}
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     path = os.path.join(args.out, f"data_throughput_{stamp}{'_quick' if args.quick else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(path, result)
     print(f"wrote {path}")
     return 0
 

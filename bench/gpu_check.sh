@@ -1,26 +1,22 @@
 #!/usr/bin/env bash
-# One-command GPU validation of dsp_fast, about 6 minutes on one H100/H200, made so that a rarely lent GPU is not
+# One-command GPU validation of dsp_fast, about 7 minutes on one H100/H200, made so that a rarely lent GPU is not
 # wasted:
 #   bench/gpu_check.sh [OUT_DIR]          (default bench/results/gpu_<date>)
 #   bench/gpu_check.sh --dry-run [OUT]    (or DRY_RUN=1): print the commands, run nothing
 #
-# Steps, in priority order, each under `timeout`; the step limits add up to the budget (GPU_CHECK_BUDGET_S, 345 s)
-# and each is clipped to what is left of it; every step runs even when an earlier one failed:
-#   1. preflight (bench/gpu_preflight.py): python3 or python, CUDA, triton, a C compiler and Python.h (Triton
-#      builds a launcher per kernel), setuptools >= 70.1 or wheel, torchvision nvJPEG, DALI
-#   2. make dsp_fast importable: an editable install without dependencies, or, where that cannot work (no
-#      setuptools >= 70.1 nor wheel), a link farm that maps kernels/ and pipelines/ into the package as setup.py does
-#   3. the Triton kernels compiled for this GPU's toolchain (registers, spills)
-#   4. the GPU tests: compiled kernels against their twins in fp32/fp16/bf16, the graphed step against eager
-#   5. the throughput comparison at the paper's config with the ablations that matter (graphs, AMP, kernels); its
-#      JSON is rewritten after every round, so a timeout keeps what was measured; then a short one on MiT-B5
-#   6. kernel microbenchmarks (kernel vs twin; no cold torch.compile), 7. MMD memory, 8. GPU data path (nvJPEG)
-#   9. one step's peak memory at the paper's config: predicted on fake tensors (bench.memory) beside
-#      torch.cuda.max_memory_allocated of the fast and the reference trainer; its `[memory]` lines go into summary.txt
-# Without a C toolchain the Triton kernels cannot run: steps 3, 4 and 6 are skipped and the throughput runs the twins.
-# At most 8 files land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log (every step's
-# output, the compiled kernels' registers among it), throughput_*.json + .png, throughput_*_mitb5.json,
-# kernels_bench.json, mmd_memory_cuda.json, data_throughput_*.json. Exit status: 0 when every step exited 0, else 1.
+# Steps in priority order, each under `timeout`; the limits add up to the budget (GPU_CHECK_BUDGET_S, 400 s), each is
+# clipped to what is left, and every step runs even when an earlier one failed: 1. preflight (CUDA, triton, a C
+# compiler and Python.h for Triton's launchers, setuptools >= 70.1 or wheel); 2. dsp_fast importable (an editable
+# install, or a link farm mapping kernels/ and pipelines/ into the package as setup.py does); 3. the kernels compiled
+# for this GPU (registers, spills); 4. the GPU tests (kernels against their twins in fp32/fp16/bf16, the graphed step
+# against eager); 5. throughput at the paper's config with the graphs / AMP / kernels ablations (its JSON rewritten
+# every round), then MiT-B5; 6. kernel microbenchmarks; 7. the paper config's step profiled on the GPU
+# (bench.profile_step) with bench.cost_model's prediction per class beside it; 8. the memory prediction beside the
+# measured peaks (bench.memory --measure-cuda); 9. the nvJPEG data path. Without a C toolchain steps 3, 4 and 6 are
+# skipped and the throughput runs the twins. The prediction lines of 7 and 8 go into summary.txt. At most 8 files
+# land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log, throughput_*.json + .png,
+# throughput_*_mitb5.json, kernels_bench.json, profile_step_cuda_*.json, data_throughput_*.json.
+# Exit status: 0 when every step exited 0, else 1.
 set -u
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -30,7 +26,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$REPO/bench/results/gpu_$(date -u +%Y%m%d_%H%M%S)}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-345}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-400}"
 # python3 where `python` is missing (the GPU machine's image may have only one of them)
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 cd "$REPO" || exit 2
@@ -92,10 +88,26 @@ skip() {  # skip NAME REASON
 }
 
 # 1. preflight: its table goes into the summary, where it explains any failure below
-step preflight 15 "$PY" -m bench.gpu_preflight
+step preflight 10 "$PY" - <<'EOF'
+import importlib.util, os, shutil, sys, sysconfig
+def row(ok, blocking, name, detail):
+    print(f"{'PASS' if ok else 'FAIL' if blocking else 'WARN':<5}{name:<24}{detail}")
+    return ok or not blocking
+import torch
+ok = row(torch.cuda.is_available(), True, "torch + CUDA", f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+ok &= row(importlib.util.find_spec("triton") is not None, True, "triton", sys.executable)
+cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+ok &= row(bool(cc) and os.path.exists(header), True, "C compiler + Python.h", f"{cc}; {header}")
+import setuptools
+wheel = importlib.util.find_spec("wheel") is not None
+version = tuple(int("0" + "".join(c for c in v if c.isdigit())) for v in setuptools.__version__.split(".")[:2])
+row(version >= (70, 1) or wheel, False, "editable install", f"setuptools {setuptools.__version__}, wheel {wheel}")
+sys.exit(0 if ok else 1)
+EOF
 TOOLCHAIN=1
 if [[ "$DRY_RUN" != "1" ]]; then
-    sed -n '/^=== preflight/,/^preflight:/p' "$LOG" | grep -E '^(PASS|FAIL|WARN)' >>"$SUMMARY"
+    sed -n '/^=== preflight/,$p' "$LOG" | grep -E '^(PASS|FAIL|WARN)' >>"$SUMMARY"
     grep -q '^FAIL C compiler' "$LOG" && TOOLCHAIN=0
 fi
 
@@ -147,15 +159,19 @@ if ((TOOLCHAIN)); then
 else
     skip kernel_bench "no C compiler or Python.h"
 fi
-step mmd_memory 10 "$PY" -m bench.mmd_memory --device cuda
-step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
-# 9. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
+# 7. the cost model's prediction beside the profiled step (eager: a graph's kernels belong to no operator)
+step profile_step 30 "$PY" -m bench.profile_step --config gta2cs --fixed-batch --device cuda --steps 5 --warmup 3 \
+    --no-chart --out "$OUT"
+PROFILE="$(ls "$OUT"/profile_step_cuda_*.json 2>/dev/null | head -n 1)"
+step cost_model 40 "$PY" -m bench.cost_model --config gta2cs --profile "${PROFILE:-$OUT/profile_step_cuda_DATE.json}"
+# 8. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
 # graph's warm-up shortened to 2 steps, which changes no allocation of the captured step
 step memory 30 "$PY" -m bench.memory --config gta2cs --measure-cuda fast.graph_warmup=2
+step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
 
 if [[ "$DRY_RUN" != "1" ]]; then
-    [[ -f bench/results/mmd_memory_cuda.json ]] && cp bench/results/mmd_memory_cuda.json "$OUT/"
     awk '/^=== /{on = /^=== memory /} on && /^\[memory\]/' "$LOG" >>"$SUMMARY"
+    awk '/^=== /{on = /^=== cost_model /} on && !/^=== /' "$LOG" >>"$SUMMARY"
     rm -f "$OUT"/*.tmp
     n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
     echo "total $(($(date +%s) - START)) s, $n_files files in $OUT, $([[ $FAILED == 0 ]] && echo 'all steps passed' \

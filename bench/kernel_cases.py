@@ -1,5 +1,5 @@
 """The kernel cases: the inputs of each kernel and the bytes each case assumes, shared by the kernel tests
-(tests/test_kernels_*.py), the microbenchmarks (bench/bench_kernels.py) and the memory runs (bench/mmd_memory.py),
+(tests/test_kernels_*.py, tests/test_mmd_memory.py) and the microbenchmarks (bench/bench_kernels.py),
 so that a speed or memory figure is measured on the inputs the tests check.
 
 Shapes: B batch, C channels, H x W crop, h x w stride-8 features, K classes. The paper's shapes are the benchmarks'
@@ -26,7 +26,6 @@ ADJOINT_SIZES = [((1, 1), (1, 1)), ((1, 1), (7, 9)), ((3, 5), (17, 33)), ((2, 2)
                  ((65, 65), (512, 512)), ((65, 65), (513, 511))]  # (feature hw, crop size)
 POOL_SHAPES = [((1, 4, 1, 1), (1, 1)), ((1, 4, 1, 1), (7, 9)), ((3, 5, 3, 5), (17, 33))]  # (feature BCHW, crop)
 MMD_ROWS = [(1, 1), (2, 2), (3, 2)]  # rows of x and y
-MEMORY_WARMUP = (2, 8, (3, 3), (17, 17))  # a small weighted-MMD case that warms the memory runs up
 
 MASK_KINDS = ("none", "bool", "float", "all_false", "all_true")
 

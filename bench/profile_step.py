@@ -1,122 +1,78 @@
 """Where a fast-trainer step spends its time: a few steps under torch.profiler, operators grouped by class.
 
-    python -m bench.profile_step [--config synthetic] [--steps 5] [--warmup 2] [--out bench/results]
+    python -m bench.profile_step [--config synthetic] [--steps 5] [--warmup 2] [--fixed-batch] [--device auto]
+                                 [--out bench/results] [--no-chart] [key=value ...]
 
-The fast trainer (the engine's Trainer, as the throughput comparison builds it: bench/throughput/trainers.py) is
-built on the config's data and warmed up, then `--steps` steps are profiled. Each aten operator's self time goes to
-one class: convolution (forward and backward), batch norm, matmul, elementwise / reduction, the DSP operators,
-optimizer + EMA (foreach / fused SGD) and data wait (what the trainer reports blocked on its loader). The DSP
-operators are the step's two calls into dsp_fast.kernels (dual soft-paste, weighted MMD), wrapped in profiler ranges
-here: every aten operator they run (the Triton launch on a GPU; the twin or the adjoint's plain-PyTorch operators
-elsewhere) counts as DSP, forward only (autograd's backward of the MMD runs outside the range and counts in its
-classes). Writes a table (top operators and the classes, as text and JSON) and a bar chart of the classes.
+The fast trainer (the engine's `Trainer`) is built on the config's data (prepared and cached as bench.throughput
+prepares it) or, with --fixed-batch, given one batch of the loader's shapes again and again (no dataset needed and
+no data wait: the paper's config on a machine without its images), warmed up, then `--steps` steps are profiled.
+Each operator's self time goes to one class of bench.cost_model: convolution (forward and backward), batch norm,
+matmul, elementwise / reduction, DSP ops (the fused kernels' `dsp_fast::` operators; where the twins run, their
+plain-PyTorch operators count in their own classes), optimizer + EMA; data wait is what the trainer reports
+blocked on its loader. On CUDA the time is the device time of each operator's kernels and the step runs eager (a
+replayed CUDA graph's kernels belong to no operator): the figures `python -m bench.cost_model --profile` sets
+beside its prediction. Writes the table (JSON) and a bar chart of the classes.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import datetime
-import functools
+import itertools
 import os
 import sys
-from collections.abc import Iterator
 
 import torch
 from PIL import Image, ImageDraw
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
-from bench.cost_model import aten_class
-from bench.result_schema import command_line, result_env, write_result
+from bench.cost_model import CLASSES, aten_class
+from bench.memory import loader_batch
+from bench.provenance import RESULTS_DIR, command_line, result_env, write_result
 from bench.throughput.setup import build_config, fast_data_dirs
-from bench.throughput.trainers import FastBench, build_fast, warm_up
-from dsp_fast import method
+from dsp_fast.config.overrides import split_overrides
 from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.trainer import Trainer
 from dsp_fast.run_io import resolve_device
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CLASSES = ("convolution", "batch norm", "matmul", "elementwise / reduction", "DSP ops", "optimizer + EMA",
-           "data wait")
 
 
 def op_class(name: str) -> str | None:
-    """The class of a profiler event name; None for events that only contain others (their children count)."""
-    if name == "data_wait":
-        return "data wait"
-    if name.startswith("dsp_fast::") or "adjoint" in name or "soft_paste" in name:
-        return "DSP ops"
-    if not name.startswith("aten::"):
-        return None
-    return aten_class(name[len("aten::"):])
+    """The class of a profiler event; None for events that are not operators (ranges, the step's own)."""
+    if name.startswith("aten::"):
+        return aten_class(name[len("aten::"):])
+    return "DSP ops" if name.startswith("dsp_fast::") else None
 
 
-DSP_RANGE = "dsp_range::"
-DSP_CALLS = ("dual_soft_paste", "weighted_mmd")
-
-
-@contextlib.contextmanager
-def wrapped_method_calls(names, wrap) -> Iterator[None]:
-    """dsp_fast.method's functions `names` replaced by wrap(name, fn) while the block runs (the step looks them up
-    in dsp_fast.method at call time), then restored."""
-    saved = {name: getattr(method, name) for name in names}
-    for name, fn in saved.items():
-        setattr(method, name, functools.wraps(fn)(wrap(name, fn)))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(method, name, fn)
-
-
-def dsp_ranges() -> contextlib.AbstractContextManager:
-    """The step's calls into dsp_fast.kernels inside profiler ranges."""
-
-    def ranged(name, fn):
-        def call(*args, **kwargs):
-            with record_function(DSP_RANGE + name):
-                return fn(*args, **kwargs)
-        return call
-
-    return wrapped_method_calls(DSP_CALLS, ranged)
-
-
-def event_class(evt) -> str | None:
-    """op_class, except that anything inside a DSP range is a DSP op."""
-    parent = evt
-    while parent is not None:
-        if parent.name.startswith(DSP_RANGE):
-            return "DSP ops" if evt.name.startswith("aten::") or evt.name.startswith("dsp_fast::") else None
-        parent = parent.cpu_parent
-    return op_class(evt.name)
-
-
-def profile_steps(trainer: FastBench, steps: int) -> profile:
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),
-                 record_shapes=False) as prof, trainer.flags(), dsp_ranges():
+def profile_steps(run: Trainer, steps: int) -> tuple[profile, list[float]]:
+    """`steps` steps under the profiler, and the seconds each was blocked on its loader."""
+    cuda = run.info.device.type == "cuda"
+    waits = []
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof, \
+            run.backends():
         for _ in range(steps):
-            with record_function("step"):
-                trainer.step()
-    return prof
+            waits.append(run.step())
+        if cuda:
+            torch.cuda.synchronize(run.info.device)
+    return prof, waits
 
 
-def summarise(prof: profile, steps: int, data_ms_per_step: float) -> dict:
-    """Self time per class and the top operators, per step."""
+def summarise(prof: profile, steps: int, data_ms_per_step: float, device_time: bool) -> dict:
+    """Self time per class and the top operators, per step (device time of their kernels with device_time)."""
     by_class: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
     for evt in prof.events():
-        cls = event_class(evt)
-        if cls is None or cls == "data wait":
+        cls = op_class(evt.name)
+        if cls is None:
             continue
-        ms = evt.self_cpu_time_total / 1e3 / steps  # self time: nested aten calls are not counted twice
+        ms = (evt.self_device_time_total if device_time else evt.self_cpu_time_total) / 1e3 / steps
         by_class[cls] += ms
-        by_op[evt.name + (" (DSP)" if cls == "DSP ops" and not evt.name.startswith("dsp_fast::") else "")] += ms
+        by_op[evt.name] += ms
     by_class["data wait"] = data_ms_per_step
-    total = sum(by_class.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
-    return {"ms_per_step_by_class": {c: by_class.get(c, 0.0) for c in CLASSES}, "total_ms_per_step": total,
-            "top_operators_ms_per_step": dict(top)}
+    return {"ms_per_step_by_class": {c: by_class.get(c, 0.0) for c in (*CLASSES, "data wait")},
+            "total_ms_per_step": sum(by_class.values()), "top_operators_ms_per_step": dict(top)}
 
 
 def write_chart(summary: dict, path: str, title: str) -> None:
@@ -135,46 +91,45 @@ def write_chart(summary: dict, path: str, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    flags, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="synthetic", help="preset name or YAML path")
-    p.add_argument("overrides", nargs="*")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", default=RESULTS)
-    args = p.parse_args(argv)
+    p.add_argument("--fixed-batch", action="store_true", help="one batch of the loader's shapes, no dataset")
+    p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
+    args = p.parse_args(flags)
     device = resolve_device(args.device)
-    cfg = build_config(args.config, args.overrides, None, None, str(device))
-    cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, image_every=0, tensorboard=False))
+    cfg = build_config(args.config, overrides, None, None, str(device))
+    cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, image_every=0, tensorboard=False,
+                                                            cuda_graphs=cfg.fast.cuda_graphs and device.type != "cuda"))
     info = DistInfo(device=device)
-    trainer = build_fast(cfg, info, fast_data_dirs(cfg, info), say=lambda m: None)
+    run = Trainer(cfg, info, ("", "") if args.fixed_batch else fast_data_dirs(cfg, info), say=lambda m: None)
+    if args.fixed_batch:
+        run.loader = itertools.repeat(loader_batch(cfg, run.batch, device))
     try:
-        warm_up(trainer, args.warmup + trainer.extra_warmup)
-        data_ms = []
-        real_step = trainer.step
-
-        def step() -> float:  # the trainer reports its own data wait per step (the loader's next)
-            waited = real_step()
-            data_ms.append(1e3 * waited)
-            return waited
-
-        trainer.step = step
-        prof = profile_steps(trainer, args.steps)
+        with run.backends():
+            for _ in range(args.warmup):
+                run.step()
+        prof, waits = profile_steps(run, args.steps)
     finally:
-        trainer.close()
-    summary = summarise(prof, args.steps, sum(data_ms) / max(1, len(data_ms)))
-    summary.update({"env": result_env(str(device), command_line("python -m bench.profile_step")),
-                    "device": str(device),
-                    "arch": cfg.model.arch, "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size,
-                    "steps": args.steps, "threads": torch.get_num_threads(),
-                    "fast_options": dataclasses.asdict(cfg.fast)})
-    os.makedirs(args.out, exist_ok=True)
+        run.close()
+    summary = summarise(prof, args.steps, 1e3 * sum(waits) / len(waits), device.type == "cuda")
+    summary.update({"env": result_env(str(device), command_line("python -m bench.profile_step", argv)),
+                    "device": str(device), "arch": cfg.model.arch, "crop": list(cfg.data.crop_size),
+                    "batch": cfg.data.batch_size, "steps": args.steps, "threads": torch.get_num_threads(),
+                    "fixed_batch": args.fixed_batch, "fast_options": dataclasses.asdict(cfg.fast)})
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     base = os.path.join(args.out, f"profile_step_{device.type}_{stamp}")
     write_result(base + ".json", summary)
-    title = f"fast step, {cfg.model.arch} {cfg.data.crop_size[0]}x{cfg.data.crop_size[1]} B={cfg.data.batch_size}, " \
-            f"{device}: {summary['total_ms_per_step']:.1f} ms/step (self time by class)"
-    write_chart(summary, base + ".png", title)
+    w, h = cfg.data.crop_size
+    title = f"fast step, {cfg.model.arch} {w}x{h} B={cfg.data.batch_size}, {device}: " \
+            f"{summary['total_ms_per_step']:.1f} ms/step (self time by class)"
+    if args.chart:
+        write_chart(summary, base + ".png", title)
     print(title)
     print(f"{'class':<26}{'ms/step':>9}{'share':>8}")
     for cls, ms in summary["ms_per_step_by_class"].items():
@@ -182,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print("top operators (self time, ms/step):")
     for name, ms in summary["top_operators_ms_per_step"].items():
         print(f"  {name:<50}{ms:>8.2f}")
-    print(f"wrote {base}.json and .png")
+    print(f"wrote {base}.json" + (" and .png" if args.chart else ""))
     return 0
 
 

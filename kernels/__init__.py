@@ -5,7 +5,8 @@ Triton kernels (as torch operators `dsp_fast::*`, with fake implementations for 
 CPU tensors run the twins, unless TRITON_INTERPRET=1 asks for the kernels in the interpreter (the tests). The
 weighted MMD and the masked pool use the adjoint formulation on every device (the adjoint map from the Triton kernel
 on CUDA, from two interpolation matrices elsewhere): they never build the upsampled feature map. Without triton
-installed (no `gpu` extra) everything still imports. `force_twins()` runs every naive twin (the ablation).
+installed (no `gpu` extra) everything still imports. `force_twins()` runs every naive twin (the ablation);
+`force_kernels()` takes the kernels' path on any device (their operators on fake CPU tensors, as on CUDA).
 
     dual_soft_paste       fused DSP step 4 (soft_paste.py)
     masked_upsample_pool  mean of mask * bilinear_upsample(feat) without the upsampled tensor (upsample_pool.py)
@@ -14,7 +15,7 @@ installed (no `gpu` extra) everything still imports. `force_twins()` runs every 
 """
 
 from . import twins
-from ._common import HAS_TRITON, IGNORE_LABEL, force_twins, set_value_checks
+from ._common import HAS_TRITON, IGNORE_LABEL, force_kernels, force_twins, set_value_checks
 from .mmd import mmd_rbf, weighted_mmd
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
@@ -23,6 +24,7 @@ __all__ = [
     "HAS_TRITON",
     "IGNORE_LABEL",
     "dual_soft_paste",
+    "force_kernels",
     "force_twins",
     "masked_upsample_pool",
     "mmd_rbf",

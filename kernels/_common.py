@@ -34,6 +34,7 @@ LABEL_DTYPES = (torch.int64, torch.uint8)
 
 _value_checks = True
 _force_twins = False
+_force_kernels = False
 
 
 def interpreting() -> bool:
@@ -42,11 +43,11 @@ def interpreting() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """The dispatch rule: CUDA tensors go to the kernels; CPU tensors go to the twin unless the interpreter is on;
-    everything goes to the twins inside `force_twins()`."""
+    """The dispatch rule: CUDA tensors go to the kernels; CPU tensors go to the twin unless the interpreter is on or
+    `force_kernels()` asks for the kernels; everything goes to the twins inside `force_twins()`."""
     if _force_twins:
         return False
-    return HAS_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpreting()))
+    return HAS_TRITON and (t.is_cuda or _force_kernels or (t.device.type == "cpu" and interpreting()))
 
 
 def twins_forced() -> bool:
@@ -64,6 +65,19 @@ def force_twins(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _force_twins = saved
+
+
+@contextlib.contextmanager
+def force_kernels(enabled: bool = True) -> Iterator[None]:
+    """Every kernel call takes the Triton kernels' path whatever its tensors' device, as a CUDA tensor's call does
+    (where triton imports; `force_twins()` still wins): their operators, whose fake implementations a CPU uses to
+    predict the CUDA step, or a compile without a launch. Restored on exit."""
+    global _force_kernels
+    saved, _force_kernels = _force_kernels, bool(enabled) or _force_kernels
+    try:
+        yield
+    finally:
+        _force_kernels = saved
 
 
 def set_value_checks(enabled: bool) -> None:

@@ -1,32 +1,32 @@
 """The fast path's weighted MMD on a CPU (the adjoint map from two interpolation matrices, no Triton) at the paper's
-shapes (B=2, 256x65x65 features, 512x512 crop), forward + backward: its resident-set growth is at most a quarter of
-the naive twin's, with the same loss and gradients. Each variant runs in its own process (bench.mmd_memory --child),
-where VmHWM is reset just before the call, so imports and inputs are not counted. Loss and gradient norms: 1e-5
-relative (float32, the two sum the same products in different orders)."""
+shapes (B=2, 256x65x65 features, 512x512 crop), forward + backward: the tensor bytes alive at its peak
+(bench.memory.LiveBytes) are at most a quarter of the naive twin's and far below one full-resolution feature map,
+with the same loss and gradients (1e-5 relative: float32, the two sum the same products in different orders)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_child(variant: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU fast path: no interpreter
-    proc = subprocess.run([sys.executable, "-m", "bench.mmd_memory", "--child", variant, "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from bench.kernel_cases import PAPER_FEATURES, feature_inputs, upsampled_bytes
+from bench.memory import LiveBytes
+from dsp_fast import kernels
 
 
-def test_cpu_weighted_mmd_needs_a_quarter_of_the_naive_memory():
-    naive, adjoint = run_child("naive"), run_child("adjoint_torch")
-    assert adjoint["peak_bytes"] <= naive["peak_bytes"] / 4, (naive["peak_mib"], adjoint["peak_mib"])
-    assert adjoint["largest_tensor_numel"] < 2 * 256 * 512 * 512 // 16  # never a full-resolution feature map
-    assert adjoint["loss"] == pytest.approx(naive["loss"], rel=1e-5)
-    assert adjoint["grad_norms"] == pytest.approx(naive["grad_norms"], rel=1e-5)
+def peak_loss_grads(fn) -> tuple[int, float, list[float]]:
+    feat_s, feat_t, mask = feature_inputs(*PAPER_FEATURES, density=0.5, grad=True,
+                                          gen=torch.Generator().manual_seed(0))
+    with LiveBytes() as live:
+        loss = fn(feat_s, feat_t, mask, PAPER_FEATURES[3])
+        loss.backward()
+    return live.peak, float(loss), [float(feat_s.grad.norm()), float(feat_t.grad.norm())]
+
+
+def test_cpu_weighted_mmd_needs_a_quarter_of_the_naive_memory(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # the CPU user's path: the adjoint's plain-PyTorch operators
+    naive, adjoint = peak_loss_grads(kernels.twins.weighted_mmd), peak_loss_grads(kernels.weighted_mmd)
+    b, c, _, size = PAPER_FEATURES
+    assert adjoint[0] <= naive[0] / 4, (naive[0] / 2**20, adjoint[0] / 2**20)
+    assert adjoint[0] < upsampled_bytes(b, c, size) / 8  # never a full-resolution feature map (512 MiB)
+    assert adjoint[1] == pytest.approx(naive[1], rel=1e-5)
+    assert adjoint[2] == pytest.approx(naive[2], rel=1e-5)

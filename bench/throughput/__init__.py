@@ -8,13 +8,3 @@
     scaling    the Trainer on 1 and N processes (torchrun workers: python -m bench.throughput.scaling)
     report     the printed summary and the chart
 """
-
-from __future__ import annotations
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.throughput`; imported on call, so a worker (`-m bench.throughput.scaling`) loads only what
-    it uses."""
-    from bench.throughput.compare import main as compare_main
-
-    return compare_main(argv)

@@ -37,8 +37,7 @@ import time
 
 import torch
 
-from bench._env import RESULTS_DIR
-from bench.result_schema import command_line, write_result
+from bench.provenance import RESULTS_DIR, command_line, write_result
 from bench.throughput.report import print_summary, write_chart
 from bench.throughput.scaling import run_scaling
 from bench.throughput.setup import (
@@ -51,7 +50,7 @@ from bench.throughput.setup import (
     provenance,
     step_flops,
 )
-from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, threads_note, time_steps, warm_up
+from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, time_steps, warm_up
 from dsp_fast.config import ConfigError, FastConfig
 from dsp_fast.engine.data_setup import resolve_backend
 from dsp_fast.engine.distributed import DistInfo
@@ -59,7 +58,6 @@ from dsp_fast.engine.options import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
-RESULTS = RESULTS_DIR
 ABLATIONS = ("dali", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scaling", type=int, default=2, help="processes for the scaling run (0 or 1: skip)")
     p.add_argument("--scaling-timeout", type=int, default=600)
     p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
-    p.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG")
+    p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
     p.add_argument("--twins", action="store_true",
@@ -246,7 +244,8 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda par
     opts = cfg.fast  # every option of the fast trainer: the config's own `fast:` section
     dirs = fast_data_dirs(cfg, info)
     say(f"config: {cfg.model.arch}, crop {cfg.data.crop_size}, batch {cfg.data.batch_size}, {device}, "
-        f"{threads_note()}; counting FLOPs and measuring the matmul rate")
+        f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        "counting FLOPs and measuring the matmul rate")
     flops, rate = step_flops(cfg, device), matrix_rate(device)
     f_step, r = float(flops["step"]), float(rate["flops_per_s"])
     t0 = time.perf_counter()
@@ -312,7 +311,7 @@ def result_path(out: str, device: torch.device, tag: str) -> str:
 
 
 def dump_json(result: dict, path: str) -> None:
-    write_result(path, result)  # the one results schema (bench/result_schema.py), written atomically
+    write_result(path, result)  # the one results schema (bench/provenance.py), written atomically
 
 
 def write_results(result: dict, path: str, chart: bool = True) -> None:

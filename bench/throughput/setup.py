@@ -1,9 +1,9 @@
 """What the throughput comparison runs on: the shared config, the data of both trainers, the FLOPs per step it
-assumes and the device's measured matrix rate (the MFU denominator), and the provenance of the figures.
+counts and the device's measured matrix rate (the MFU denominator), and the provenance of the figures.
 
 Two data modes:
 - `config`: the config's own data (the built-in synthetic shift of the synthetic preset): the reference reads the
-  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (engine/data_setup.py, lossless PNG).
+  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (data_setup.py, lossless PNG).
 - `paper`: scenes generated at the real datasets' file sizes (GTA5 1914x1052, Cityscapes 2048x1024 PNG, as
   bench/data_throughput.py draws them) in a temp folder: the reference decodes and resizes those PNGs every step
   as it would GTA5's, the fast trainer reads them prepared once by `dsp_fast.prepare` (JPEG q95, its default).
@@ -12,18 +12,23 @@ Two data modes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench.flops import image_flops, matmul_rate
-from bench.result_schema import result_env
-from dsp_fast.config import Config, load_config
+from bench.provenance import result_env, sync
+from dsp_fast.config import Config, ModelConfig, load_config
 from dsp_fast.engine.data_setup import prepared_dirs
 from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.models import build_model
 
 LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays positive however many steps are timed
 
@@ -65,21 +70,58 @@ def fast_data_dirs(cfg: Config, info: DistInfo) -> tuple[str, str]:
     return prepared_dirs(cfg, info, check_eval=False)
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Each requested gradient of a convolution (input, weight) costs what its forward costs: 2 x batch x output
+    positions x weight elements. torch 2.13's own formula ignores groups for the weight gradient and counts a
+    depth-wise conv's as dense: about C times too much (1.2 TFLOP instead of a few GFLOP for mit_b0's decoder)."""
+    positions = x_shape if transposed else grad_out_shape
+    forward = 2 * positions[0] * math.prod(positions[2:]) * math.prod(w_shape)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def image_flops(model_cfg: ModelConfig, crop: tuple[int, int], device: str = "meta") -> dict[str, float]:
+    """Forward and forward + backward FLOPs of the student for one (W, H) crop (batch-statistics BN), counted with
+    torch.utils.flop_counter: convolutions and matmuls only, 2 per multiply-add, attention through PyTorch's math
+    backend (the CPU flash kernel has no formula). On `meta` nothing is computed: ResNet-101 counts in seconds."""
+    with torch.device(device):
+        model = build_model(dataclasses.replace(model_cfg, pretrained="")).train()
+    x = torch.rand(1, 3, crop[1], crop[0], device=device)
+    fix = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False, custom_mapping=fix) as fwd:
+            model(x)
+        with FlopCounterMode(display=False, custom_mapping=fix) as both:
+            logits, feat = model(x)
+            (logits.float().mean() + feat.float().mean()).backward()
+    return {"forward": float(fwd.get_total_flops()), "forward_backward": float(both.get_total_flops())}
+
+
 def step_flops(cfg: Config, device: torch.device) -> dict[str, float | str]:
-    """FLOPs of one DSP step, counted by bench.flops (torch.utils.flop_counter, matmul-like ops only):
-    B * (F + 3 * FB) with DSP (teacher forward on B target images; student forward + backward on source, mixed
-    source and mixed target), B * FB source-only. Counted on `device` (a GPU counts ResNet-101 in a second)."""
-    (w, h), b = cfg.data.crop_size, cfg.data.batch_size
-    if w != h:
-        raise ValueError(f"bench.flops counts square crops; data.crop_size is {w}x{h}")
-    per = image_flops(cfg.model.arch, w, cfg.model.num_classes, str(device), model_cfg=cfg.model)
+    """FLOPs of one DSP step, matmul-like operators only: B * (F + 3 * FB) with DSP (teacher forward on B target
+    images; student forward + backward on source, mixed source and mixed target), B * FB source-only."""
+    b = cfg.data.batch_size
+    per = image_flops(cfg.model, cfg.data.crop_size, str(device))
     dsp = cfg.dsp.enabled
     total = b * (per["forward"] + 3 * per["forward_backward"]) if dsp else b * per["forward_backward"]
-    formula = "B * (F + 3 * FB)" if dsp else "B * FB"
     return {"forward_per_image": per["forward"], "forward_backward_per_image": per["forward_backward"],
-            "step": total, "formula": formula, "batch": b, "crop": w, "arch": cfg.model.arch,
-            "counted_with": "bench.flops.image_flops (torch.utils.flop_counter: convolutions and matmuls only; "
-                            "soft paste, augmentation, MMD and the optimizer are not counted)"}
+            "step": total, "formula": "B * (F + 3 * FB)" if dsp else "B * FB", "batch": b,
+            "crop": list(cfg.data.crop_size), "arch": cfg.model.arch,
+            "counted_with": "torch.utils.flop_counter: convolutions and matmuls only; soft paste, augmentation, MMD "
+                            "and the optimizer are not counted"}
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
+    """Measured FLOP/s of an n x n x n matmul in `dtype` on `device`."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
 def matrix_rate(device: torch.device) -> dict[str, float | str]:
@@ -93,7 +135,7 @@ def matrix_rate(device: torch.device) -> dict[str, float | str]:
 
 
 def provenance(device: torch.device) -> dict[str, str | None]:
-    """The result's `env` (bench/result_schema.py) with what else changes a throughput figure: DALI's version and
+    """The result's `env` (bench/provenance.py) with what else changes a throughput figure: DALI's version and
     the thread settings; the caller sets the command."""
     env = result_env(str(device), command="")
     try:

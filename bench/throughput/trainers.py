@@ -18,23 +18,18 @@ import contextlib
 import dataclasses
 import gc
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
+from bench.provenance import sync
 from dsp_fast import reference as ref
 from dsp_fast.config import Config
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.step import read_stats
 from dsp_fast.engine.trainer import Trainer
 from dsp_fast.kernels import force_twins
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
@@ -159,29 +154,20 @@ def warm_up(trainer, steps: int) -> None:
     with trainer.flags():
         for _ in range(steps):
             trainer.step()
-        sync(trainer_device(trainer))
+        sync(str(trainer.device))
     trainer.check()
 
 
 def time_steps(trainer, steps: int, barrier: Callable[[], None] = lambda: None) -> Timing:
     """n steps between device synchronizes; data wait is the sum of what step() reports, compute the rest."""
-    device = trainer_device(trainer)
-    mem = PeakMemory(device)
+    mem = PeakMemory(trainer.device)
     with trainer.flags():
-        sync(device)
+        sync(str(trainer.device))
         barrier()
         mem.reset()
         t0 = time.perf_counter()
         data = sum(trainer.step() for _ in range(steps))
-        sync(device)
+        sync(str(trainer.device))
         total = time.perf_counter() - t0
     trainer.check()
     return Timing(steps, total, data, mem.peak_gib())
-
-
-def trainer_device(trainer) -> torch.device:
-    return trainer.device
-
-
-def threads_note() -> str:
-    return f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"

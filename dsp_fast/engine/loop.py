@@ -22,7 +22,6 @@ from dsp_fast.data import DatasetError
 from dsp_fast.data.build import target_dataset
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.distributed import agree_max, gather_objects
-from dsp_fast.engine.memory_model import report_peak_once
 from dsp_fast.engine.monitor import memory_figures, save_image_grid
 from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.step import read_stats
@@ -118,7 +117,6 @@ def _between_steps(run: Trainer, done: int, wait: float) -> bool:
         values = {**means, "skipped": float(run.skipped_total), **memory_figures(run.info.device)}
         run.log.step(done, values, data_s=wait)
         run.log.scalars(done, values)
-        report_peak_once(run, done)  # CUDA only: the predicted peak beside max_memory_allocated, once
     elif done % opts.max_bad_steps == 0:
         consecutive = int(ctx.counts[2].item())
     if consecutive is not None and consecutive >= opts.max_bad_steps:

@@ -81,11 +81,14 @@ def freeze_projection(student: nn.Module) -> None:
 class Trainer:
     """One model's fast training, stepped in place. `resume`: (path, checkpoint already read and checked by
     checkpoint.load / check_compatible). `run_dir` is where checkpoints go ('' for a benchmark, which saves none);
-    `log` a FastRunLog on rank 0 (NullLog elsewhere and in benchmarks)."""
+    `log` a FastRunLog on rank 0 (NullLog elsewhere and in benchmarks). `models`: (student, teacher) built by the
+    caller in the memory format the run wants, in place of build_models and channels_last (the memory prediction's
+    models on fake tensors, which Module.to cannot convert)."""
 
     def __init__(self, cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str = "",
                  log: Any = None, resume: tuple[str, dict[str, Any]] | None = None,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, models: tuple[nn.Module, nn.Module] | None = None
+                 ) -> None:
         self.cfg, self.info, self.data_dirs, self.run_dir = cfg, info, data_dirs, run_dir
         self.log = NullLog() if log is None else log
         self._say = say
@@ -93,13 +96,13 @@ class Trainer:
         self.batch = per_rank_batch(cfg.data.batch_size, info.world_size)
         self.backend = resolve_backend(fast, info)
         self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size  # the global batch
-        self.student, self.teacher = build_models(cfg, device)
+        self.student, self.teacher = build_models(cfg, device) if models is None else models
         if info.enabled:  # BN statistics over the global batch, the teacher's too (docs/distributed.md)
             convert_global_bn(self.student, device)
             convert_global_bn(self.teacher, device)
         if fast.batched_student:  # after convert_global_bn: per-group statistics over ranks too
             apply_group_bn(self.student, self.batch)
-        if fast.channels_last:
+        if fast.channels_last and models is None:
             apply_channels_last(self.student, self.teacher)
         self.optimizer, device_skip = build_optimizer(cfg, self.student, fast, device)
         dtype = amp_dtype(fast, device)
