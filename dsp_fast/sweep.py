@@ -24,7 +24,7 @@ from typing import Any
 
 from dsp_fast.atomic_io import atomic_write
 from dsp_fast.config import ConfigError, load_config, split_overrides
-from dsp_fast.run_io import new_run_dir
+from dsp_fast.resume import new_run_dir
 
 
 def aggregate(values: list[float | None]) -> dict[str, Any]:
