@@ -34,7 +34,7 @@ FIXED = (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("trai
 """The fields a checkpoint fixes: the weights' shapes (arch, classes), what is trained (DSP on or off), the lr
 schedule's length, and the data and choice streams a step index stands for (seed, batch, crop)."""
 
-MODEL_FOLDERS = ("source_only", "dsp")
+_MODEL_FOLDERS = ("source_only", "dsp")
 """The models' subfolders of a train.compare_source_only run (a single model trains in the run folder itself)."""
 
 
@@ -82,7 +82,7 @@ def _is_free(folder: str) -> bool:
                                           not [n for n in os.listdir(folder) if not n.startswith("reference")])
 
 
-def latest_run_dir(out_dir: str) -> str | None:
+def _latest_run_dir(out_dir: str) -> str | None:
     """The newest run folder of `out_dir` (the highest number), or None when there is none."""
     found = [p for _, p in _run_dirs(out_dir) if not _is_free(p)]
     return found[-1] if found else None
@@ -101,17 +101,17 @@ def new_run_dir(out_dir: str) -> str:
             n += 1
 
 
-def run_folder(spec: str, out_dir: str, kind: Checkpoints) -> str | None:
+def _run_folder(spec: str, out_dir: str, kind: Checkpoints) -> str | None:
     """The run folder a --resume continues: 'auto' -> the newest under `out_dir` (None: none yet); a folder ->
     itself; a checkpoint file -> its folder, or the folder above a model's subfolder. '' (a fresh run) -> None."""
     if not spec:
         return None
     if spec == "auto":
-        return latest_run_dir(kind.root(out_dir))
+        return _latest_run_dir(kind.root(out_dir))
     if os.path.isfile(spec):
         folder = os.path.dirname(os.path.abspath(spec))
         # a run folder holds provenance.json from its start; a model's subfolder does not
-        is_model = os.path.basename(folder) in MODEL_FOLDERS and not os.path.exists(os.path.join(folder, PROVENANCE))
+        is_model = os.path.basename(folder) in _MODEL_FOLDERS and not os.path.exists(os.path.join(folder, PROVENANCE))
         return os.path.dirname(folder) if is_model else folder
     if os.path.isdir(spec):
         return spec
@@ -119,10 +119,10 @@ def run_folder(spec: str, out_dir: str, kind: Checkpoints) -> str | None:
 
 
 def has_checkpoint(run_dir: str, kind: Checkpoints) -> bool:
-    return any(kind.files(os.path.join(run_dir, sub)) for sub in ("", *MODEL_FOLDERS))
+    return any(kind.files(os.path.join(run_dir, sub)) for sub in ("", *_MODEL_FOLDERS))
 
 
-def saved_config(run_dir: str) -> tuple[str, list[str]] | None:
+def _saved_config(run_dir: str) -> tuple[str, list[str]] | None:
     """The resolved config a run folder holds, and the overrides that make it the run's: its own config.yaml; for
     a train.compare_source_only run, which writes one per model, the adapted model's dsp/config.yaml, or, stopped
     before that model began, the source-only model's with DSP on again (a compare run is a DSP run); both runs are
@@ -137,7 +137,7 @@ def _plain(x: Any) -> Any:
     return list(x) if isinstance(x, (list, tuple)) else x
 
 
-def mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def _mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, saved value, `now`'s value) for every FIXED field that differs between two config dicts."""
     out = []
     for section, key in FIXED:
@@ -160,17 +160,17 @@ def resume_config(spec: str, overrides: Sequence[str], command_config: Callable[
     (its train.out_dir), and is the config when there is nothing to resume. An override that changes a FIXED field
     is a ResumeError naming that override."""
     cfg = command_config() if spec == "auto" else None
-    top = run_folder(spec, cfg.train.out_dir if cfg else "", kind)
+    top = _run_folder(spec, cfg.train.out_dir if cfg else "", kind)
     if top is None or (spec == "auto" and not has_checkpoint(top, kind)):
         return cfg or command_config()  # a fresh run: find_checkpoints says so
-    found = saved_config(top)
+    found = _saved_config(top)
     if found is None:
         _say(f"--resume: {top} holds no config.yaml; continuing with --config and the overrides as given")
         return cfg or command_config()
     saved, fix = found
     base = load_config(saved, fix)
     resumed = load_config(saved, [*fix, *overrides])
-    for name, was, now in mismatches(base.to_dict(), resumed.to_dict()):
+    for name, was, now in _mismatches(base.to_dict(), resumed.to_dict()):
         given = [t for t in overrides if t.split("=", 1)[0].strip() == name][-1:] or list(overrides)
         raise ResumeError(f"--resume {top}: the run was trained with {name}={was!r}; the override "
                           f"{' '.join(given)} would make it {now!r}, and a checkpoint continues only the run it came "
@@ -204,14 +204,14 @@ def _newest_good(spec: str, folder: str, found: list[str]) -> tuple[str, Any]:
     raise ResumeError(f"--resume {spec}: no good checkpoint in {folder}: {'; '.join(bad)}")
 
 
-def check_checkpoint(ckpt: Any, path: str, cfg: Config, kind: Checkpoints) -> None:
+def _check_checkpoint(ckpt: Any, path: str, cfg: Config, kind: Checkpoints) -> None:
     """A checkpoint continues only the run it came from: written by this trainer, with every FIXED field as `cfg`
     has it. The resumed config is the run folder's own (resume_config), so a mismatch here comes from a config
     file given without one, or from a checkpoint file moved out of its run folder."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != kind.format:
         raise ResumeError(f"--resume: {path} was not written by {kind.trainer} (format {kind.format}); "
                           f"{kind.foreign}")
-    for name, a, b in mismatches(ckpt.get("config", {}), cfg.to_dict())[:1]:
+    for name, a, b in _mismatches(ckpt.get("config", {}), cfg.to_dict())[:1]:
         raise ResumeError(f"--resume: {path} was trained with {name}={a!r}, but the config resumed with has "
                           f"{name}={b!r}; a checkpoint continues only the run it came from")
 
@@ -221,7 +221,7 @@ def find_checkpoints(spec: str, out_dir: str, models: Sequence[tuple[str, Config
     """The run folder a --resume continues (None: a fresh run) and, per model (its subfolder, '' for a single
     model, and its config), the checkpoint it continues from as (path, contents), read and checked; None: that
     model starts at step 0. Nothing is created, so a bad target fails before any data is prepared."""
-    top = run_folder(spec, out_dir, kind)
+    top = _run_folder(spec, out_dir, kind)
     found: dict[str, tuple[str, dict[str, Any]] | None] = {sub: None for sub, _ in models}
     if top is None:
         if spec == "auto":
@@ -240,7 +240,7 @@ def find_checkpoints(spec: str, out_dir: str, models: Sequence[tuple[str, Config
             path, ckpt = _newest_good(spec, folder, files)
         else:
             continue
-        check_checkpoint(ckpt, path, cfg, kind)
+        _check_checkpoint(ckpt, path, cfg, kind)
         found[sub] = path, ckpt
     if not any(found.values()):
         if spec != "auto":
