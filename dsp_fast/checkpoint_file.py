@@ -1,11 +1,12 @@
 """Checkpoint files on disk, for both trainers and `evaluate`: written atomically with a SHA-256 of their bytes
 beside them, verified before they are read, and a failed write reported as one clear error.
 
-`<name>.pt` is written as `<name>.pt.tmp.<pid>` (hashed on its way to disk, fsynced), renamed into place, then its
-checksum `<name>.pt.sha256` (the `sha256sum` format: `sha256sum -c ckpt_00000040.pt.sha256` checks it by hand).
-The checksum is of the serialized bytes, computed once while writing (no second pass over a 500 MB file) and checked
-by one streaming read before torch.load. A file without a checksum beside it (written before checksums existed,
-or a kill between the two renames) is read as before: unverified, trusted when torch.load accepts it.
+`<name>.pt` is written atomically (dsp_fast/atomic_io.py: `<name>.pt.tmp.<pid>`, hashed on its way to disk, fsynced,
+renamed into place), then its checksum `<name>.pt.sha256` (the `sha256sum` format: `sha256sum -c
+ckpt_00000040.pt.sha256` checks it by hand). The checksum is of the serialized bytes, computed once while writing
+(no second pass over a 500 MB file) and checked by one streaming read before torch.load. A file without a checksum
+beside it (written before checksums existed, or a kill between the two renames) is read as before: unverified,
+trusted when torch.load accepts it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import os
 import re
 import shutil
 import warnings
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+from dsp_fast.atomic_io import atomic_write
 
 CHECKSUM_SUFFIX = ".sha256"
 EXIT_WRITE_FAILED = 4
@@ -63,8 +66,8 @@ class _HashingFile:
     """What torch.save writes through: each chunk is hashed on its way to the file, so the checksum costs no
     second read of the file."""
 
-    def __init__(self, f: Any) -> None:
-        self.f, self.sha = f, hashlib.sha256()
+    def __init__(self, f: BinaryIO, sha: Any) -> None:
+        self.f, self.sha = f, sha
 
     def write(self, data: Any) -> int:
         self.sha.update(data)
@@ -78,51 +81,34 @@ def checksum_path(path: str) -> str:
     return path + CHECKSUM_SUFFIX
 
 
-def _replace_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def atomic_write_text(path: str, text: str) -> str:
-    """A small file of the run (summary.json, provenance.json) written to a temporary file and renamed; a failed
-    write removes the temporary file, leaves any earlier `path` as it was, and raises RunWriteError (exit 4)."""
+    """A small file of the run (summary.json, provenance.json) written atomically (atomic_io); a failed write
+    leaves any earlier `path` as it was and raises RunWriteError (exit 4)."""
     try:
-        _replace_text(path, text)
+        return atomic_write(path, text)
     except OSError as e:
         raise write_error(path, e) from None
-    return path
 
 
 def atomic_torch_save(obj: Any, path: str) -> str:
-    """torch.save to a temporary file and rename, so a kill mid-write never leaves a truncated checkpoint; then
-    its checksum beside it. Returns the SHA-256. A failed write (ENOSPC, EACCES, EIO, ...) removes the temporary
-    file, leaves any earlier `path` as it was, and raises RunWriteError naming the path and the free space."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            out = _HashingFile(f)
-            torch.save(obj, out)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes on disk before the name points at them
-        digest = out.sha.hexdigest()
+    """torch.save written atomically (atomic_io), so a kill mid-write never leaves a truncated checkpoint; then its
+    checksum beside it. Returns the SHA-256. A failed write (ENOSPC, EACCES, EIO, ...) leaves any earlier `path` as
+    it was and raises RunWriteError naming the path and the free space."""
+    sha = hashlib.sha256()
+
+    def save(f: BinaryIO) -> None:
+        out = _HashingFile(f, sha)
+        torch.save(obj, out)
         # an old checksum would contradict the new file during the rename: drop it first (a kill in between
         # leaves the new file unverified, never wrongly "corrupt")
         with contextlib.suppress(FileNotFoundError):
             os.remove(checksum_path(path))
-        os.replace(tmp, path)
-        _replace_text(checksum_path(path), f"{digest}  {os.path.basename(path)}\n")
+
+    try:
+        atomic_write(path, save)
+        digest = sha.hexdigest()
+        atomic_write(checksum_path(path), f"{digest}  {os.path.basename(path)}\n")
     except Exception as e:  # noqa: BLE001 - torch wraps OSError of its writer in RuntimeError; report either
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise write_error(path, e) from None
     return digest
 

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dsp_fast.atomic_io import atomic_write
 from dsp_fast.config import ConfigError, split_overrides
 from dsp_fast.data import DatasetError, resize_image
 from dsp_fast.data.labels import CITYSCAPES_PALETTE, train_id_to_cityscapes19, train_id_to_label_id
@@ -66,9 +67,7 @@ def output_name(name: str) -> str:
 
 def _save(path: str, array: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def predict_files(model: torch.nn.Module, files: list[tuple[str, str]], out_dir: str, num_classes: int,

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dsp_fast.atomic_io import TMP_INFIX, atomic_write
 from dsp_fast.data import GTA5, SOURCE_RESAMPLE, SYNTHIA, Cityscapes, DatasetError, resize_image, resize_label
 from dsp_fast.data.windows import valid_window_box
 from dsp_fast.pipelines import prepared
@@ -177,21 +178,21 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
     else:
         image = resize_image(image, opt.size, opt.resample)
     data = encode_image(image, opt.format, opt.quality)
-    prepared.write_atomic(prepared.image_path(out, stem, opt.format), data)
+    atomic_write(prepared.image_path(out, stem, opt.format), data)
     nbytes = len(data)
     if label is not None:
         label = resize_label(label, opt.size).astype(np.uint8)
         data = encode_label(label)
-        prepared.write_atomic(prepared.label_path(out, stem), data)
+        atomic_write(prepared.label_path(out, stem), data)
         nbytes += len(data)
     counts = [] if label is None else np.bincount(label.ravel(), minlength=256)[:opt.num_classes].astype(int).tolist()
     side.update(bytes=nbytes, counts=counts)  # per-class pixel counts
     if label is not None and opt.is_long_tail:
         maps = {int(c): valid_window_box(label, int(c), opt.crop) for c in opt.long_tail_classes}
         maps = {c: m for c, m in maps.items() if m[0].any()}
-        prepared.write_atomic(prepared.windows_path(out, stem), prepared.encode_window_maps(maps))
+        atomic_write(prepared.windows_path(out, stem), prepared.encode_window_maps(maps))
         side["windows"] = {c: int(m[0].sum()) for c, m in maps.items()}
-    prepared.write_atomic(prepared.stats_path(out, stem), json.dumps(side).encode())
+    atomic_write(prepared.stats_path(out, stem), json.dumps(side).encode())
     return "ok", side
 
 
@@ -206,7 +207,7 @@ def _check_options(out: str, options: Options) -> None:
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise SystemExit(f"{out} was prepared with other options ({changes}); use a new --out or delete it")
-    prepared.write_atomic(path, json.dumps(options.to_dict()).encode())
+    atomic_write(path, json.dumps(options.to_dict()).encode())
 
 
 def _is_done(out: str, stem: str, options: Options) -> bool:
@@ -236,7 +237,7 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
     start = time.perf_counter()
     for sub in ("images", "labels", "stats", *(("windows",) if options.is_long_tail else ())):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-        for tmp in glob.glob(os.path.join(out, sub, "*.tmp-*")):  # left by an interrupted run
+        for tmp in glob.glob(os.path.join(out, sub, f"*{TMP_INFIX}*")):  # left by an interrupted run
             os.remove(tmp)
     _check_options(out, options)
     stems = getattr(dataset, "stems", None) or stems_of(dataset.image_paths)

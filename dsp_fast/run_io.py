@@ -1,9 +1,6 @@
-"""The run folder: a new one per run, its provenance (provenance.json: git sha, versions, device, command), the
-resolved config, a progress line with img/s and ETA, metrics as JSONL,
-the final IoU figures (metrics.jsonl and summary.json), atomic checkpoints.
-
-A run never writes into another run's folder: `new_run_dir(train.out_dir)` is `out_dir` itself when free, else
-`out_dir_2`, `out_dir_3`, ... (only `--resume` continues in an existing folder), so one metrics.jsonl is one run.
+"""What a run folder holds: its provenance (provenance.json: git sha, versions, device, command), the resolved
+config, a progress line with img/s and ETA, metrics as JSONL, the final IoU figures (metrics.jsonl and
+summary.json). Which folder a run gets, and which one `--resume` continues, is dsp_fast/resume.py's.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -34,47 +30,11 @@ from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the referenc
 from dsp_fast.config import Config, ConfigError, save_config
 from dsp_fast.data.labels import class_names
 
+PROVENANCE = "provenance.json"
+
 ETA_SMOOTHING = 0.2
 """Weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine
 makes single intervals jump; the average follows a lasting change within a few intervals)."""
-
-
-def _run_dirs(out_dir: str) -> list[tuple[int, str]]:
-    """(number, path) of the existing run folders of `out_dir`: itself (1), then out_dir_2, out_dir_3, ..."""
-    out_dir = os.path.normpath(out_dir)
-    parent, base = os.path.split(out_dir)
-    found = [(1, out_dir)] if os.path.isdir(out_dir) else []
-    pattern = re.compile(rf"^{re.escape(base)}_(\d+)$")
-    if os.path.isdir(parent or "."):
-        for name in os.listdir(parent or "."):
-            if (m := pattern.match(name)) and int(m.group(1)) >= 2 and os.path.isdir(os.path.join(parent, name)):
-                found.append((int(m.group(1)), os.path.join(parent, name)))
-    return sorted(found)
-
-
-def _is_free(folder: str) -> bool:
-    """Nothing of an earlier run in it (the reference trainer's own `reference*` subfolders do not count)."""
-    return not os.path.exists(folder) or (os.path.isdir(folder) and
-                                          not [n for n in os.listdir(folder) if not n.startswith("reference")])
-
-
-def latest_run_dir(out_dir: str) -> str | None:
-    """The newest run folder of `out_dir` (the highest number), or None when there is none."""
-    found = [p for _, p in _run_dirs(out_dir) if not _is_free(p)]
-    return found[-1] if found else None
-
-
-def new_run_dir(out_dir: str) -> str:
-    """Create and return a folder for a new run: `out_dir` when free, else the next `out_dir_<n>`."""
-    taken = _run_dirs(out_dir)
-    n = 1 if _is_free(out_dir) else max(k for k, _ in taken) + 1
-    while True:
-        folder = os.path.normpath(out_dir) if n == 1 else f"{os.path.normpath(out_dir)}_{n}"
-        try:
-            os.makedirs(folder, exist_ok=n == 1)
-            return folder
-        except FileExistsError:  # another process took that number just now
-            n += 1
 
 
 def iou_record(iou: torch.Tensor) -> dict[str, Any]:
@@ -196,7 +156,7 @@ def provenance(device: torch.device) -> dict[str, Any]:
 def write_provenance(folder: str, device: torch.device) -> str:
     """provenance.json in a run folder (written atomically); returns its path. A resumed run keeps the first
     start's record and appends its own to the list under 'resumes' (the code or the device may have changed)."""
-    path = os.path.join(folder, "provenance.json")
+    path = os.path.join(folder, PROVENANCE)
     record = provenance(device)
     try:
         with open(path) as f:

@@ -22,8 +22,9 @@ import subprocess
 import sys
 from typing import Any
 
+from dsp_fast.atomic_io import atomic_write
 from dsp_fast.config import ConfigError, load_config, split_overrides
-from dsp_fast.run_io import new_run_dir
+from dsp_fast.resume import new_run_dir
 
 
 def aggregate(values: list[float | None]) -> dict[str, Any]:
@@ -88,10 +89,7 @@ def write_results(folder: str, seeds: list[int], runs: dict[int, str], summaries
     record = {"seeds": seeds, "finished": sorted(summaries), "command": shlex.join(command),
               "runs": {str(s): os.path.abspath(p) for s, p in runs.items()}, "models": models}
     for name, text in (("sweep.json", json.dumps(record, indent=1)), ("sweep.md", table + "\n")):
-        path = os.path.join(folder, name)
-        with open(f"{path}.tmp", "w") as f:
-            f.write(text)
-        os.replace(f"{path}.tmp", path)
+        atomic_write(os.path.join(folder, name), text)
     return table
 
 

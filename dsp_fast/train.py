@@ -22,10 +22,11 @@ import sys
 from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
 from dsp_fast.config import Config, ConfigError, add_cli_args, apply_cli_args, load_config, split_overrides
 from dsp_fast.data import DatasetError
-from dsp_fast.engine.checkpoint import ResumeError
+from dsp_fast.engine.checkpoint import CHECKPOINTS
 from dsp_fast.engine.loop import NonFiniteStop
-from dsp_fast.engine.runner import resume_config, run_all
+from dsp_fast.engine.runner import run_all
 from dsp_fast.engine.signals import StopRequested
+from dsp_fast.resume import ResumeError, resume_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return load_config(args.config, args.overrides)
 
         # --resume: the run folder's own config, the overrides on top
-        cfg = resume_config(args.resume, args.overrides, command_config) if args.resume else command_config()
+        cfg = resume_config(args.resume, args.overrides, command_config, CHECKPOINTS)
         run_all(apply_cli_args(cfg, args), args.resume)
     except (ConfigError, ResumeError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dsp_fast.atomic_io import atomic_write
 from dsp_fast.data.errors import DatasetError
 from dsp_fast.data.pngio import PNG_SIGNATURE
 
@@ -83,12 +84,6 @@ def read_window_map(ds: PreparedSet, i: int, cls: int) -> tuple[np.ndarray, int,
     return valid, y_lo, x_lo
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temp name beside `path`, then rename: a crash leaves the old file or none, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects: list[dict[str, str]],
@@ -121,12 +116,10 @@ def build_manifest(root: str, options: dict[str, Any], stems: list[str], rejects
     }
     arrays = {"counts": counts, **({"window_counts": windows} if options.get("is_long_tail") else {})}
     buf_path = os.path.join(root, INDEX)
-    with open(f"{buf_path}.tmp-{os.getpid()}", "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(f"{buf_path}.tmp-{os.getpid()}", buf_path)
-    write_atomic(os.path.join(root, MANIFEST), json.dumps(manifest).encode())
+    atomic_write(buf_path, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(os.path.join(root, MANIFEST), json.dumps(manifest).encode())
     lines = [f"{r['path']}\t{r['error']}" for r in rejects]
-    write_atomic(os.path.join(root, REJECTS), ("\n".join(lines) + "\n" if lines else "").encode())
+    atomic_write(os.path.join(root, REJECTS), ("\n".join(lines) + "\n" if lines else "").encode())
     return manifest
 
 

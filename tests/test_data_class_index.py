@@ -42,7 +42,7 @@ def test_builds_the_index_and_caches_it_beside_the_data(gta5):
     assert path == os.path.join(gta5.root, ".dsp_class_index_gta5_19.json")
     with open(path) as f:
         assert json.load(f)["index"] == _expected()
-    assert [n for n in os.listdir(gta5.root) if n.startswith(".tmp")] == []  # the temp file was renamed away
+    assert [n for n in os.listdir(gta5.root) if ".tmp." in n] == []  # the temp file was renamed away
 
 
 def test_cache_is_reused_without_reading_labels(gta5, monkeypatch):

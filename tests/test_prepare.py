@@ -164,7 +164,7 @@ def test_resume_after_interruption_redoes_nothing_finished(gta5_root, tmp_path, 
         run_prepare(gta5_root, resumed, "--size", "40", "24")
     assert not os.path.exists(os.path.join(resumed, prepared.MANIFEST))
     # An interruption between the image and its sidecar: a temp file and an image with no sidecar are left.
-    open(os.path.join(resumed, "images", "00004.jpg.tmp-1"), "wb").write(b"half")
+    open(os.path.join(resumed, "images", "00004.jpg.tmp.1"), "wb").write(b"half")
     open(prepared.image_path(resumed, "00003", "jpeg"), "wb").write(b"half")
     monkeypatch.setattr(prepare, "convert_one", real)
     ds = GTA5(gta5_root)
@@ -172,7 +172,7 @@ def test_resume_after_interruption_redoes_nothing_finished(gta5_root, tmp_path, 
                            (12, 15, 16, 17, 18), LT_SIZE, LT_CROP)
     summary = prepare.prepare_set(ds, resumed, opts, progress=False)
     assert (summary.converted, summary.skipped, summary.rejects) == (3, 3, [])
-    assert not os.path.exists(os.path.join(resumed, "images", "00004.jpg.tmp-1"))
+    assert not os.path.exists(os.path.join(resumed, "images", "00004.jpg.tmp.1"))
     for name in (prepared.MANIFEST, "images/00003.jpg", "labels/00005.png"):
         assert open(os.path.join(resumed, name), "rb").read() == open(os.path.join(fresh, name), "rb").read(), name
     a, b = np.load(os.path.join(fresh, prepared.INDEX)), np.load(os.path.join(resumed, prepared.INDEX))

@@ -1,5 +1,6 @@
 """The reference trainer is the independent oracle: every module of dsp_fast/reference/ imports, of dsp_fast, only
-config, data, models, evaluate, run_io, the kernels' plain-PyTorch twins and its own modules (ARCHITECTURE.md).
+config, data, models, evaluate, run_io, resume (the run-folder and --resume rules both trainers follow), the
+kernels' plain-PyTorch twins and its own modules.
 If it shared a piece with the fast path (augment, method, engine, pipelines), the equivalence tests could not
 catch a bug in that piece."""
 
@@ -13,7 +14,7 @@ import dsp_fast.reference
 
 PACKAGE = pathlib.Path(dsp_fast.reference.__file__).parent
 ALLOWED = ("dsp_fast.config", "dsp_fast.data", "dsp_fast.models", "dsp_fast.evaluate", "dsp_fast.run_io",
-           "dsp_fast.kernels.twins", "dsp_fast.reference")
+           "dsp_fast.kernels.twins", "dsp_fast.reference", "dsp_fast.resume")
 FAST_PATH = ("dsp_fast.augment", "dsp_fast.method", "dsp_fast.engine", "dsp_fast.pipelines", "dsp_fast.train")
 
 

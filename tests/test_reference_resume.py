@@ -86,3 +86,20 @@ def test_a_full_disk_stops_the_reference_with_exit_4_and_keeps_last_pt(synthetic
     assert err.startswith(f"error: could not write {last}: No space left on device (ENOSPC)") and "\n" not in err
     assert not glob.glob(os.path.join(out, "reference", "*.tmp*"))
     assert checkpoint_file.verify_checkpoint_file(last) and read(last)["step"] == 3
+
+
+def test_the_reference_follows_the_same_resume_rules(synthetic_root, tmp_path, capsys):
+    """One set of rules (dsp_fast.resume) for both trainers: a seed override is refused naming train.seed, exit 2,
+    as in the fast trainer; the run folder alone resumes, with its saved config (the command's --config and
+    overrides are not needed)."""
+    out = str(tmp_path / "run")
+    assert reference.main(ref_args(synthetic_root, out)) == 0
+    capsys.readouterr()
+    assert reference.main([*ref_args(synthetic_root, out), "train.seed=1", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with train.seed=0; the override train.seed=1 would make it 1" in err, err
+    folder = os.path.join(out, "reference")
+    assert reference.main(["--resume", folder]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert f"with its saved config {os.path.join(folder, 'config.yaml')} (in place of --config)" in stdout, stdout
+    assert f"resumed from {os.path.join(folder, 'last.pt')} at step {STEPS}" in stdout, stdout

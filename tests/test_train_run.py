@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,3 +132,31 @@ def test_resume_continues_with_the_run_folders_config_and_overrides_on_top(synth
     assert train.main(["--resume", out, "dsp.enabled=true"]) == 2
     err = capsys.readouterr().err
     assert "trained with dsp.enabled=False; the override dsp.enabled=true would make it True" in err, err
+
+
+def test_a_seed_override_on_resume_is_refused_naming_train_seed(synthetic_root, tmp_path, capsys):
+    """The seed fixes the step-indexed loader's and the choices' streams: `--resume auto train.seed=1` would continue
+    the run on other data than it was trained on (the fields a checkpoint fixes: dsp_fast.resume.FIXED)."""
+    out = str(tmp_path / "run")
+    args = tiny_args(synthetic_root, out, 2, "train.checkpoint_every=2", "--image-every", "0", "--no-tensorboard")
+    assert train.main(args) == 0
+    capsys.readouterr()
+    assert train.main([*args, "--resume", "auto", "train.seed=1"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with train.seed=0; the override train.seed=1 would make it 1" in err, err
+    assert [s for s, _ in list_checkpoints(out)] == [2]  # nothing written
+
+
+def test_a_folder_resume_starts_a_model_without_checkpoint_at_step_0(synthetic_root, tmp_path, capsys):
+    """A compare run stopped before its adapted model's first checkpoint (dsp/ not yet made) continues from the
+    run folder, the printed resume command: the source-only model from its checkpoint, the adapted one at step 0."""
+    out = str(tmp_path / "run")
+    args = tiny_args(synthetic_root, out, 2, "train.compare_source_only=true", "train.checkpoint_every=2",
+                     "--image-every", "0", "--no-tensorboard", "train.log_every=0")
+    assert train.main(args) == 0
+    shutil.rmtree(os.path.join(out, "dsp"))
+    capsys.readouterr()
+    assert train.main(["--resume", out]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "[source-only] already finished at step 2" in stdout, stdout
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "dsp"))] == [2]

@@ -13,13 +13,13 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import warnings
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from dsp_fast.atomic_io import atomic_write
 from dsp_fast.data.datasets import SegmentationDataset
 from dsp_fast.data.errors import DatasetError
 from dsp_fast.data.labels import IGNORE_LABEL
@@ -100,17 +100,8 @@ def _read_cache(path: str, fingerprint: str, num_classes: int, num_images: int) 
 
 
 def _write_cache(path: str, payload: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_class_index_", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; other users of a shared dataset should read it
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, json.dumps(payload))
     except OSError as e:
         # A read-only dataset folder should not stop training; the index is just rebuilt next time.
         warnings.warn(f"could not cache the class index at {path} ({e}); pass cache_path to a writable place",

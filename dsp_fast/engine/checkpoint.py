@@ -6,10 +6,10 @@ eval mIoU, and the RNG states of every rank (CPU, CUDA, and the device generator
 tensors and plain values so that it loads with `weights_only=True`. It also carries `config` and `input_kind`,
 so `python -m dsp_fast.evaluate --checkpoint` reads it like a reference checkpoint.
 
-Each file has its SHA-256 beside it (`ckpt_<step>.pt.sha256`, dsp_fast/checkpoint_file.py). `--resume auto` (and
-`--resume FOLDER`) take the newest checkpoint that verifies and loads: a torn or corrupt newer one is named in a
-warning and passed over. Pruning to the last K never deletes the checkpoint just written (the newest good one),
-even when newer-numbered bad ones are left from an earlier run.
+Each file has its SHA-256 beside it (`ckpt_<step>.pt.sha256`, dsp_fast/checkpoint_file.py). `--resume` follows
+dsp_fast/resume.py (CHECKPOINTS tells it these files): the newest checkpoint that verifies and loads, a torn or
+corrupt newer one passed over. Pruning to the last K never deletes the checkpoint just written (the newest good
+one), even when newer-numbered bad ones are left from an earlier run.
 """
 
 from __future__ import annotations
@@ -17,26 +17,16 @@ from __future__ import annotations
 import glob
 import os
 import re
-import sys
 from typing import Any
 
 import torch
 
-from dsp_fast.checkpoint_file import (
-    CHECKSUM_SUFFIX,
-    RunWriteError,
-    atomic_torch_save,
-    read_checkpoint_file,
-    remove_checkpoint,
-)
+from dsp_fast.checkpoint_file import CHECKSUM_SUFFIX, RunWriteError, atomic_torch_save, remove_checkpoint
+from dsp_fast.resume import Checkpoints
 
 FORMAT = "dsp_fast.train/1"
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 BEST = "best.pt"
-
-
-class ResumeError(ValueError):
-    """A --resume target that does not exist, holds no checkpoint, or does not fit this run."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,6 +39,12 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         return []
     found = [(int(m.group(1)), os.path.join(run_dir, n)) for n in os.listdir(run_dir) if (m := _NAME.match(n))]
     return sorted(found)
+
+
+CHECKPOINTS = Checkpoints(
+    format=FORMAT, trainer="dsp_fast.train", runs_root="", pattern="ckpt_<step>.pt",
+    files=lambda folder: [p for _, p in list_checkpoints(folder)],
+    foreign="a reference checkpoint has no optimizer RNG or data position to continue from exactly")
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
@@ -96,88 +92,3 @@ def clean_stale(run_dir: str) -> None:
     for side in glob.glob(os.path.join(run_dir, "*.pt" + CHECKSUM_SUFFIX)):
         if not os.path.exists(side[: -len(CHECKSUM_SUFFIX)]):
             os.remove(side)
-
-
-_read_ahead: dict[str, dict[str, Any]] = {}
-"""Checkpoints already read while resolve_resume looked for a good one; load() takes them from here (one read)."""
-
-
-def _newest_good(spec: str, folder: str, found: list[tuple[int, str]]) -> str:
-    """The newest of `found` that verifies and loads; each bad newer one is named in a warning (rank 0)."""
-    bad: list[str] = []
-    for _, path in reversed(found):
-        try:
-            _read_ahead[path] = read_checkpoint_file(path)
-        except (ValueError, OSError) as e:
-            bad.append(f"{path} ({e})" if str(e).find(path) < 0 else str(e))
-            continue
-        if bad and os.environ.get("RANK", "0") == "0":
-            print(f"warning: --resume {spec}: passed over {len(bad)} bad checkpoint(s): {'; '.join(bad)}. Continuing "
-                  f"from {path}, the newest good one", file=sys.stderr, flush=True)
-        return path
-    raise ResumeError(f"--resume {spec}: no good checkpoint in {folder}: {'; '.join(bad)}")
-
-
-def resolve_resume(spec: str, run_dir: str, sub: str) -> str | None:
-    """The checkpoint file to resume from: spec '' -> none; 'auto' -> the newest in run_dir (none: a fresh start);
-    a folder -> its newest (in <folder>/<sub> when that exists); a file -> that file."""
-    if not spec:
-        return None
-    if spec == "auto":
-        found = list_checkpoints(run_dir)
-        return _newest_good(spec, run_dir, found) if found else None
-    if os.path.isfile(spec):
-        if sub:
-            raise ResumeError(f"--resume {spec}: this run trains several models (train.compare_source_only); "
-                              "pass the run folder or 'auto' instead of one file")
-        return spec
-    if os.path.isdir(spec):
-        folder = os.path.join(spec, sub) if sub and os.path.isdir(os.path.join(spec, sub)) else spec
-        found = list_checkpoints(folder)
-        if not found:
-            raise ResumeError(f"--resume {spec}: no checkpoint (ckpt_<step>.pt) in {folder}")
-        return _newest_good(spec, folder, found)
-    raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder")
-
-
-def load(path: str) -> dict[str, Any]:
-    """A checkpoint of this trainer, verified against its checksum and read with weights_only=True; anything else
-    is a ResumeError naming the file."""
-    try:
-        ckpt = _read_ahead.pop(path) if path in _read_ahead else read_checkpoint_file(path)
-    except FileNotFoundError:
-        raise ResumeError(f"--resume: checkpoint not found: {path}") from None
-    except ValueError as e:
-        raise ResumeError(f"--resume: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ResumeError(f"--resume: {path} was not written by dsp_fast.train (format {FORMAT}); a reference "
-                          "checkpoint has no optimizer RNG or data position to continue from exactly")
-    return ckpt
-
-
-MUST_MATCH = (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("train", "max_steps"),
-              ("data", "batch_size"), ("data", "crop_size"))
-"""The fields a checkpoint fixes: same model, same schedule length, same DSP switch, same batch and crop."""
-
-
-def _plain(x: Any) -> Any:
-    return list(x) if isinstance(x, (list, tuple)) else x
-
-
-def mismatches(saved: dict[str, Any], cfg_dict: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(field, saved value, this config's value) for every MUST_MATCH field that differs."""
-    out = []
-    for section, key in MUST_MATCH:
-        a, b = saved.get(section, {}).get(key), cfg_dict[section][key]
-        if _plain(a) != _plain(b):
-            out.append((f"{section}.{key}", a, b))
-    return out
-
-
-def check_compatible(ckpt: dict[str, Any], path: str, cfg_dict: dict[str, Any]) -> None:
-    """A checkpoint continues only the run it came from (MUST_MATCH). The resumed config is the run folder's own
-    (runner.resume_config), so a mismatch here comes from an override given with --resume, or from a checkpoint
-    file moved out of its run folder."""
-    for name, a, b in mismatches(ckpt.get("config", {}), cfg_dict)[:1]:
-        raise ResumeError(f"--resume: {path} was trained with {name}={a!r}, but the config resumed with has "
-                          f"{name}={b!r}; a checkpoint continues only the run it came from")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from dsp_fast.atomic_io import atomic_write
 from dsp_fast.config import Config
 from dsp_fast.data import class_names
 from dsp_fast.data.labels import CITYSCAPES_PALETTE
@@ -140,6 +141,5 @@ def save_image_grid(path: str, ctx, buf) -> None:
         rows.append([_rgb(mix.x_m[b]), m, _rgb(mix.xs_mix[b]), _rgb(mix.xt_mix[b]), _colour(mix.yhat_t[b]),
                      _colour(pred[b])])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    labelled_grid(rows, class_names(ctx.cfg.model.num_classes)).save(tmp)
-    os.replace(tmp, path)
+    grid = labelled_grid(rows, class_names(ctx.cfg.model.num_classes))
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))

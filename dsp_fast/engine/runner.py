@@ -9,13 +9,11 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 
-from dsp_fast.config import Config, load_config
+from dsp_fast.config import Config
 from dsp_fast.engine import checkpoint as ckpt_io
-from dsp_fast.engine.checkpoint import ResumeError
 from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, teardown
 from dsp_fast.engine.loop import train
@@ -25,11 +23,10 @@ from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
+from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
 from dsp_fast.run_io import (
     format_final_report,
     format_final_table,
-    latest_run_dir,
-    new_run_dir,
     resolve_device,
     write_provenance,
     write_summary,
@@ -60,7 +57,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
             return _run_all(cfg, resume, signals, box)
         except StopRequested as e:
             top = box[0]
-            if top is not None and _has_checkpoint(top):
+            if top is not None and has_checkpoint(top, ckpt_io.CHECKPOINTS):
                 e.resume_dir = os.path.abspath(top)
                 e.resume_command = resume_command(e.resume_dir, int(os.environ.get("WORLD_SIZE", "1")))
             raise
@@ -86,15 +83,7 @@ def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | Non
     runs = plan_runs(cfg)
     # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
     # before init_distributed, so every rank finds the same folder
-    top = resume_dir(resume, cfg.train.out_dir)
-    resumes = {sub: _read_resume(resume, os.path.join(top, sub) if sub else top, sub, run_cfg) if top else None
-               for _, run_cfg, sub in runs}
-    if top is not None and resume == "auto" and not any(resumes.values()):
-        print(f"--resume auto: no checkpoint in {top}, starting a fresh run", flush=True)
-        top = None
-    elif top is None and resume == "auto" and os.environ.get("RANK", "0") == "0":
-        print(f"--resume auto: no earlier run in {os.path.abspath(cfg.train.out_dir)}, starting a fresh run",
-              flush=True)
+    top, resumes = find_checkpoints(resume, cfg.train.out_dir, [(sub, c) for _, c, sub in runs], ckpt_io.CHECKPOINTS)
     box[0] = top
     if graphs_on(cfg.fast, device):
         # NCCL collectives inside a captured graph need the watchdog's async error
@@ -130,71 +119,6 @@ def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | Non
         return results
     finally:
         teardown(info)
-
-
-def saved_config_path(run_dir: str) -> str | None:
-    """The resolved config a run folder holds: its own config.yaml, or (train.compare_source_only, which writes one
-    per model) the adapted model's dsp/config.yaml, from which plan_runs rebuilds both runs."""
-    for path in (os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "dsp", "config.yaml")):
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _has_checkpoint(run_dir: str) -> bool:
-    return any(ckpt_io.list_checkpoints(os.path.join(run_dir, sub)) for sub in ("", "source_only", "dsp"))
-
-
-def resume_config(spec: str, overrides: list[str] | tuple[str, ...], command_config: Callable[[], Config]) -> Config:
-    """The config a --resume continues with: the run folder's resolved config (what the run was trained with,
-    flags and scaled lr included), the command line's `section.field=value` overrides applied on top (and
-    printed). `command_config()` (--config and the overrides) is read only to find the folder of `--resume auto`
-    (its train.out_dir), and is the config when there is nothing to resume. An override that changes a field the
-    checkpoint fixes is an error naming that override."""
-    cfg = command_config() if spec == "auto" else None
-    top = resume_dir(spec, cfg.train.out_dir if cfg else "")
-    if top is None or (spec == "auto" and not _has_checkpoint(top)):
-        return cfg or command_config()  # a fresh run: run_all says so
-    saved = saved_config_path(top)
-    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
-    if saved is None:
-        say(f"--resume: {top} holds no config.yaml; continuing with --config and the overrides as given", flush=True)
-        return cfg or command_config()
-    base = load_config(saved)
-    resumed = load_config(saved, overrides)
-    for name, was, now in ckpt_io.mismatches(base.to_dict(), resumed.to_dict()):
-        given = [t for t in overrides if t.split("=", 1)[0].strip() == name] or list(overrides)
-        raise ResumeError(f"--resume {top}: the run was trained with {name}={was!r}; the override "
-                          f"{' '.join(given)} would make it {now!r}, and a checkpoint continues only the run it came "
-                          "from (drop the override, or start a fresh run without --resume)")
-    on_top = f"; overrides applied on top: {' '.join(overrides)}" if overrides else " (no overrides)"
-    say(f"--resume: continuing {os.path.abspath(top)} with its saved config {saved} (in place of --config)"
-        f"{on_top}", flush=True)
-    return resumed
-
-
-def resume_dir(spec: str, out_dir: str) -> str | None:
-    """The run folder a --resume continues: 'auto' -> the newest of train.out_dir (None: none yet); a folder ->
-    itself; a checkpoint file -> its folder. '' (a fresh run) -> None."""
-    if not spec:
-        return None
-    if spec == "auto":
-        return latest_run_dir(out_dir)
-    if os.path.isfile(spec):
-        return os.path.dirname(os.path.abspath(spec))
-    if os.path.isdir(spec):
-        return spec
-    raise ResumeError(f"--resume {spec}: no such checkpoint file or run folder")
-
-
-def _read_resume(spec: str, run_dir: str, sub: str, cfg: Config) -> tuple[str, dict] | None:
-    """The checkpoint to continue (path, contents), read and checked against the config; None: a fresh start."""
-    path = ckpt_io.resolve_resume(spec, run_dir, sub)
-    if path is None:
-        return None
-    ckpt = ckpt_io.load(path)
-    ckpt_io.check_compatible(ckpt, path, cfg.to_dict())
-    return path, ckpt
 
 
 def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str,

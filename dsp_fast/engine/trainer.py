@@ -11,7 +11,6 @@ Each setting is decided once, here: the per-rank batch, the autocast dtype and w
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import math
 import os
@@ -80,7 +79,7 @@ def freeze_projection(student: nn.Module) -> None:
 
 class Trainer:
     """One model's fast training, stepped in place. `resume`: (path, checkpoint already read and checked by
-    checkpoint.load / check_compatible). `run_dir` is where checkpoints go ('' for a benchmark, which saves none);
+    dsp_fast.resume.find_checkpoints). `run_dir` is where checkpoints go ('' for a benchmark, which saves none);
     `log` a FastRunLog on rank 0 (NullLog elsewhere and in benchmarks). `models`: (student, teacher) built by the
     caller in the memory format the run wants, in place of build_models and channels_last (the memory prediction's
     models on fake tensors, which Module.to cannot convert)."""
@@ -189,8 +188,7 @@ class Trainer:
                 "scaler": self._scaler.state_dict(), "rng": rng_all, "world_size": self.info.world_size,
                 "skipped_steps": self.skipped_total + pending, "consecutive_skipped": consecutive,
                 "best_miou": self.best_miou, "config": self.cfg.to_dict(),
-                "input_kind": getattr(self.student, "input_kind", "torchvision"),
-                "options": dataclasses.asdict(self.cfg.fast)}
+                "input_kind": getattr(self.student, "input_kind", "torchvision")}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Restore a checkpoint of this run. The constructor calls it before DDP wraps the student (the module's

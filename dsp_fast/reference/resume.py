@@ -16,17 +16,23 @@ from typing import Any
 
 import torch
 
-from dsp_fast.config import Config
-from dsp_fast.run_io import atomic_torch_save, latest_run_dir, read_checkpoint_file
+from dsp_fast.resume import Checkpoints
+from dsp_fast.run_io import atomic_torch_save
 
 FORMAT = "dsp_fast.reference/1"
-FIXED = (("model", "arch"), ("dsp", "enabled"), ("train", "max_steps"), ("train", "seed"), ("data", "batch_size"),
-         ("data", "crop_size"))
-"""Fields a reference checkpoint fixes: the run it continues has these as it was trained with."""
+LAST = "last.pt"
 
 
-class ReferenceResumeError(ValueError):
-    """A --resume target that is missing, unreadable, or another run's (exit code 2)."""
+def _last(folder: str) -> list[str]:
+    return [path] if os.path.isfile(path := os.path.join(folder, LAST)) else []
+
+
+CHECKPOINTS = Checkpoints(
+    format=FORMAT, trainer="dsp_fast.reference", runs_root="reference", pattern=LAST, files=_last,
+    foreign="it holds no RNG state to continue from exactly (written before reference resume existed, or by the "
+            "fast trainer)")
+"""A reference run folder is `<train.out_dir>/reference[_<n>]` (the fast trainer owns train.out_dir itself); each
+model has one checkpoint, last.pt, rewritten in place. `--resume` follows dsp_fast/resume.py."""
 
 
 def save_state(path: str, run: Any, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
@@ -37,41 +43,6 @@ def save_state(path: str, run: Any, step: int, rng: dict[str, torch.Tensor] | No
                        "optimizer": run.optimizer.state_dict(), "step": step, "config": run.cfg.to_dict(),
                        "input_kind": getattr(run.student, "input_kind", "torchvision"),
                        "rng": rng}, path)
-
-
-def resume_top(spec: str, out_dir: str) -> str | None:
-    """The reference run folder a --resume continues: 'auto' -> the newest `<out_dir>/reference[_<n>]` (None: none);
-    a folder -> itself; last.pt (or any checkpoint file) -> its folder, or the folder above a model's subfolder."""
-    if spec == "auto":
-        return latest_run_dir(os.path.join(out_dir, "reference"))
-    if os.path.isfile(spec):
-        folder = os.path.dirname(os.path.abspath(spec))
-        return os.path.dirname(folder) if os.path.basename(folder) in ("dsp", "source_only") else folder
-    if os.path.isdir(spec):
-        return spec
-    raise ReferenceResumeError(f"--resume {spec}: no such checkpoint file or run folder")
-
-
-def read_state(folder: str, cfg: Config) -> dict[str, Any] | None:
-    """The checkpoint one model continues from (`folder`/last.pt, verified against its checksum), None when that
-    model has none yet (it starts at step 0)."""
-    path = os.path.join(folder, "last.pt")
-    if not os.path.exists(path):
-        return None
-    try:
-        ckpt = read_checkpoint_file(path)
-    except ValueError as e:
-        raise ReferenceResumeError(f"--resume: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ReferenceResumeError(f"--resume: {path} holds no RNG state to continue from exactly (written before "
-                                   f"reference resume existed, or by the fast trainer)")
-    saved, now = ckpt["config"], cfg.to_dict()
-    for section, key in FIXED:
-        a, b = saved[section][key], now[section][key]
-        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            raise ReferenceResumeError(f"--resume: {path} was trained with {section}.{key}={a!r}, this config has "
-                                       f"{b!r}; a checkpoint continues only the run it came from")
-    return ckpt
 
 
 def restore(run: Any, ckpt: dict[str, Any], replay: Any) -> int:

@@ -31,15 +31,15 @@ from dsp_fast.models import build_student_teacher, check_weights_file
 from dsp_fast.reference.choices import StepChoices, draw_choices
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
 from dsp_fast.reference.optim import build_optimizer
-from dsp_fast.reference.resume import ReferenceResumeError, read_state, restore, resume_top, save_state
+from dsp_fast.reference.resume import CHECKPOINTS, restore, save_state
 from dsp_fast.reference.step import train_step
+from dsp_fast.resume import ResumeError, find_checkpoints, new_run_dir, resume_config
 from dsp_fast.run_io import (
     EXIT_WRITE_FAILED,
     RunLog,
     RunWriteError,
     format_final_report,
     format_final_table,
-    new_run_dir,
     resolve_device,
     write_provenance,
     write_summary,
@@ -114,7 +114,7 @@ def _dataset_error_text(e: Exception) -> str:
 
 
 def train(cfg: Config, log: RunLog, resume: dict | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The whole reference run (from `resume`, a checkpoint read by resume.read_state, when given); returns
+    """The whole reference run (from `resume`, the checkpoint resume.find_checkpoints found); returns
     (student, teacher). A file that cannot be read stops the run with a checkpoint of the last finished step
     (BadInputStop)."""
     run = build_run(cfg)
@@ -175,15 +175,9 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
         runs.insert(0, ("source-only", src_only))
     results = {}
     t0 = time.time()
-    top = resume_top(resume, cfg.train.out_dir) if resume else None
     leaves = {name: ("source_only" if not c.dsp.enabled else "dsp") if len(runs) > 1 else "" for name, c in runs}
-    states = {name: read_state(os.path.join(top, leaves[name]), c) if top else None for name, c in runs}
-    if top and resume != "auto" and not any(states.values()):
-        raise ReferenceResumeError(f"--resume {resume}: no reference checkpoint (last.pt) in {top}")
-    if resume == "auto" and not any(states.values()):
-        print(f"--resume auto: no reference checkpoint under {os.path.abspath(cfg.train.out_dir)}, starting a fresh "
-              "run", flush=True)
-        top = None
+    top, found = find_checkpoints(resume, cfg.train.out_dir, [(leaves[name], c) for name, c in runs], CHECKPOINTS)
+    states = {name: hit[1] if (hit := found[leaves[name]]) else None for name, _ in runs}
     # under <out_dir>/reference: the fast trainer owns <out_dir> itself
     top = top or new_run_dir(os.path.join(cfg.train.out_dir, "reference"))
     print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(states.values()) else ''}", flush=True)
@@ -218,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(flags)
     args.overrides = [*args.overrides, *overrides]
     try:
-        run(load_config(args.config, args.overrides), args.resume)
-    except (ConfigError, DatasetError, BadInputStop, ReferenceResumeError) as e:
+        run(resume_config(args.resume, args.overrides, lambda: load_config(args.config, args.overrides), CHECKPOINTS),
+            args.resume)
+    except (ConfigError, DatasetError, BadInputStop, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunWriteError as e:
