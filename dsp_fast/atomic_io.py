@@ -2,7 +2,8 @@
 
 The content goes to `<path>.tmp.<pid>` in the same folder (a rename across file systems would not be atomic),
 is fsynced (the bytes are on disk before the name points at them, so a power cut never leaves a named but empty
-file), then renamed over `path`. A failure removes the temporary file and leaves any earlier `path` as it was.
+file; `durable=False` skips that for the many files a preparation writes before its manifest), then renamed over
+`path`. A failure removes the temporary file and leaves any earlier `path` as it was.
 Cleaners of a folder's leftovers (a kill mid-write) look for the `.tmp.` infix. It imports nothing of dsp_fast, so
 every layer (data, pipelines, the trainers) can use it.
 """
@@ -18,7 +19,7 @@ TMP_INFIX = ".tmp."
 """What a temporary file's name adds to its target's: `<path>.tmp.<pid>`."""
 
 
-def atomic_write(path: str, content: bytes | str | Callable[[BinaryIO], object]) -> str:
+def atomic_write(path: str, content: bytes | str | Callable[[BinaryIO], object], durable: bool = True) -> str:
     """Write `content` (bytes, UTF-8 text, or a callback writing to the open binary file, e.g. torch.save or a PIL
     image's save) to `path` atomically; returns `path`. Errors (OSError, or what the callback raises) propagate
     after the temporary file is removed."""
@@ -29,8 +30,9 @@ def atomic_write(path: str, content: bytes | str | Callable[[BinaryIO], object])
                 content(f)
             else:
                 f.write(content.encode() if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -178,21 +178,21 @@ def convert_one(i: int) -> tuple[str, dict[str, Any]]:
     else:
         image = resize_image(image, opt.size, opt.resample)
     data = encode_image(image, opt.format, opt.quality)
-    atomic_write(prepared.image_path(out, stem, opt.format), data)
+    atomic_write(prepared.image_path(out, stem, opt.format), data, durable=False)
     nbytes = len(data)
     if label is not None:
         label = resize_label(label, opt.size).astype(np.uint8)
         data = encode_label(label)
-        atomic_write(prepared.label_path(out, stem), data)
+        atomic_write(prepared.label_path(out, stem), data, durable=False)
         nbytes += len(data)
     counts = [] if label is None else np.bincount(label.ravel(), minlength=256)[:opt.num_classes].astype(int).tolist()
     side.update(bytes=nbytes, counts=counts)  # per-class pixel counts
     if label is not None and opt.is_long_tail:
         maps = {int(c): valid_window_box(label, int(c), opt.crop) for c in opt.long_tail_classes}
         maps = {c: m for c, m in maps.items() if m[0].any()}
-        atomic_write(prepared.windows_path(out, stem), prepared.encode_window_maps(maps))
+        atomic_write(prepared.windows_path(out, stem), prepared.encode_window_maps(maps), durable=False)
         side["windows"] = {c: int(m[0].sum()) for c, m in maps.items()}
-    atomic_write(prepared.stats_path(out, stem), json.dumps(side).encode())
+    atomic_write(prepared.stats_path(out, stem), json.dumps(side).encode(), durable=False)
     return "ok", side
 
 
