@@ -23,8 +23,8 @@ from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
 from dsp_fast.config import Config, ConfigError, add_cli_args, apply_cli_args, load_config, split_overrides
 from dsp_fast.data import DatasetError
 from dsp_fast.engine.checkpoint import CHECKPOINTS
+from dsp_fast.engine.job import run_all
 from dsp_fast.engine.loop import NonFiniteStop
-from dsp_fast.engine.runner import run_all
 from dsp_fast.engine.signals import StopRequested
 from dsp_fast.resume import ResumeError, resume_config
 

@@ -14,7 +14,7 @@ import torch
 from test_train_run import read
 
 from dsp_fast import checkpoint_file, reference
-from dsp_fast.reference import runner
+from dsp_fast.reference import job
 
 STEPS = 6
 
@@ -33,19 +33,19 @@ def test_reference_resume_auto_ends_bit_for_bit(synthetic_root, tmp_path, monkey
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     assert reference.main(ref_args(synthetic_root, full)) == 0
 
-    real_step = runner.train_step
+    real_step = job.train_step
 
     def step_then_die(cfg, student, teacher, optimizer, step, batch, choices):
         if step == 3:
             raise Killed
         return real_step(cfg, student, teacher, optimizer, step, batch, choices)
 
-    monkeypatch.setattr(runner, "train_step", step_then_die)
+    monkeypatch.setattr(job, "train_step", step_then_die)
     with pytest.raises(Killed):
         reference.main(ref_args(synthetic_root, killed))
     last = os.path.join(killed, "reference", "last.pt")
     assert read(last)["step"] == 3
-    monkeypatch.setattr(runner, "train_step", real_step)
+    monkeypatch.setattr(job, "train_step", real_step)
     capsys.readouterr()
     assert reference.main(ref_args(synthetic_root, killed, "--resume", "auto")) == 0
     assert f"resumed from {last} at step 3" in capsys.readouterr().out

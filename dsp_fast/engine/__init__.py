@@ -1,15 +1,17 @@
-"""dsp_fast.engine: the pieces of the fast trainer (`python -m dsp_fast.train`), one module per concern.
+"""dsp_fast.engine: the fast trainer (`python -m dsp_fast.train`), one module per concern.
 
-    options      the AMP dtype and whether graphs are on, from the config's `fast:` section
-    step         the DSP step as a plain function over static buffers (no host sync), device-side choices
-    features     channels_last, fused SGD with a device lr, GradScaler, DDP, input normalisation
-    graphs       CUDA-graph capture of the step (CUDA only)
-    checkpoint   exact-resume checkpoints (weights_only), keep-last-K, best
-    data         prepared folders (the synthetic shift prepared once, cached) and the step-indexed loader
-    monitor      progress line, TensorBoard (optional), image grids
-    distributed  torchrun process group (gloo / NCCL) and teardown
     trainer      Trainer: models, optimizer, buffers, graphs, loader, run state; step, state_dict, close
-    loop         one training run over the Trainer: logging, the guard, evaluation, checkpoints
+    step         the DSP step as a plain function over static buffers (no host sync); the logged sums
+    model_setup  the models built, channels_last, DDP, torch.compile, input normalisation on the device
+    optimizer    fused SGD / AdamW with a device lr, the script's repeated updates, lr schedule, GradScaler
+    batchnorm    batch norm over ranks (SyncBatchNorm, GlobalBatchNorm2d) and per group (the batched student)
+    graphs       CUDA-graph capture of the step (CUDA only), eager fallback
+    options      the decisions taken from the `fast:` settings: the autocast dtype, whether graphs are on
+    data_setup   the data checked, prepared once (cached) and the step-indexed loader built
+    distributed  torchrun process group (gloo / NCCL), teardown, the per-rank batch and the collectives
+    checkpoint   the fast trainer's checkpoint files: write, keep-last-K, best, RNG state
+    monitor      progress line and metrics (run_io.RunLog), TensorBoard (optional), image grids
+    loop         one training run over the Trainer: logging, the guard, evaluation, checkpoints, signals
     signals      SIGINT / SIGTERM stop at a step boundary with a checkpoint; SIGUSR1 checkpoints
-    runner       the job: source-only and DSP runs, the target-mIoU table
+    job          the job: source-only and DSP runs, the target-mIoU table, resume and exit codes
 """

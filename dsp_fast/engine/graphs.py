@@ -89,7 +89,7 @@ def _all_ranks_agree(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def make_step_runner(fn: Callable[[], None], use_graphs: bool, warmup: int,
+def graphed_or_eager(fn: Callable[[], None], use_graphs: bool, warmup: int,
                      on_fallback: Callable[[str], None] = print) -> Callable[[], None]:
     """The step as run by the loop: graphed on CUDA when asked, the plain function otherwise."""
     if not use_graphs:

@@ -33,7 +33,7 @@ def exit_code(signum: int) -> int:
 class StopRequested(BaseException):
     """The run stopped on a signal. A BaseException, as KeyboardInterrupt is: the broad `except Exception` of
     cleanup code must not swallow it. `resume_dir`: the run folder to continue (None: no checkpoint to continue),
-    filled in by the runner."""
+    filled in by engine/job.py."""
 
     def __init__(self, signum: int, where: str) -> None:
         super().__init__(where)

@@ -1,4 +1,4 @@
-"""The fast trainer as one object: models, optimizer, step context, static buffers, the graph-or-eager step runner,
+"""The fast trainer as one object: models, optimizer, step context, static buffers, the graph-or-eager step function,
 the step-indexed loader and the run state, with `step()`, `state_dict()` / `load_state_dict()` (the checkpoint
 payload built and restored here only) and one `close()`. `engine/loop.py` (what `python -m dsp_fast.train`
 runs), `bench.throughput`, `bench.profile_step` and the scaling workers all drive this object, so a speed figure
@@ -26,7 +26,7 @@ from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.batchnorm import apply_group_bn, convert_global_bn
 from dsp_fast.engine.data_setup import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, gather_objects, gather_rows, per_rank_batch, sum_over_ranks
-from dsp_fast.engine.graphs import make_step_runner
+from dsp_fast.engine.graphs import graphed_or_eager
 from dsp_fast.engine.model_setup import apply_channels_last, apply_compile, apply_ddp, build_models, make_normalize
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
@@ -167,7 +167,7 @@ class Trainer:
             self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, cfg.fast.channels_last,
                                               cfg.dsp.paste_ignore_label)
             ctx = self.ctx
-            self.step_fn = make_step_runner(lambda: train_step(ctx, buf), self.graphs, cfg.fast.graph_warmup,
+            self.step_fn = graphed_or_eager(lambda: train_step(ctx, buf), self.graphs, cfg.fast.graph_warmup,
                                             self.say)
         self.buf.load_(batch)
         draw_choices_(self.buf.choices, self.gen, cfg.dsp)

@@ -10,15 +10,14 @@ twins (tests/test_reference_imports.py guards the rule). One file per concern:
 - `step.py`: steps 1-7 (pseudo-labels, masks, pastes, losses, EMA) and `train_step`;
 - `optim.py`: the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter list;
 - `resume.py`: what `last.pt` holds and how a run continues from it, bit for bit (`--resume`);
-- `runner.py`: the run (`build_run`, `train`, `run_eval`, `run`) and `main`, behind `python -m dsp_fast.reference`.
+- `job.py`: the run (`build_run`, `train`, `run_eval`, `run`) and `main`, behind `python -m dsp_fast.reference`.
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
 """
 
 from dsp_fast.reference.choices import StepChoices, draw_choices, select_classes
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever, random_window, to_tensor
-from dsp_fast.reference.optim import Torch171SGD, build_optimizer, get_1x_lr_params_NOscale, poly_lr
-from dsp_fast.reference.runner import (
+from dsp_fast.reference.job import (
     BadInputStop,
     ReferenceRun,
     build_run,
@@ -28,6 +27,7 @@ from dsp_fast.reference.runner import (
     run_eval,
     train,
 )
+from dsp_fast.reference.optim import Torch171SGD, build_optimizer, get_1x_lr_params_NOscale, poly_lr
 from dsp_fast.reference.step import (
     class_mask,
     dsp_losses,

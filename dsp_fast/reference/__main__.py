@@ -1,7 +1,7 @@
-"""python -m dsp_fast.reference: the reference trainer's command line (dsp_fast/reference/runner.py `main`)."""
+"""python -m dsp_fast.reference: the reference trainer's command line (dsp_fast/reference/job.py `main`)."""
 
 import sys
 
-from dsp_fast.reference.runner import main
+from dsp_fast.reference.job import main
 
 sys.exit(main())

@@ -36,7 +36,7 @@ model has one checkpoint, last.pt, rewritten in place. `--resume` follows dsp_fa
 
 
 def save_state(path: str, run: Any, step: int, rng: dict[str, torch.Tensor] | None = None) -> None:
-    """last.pt of a reference run at `step` (`run`: a runner.ReferenceRun), written atomically with its checksum.
+    """last.pt of a reference run at `step` (`run`: a job.ReferenceRun), written atomically with its checksum.
     `rng`: the generators' states at the start of `step` (default: as they are now, between steps)."""
     rng = rng or {"cpu": torch.get_rng_state(), "choices": run.gen.get_state()}
     atomic_torch_save({"format": FORMAT, "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
