@@ -1,12 +1,8 @@
 """What the throughput comparison runs on: the shared config, the data of both trainers, the FLOPs per step it
-counts and the device's measured matrix rate (the MFU denominator), and the provenance of the figures.
-
-Two data modes:
-- `config`: the config's own data (the built-in synthetic shift of the synthetic preset): the reference reads the
-  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (data_setup.py, lossless PNG).
-- `paper`: scenes generated at the real datasets' file sizes (GTA5 1914x1052, Cityscapes 2048x1024 PNG, as
-  bench/data_throughput.py draws them) in a temp folder: the reference decodes and resizes those PNGs every step
-  as it would GTA5's, the fast trainer reads them prepared once by `dsp_fast.prepare` (JPEG q95, its default).
+counts, the device's measured matrix rate (the MFU denominator), and the provenance of the figures. Data: the
+config's own (the synthetic preset's generated PNGs, which the fast trainer reads prepared once), or with `paper`
+scenes generated at GTA5 / Cityscapes file sizes, which the reference decodes and resizes every step and the fast
+trainer reads prepared once by `dsp_fast.prepare` (JPEG q95).
 """
 
 from __future__ import annotations
@@ -24,10 +20,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.data_throughput import make_prepared
 from bench.provenance import result_env, sync
 from dsp_fast.config import Config, ModelConfig, load_config
-from dsp_fast.engine.data_setup import prepared_dirs
-from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.models import build_model
 
 LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays positive however many steps are timed
@@ -52,22 +47,8 @@ def paper_overrides(root: str) -> list[str]:
 def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[str, str, str]]:
     """(raw root, prepared source, prepared target train): paper-size scenes, generated and prepared in a temp
     folder that is removed afterwards."""
-    from bench.data_throughput import make_data
-    from dsp_fast import prepare
-
     with tempfile.TemporaryDirectory(prefix="dsp_throughput_paper_") as root:
-        gta, cs = make_data(root, n_source, n_target)
-        src, tgt = os.path.join(root, "prep_gta5"), os.path.join(root, "prep_cs")
-        prepare.main(["--dataset", "gta5", "--root", gta, "--out", src, "--no-progress", "--workers", str(workers)])
-        prepare.main(["--dataset", "cityscapes", "--root", cs, "--out", tgt, "--split", "train", "--no-labels",
-                      "--no-progress", "--workers", str(workers)])
-        yield root, src, os.path.join(tgt, "train")
-
-
-def fast_data_dirs(cfg: Config, info: DistInfo) -> tuple[str, str]:
-    """The prepared folders the fast trainer reads (prepared and cached for the synthetic shift); the bench never
-    evaluates, and its paper-size data has no labelled split."""
-    return prepared_dirs(cfg, info, check_eval=False)
+        yield root, *make_prepared(root, n_source, n_target, workers)[2:]
 
 
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -149,6 +130,7 @@ def provenance(device: torch.device) -> dict[str, str | None]:
 
 
 def device_tag(device: torch.device) -> str:
+    """cpu, or cuda_<the GPU's name> for result file names."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
         return "cuda_" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
