@@ -3,15 +3,12 @@ GPU, and report registers and spills per thread.
 
     python -m bench.compile_kernels [--arch 90 80] [--only step] [--json OUT]
 
-How: a stand-in Triton driver reports the target (GPUTarget('cuda', ARCH, 32)); Triton's JIT is made to compile
-without launching (`warmup`), so each public kernel function, called on CPU tensors, goes through its real
-launcher, and the JIT specialises the kernel exactly as it would for CUDA tensors of those shapes, strides and
-dtypes (integer arguments divisible by 16, pointer alignment, constexprs). The PTX goes through Triton's bundled
-ptxas (`-v`) for the cubin's register and spill counts. Outputs are left uninitialised: nothing is launched.
-
-Plans: `step` = what one training step launches (fp32 images, int64 labels, bool mask, paper shapes 512x512 with
-65x65 features, NCHW and channels_last); `api` = the dtypes and layouts the tests launch (fp32/fp16/bf16 images,
-uint8/int64 labels, odd shapes). A compile error raises (exit 1) naming the kernel and the arguments.
+A stand-in Triton driver names the target and Triton's JIT compiles without launching (`warmup`), so each public
+kernel function, called on CPU tensors, goes through its real launcher and is specialised exactly as for CUDA tensors
+of those shapes, strides and dtypes (integer divisibility by 16, pointer alignment, constexprs); Triton's bundled
+ptxas (`-v`) reports the cubin's registers and spills. Nothing is launched. Plans: `step` = what one training step
+launches (paper shapes, NCHW and channels_last); `api` = the dtypes, layouts and odd shapes the tests launch. A
+compile error raises (exit 1) naming the kernel and the arguments.
 """
 
 from __future__ import annotations
@@ -167,16 +164,14 @@ def compile_all(archs: list[int], plans: list[str]) -> list[dict]:
             for plan in plans:
                 for call in PLANS[plan]():
                     call()
-        seen: set[tuple[str, str]] = set()
+        unique: dict[tuple[str, str], dict] = {}
         for rec in sink:
+            unique.setdefault((rec["kernel"], rec["compiled"].hash), rec)
+        for rec in unique.values():
             compiled = rec["compiled"]
-            if (rec["kernel"], compiled.hash) in seen:
-                continue
-            seen.add((rec["kernel"], compiled.hash))
-            usage = ptxas_usage(compiled.asm["ptx"], arch)
             rows.append({"kernel": rec["kernel"], "arch": f"sm_{arch}", "args": rec["args"],
                          "num_warps": compiled.metadata.num_warps, "shared_bytes": compiled.metadata.shared,
-                         "cubin_bytes": len(compiled.asm["cubin"]), **usage})
+                         "cubin_bytes": len(compiled.asm["cubin"]), **ptxas_usage(compiled.asm["ptx"], arch)})
     return rows
 
 

@@ -20,7 +20,7 @@ and its median is reported under "medians".
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import sys
 import tempfile
@@ -117,10 +117,10 @@ def reference_stream(dataset, base: tuple[int, int], batch: int, threads: int, r
 def prepared_stream(backend: str, root: str, labels: bool, batch: int, threads: int, device: torch.device,
                     roi: bool = True):
     ds = load_prepared(root)
-    sampler, seed = ShardedSampler(len(ds), seed=1), 1
+    sampler = ShardedSampler(len(ds), seed=1)
 
     def plan(step: int) -> CropPlan:
-        rng = np.random.default_rng([seed, step])
+        rng = np.random.default_rng([1, step])
         return CropPlan(sampler.take(step * batch, batch), [random_window(rng, ds.size, CROP) for _ in range(batch)],
                         [False] * batch, [])
 
@@ -156,13 +156,11 @@ def backends(device: torch.device) -> list[tuple[str, str, bool]]:
     """(row name, backend, DALI region decode) of each prepared-data variant; the DALI ones adjacent, so a round
     measures them back to back."""
     names = [("torch-jpeg", "torch", True)]
-    try:
-        import nvidia.dali  # noqa: F401
-
+    if _version("nvidia.dali"):
         names += [("dali-jpeg-full", "dali", False), ("dali-jpeg-roi", "dali", True)]
-    except ImportError:
+    else:
         print("DALI not installed: skipping the dali rows", file=sys.stderr)
-    if device.type == "cuda" and importlib.util.find_spec("torchvision") is not None:
+    if device.type == "cuda" and _version("torchvision"):
         names.append(("torchvision-jpeg", "torchvision", True))
     return names
 

@@ -56,21 +56,6 @@ update); 'other' (the step context's scalars, bytes) goes with them."""
 PHASES = {"activations": "forward", "backward": "backward", "update": "update"}
 
 
-@dataclasses.dataclass
-class MemoryReport:
-    """Bytes at the peak of one step, by category (CATEGORIES); `phase`: the category of the allocation that made
-    the peak (activations: in the forward, backward, update)."""
-
-    peak: int
-    at_peak: dict[str, int]
-    phase: str
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    at_start: int = 0  # bytes registered before the step (what lives across steps)
-
-    def gib(self, *categories: str) -> float:
-        return sum(self.at_peak.get(c, 0) for c in categories) / GIB if categories else self.peak / GIB
-
-
 def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     try:
         return [t.untyped_storage()]
@@ -156,9 +141,6 @@ class LiveBytes(TorchDispatchMode):
             h.remove()
         self._handles.clear()
         super().__exit__(*exc)
-
-    def report(self) -> MemoryReport:
-        return MemoryReport(self.peak, dict(self.at_peak), self.phase_at_peak, at_start=self.at_start)
 
 
 # ------------------------------------------------------------------------------------------------ the fast step
@@ -250,7 +232,7 @@ def fast_stepper(run: Trainer) -> Stepper:
     return Stepper(run.step, run.student, run.teacher, run.optimizer, inputs)
 
 
-def track_step(s: Stepper, around: contextlib.AbstractContextManager | None = None) -> MemoryReport:
+def track_step(s: Stepper, around: contextlib.AbstractContextManager | None = None) -> LiveBytes:
     """One warm step (buffers made, optimizer state created), then one more under LiveBytes (and `around`, a second
     probe) with everything that lives across steps registered."""
     s.step()
@@ -264,7 +246,7 @@ def track_step(s: Stepper, around: contextlib.AbstractContextManager | None = No
     tracker.at_start = tracker.total
     with tracker, around or contextlib.nullcontext():
         s.step()
-    return tracker.report()
+    return tracker
 
 
 # ------------------------------------------------------------------------------------------- the reference step
@@ -364,17 +346,10 @@ def stepper(cfg: Config, trainer: str, fake: bool = True, cuda_kernels: bool = T
             yield s
 
 
-def predict(cfg: Config, trainer: str, cuda_kernels: bool = True) -> MemoryReport:
+def predict(cfg: Config, trainer: str, cuda_kernels: bool = True) -> LiveBytes:
     """`trainer`'s step on one CUDA device (the reference's: fp32, NCHW, eager), on fake CPU tensors."""
     with stepper(cfg, trainer, cuda_kernels=cuda_kernels) as s:
-        report = track_step(s)
-    fast = trainer == "fast"
-    report.settings = {"amp": cuda_settings(cfg).fast.amp if fast else "fp32",
-                       "channels_last": fast and cfg.fast.channels_last, "graphs": fast and graphs_on(cfg.fast, CUDA),
-                       "optimizer": f"{cfg.optim.algorithm} ({cfg.fast.optimizer if fast else 'torch foreach'})",
-                       "batch": cfg.data.batch_size, "crop": list(cfg.data.crop_size), "arch": cfg.model.arch,
-                       "fused_kernels": fast and HAS_TRITON and cuda_kernels}
-    return report
+        return track_step(s)
 
 
 # ------------------------------------------------------------------------------------------- beside measurements
@@ -450,11 +425,17 @@ def fmt(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / MIB:.1f} MiB"
 
 
-def summary(report: MemoryReport) -> dict[str, Any]:
-    """A prediction as the results file holds it: GiB per table column and per category at the peak."""
-    return {"peak_gib": report.gib(), "columns_gib": {name: report.gib(*cats) for name, cats in TABLE},
-            "by_category_gib": {k: v / GIB for k, v in report.at_peak.items()}, "peak_during": report.phase,
-            "before_step_gib": report.at_start / GIB, "settings": report.settings}
+def summary(cfg: Config, trainer: str) -> dict[str, Any]:
+    """`trainer`'s prediction as the results file holds it: GiB per table column and per category at the peak, and
+    the settings it assumes."""
+    live, fast = predict(cfg, trainer), trainer == "fast"
+    return {"peak_gib": live.peak / GIB, "peak_during": live.phase_at_peak, "before_step_gib": live.at_start / GIB,
+            "columns_gib": {name: sum(live.at_peak[c] for c in cats) / GIB for name, cats in TABLE},
+            "by_category_gib": {k: v / GIB for k, v in live.at_peak.items()},
+            "settings": {"amp": cuda_settings(cfg).fast.amp if fast else "fp32",
+                         "channels_last": fast and cfg.fast.channels_last, "graphs": fast and graphs_on(cfg.fast, CUDA),
+                         "optimizer": f"{cfg.optim.algorithm} ({cfg.fast.optimizer if fast else 'torch foreach'})",
+                         "fused_kernels": fast and HAS_TRITON}}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -483,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"presets": {}}
     for name in args.config:
         cfg, t0 = load_config(name, args.overrides), time.perf_counter()
-        r = results["presets"][name] = {t: summary(predict(cfg, t)) for t in TRAINERS}
+        r = results["presets"][name] = {t: summary(cfg, t) for t in TRAINERS}
         r.update(model=cfg.model.arch, crop=list(cfg.data.crop_size), batch=cfg.data.batch_size,
                  seconds=time.perf_counter() - t0)
         print(f"{name}: predicted peak fast {fmt(r['fast']['peak_gib'] * GIB)}, reference "

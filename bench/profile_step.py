@@ -80,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
     args = parse_args(p, argv, overrides=True)
     device = resolve_device(args.device)
-    cfg = build_config(args.config, args.overrides, None, None, str(device))
-    cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, image_every=0, tensorboard=False,
-                                                            cuda_graphs=cfg.fast.cuda_graphs and device.type != "cuda"))
+    eager = ["fast.cuda_graphs=false"] if device.type == "cuda" else []  # a graph's kernels belong to no operator
+    cfg = build_config(args.config, [*args.overrides, *eager], None, None, str(device))
     info = DistInfo(device=device)
     run = Trainer(cfg, info, ("", "") if args.fixed_batch else prepared_dirs(cfg, info, check_eval=False),
                   say=lambda m: None)

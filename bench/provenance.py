@@ -8,15 +8,12 @@ whose `env` says where and how the figures were made, beside the benchmark's own
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,40 +103,3 @@ def bar_chart(path: str, title: list[str], bars: list[tuple[str, float | None, s
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
-
-
-def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
-    """Measured device copy bandwidth (bytes read + written per second / 1e9): the ceiling a memory-bound kernel
-    is compared against."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first copy warms up
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
-
-
-def append_csv(name: str, row: dict[str, object]) -> str:
-    """Append one row to bench/results/<name>; writes the header when the file is new."""
-    path = os.path.join(RESULTS_DIR, name)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    return path
-
-
-def timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
-    """fn followed by a device sync, so that a wall-clock timer sees the whole kernel."""
-
-    def run() -> object:
-        out = fn()
-        sync(device)
-        return out
-
-    return run

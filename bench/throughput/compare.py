@@ -33,15 +33,7 @@ import torch
 from bench.provenance import RESULTS_DIR, parse_args, stamped, tool_parser, write_result
 from bench.throughput.report import print_summary, write_chart
 from bench.throughput.scaling import run_scaling
-from bench.throughput.setup import (
-    build_config,
-    device_tag,
-    matrix_rate,
-    paper_data,
-    paper_overrides,
-    provenance,
-    step_flops,
-)
+from bench.throughput.setup import build_config, matrix_rate, paper_data, paper_overrides, provenance, step_flops
 from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, time_steps, warm_up
 from dsp_fast.config import ConfigError, FastConfig
 from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
@@ -53,51 +45,39 @@ from dsp_fast.run_io import resolve_device
 ABLATIONS = ("dali", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
-@dataclasses.dataclass
-class Variant:
-    key: str
-    label: str
-    opts: dict
-    twins: bool = False
-
-
-def ablation_variant(key: str, fast: FastBench) -> Variant | str:
-    """The variant with `key` turned off, or why it is n/a here (the fast trainer does not use it on this device)."""
+def ablation_variant(key: str, fast: FastBench) -> tuple[str, dict, bool] | str:
+    """(label, fast options, kernel twins) of the variant with `key` turned off, or why it is n/a here (the fast
+    trainer does not use it on this device)."""
     dev, o = fast.device, fast.trainer.cfg.fast
     where = "on CPU" if dev.type == "cpu" else f"on {dev}"
     if key == "dali":
         if fast.trainer.backend != "dali":
             return f"n/a {where}: the fast trainer reads with the {fast.trainer.backend!r} backend here"
-        return Variant(key, "DALI off (torch backend)", {"data_backend": "torch"})
+        return "DALI off (torch backend)", {"data_backend": "torch"}, False
     if key == "kernels":
         if fast.twins:
             return "n/a: --twins, the fast trainer already runs the twins"
         if not (HAS_TRITON and (dev.type == "cuda" or interpreting())):
             # no Triton here, but the weighted MMD's adjoint (interpolation matrices) still runs: off = naive twin
-            return Variant(key, "adjoint MMD off (naive twins)", {}, twins=True)
-        return Variant(key, "fused kernels off (twins)", {}, twins=True)
+            return "adjoint MMD off (naive twins)", {}, True
+        return "fused kernels off (twins)", {}, True
     if key == "channels_last":
         if not o.channels_last:
             return "n/a: the fast trainer runs NCHW"
-        return Variant(key, "channels_last off (NCHW)", {"channels_last": False})
+        return "channels_last off (NCHW)", {"channels_last": False}, False
     if key == "batched_student":
         if not o.batched_student or not fast.trainer.cfg.dsp.enabled:
             return "n/a: the fast trainer calls the student three times already"
-        return Variant(key, "batched student off (three calls)", {"batched_student": False})
+        return "batched student off (three calls)", {"batched_student": False}, False
     if key == "amp":
         if amp_dtype(o, dev) == torch.float32:
             return f"n/a {where}: the fast trainer computes in fp32 here (autocast off)"
-        return Variant(key, "AMP off (fp32)", {"amp": "fp32"})
+        return "AMP off (fp32)", {"amp": "fp32"}, False
     if key == "graphs":
         if not fast.trainer.graphs:
             return f"n/a {where}: CUDA graphs need CUDA (and fused SGD)"
-        return Variant(key, "CUDA graphs off (eager)", {"cuda_graphs": False})
+        return "CUDA graphs off (eager)", {"cuda_graphs": False}, False
     raise ValueError(f"unknown ablation {key!r}")
-
-
-def median_rows(rows: list[dict]) -> dict:
-    keys = rows[0].keys()
-    return {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None) for k in keys}
 
 
 def alternate(a, b, rounds: int, steps: int, say, on_round=lambda rows_a, rows_b: None
@@ -117,7 +97,7 @@ def alternate(a, b, rounds: int, steps: int, say, on_round=lambda rows_a, rows_b
 
 
 def summarise(rows: list[dict], flops: float, rate: float) -> dict:
-    med = median_rows(rows)
+    med = {k: statistics.median(r[k] for r in rows) if v is not None else None for k, v in rows[0].items()}
     med["mfu"] = flops / (med["ms_per_step"] / 1e3) / rate
     med["data_wait_fraction"] = med["data_ms"] / med["ms_per_step"]
     return {**med, "rounds": rows}
@@ -135,8 +115,9 @@ def run_ablations(keys: list[str], fast: FastBench, make_fast, args, flops: floa
             out.append({"key": key, "status": "n/a", "reason": v})
             say(f"[ablation] {key}: {v}")
             continue
-        say(f"[ablation] {v.label}: build, warm up, {args.rounds} rounds alternating with the full fast trainer")
-        variant = make_fast(v)
+        label, opts, twins = v
+        say(f"[ablation] {label}: build, warm up, {args.rounds} rounds alternating with the full fast trainer")
+        variant = make_fast(key, opts, twins)
         try:
             warm_up(variant, args.warmup + variant.extra_warmup)
             var_rows, fast_rows = alternate(variant, fast, args.rounds, args.steps, say, lambda va, fa, k=key: save(
@@ -146,7 +127,7 @@ def run_ablations(keys: list[str], fast: FastBench, make_fast, args, flops: floa
             del variant
             gc.collect()
         r = statistics.median(f["images_per_s"] / q["images_per_s"] for q, f in zip(var_rows, fast_rows))
-        out.append({"key": key, "status": "measured", "label": v.label, "options": v.opts, "kernel_twins": v.twins,
+        out.append({"key": key, "status": "measured", "label": label, "options": opts, "kernel_twins": twins,
                     "variant": summarise(var_rows, flops, rate), "fast_same_rounds": summarise(fast_rows, flops, rate),
                     "fast_over_variant": r,
                     "share_of_log_gain": math.log(r) / math.log(headline) if headline > 1 and r > 0 else None})
@@ -186,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        overrides, fast = args.overrides, {"data_backend": args.data_backend, "image_every": 0, "tensorboard": False}
+        overrides, fast = args.overrides, {"data_backend": args.data_backend}
         if args.data == "paper":
             root, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
             overrides = [*paper_overrides(root), *overrides]
@@ -220,9 +201,9 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save) -> dict:
     ref = ReferenceTrainer(cfg, device)
     fast = build_fast(cfg, info, dirs, twins=args.twins, say=say)
 
-    def make_fast(v: Variant) -> FastBench:
-        variant = dataclasses.replace(cfg, fast=dataclasses.replace(opts, **v.opts))
-        return build_fast(variant, info, dirs, name=f"fast-{v.key}", twins=v.twins or args.twins, say=say)
+    def make_fast(key: str, changed: dict, twins: bool) -> FastBench:
+        variant = dataclasses.replace(cfg, fast=dataclasses.replace(opts, **changed))
+        return build_fast(variant, info, dirs, name=f"fast-{key}", twins=twins or args.twins, say=say)
 
     say(f"built both trainers in {time.perf_counter() - t0:.1f} s (fast: {fast.trainer.backend} backend, "
         f"amp {amp_dtype(opts, device)}, channels_last {opts.channels_last}, graphs {fast.trainer.graphs}); "
@@ -261,6 +242,14 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save) -> dict:
         "headline": {"fast_over_reference": headline, "per_round": ratios},
         "ablation": ablation, "scaling": scaling,
     }
+
+
+def device_tag(device: torch.device) -> str:
+    """cpu, or cuda_<the GPU's name> for result file names."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
+        return "cuda_" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    return "cpu"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def print_summary(result: dict) -> None:
-    env, fl, rate = result["env"], result["flops"], result["matmul_rate"]
+    env, fl, rate, h, s = result["env"], result["flops"], result["matmul_rate"], result["headline"], result["scaling"]
     print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  DALI {env['dali']}  git {env['git_sha']}")
     print(f"FLOPs per step (assumed): {fl['step'] / 1e9:.3f} GFLOP = {fl['formula']}, F = "
           f"{fl['forward_per_image'] / 1e9:.3f}, FB = {fl['forward_backward_per_image'] / 1e9:.3f} GFLOP per image "
@@ -41,27 +41,21 @@ def print_summary(result: dict) -> None:
     for name, t in result["trainers"].items():
         print(f"{name:<30}{t['images_per_s']:9.2f}{t['steps_per_s']:9.2f}{t['ms_per_step']:9.1f}{t['data_ms']:9.1f}"
               f"{t['compute_ms']:9.1f}{_fmt(t['peak_gib'], '9.2f')}{100 * t['mfu']:7.2f}%")
-    h = result["headline"]
     print(f"fast / reference: x{h['fast_over_reference']:.2f} (median of per-round ratios "
           f"{', '.join(f'{r:.2f}' for r in h['per_round'])})")
     for a in result["ablation"]:
         if a["status"] == "measured":
-            v, f = a["variant"], a["fast_same_rounds"]
-            share = a.get("share_of_log_gain")
-            print(f"  ablation {a['label']:<28}{v['images_per_s']:9.2f} img/s vs fast {f['images_per_s']:.2f}: "
-                  f"fast/this x{a['fast_over_variant']:.2f} (this/fast x{1 / a['fast_over_variant']:.2f}), "
-                  f"share of log gain {_fmt(share, '.2f')}")
+            print(f"  ablation {a['label']:<28}{a['variant']['images_per_s']:9.2f} img/s vs fast "
+                  f"{a['fast_same_rounds']['images_per_s']:.2f}: fast/this x{a['fast_over_variant']:.2f}, share of "
+                  f"log gain {_fmt(a['share_of_log_gain'], '.2f')}")
         else:
             print(f"  ablation {a['key']:<28}{a['reason']}")
-    s = result["scaling"]
-    if s.get("status") == "measured":
-        runs = s["runs"]
-        n = s["processes"]
-        print(f"scaling ({s['backend']}, {s['threads_per_process']} thread(s)/process): 1 process, global batch "
-              f"{runs['1']['global_batch']}: {runs['1']['images_per_s']:.2f} img/s")
-        for key, what in (("strong", "same global batch"), ("weak", "same batch per process")):
-            r = runs[key]
-            print(f"  {key} ({what}): {n} processes, global batch {r['global_batch']}: {r['images_per_s']:.2f} img/s, "
-                  f"efficiency {100 * s[f'{key}_efficiency']:.0f}%")
-    else:
-        print(f"scaling: {s.get('status')} {s.get('reason', '')}")
+    if s["status"] != "measured":
+        print(f"scaling: {s['status']} {s.get('reason', '')}")
+        return
+    print(f"scaling ({s['backend']}, {s['threads_per_process']} thread(s)/process): 1 process, global batch "
+          f"{s['runs']['1']['global_batch']}: {s['runs']['1']['images_per_s']:.2f} img/s")
+    for key, what in (("strong", "same global batch"), ("weak", "same batch per process")):
+        r = s["runs"][key]
+        print(f"  {key} ({what}): {s['processes']} processes, global batch {r['global_batch']}: "
+              f"{r['images_per_s']:.2f} img/s, efficiency {100 * s[f'{key}_efficiency']:.0f}%")

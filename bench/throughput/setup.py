@@ -29,7 +29,8 @@ LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays posit
 
 
 def build_config(config: str, overrides: list[str], arch: str | None, crop: int | None, device: str) -> Config:
-    extra = [f"train.max_steps={LONG_STEPS}", f"train.device={device}", "train.compare_source_only=false"]
+    extra = [f"train.max_steps={LONG_STEPS}", f"train.device={device}", "train.compare_source_only=false",
+             "fast.image_every=0", "fast.tensorboard=false"]
     if arch:
         extra.append(f"model.arch={arch}")
     if crop:
@@ -127,11 +128,3 @@ def provenance(device: torch.device) -> dict[str, str | None]:
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
     return env
-
-
-def device_tag(device: torch.device) -> str:
-    """cpu, or cuda_<the GPU's name> for result file names."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
-        return "cuda_" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    return "cpu"
