@@ -91,14 +91,10 @@ def test_dual_soft_paste(benchmark, copy_gbs, impl, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------- MMD
-def feat_inputs(dtype: torch.dtype, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kc.feature_inputs(*kc.PAPER_FEATURES, dtype, device=DEVICE, density=0.5, grad=grad)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_upsample_pool(benchmark, copy_gbs, impl, dtype):
-    feat, _, mask = feat_inputs(dtype, grad=False)
+    feat, _, mask = kc.feature_inputs(*kc.PAPER_FEATURES, dtype, device=DEVICE, density=0.5)
     fn = pick(impl, kernels.twins.masked_upsample_pool, kernels.masked_upsample_pool)
     run_case(benchmark, "masked_upsample_pool", impl, dtype, lambda: fn(feat, mask, SIZE), kc.pool_bytes(feat, mask),
              copy_gbs)
@@ -107,7 +103,7 @@ def test_masked_upsample_pool(benchmark, copy_gbs, impl, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_weighted_mmd_fwd_bwd(benchmark, copy_gbs, impl, dtype):
-    feat_s, feat_t, mask = feat_inputs(dtype, grad=True)
+    feat_s, feat_t, mask = kc.feature_inputs(*kc.PAPER_FEATURES, dtype, device=DEVICE, density=0.5, grad=True)
 
     def step(f: Callable) -> None:
         feat_s.grad = feat_t.grad = None

@@ -13,14 +13,12 @@ Generates GTA5-like (1914x1052 PNG, palette labels) and Cityscapes-like (2048x10
 - per training step (3 x 2 crops + 4 long-tail crops): the reference's three loaders plus its long-tail crops
   (decoded on the main thread) vs `build_loaders` with each backend.
 images/s counts 512x512 crops delivered; threads = DataLoader workers or DALI threads per stream. Every row is
-measured --rounds times, the variants alternating within each round (a shared machine's load drifts over minutes),
-and its median is reported under "medians".
+measured --rounds times, the variants alternating within each round, and its median reported under "medians".
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import tempfile
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.provenance import RESULTS_DIR, parse_args, result_env, stamped, tool_parser, write_result
+from bench.provenance import RESULTS_DIR, parse_args, result_env, stamped, tool_parser, version, write_result
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, SOURCE_RESAMPLE, Cityscapes, load_or_build_class_index
 from dsp_fast.pipelines import build_loaders
@@ -156,11 +154,11 @@ def backends(device: torch.device) -> list[tuple[str, str, bool]]:
     """(row name, backend, DALI region decode) of each prepared-data variant; the DALI ones adjacent, so a round
     measures them back to back."""
     names = [("torch-jpeg", "torch", True)]
-    if _version("nvidia.dali"):
+    if version("nvidia.dali"):
         names += [("dali-jpeg-full", "dali", False), ("dali-jpeg-roi", "dali", True)]
     else:
         print("DALI not installed: skipping the dali rows", file=sys.stderr)
-    if device.type == "cuda" and _version("torchvision"):
+    if device.type == "cuda" and version("torchvision"):
         names.append(("torchvision-jpeg", "torchvision", True))
     return names
 
@@ -221,13 +219,6 @@ def medians(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _version(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except ImportError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = tool_parser("bench.data_throughput", __doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: few images and batches, one thread")
@@ -237,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=RESULTS_DIR)
     args = parse_args(p, argv)
     with tempfile.TemporaryDirectory(prefix="dsp_data_bench_") as work:
-        env = result_env(args.device, args.command, dali=_version("nvidia.dali"), pillow=_version("PIL"),
+        env = result_env(args.device, args.command, dali=version("nvidia.dali"), pillow=version("PIL"),
                          numpy=np.__version__)
         result = {"env": env, **run(args, work)}
     path = stamped(args.out, "data_throughput", "quick" if args.quick else "") + ".json"

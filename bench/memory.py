@@ -186,8 +186,20 @@ def fake_models(cfg: Config, channels_last: bool = False) -> tuple[torch.nn.Modu
     return models
 
 
+@dataclasses.dataclass
+class Stepper:
+    """One trainer as the tools step it: `step()` one training step; `inputs()` the step's inputs that live across
+    steps (read after a step), by LiveBytes category."""
+
+    step: Callable[[], object]
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: Callable[[], dict[str, list]]
+
+
 @contextlib.contextmanager
-def cuda_like_trainer(cfg: Config, fake: bool = True, cuda_kernels: bool = True) -> Iterator[Trainer]:
+def cuda_like_trainer(cfg: Config, fake: bool = True, cuda_kernels: bool = True) -> Iterator[Stepper]:
     """A CPU `Trainer` that takes the CUDA trainer's decisions (cuda_settings; autocast's weight cache as under
     graphs; value checks off), its loader one batch of the loader's shapes. fake: on fake tensors (no storage, no
     weights); otherwise real CPU tensors. cuda_kernels: the kernels' operators as on CUDA (else this machine's
@@ -206,30 +218,14 @@ def cuda_like_trainer(cfg: Config, fake: bool = True, cuda_kernels: bool = True)
         stack.callback(run.close)
         run.ctx.autocast_cache = not graphs_on(cfg.fast, CUDA)  # as the CUDA trainer: no cache under capture
         run.loader = itertools.repeat(loader_batch(cfg, run.batch, torch.device("cpu")))
-        yield run
 
+        def inputs() -> dict[str, list]:
+            ctx, buf, choices = run.ctx, run.buf, run.buf.choices
+            return {"dsp_buffers": [buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t, *next(run.loader).values(),
+                                    *(getattr(choices, f.name) for f in dataclasses.fields(choices))],
+                    "other": [ctx.step_t, ctx.found_inf, ctx.counts, *ctx.sums.values()]}
 
-@dataclasses.dataclass
-class Stepper:
-    """One trainer as the tools step it: `step()` one training step; `inputs()` the step's inputs that live across
-    steps (read after a step), by LiveBytes category."""
-
-    step: Callable[[], object]
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    inputs: Callable[[], dict[str, list]]
-
-
-def fast_stepper(run: Trainer) -> Stepper:
-    def inputs() -> dict[str, list]:
-        ctx, buf, choices = run.ctx, run.buf, run.buf.choices
-        batch = next(run.loader)
-        return {"dsp_buffers": [buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t, *batch.values(),
-                                *(getattr(choices, f.name) for f in dataclasses.fields(choices))],
-                "other": [ctx.step_t, ctx.found_inf, ctx.counts, *ctx.sums.values()]}
-
-    return Stepper(run.step, run.student, run.teacher, run.optimizer, inputs)
+        yield Stepper(run.step, run.student, run.teacher, run.optimizer, inputs)
 
 
 def track_step(s: Stepper, around: contextlib.AbstractContextManager | None = None) -> LiveBytes:
@@ -335,15 +331,10 @@ def reference_run(cfg: Config, fake: bool = True, device: torch.device | None = 
                       student, teacher, optimizer, lambda: {"dsp_buffers": [*batch, choices.class_sel, *lt]})
 
 
-@contextlib.contextmanager
-def stepper(cfg: Config, trainer: str, fake: bool = True, cuda_kernels: bool = True) -> Iterator[Stepper]:
+def stepper(cfg: Config, trainer: str, fake: bool = True, cuda_kernels: bool = True
+            ) -> contextlib.AbstractContextManager[Stepper]:
     """`trainer`'s step (TRAINERS) as it runs on one CUDA device, on CPU tensors (fake ones by default)."""
-    if trainer == "fast":
-        with cuda_like_trainer(cfg, fake, cuda_kernels) as run:
-            yield fast_stepper(run)
-    else:
-        with reference_run(cfg, fake) as s:
-            yield s
+    return cuda_like_trainer(cfg, fake, cuda_kernels) if trainer == "fast" else reference_run(cfg, fake)
 
 
 def predict(cfg: Config, trainer: str, cuda_kernels: bool = True) -> LiveBytes:

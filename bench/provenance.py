@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -25,14 +26,15 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 SCHEMA = "dsp_fast.bench/1"
 
 
+def version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
 def environment(device: str) -> dict[str, str]:
     """Date, git sha, the device's name and the versions that change a figure."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(RESULTS_DIR), capture_output=True,
                              text=True, timeout=10).stdout.strip() or "unknown"
@@ -44,7 +46,7 @@ def environment(device: str) -> dict[str, str]:
         name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads " \
                f"{torch.get_num_threads()})"
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
-            "device": name, "torch": torch.__version__, "triton": triton_version,
+            "device": name, "torch": torch.__version__, "triton": version("triton") or "not installed",
             "python": platform.python_version()}
 
 

@@ -6,14 +6,13 @@
 
 Both trainers are built once and stepped in place (trainers.py). After each one's warm-up (the fast one's also
 covers the CUDA-graph warm-up and capture), `--rounds` rounds each time `--steps` steps of one trainer then of the
-other (the order swaps every round), so a drifting machine load hits both; figures are medians over rounds and the
-headline is the median of the per-round ratios fast / reference. Each region is timed between device synchronizes;
+other (the order swaps every round), so a drifting machine load hits both; figures are medians over rounds, the
+headline the median of the per-round ratios fast / reference. Each region is timed between device synchronizes;
 data wait is the time blocked on the loader, compute the rest. images/s counts 3 x B crops per DSP step. MFU =
-counted FLOPs per step / step time / the device's measured matmul rate (bf16 on CUDA, fp32 on CPU).
-Ablation: the fast trainer with one optimisation off at a time, alternated round by round with the full fast
-trainer; an optimisation the fast trainer does not use on this device is reported as n/a with the reason.
-Scaling: scaling.py. The JSON (and PNG) go to --out, the JSON rewritten after every timed round ("complete": false
-until the end), so a run stopped by a timeout keeps what it measured.
+counted FLOPs per step / step time / the device's measured matmul rate (bf16 on CUDA, fp32 on CPU). Ablation: the
+fast trainer with one optimisation off at a time, alternated round by round with the full fast trainer (n/a, with
+the reason, where the fast trainer does not use it on this device). The JSON is rewritten after every timed round
+("complete": false until the end), so a run stopped by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -30,10 +29,10 @@ import time
 
 import torch
 
-from bench.provenance import RESULTS_DIR, parse_args, stamped, tool_parser, write_result
+from bench.provenance import RESULTS_DIR, parse_args, result_env, stamped, tool_parser, version, write_result
 from bench.throughput.report import print_summary, write_chart
 from bench.throughput.scaling import run_scaling
-from bench.throughput.setup import build_config, matrix_rate, paper_data, paper_overrides, provenance, step_flops
+from bench.throughput.setup import build_config, matrix_rate, paper_data, step_flops
 from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, time_steps, warm_up
 from dsp_fast.config import ConfigError, FastConfig
 from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
@@ -169,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         overrides, fast = args.overrides, {"data_backend": args.data_backend}
         if args.data == "paper":
-            root, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
-            overrides = [*paper_overrides(root), *overrides]
+            paper, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
+            overrides = [*paper, *overrides]
             fast.update(prepared_source=src, prepared_target=tgt)
         cfg = build_config(args.config, overrides, args.arch, args.crop, str(device))
         cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, **fast))
@@ -210,7 +209,9 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save) -> dict:
         "warming up")
     warm_up(ref, args.warmup)
     warm_up(fast, args.warmup + fast.extra_warmup)
-    env = {**provenance(device), "command": args.command, "load_average_1_5_15_start": load_start}
+    env = result_env(str(device), args.command, dali=version("nvidia.dali"), threads=str(torch.get_num_threads()),
+                     OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"), load_average_1_5_15_start=load_start,
+                     TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"))
 
     def save_partial(**rows) -> None:
         save({"complete": False, "env": env, "config_file": args.config, "arch": cfg.model.arch, **rows})

@@ -25,8 +25,8 @@ def write_chart(result: dict, path: str) -> None:
                      f"{' (SMOKE)' if method['smoke'] else ''}"], bars)
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v: float | None, spec: str, width: int = 0) -> str:
+    return f"{'-' if v is None else format(v, spec):>{width}}"
 
 
 def print_summary(result: dict) -> None:
@@ -40,7 +40,7 @@ def print_summary(result: dict) -> None:
           f"{'MFU':>8}")
     for name, t in result["trainers"].items():
         print(f"{name:<30}{t['images_per_s']:9.2f}{t['steps_per_s']:9.2f}{t['ms_per_step']:9.1f}{t['data_ms']:9.1f}"
-              f"{t['compute_ms']:9.1f}{_fmt(t['peak_gib'], '9.2f')}{100 * t['mfu']:7.2f}%")
+              f"{t['compute_ms']:9.1f}{_fmt(t['peak_gib'], '.2f', 9)}{100 * t['mfu']:7.2f}%")
     print(f"fast / reference: x{h['fast_over_reference']:.2f} (median of per-round ratios "
           f"{', '.join(f'{r:.2f}' for r in h['per_round'])})")
     for a in result["ablation"]:

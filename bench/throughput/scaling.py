@@ -1,13 +1,9 @@
 """Scaling of the fast trainer: timed steps on 1 and on N processes (torchrun; gloo on CPU, NCCL on CUDA with one
-GPU per process), efficiency = img/s(N) / (N x img/s(1)), where img/s counts every rank's crops. Strong scaling keeps
-the global batch (data.batch_size, the paper's setting: each rank takes batch/N), weak scaling the per-rank batch
-(global batch N x batch); both against the 1-process run at data.batch_size.
-
-`run_scaling` (called by compare.py) writes each run's resolved config (its `fast:` section names the prepared
-folders) and launches `torchrun -m bench.throughput.scaling` on it; every rank builds the engine's Trainer (DDP when
-N > 1), warms up and times `rounds` regions of `steps` steps (a barrier before each); rank 0 writes the figures.
-On CPU each process gets cpu_count // N threads in every run, so the 1-process baseline gets no more cores than one
-of the N processes: the figure is per-process parallel efficiency, not core scaling.
+GPU per process), efficiency = img/s(N) / (N x img/s(1)), img/s over every rank. Strong scaling keeps the global batch
+(data.batch_size, the paper's setting), weak scaling the per-rank batch; both against 1 process at data.batch_size.
+Every rank builds the engine's Trainer (DDP when N > 1) from the resolved config `run_scaling` writes, warms up and
+times `rounds` regions of `steps` steps, a barrier before each. On CPU each process gets cpu_count // N threads in
+every run, so the figure is per-process parallel efficiency, not core scaling.
 """
 
 from __future__ import annotations

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.data_throughput import make_prepared
-from bench.provenance import result_env, sync
+from bench.provenance import sync
 from dsp_fast.config import Config, ModelConfig, load_config
 from dsp_fast.models import build_model
 
@@ -38,18 +36,14 @@ def build_config(config: str, overrides: list[str], arch: str | None, crop: int 
     return load_config(config, [*extra, *overrides])
 
 
-def paper_overrides(root: str) -> list[str]:
-    """The config fields that point both trainers at the generated paper-size scenes."""
-    return ["data.source=gta5", f"data.source_root={root}/gta5", f"data.target_root={root}/cityscapes",
-            "data.source_size=[1280,720]", "data.target_size=[1024,512]"]
-
-
 @contextlib.contextmanager
-def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[str, str, str]]:
-    """(raw root, prepared source, prepared target train): paper-size scenes, generated and prepared in a temp
-    folder that is removed afterwards."""
+def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[list[str], str, str]]:
+    """(the config overrides that point both trainers at them, prepared source, prepared target train): paper-size
+    scenes generated and prepared in a temp folder that is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="dsp_throughput_paper_") as root:
-        yield root, *make_prepared(root, n_source, n_target, workers)[2:]
+        gta, cs, src, tgt = make_prepared(root, n_source, n_target, workers)
+        yield [f"data.source_root={gta}", f"data.target_root={cs}", "data.source=gta5", "data.source_size=[1280,720]",
+               "data.target_size=[1024,512]"], src, tgt
 
 
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -114,17 +108,3 @@ def matrix_rate(device: torch.device) -> dict[str, float | str]:
         fp32 = matmul_rate(str(device), torch.float32, n=4096, iters=10)
         return {"dtype": "bf16", "flops_per_s": rate, "fp32_flops_per_s": fp32, "matmul_n": 8192}
     return {"dtype": "fp32", "flops_per_s": matmul_rate("cpu", torch.float32, n=1024, iters=10), "matmul_n": 1024}
-
-
-def provenance(device: torch.device) -> dict[str, str | None]:
-    """The result's `env` (bench/provenance.py) with what else changes a throughput figure: DALI's version and
-    the thread settings; the caller sets the command."""
-    env = result_env(str(device), command="")
-    try:
-        env["dali"] = importlib.import_module("nvidia.dali").__version__
-    except ImportError:
-        env["dali"] = None
-    env["threads"] = str(torch.get_num_threads())
-    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
-    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
-    return env
