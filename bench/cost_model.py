@@ -4,15 +4,13 @@ measured device time per class of the same config beside the prediction (bench/g
 
     python -m bench.cost_model [--device h200] [--config gta2cs] [--profile PROFILE.json] [--json OUT] [key=value ...]
 
-How: each trainer's step is recorded as bench.memory runs it on fake tensors (shapes only, seconds on a CPU), a warm
-step then one under `Counter`, which records every operator's FLOPs (torch.utils.flop_counter's formulas) and the
-bytes it reads and writes. Each operator takes max(FLOPs / (matrix rate x efficiency), bytes / (bandwidth x
-efficiency)) plus a launch: convolutions and matmuls are matrix-rate operators, the rest is bandwidth-bound. The fast
-step replays one CUDA graph (a small cost per kernel); the reference runs eager (Python, dispatch and launch per
-operator) with cuDNN's default TF32 convolutions, and its data loading (PIL PNG decode of the full-size images) is
-predicted apart: its step takes the slower of compute and data. The device figures and every efficiency are
-assumptions printed with the result (DEVICES, EFFICIENCY); the bf16 matrix rate and the HBM bandwidth are what was
-measured on an H200.
+How: each trainer's step is recorded as bench.memory runs it on fake tensors (shapes only, seconds on a CPU) by
+`Counter`, with every operator's FLOPs (torch.utils.flop_counter's formulas) and bytes read and written. Each operator
+takes max(FLOPs / (matrix rate x efficiency), bytes / (bandwidth x efficiency)) plus a launch (convolutions and
+matmuls at the matrix rate, the rest bandwidth-bound): the fast step replays one CUDA graph (a small cost per
+kernel), the reference runs eager (Python, dispatch and launch per operator) with cuDNN's default TF32 convolutions
+and takes the slower of its compute and its data loading (PIL PNG decode of the full-size images). The device
+figures and efficiencies are assumptions printed with the result (DEVICES, EFFICIENCY).
 """
 
 from __future__ import annotations
