@@ -3,15 +3,12 @@ GPU, and report registers and spills per thread.
 
     python -m bench.compile_kernels [--arch 90 80] [--only step] [--json OUT]
 
-How: a stand-in Triton driver reports the target (GPUTarget('cuda', ARCH, 32)); Triton's JIT is made to compile
-without launching (`warmup`), so each public kernel function, called on CPU tensors, goes through its real
-launcher, and the JIT specialises the kernel exactly as it would for CUDA tensors of those shapes, strides and
-dtypes (integer arguments divisible by 16, pointer alignment, constexprs). The PTX goes through Triton's bundled
-ptxas (`-v`) for the cubin's register and spill counts. Outputs are left uninitialised: nothing is launched.
-
-Plans: `step` = what one training step launches (fp32 images, int64 labels, bool mask, paper shapes 512x512 with
-65x65 features, NCHW and channels_last); `api` = the dtypes and layouts the tests launch (fp32/fp16/bf16 images,
-uint8/int64 labels, odd shapes). A compile error raises (exit 1) naming the kernel and the arguments.
+A stand-in Triton driver names the target and Triton's JIT compiles without launching (`warmup`), so each public
+kernel function, called on CPU tensors, goes through its real launcher and is specialised exactly as for CUDA tensors
+of those shapes, strides and dtypes (integer divisibility by 16, pointer alignment, constexprs); Triton's bundled
+ptxas (`-v`) reports the cubin's registers and spills. Nothing is launched. Plans: `step` = what one training step
+launches (paper shapes, NCHW and channels_last); `api` = the dtypes, layouts and odd shapes the tests launch. A
+compile error raises (exit 1) naming the kernel and the arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # must hold before triton.jit runs, i.e. before the kernels import
@@ -33,6 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from bench.kernel_cases import paste_inputs  # noqa: E402
 from dsp_fast import kernels  # noqa: E402
 from dsp_fast.kernels import soft_paste, upsample_pool  # noqa: E402
 
@@ -100,7 +99,10 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
     """Registers and spill bytes per thread, from Triton's bundled ptxas -v (the same tool that made the cubin)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
-    with _tempfile(".ptx", ptx) as src:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
         out = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
                               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.devnull],
                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -114,28 +116,7 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
             "spill_loads": int(loads.group(1)) if loads else 0}
 
 
-@contextlib.contextmanager
-def _tempfile(suffix: str, text: str) -> Iterator[str]:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=suffix, delete=False) as f:
-        f.write(text)
-    try:
-        yield f.name
-    finally:
-        os.remove(f.name)
-
-
 # ------------------------------------------------------------------------------------------------------ plans
-def _paste_inputs(b: int, c: int, h: int, w: int, dtype: torch.dtype, label_dtype: torch.dtype,
-                  channels_last: bool, k: int = 19) -> tuple:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    img = [torch.zeros(b, c, h, w, dtype=dtype).contiguous(memory_format=fmt) for _ in range(3)]
-    lab = [torch.zeros(b, h, w, dtype=label_dtype) for _ in range(3)]
-    sel = torch.zeros(b, k, dtype=torch.bool)
-    return img[0], lab[0], sel, img[1], lab[1], img[2], lab[2]
-
-
 def step_plan() -> list[Callable[[], object]]:
     """One DSP step's launches at the paper's shapes: B=2, 512x512 crops, 19 classes, stride-8 features 65x65 of
     256 channels, fp32 images (the loader's /255) and int64 labels, NCHW and channels_last. The pixel weight is not
@@ -143,8 +124,8 @@ def step_plan() -> list[Callable[[], object]]:
     calls: list[Callable[[], object]] = []
     pasted = torch.zeros(2, 512, 512, dtype=torch.bool)  # the long-tail pixels, which join the mask
     for cl in (False, True):
-        calls.append(lambda cl=cl: kernels.dual_soft_paste(*_paste_inputs(2, 3, 512, 512, torch.float32,
-                                                                          torch.int64, cl), 0.9, pasted))
+        calls.append(lambda cl=cl: kernels.dual_soft_paste(*paste_inputs(2, 3, 512, 512, channels_last=cl), 0.9,
+                                                           pasted))
         fmt = torch.channels_last if cl else torch.contiguous_format
         feat = torch.zeros(2, 256, 65, 65).contiguous(memory_format=fmt)
         calls.append(lambda f=feat: kernels.weighted_mmd(f, f, torch.zeros(2, 512, 512, dtype=torch.bool),
@@ -159,8 +140,8 @@ def api_plan() -> list[Callable[[], object]]:
         for label_dtype in (torch.int64, torch.uint8):
             for cl in (False, True):
                 calls.append(lambda dt=dt, ld=label_dtype, cl=cl: kernels.dual_soft_paste(
-                    *_paste_inputs(2, 3, 17, 33, dt, ld, cl), 0.9))
-        calls.append(lambda dt=dt: kernels.dual_soft_paste(*_paste_inputs(2, 3, 17, 33, dt, torch.int64, False), 0.9,
+                    *paste_inputs(2, 3, 17, 33, dtype=dt, label_dtype=ld, channels_last=cl), 0.9))
+        calls.append(lambda dt=dt: kernels.dual_soft_paste(*paste_inputs(2, 3, 17, 33, dtype=dt), 0.9,
                                                            torch.zeros(2, 17, 33, dtype=torch.bool)))
         calls.append(lambda dt=dt: kernels.masked_upsample_pool(torch.zeros(2, 5, 7, 9, dtype=dt),
                                                                 torch.zeros(2, 33, 49, dtype=torch.bool), (33, 49)))
@@ -183,16 +164,14 @@ def compile_all(archs: list[int], plans: list[str]) -> list[dict]:
             for plan in plans:
                 for call in PLANS[plan]():
                     call()
-        seen: set[tuple[str, str]] = set()
+        unique: dict[tuple[str, str], dict] = {}
         for rec in sink:
+            unique.setdefault((rec["kernel"], rec["compiled"].hash), rec)
+        for rec in unique.values():
             compiled = rec["compiled"]
-            if (rec["kernel"], compiled.hash) in seen:
-                continue
-            seen.add((rec["kernel"], compiled.hash))
-            usage = ptxas_usage(compiled.asm["ptx"], arch)
             rows.append({"kernel": rec["kernel"], "arch": f"sm_{arch}", "args": rec["args"],
                          "num_warps": compiled.metadata.num_warps, "shared_bytes": compiled.metadata.shared,
-                         "cubin_bytes": len(compiled.asm["cubin"]), **usage})
+                         "cubin_bytes": len(compiled.asm["cubin"]), **ptxas_usage(compiled.asm["ptx"], arch)})
     return rows
 
 

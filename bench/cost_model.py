@@ -4,25 +4,17 @@ measured device time per class of the same config beside the prediction (bench/g
 
     python -m bench.cost_model [--device h200] [--config gta2cs] [--profile PROFILE.json] [--json OUT] [key=value ...]
 
-How: each trainer's own step is recorded as bench.memory runs it on fake tensors (shapes only, seconds on a CPU):
-the fast `Trainer` through `Trainer.step` with the CUDA path's settings (autocast's dtype and its weight casts at
-every forward, as under graph capture; channels_last; fused SGD; the fused kernels' `dsp_fast::` operators), the
-reference's own `train_step` (fp32, NCHW, the twins, torch's foreach SGD), a warm step then one under `Counter`, a
-dispatch mode that records every operator with its FLOPs (torch.utils.flop_counter's formulas) and the bytes it
-reads and writes (its input tensors, its outputs and the arguments it writes in place, plus the layout copies that
-softmax and convolution backward make inside; views and allocations move nothing).
-
-Each operator takes max(FLOPs / (matrix rate x efficiency), bytes / (bandwidth x efficiency)) plus a launch:
-convolutions and matmuls are matrix-rate operators, the rest is bandwidth-bound. The fast step replays one CUDA
-graph (a small cost per kernel); the reference runs eager (Python, dispatch and launch per operator) with cuDNN's
-default TF32 convolutions, and its data loading (PIL PNG decode of the full-size images) is predicted apart: its
-step takes the slower of compute and data. The device figures and every efficiency are assumptions printed with
-the result (DEVICES, EFFICIENCY); the bf16 matrix rate and the HBM bandwidth are what was measured on an H200.
+How: each trainer's step is recorded as bench.memory runs it on fake tensors (shapes only, seconds on a CPU) by
+`Counter`, with every operator's FLOPs (torch.utils.flop_counter's formulas) and bytes read and written. Each operator
+takes max(FLOPs / (matrix rate x efficiency), bytes / (bandwidth x efficiency)) plus a launch (convolutions and
+matmuls at the matrix rate, the rest bandwidth-bound): the fast step replays one CUDA graph (a small cost per
+kernel), the reference runs eager (Python, dispatch and launch per operator) with cuDNN's default TF32 convolutions
+and takes the slower of its compute and its data loading (PIL PNG decode of the full-size images). The device
+figures and efficiencies are assumptions printed with the result (DEVICES, EFFICIENCY).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -32,10 +24,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from bench.memory import cuda_like_trainer, reference_run
-from bench.provenance import command_line, result_env, write_result
+from bench.memory import stepper
+from bench.provenance import parse_args, result_env, tool_parser, write_result
 from dsp_fast.config import Config, load_config
-from dsp_fast.config.overrides import split_overrides
 
 # measured on an H200 (bf16 dense matmul, HBM copy); TF32 and fp32 SIMT rates are the datasheet ratios to bf16
 DEVICES = {
@@ -132,16 +123,10 @@ class Counter(TorchDispatchMode):
 def record_step(cfg: Config, trainer: str = "fast") -> list[Op]:
     """The operators of one step of `trainer` (fast or reference) as it runs on CUDA, after a warm step."""
     counter = Counter()
-    if trainer == "fast":
-        with cuda_like_trainer(cfg) as (run, _):
-            run.step()
-            with counter:
-                run.step()
-    else:
-        with reference_run(cfg) as step:
-            step(0)
-            with counter:
-                step(1)
+    with stepper(cfg, trainer) as s:
+        s.step()
+        with counter:
+            s.step()
     return counter.ops
 
 
@@ -161,6 +146,7 @@ def predict(ops: list[Op], matrix_flops: float, bytes_per_s: float, launch_s: fl
 
 
 def run(cfg: Config, device: str, data_workers: int = 4) -> dict:
+    """Both trainers' steps predicted on `device`; the reference's data loading with `data_workers` workers."""
     dev = DEVICES[device]
     fast = predict(record_step(cfg, "fast"), dev["bf16_flops"], dev["hbm_bytes_per_s"], EFFICIENCY["graph_kernel_s"])
     ref = predict(record_step(cfg, "reference"), dev["tf32_flops"], dev["hbm_bytes_per_s"], EFFICIENCY["eager_op_s"])
@@ -196,27 +182,23 @@ def print_table(r: dict, measured: dict[str, float] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    flags, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__.split("\n\n")[0])
+    p = tool_parser("bench.cost_model", __doc__)
     p.add_argument("--device", choices=sorted(DEVICES), default=None,
                    help="default: the profile's GPU where --profile names an H100, else h200")
     p.add_argument("--config", default="gta2cs", help="preset or YAML file (default: gta2cs, the paper's)")
-    p.add_argument("--data-workers", type=int, default=4, help="the reference's DataLoader workers")
     p.add_argument("--profile", default="", help="bench.profile_step's JSON: its ms per class beside the prediction")
     p.add_argument("--json", default="", help="write the prediction here")
-    args = p.parse_args(flags)
+    args = parse_args(p, argv, overrides=True)
     measured, device = None, args.device or "h200"
     if args.profile:
         with open(args.profile) as f:
             prof = json.load(f)
         measured = prof["ms_per_step_by_class"]
         device = args.device or ("h100" if "H100" in prof["env"]["device"] else "h200")
-    result = run(load_config(args.config, overrides), device, args.data_workers)
+    result = run(load_config(args.config, args.overrides), device)
     print_table(result, measured)
     if args.json:
-        write_result(args.json, {"env": result_env("cpu", command_line("python -m bench.cost_model", argv)),
-                                 **result, "measured_ms_by_class": measured})
+        write_result(args.json, {"env": result_env("cpu", args.command), **result, "measured_ms_by_class": measured})
     return 0
 
 

@@ -1,32 +1,24 @@
 """Data throughput: the reference's PIL DataLoader over the original PNGs vs the prepared data (torch and DALI).
 
-    python -m bench.data_throughput [--quick] [--threads 1 2] [--device cpu|cuda] [--dali-roi on off] [--rounds N]
+    python -m bench.data_throughput [--quick] [--threads 1 2] [--device cpu|cuda] [--rounds N] [--out DIR]
 
 Generates GTA5-like (1914x1052 PNG, palette labels) and Cityscapes-like (2048x1024 PNG) scenes in a temp folder
 (nothing is downloaded), prepares them with `dsp_fast.prepare` (JPEG q95), then times, with the same thread count:
-
-- per stream (B crops of 512x512 per batch; source = image + label, target = image only):
-  `reference-png`  the reference trainer's RandomCrops DataLoader: PIL decode of the PNG, resize, crop;
-  `torch-<fmt>`    the `torch` backend over prepared data (PIL decode + crop in DataLoader workers);
-  `dali-<fmt>-roi` the `dali` backend (CPU operators on a CPU device, GPU decode with --device cuda), decoding
-                   only each crop's window (`fn.decoders.image_slice`, what the loaders run);
-  `dali-<fmt>-full` the same pipeline decoding each whole file and then slicing it (the path before 2026-12-06);
-  `longtail` stream: the 2B long-tail crops of a step from the 1920x1080 longtail/ set (image + label);
-- per training step (3B crops + K long-tail crops): the reference's three loaders plus its long-tail crops
-  (decoded on the main thread) vs `build_loaders` with each backend;
-- the long-tail plan of one step (B x 2 windows, host only, on the DALI feeder's thread): drawn from the window maps
-  stored at preparation (what the loaders do) vs from the decoded 1920x1080 label (what the maps replace).
-images/s counts 512x512 crops delivered; threads = DataLoader workers or DALI threads per stream.
---rounds N measures every row N times, alternating the variants within each round (a shared machine's load drifts
-over minutes), and reports the median per row under "medians".
-Results go to bench/results/data_throughput_<date>.json with the device, git sha and versions.
+- per stream (batches of 2 crops of 512x512; source = image + label, target = image only, longtail = the 4
+  long-tail crops of a step from the 1920x1080 longtail/ set, image + label): `reference-png` the reference's
+  RandomCrops DataLoader (PIL decode of the PNG, resize, crop); `torch-jpeg` the `torch` backend (PIL decode + crop
+  in DataLoader workers); `dali-jpeg-roi` the `dali` backend (CPU operators on a CPU device, GPU decode with
+  --device cuda) decoding only each crop's window (`fn.decoders.image_slice`, what the loaders run) and
+  `dali-jpeg-full` decoding each whole file then slicing it (the path before the region decode);
+- per training step (3 x 2 crops + 4 long-tail crops): the reference's three loaders plus its long-tail crops
+  (decoded on the main thread) vs `build_loaders` with each backend.
+images/s counts 512x512 crops delivered; threads = DataLoader workers or DALI threads per stream. Every row is
+measured --rounds times, the variants alternating within each round, and its median reported under "medians".
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib
 import os
 import sys
 import tempfile
@@ -37,18 +29,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.provenance import RESULTS_DIR, command_line, result_env, write_result
+from bench.provenance import RESULTS_DIR, parse_args, result_env, stamped, tool_parser, version, write_result
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, SOURCE_RESAMPLE, Cityscapes, load_or_build_class_index
-from dsp_fast.data.windows import draw_in_box, draw_valid_window
 from dsp_fast.pipelines import build_loaders
 from dsp_fast.pipelines.plan import CropPlan, ShardedSampler, random_window
-from dsp_fast.pipelines.prepared import LONG_TAIL_DIR, load_prepared, read_label_array, read_window_map
+from dsp_fast.pipelines.prepared import LONG_TAIL_DIR, load_prepared
 from dsp_fast.reference import LongTailSource, RandomCrops
 
 GTA5_SIZE, CITYSCAPES_SIZE = (1914, 1052), (2048, 1024)
 SOURCE_BASE, TARGET_BASE, CROP, LONG_TAIL_SIZE = (1280, 720), (1024, 512), (512, 512), (1920, 1080)
-LONG_TAIL = (12, 15, 16, 17, 18)
+LONG_TAIL, BATCH = (12, 15, 16, 17, 18), 2
 _IDS = (7, 8, 11, 21, 23, 24, 26, 25, 28, 32, 33)  # Cityscapes ids: road ... car, rider, bus, motorcycle, bicycle
 
 
@@ -89,6 +80,16 @@ def make_data(root: str, n_source: int, n_target: int, seed: int = 0) -> tuple[s
     return gta, cs
 
 
+def make_prepared(root: str, n_source: int, n_target: int, workers: int) -> tuple[str, str, str, str]:
+    """(GTA5-like root, Cityscapes-like root, prepared source, prepared target train), made under `root`."""
+    gta, cs = make_data(root, n_source, n_target)
+    src, tgt = os.path.join(root, "prep_gta5"), os.path.join(root, "prep_cs")
+    prepare.main(["--dataset", "gta5", "--root", gta, "--out", src, "--no-progress", "--workers", str(workers)])
+    prepare.main(["--dataset", "cityscapes", "--root", cs, "--out", tgt, "--split", "train", "--no-labels",
+                  "--no-progress", "--workers", str(workers)])
+    return gta, cs, src, os.path.join(tgt, "train")
+
+
 # ----------------------------------------------------------------------------------------------- timing
 def timed(it: Iterator, warmup: int, batches: int, per_batch: int) -> dict[str, float]:
     """Images/s over `batches` after `warmup` (worker start-up and pipeline build are not counted)."""
@@ -114,10 +115,10 @@ def reference_stream(dataset, base: tuple[int, int], batch: int, threads: int, r
 def prepared_stream(backend: str, root: str, labels: bool, batch: int, threads: int, device: torch.device,
                     roi: bool = True):
     ds = load_prepared(root)
-    sampler, seed = ShardedSampler(len(ds), seed=1), 1
+    sampler = ShardedSampler(len(ds), seed=1)
 
     def plan(step: int) -> CropPlan:
-        rng = np.random.default_rng([seed, step])
+        rng = np.random.default_rng([1, step])
         return CropPlan(sampler.take(step * batch, batch), [random_window(rng, ds.size, CROP) for _ in range(batch)],
                         [False] * batch, [])
 
@@ -148,84 +149,46 @@ def reference_steps(gta: str, cs: str, batch: int, threads: int) -> Iterator:
         yield out
 
 
-def long_tail_plan_ms(src_dir: str, batch: int, steps: int) -> dict[str, float]:
-    """ms per step to draw the step's B x 2 long-tail windows, each way (images and classes drawn as the planner)."""
-    lt = load_prepared(os.path.join(src_dir, LONG_TAIL_DIR))
-    classes = [c for c in LONG_TAIL if lt.window_counts[:, c].sum() > 0]
-    rng = np.random.default_rng(0)
-    picks = []
-    for _ in range(steps):
-        for c in rng.permutation(classes)[:2].tolist():
-            p = lt.window_counts[:, c] / lt.window_counts[:, c].sum()
-            picks += [(int(rng.choice(len(lt), p=p)), c) for _ in range(batch)]
-    ways = {"stored map": lambda i, c: draw_in_box(rng, *read_window_map(lt, i, c)),
-            "label decode": lambda i, c: draw_valid_window(rng, read_label_array(lt, i), c, CROP)}
-    out = {}
-    for name, draw in ways.items():
-        start = time.perf_counter()
-        for i, c in picks:
-            draw(i, c)
-        out[name] = round(1e3 * (time.perf_counter() - start) / steps, 2)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- the run
-def backends(device: torch.device, dali_roi: list[str]) -> list[tuple[str, str, bool]]:
+def backends(device: torch.device) -> list[tuple[str, str, bool]]:
     """(row name, backend, DALI region decode) of each prepared-data variant; the DALI ones adjacent, so a round
     measures them back to back."""
     names = [("torch-jpeg", "torch", True)]
-    try:
-        import nvidia.dali  # noqa: F401
-
-        names += [(f"dali-jpeg-{'roi' if r == 'on' else 'full'}", "dali", r == "on") for r in dali_roi]
-    except ImportError:
+    if version("nvidia.dali"):
+        names += [("dali-jpeg-full", "dali", False), ("dali-jpeg-roi", "dali", True)]
+    else:
         print("DALI not installed: skipping the dali rows", file=sys.stderr)
-    if device.type == "cuda":
-        try:
-            import torchvision.io  # noqa: F401
-
-            names.append(("torchvision-jpeg", "torchvision", True))
-        except ImportError:
-            pass
+    if device.type == "cuda" and version("torchvision"):
+        names.append(("torchvision-jpeg", "torchvision", True))
     return names
 
 
 def run(args: argparse.Namespace, work: str) -> dict:
-    device = torch.device(args.device)
+    device, b = torch.device(args.device), BATCH
+    (n_src, n_tgt, w, n) = (4, 2, 1, 3) if args.quick else (24, 12, 3, 20)
     t0 = time.perf_counter()
-    gta, cs = make_data(work, args.source_images, args.target_images)
-    info: dict = {"generate_s": round(time.perf_counter() - t0, 1)}
-    src_dir, tgt_dir = os.path.join(work, "prep_gta5"), os.path.join(work, "prep_cs")
-    for name, root, out, extra in (("gta5", gta, src_dir, []), ("cityscapes", cs, tgt_dir, ["--split", "train",
-                                                                                            "--no-labels"])):
-        t0 = time.perf_counter()
-        prepare.main(["--dataset", name, "--root", root, "--out", out, "--no-progress", "--workers",
-                      str(os.cpu_count()), *extra])
-        info[f"prepare_{name}_s"] = round(time.perf_counter() - t0, 1)
-    tgt_dir, lt_dir = os.path.join(tgt_dir, "train"), os.path.join(src_dir, LONG_TAIL_DIR)
-    info["bytes_per_image"] = {
+    gta, cs, src_dir, tgt_dir = make_prepared(work, n_src, n_tgt, os.cpu_count() or 1)
+    info: dict = {"generate_and_prepare_s": round(time.perf_counter() - t0, 1), "bytes_per_image": {
         "gta5_png": os.path.getsize(os.path.join(gta, "images", "00000.png")),
         "gta5_prepared_jpeg": os.path.getsize(os.path.join(src_dir, "images", "00000.jpg")),
         "cityscapes_png": os.path.getsize(os.path.join(cs, "leftImg8bit", "train", "benchcity",
                                                        "benchcity_000000_000019_leftImg8bit.png")),
-        "cityscapes_prepared_jpeg": os.path.getsize(os.path.join(tgt_dir, "images", "benchcity_000000_000019.jpg"))}
-    rows = []
-    w, n, b = args.warmup, args.batches, args.batch_size
+        "cityscapes_prepared_jpeg": os.path.getsize(os.path.join(tgt_dir, "images", "benchcity_000000_000019.jpg"))}}
+    lt_dir, rows = os.path.join(src_dir, LONG_TAIL_DIR), []
 
     def row(kind: str, stream: str, backend: str, threads: int, make: Callable[[], Iterator], per: int) -> None:
         it = make()
         r = {"round": rnd, "kind": kind, "stream": stream, "backend": backend, "threads": threads, "batch": per,
              "device": str(device), **timed(it, w, n, per)}
-        close = getattr(it, "close", None)
-        if close:
-            close()
+        if hasattr(it, "close"):
+            it.close()
         rows.append(r)
         print(f"{kind:6s} {stream:8s} {backend:15s} threads={threads}  {r['images_per_s']:8.2f} img/s  "
               f"{r['ms_per_batch']:8.1f} ms/batch", flush=True)
 
-    variants = backends(device, args.dali_roi)
+    variants = backends(device)
     for rnd in range(args.rounds):
-        for t in args.threads:
+        for t in [1] if args.quick else args.threads:
             row("stream", "source", "reference-png", t, lambda: reference_stream(GTA5(gta), SOURCE_BASE, b, t), b)
             row("stream", "target", "reference-png", t,
                 lambda: reference_stream(Cityscapes(cs, "train", labels=False), TARGET_BASE, b, t), b)
@@ -238,10 +201,7 @@ def run(args: argparse.Namespace, work: str) -> dict:
                 row("step", "all", name, t, lambda: build_loaders(
                     src_dir, tgt_dir, batch_size=b, backend=be, device=device, num_threads=t,
                     long_tail_classes=LONG_TAIL, num_long_tail=2, dali_roi=roi), 5 * b)
-    plan = long_tail_plan_ms(src_dir, b, n)
-    for name, ms in plan.items():
-        print(f"plan   longtail {name:14s}            {ms:8.1f} ms/step ({2 * b} windows)", flush=True)
-    return {"info": info, "rows": rows, "medians": medians(rows), "long_tail_plan_ms_per_step": plan}
+    return {"info": info, "rows": rows, "medians": medians(rows)}
 
 
 def medians(rows: list[dict]) -> list[dict]:
@@ -259,38 +219,19 @@ def medians(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _version(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except ImportError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.data_throughput", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: few images and batches, one thread count")
+    p = tool_parser("bench.data_throughput", __doc__)
+    p.add_argument("--quick", action="store_true", help="smoke run: few images and batches, one thread")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--source-images", type=int, default=24)
-    p.add_argument("--target-images", type=int, default=12)
-    p.add_argument("--dali-roi", nargs="+", choices=["on", "off"], default=["off", "on"],
-                   help="DALI rows to measure: 'on' decodes only each crop's window (what the loaders do), 'off' "
-                        "decodes whole files then slices (the path before); both by default, side by side")
-    p.add_argument("--rounds", type=int, default=1, help="measure every row this many times, alternating; "
-                   "medians reported")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1, help="measure every row this many times, alternating")
     p.add_argument("--out", default=RESULTS_DIR)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.threads, args.source_images, args.target_images, args.warmup, args.batches = [1], 4, 2, 1, 3
+    args = parse_args(p, argv)
     with tempfile.TemporaryDirectory(prefix="dsp_data_bench_") as work:
-        env = result_env(args.device, command_line("python -m bench.data_throughput", argv),
-                         dali=_version("nvidia.dali"), pillow=_version("PIL"), numpy=np.__version__)
-        result = {"env": env, "args": vars(args), **run(args, work)}
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = os.path.join(args.out, f"data_throughput_{stamp}{'_quick' if args.quick else ''}.json")
+        env = result_env(args.device, args.command, dali=version("nvidia.dali"), pillow=version("PIL"),
+                         numpy=np.__version__)
+        result = {"env": env, **run(args, work)}
+    path = stamped(args.out, "data_throughput", "quick" if args.quick else "") + ".json"
     write_result(path, result)
     print(f"wrote {path}")
     return 0

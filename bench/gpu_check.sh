@@ -1,22 +1,13 @@
 #!/usr/bin/env bash
-# One-command GPU validation of dsp_fast, about 7 minutes on one H100/H200, made so that a rarely lent GPU is not
-# wasted:
+# One-command GPU validation of dsp_fast, about 7 minutes on one H100/H200, so that a rarely lent GPU is not wasted:
 #   bench/gpu_check.sh [OUT_DIR]          (default bench/results/gpu_<date>)
 #   bench/gpu_check.sh --dry-run [OUT]    (or DRY_RUN=1): print the commands, run nothing
-#
-# Steps in priority order, each under `timeout`; the limits add up to the budget (GPU_CHECK_BUDGET_S, 400 s), each is
-# clipped to what is left, and every step runs even when an earlier one failed: 1. preflight (CUDA, triton, a C
-# compiler and Python.h for Triton's launchers, setuptools >= 70.1 or wheel); 2. dsp_fast importable (an editable
-# install, or a link farm mapping kernels/ and pipelines/ into the package as setup.py does); 3. the kernels compiled
-# for this GPU (registers, spills); 4. the GPU tests (kernels against their twins in fp32/fp16/bf16, the graphed step
-# against eager); 5. throughput at the paper's config with the graphs / AMP / kernels ablations (its JSON rewritten
-# every round), then MiT-B5; 6. kernel microbenchmarks; 7. the paper config's step profiled on the GPU
-# (bench.profile_step) with bench.cost_model's prediction per class beside it; 8. the memory prediction beside the
-# measured peaks (bench.memory --measure-cuda); 9. the nvJPEG data path. Without a C toolchain steps 3, 4 and 6 are
-# skipped and the throughput runs the twins. The prediction lines of 7 and 8 go into summary.txt. At most 8 files
-# land in OUT (only 8 come back from the GPU machine): summary.txt, steps.log, throughput_*.json + .png,
-# throughput_*_mitb5.json, kernels_bench.json, profile_step_cuda_*.json, data_throughput_*.json.
-# Exit status: 0 when every step exited 0, else 1.
+# The numbered steps below run in priority order, each under `timeout`; their limits add up to the budget
+# (GPU_CHECK_BUDGET_S, 400 s), each is clipped to what is left, and every step runs even when an earlier one failed.
+# Without a C toolchain (Triton's launchers need a C compiler and Python.h) steps 3, 4 and 6 are skipped and the
+# throughput runs the twins. At most 8 files land in OUT (only 8 come back from the GPU machine): summary.txt (with
+# the prediction lines of 7 and 8), steps.log, throughput_*.json + .png, throughput_*_mitb5.json, kernels_bench.json,
+# profile_step_cuda_*.json, data_throughput_*.json. Exit status: 0 when every step exited 0, else 1.
 set -u
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -152,9 +143,9 @@ step throughput_mitb5 30 "$PY" -m bench.throughput --config gta2cs_mitb5 --data 
     --paper-images 8 4 --device cuda --data-backend torch --rounds 1 --steps 4 --warmup 2 --scaling 0 \
     --ablations - --no-chart --tag mitb5 --out "$OUT"
 if ((TOOLCHAIN)); then
-    # 6. kernel vs twin only: a cold torch.compile of each twin costs more than the whole step's budget
+    # 6. kernel microbenchmarks, each kernel against its twin
     step kernel_bench 25 env TRITON_INTERPRET=0 "$PY" -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
-        -k "not compiled_twin" --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3 \
+        --benchmark-only --benchmark-max-time=0.2 --benchmark-min-rounds=3 \
         --benchmark-json "$OUT/kernels_bench.json"
 else
     skip kernel_bench "no C compiler or Python.h"
@@ -167,6 +158,7 @@ step cost_model 40 "$PY" -m bench.cost_model --config gta2cs --profile "${PROFIL
 # 8. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
 # graph's warm-up shortened to 2 steps, which changes no allocation of the captured step
 step memory 30 "$PY" -m bench.memory --config gta2cs --measure-cuda fast.graph_warmup=2
+# 9. the nvJPEG data path
 step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
 
 if [[ "$DRY_RUN" != "1" ]]; then

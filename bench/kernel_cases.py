@@ -1,11 +1,7 @@
-"""The kernel cases: the inputs of each kernel and the bytes each case assumes, shared by the kernel tests
-(tests/test_kernels_*.py, tests/test_mmd_memory.py) and the microbenchmarks (bench/bench_kernels.py),
-so that a speed or memory figure is measured on the inputs the tests check.
-
-Shapes: B batch, C channels, H x W crop, h x w stride-8 features, K classes. The paper's shapes are the benchmarks'
-(and the GPU tests' largest); the odd ones (1x1, 17x33, channel counts that are not powers of two) are the tests'.
-The assumed bytes are the fused kernel's traffic, its floor: a twin moves more, so its GB/s is an effective rate,
-comparable across implementations of one case.
+"""The kernel cases: the inputs of each kernel and the bytes each case assumes, shared by the kernel tests and the
+microbenchmarks (bench/bench_kernels.py), so that a speed or memory figure is measured on the inputs the tests check.
+Shapes: B batch, C channels, H x W crop, h x w stride-8 features, K classes; the paper's are the benchmarks' (and
+the GPU tests' largest), the odd ones (1x1, 17x33, channel counts that are not powers of two) the tests'.
 """
 
 from __future__ import annotations

@@ -1,40 +1,28 @@
 """Will it fit on my card: the peak device memory of one training step, predicted without a GPU, for every preset:
-the fast trainer as it runs on CUDA and the reference trainer (fp32, NCHW, eager), each split into weights,
-optimizer state, gradients, activations and the DSP buffers at the peak. One rank, one device; the CUDA context
-(about 0.5 GiB) comes on top of every figure.
+the fast trainer as it runs on CUDA and the reference trainer (fp32, NCHW, eager), split into weights, optimizer
+state, gradients, activations and DSP buffers at the peak. One rank; the CUDA context (about 0.5 GiB) comes on top.
 
     python -m bench.memory [--config PRESET ...] [--check-cpu [PRESET]] [--measure-cuda] [--out DIR] [key=value ...]
 
---check-cpu: a preset's steps (default synthetic at --check-crop 48) also on real CPU tensors, beside their fake
-prediction (the kernels as this machine runs them on both sides): live tensor bytes and the CPU allocator's peak.
---measure-cuda: both trainers built for real on the GPU and stepped (the fast one past its warm-up and graph
-capture), torch.cuda.max_memory_allocated beside the prediction, one `[memory]` line per trainer.
---out DIR: memory_<date>.json and .md there.
-
 How: each trainer's own step runs on fake CPU tensors (FakeTensorMode: shapes, dtypes and strides, no storage; on a
 CPU build of torch, autograd on fake cuda tensors asks the CUDA runtime for a stream), a warm step then one under
-`LiveBytes`. The fast one is the `Trainer` itself with the CUDA path's settings (autocast's dtype, its weight cache
-off as under capture, channels_last, fused SGD / AdamW, value checks off, the fused kernels' operators through
-`force_kernels`), its models built on meta and given fake storage, its loader one batch of the loader's shapes; the
-reference is its own `train_step`, with every long-tail crop found and both coins of the augmentation up, its host
-reads answering 1 and its boolean masks selecting every pixel (`HostReads`). Left out, so a measured peak should sit
-at or a little above the prediction: cuDNN / cuBLAS workspaces, the caching allocator's rounding, operators lowered
-differently on CUDA, kernel-internal scratch, DDP's gradient buckets, the CUDA context.
+`LiveBytes`: the fast `Trainer` with the CUDA path's settings (`cuda_like_trainer`), the reference's `train_step`
+with every long-tail crop found, both augmentation coins up and its host reads answered (`HostReads`). Left out, so
+a measured peak should sit at or a little above the prediction: cuDNN / cuBLAS workspaces, the caching allocator's
+rounding, operators lowered differently on CUDA, kernel-internal scratch, DDP's gradient buckets.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import datetime
 import gc
 import itertools
 import os
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -44,11 +32,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils.weak import WeakIdKeyDictionary
 
-from bench.provenance import command_line, result_env, write_result
+from bench.provenance import parse_args, result_env, stamped, tool_parser, write_result
 from dsp_fast import reference as ref
 from dsp_fast.config import Config, load_config, preset_names
-from dsp_fast.config.overrides import split_overrides
-from dsp_fast.engine.distributed import DistInfo, per_rank_batch
+from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.model_setup import apply_channels_last
 from dsp_fast.engine.options import AMP_DTYPES, amp_dtype, graphs_on
 from dsp_fast.engine.trainer import Trainer
@@ -67,21 +54,6 @@ TABLE = (("weights", ("weights",)), ("optimizer", ("optimizer",)), ("gradients",
 """The reported columns: activations hold what the forward saved and every temporary alive (forward, backward,
 update); 'other' (the step context's scalars, bytes) goes with them."""
 PHASES = {"activations": "forward", "backward": "backward", "update": "update"}
-
-
-@dataclasses.dataclass
-class MemoryReport:
-    """Bytes at the peak of one step, by category (CATEGORIES); `phase`: the category of the allocation that made
-    the peak (activations: in the forward, backward, update)."""
-
-    peak: int
-    at_peak: dict[str, int]
-    phase: str
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    at_start: int = 0  # bytes registered before the step (what lives across steps)
-
-    def gib(self, *categories: str) -> float:
-        return sum(self.at_peak.get(c, 0) for c in categories) / GIB if categories else self.peak / GIB
 
 
 def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -161,7 +133,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def __enter__(self) -> LiveBytes:
-        self._handles.append(register_optimizer_step_pre_hook(self._updating))
+        self._handles.append(register_optimizer_step_pre_hook(lambda *_: setattr(self, "updating", True)))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -169,12 +141,6 @@ class LiveBytes(TorchDispatchMode):
             h.remove()
         self._handles.clear()
         super().__exit__(*exc)
-
-    def _updating(self, *_: Any) -> None:
-        self.updating = True
-
-    def report(self, settings: dict[str, Any] | None = None) -> MemoryReport:
-        return MemoryReport(self.peak, dict(self.at_peak), self.phase_at_peak, settings or {}, self.at_start)
 
 
 # ------------------------------------------------------------------------------------------------ the fast step
@@ -220,11 +186,22 @@ def fake_models(cfg: Config, channels_last: bool = False) -> tuple[torch.nn.Modu
     return models
 
 
+@dataclasses.dataclass
+class Stepper:
+    """One trainer as the tools step it: `step()` one training step; `inputs()` the step's inputs that live across
+    steps (read after a step), by LiveBytes category."""
+
+    step: Callable[[], object]
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    inputs: Callable[[], dict[str, list]]
+
+
 @contextlib.contextmanager
-def cuda_like_trainer(cfg: Config, world_size: int = 1, fake: bool = True, cuda_kernels: bool = True
-                      ) -> Iterator[tuple[Trainer, dict[str, torch.Tensor]]]:
+def cuda_like_trainer(cfg: Config, fake: bool = True, cuda_kernels: bool = True) -> Iterator[Stepper]:
     """A CPU `Trainer` that takes the CUDA trainer's decisions (cuda_settings; autocast's weight cache as under
-    graphs; value checks off), its loader one batch of one rank's shapes. fake: on fake tensors (no storage, no
+    graphs; value checks off), its loader one batch of the loader's shapes. fake: on fake tensors (no storage, no
     weights); otherwise real CPU tensors. cuda_kernels: the kernels' operators as on CUDA (else this machine's
     rule: the twins, or the Triton interpreter under TRITON_INTERPRET=1). The CPU RNG is restored after."""
     cpu_cfg = cuda_settings(cfg)
@@ -240,46 +217,32 @@ def cuda_like_trainer(cfg: Config, world_size: int = 1, fake: bool = True, cuda_
         run = Trainer(cpu_cfg, DistInfo(), ("", ""), say=lambda _: None, models=models)
         stack.callback(run.close)
         run.ctx.autocast_cache = not graphs_on(cfg.fast, CUDA)  # as the CUDA trainer: no cache under capture
-        run.loader = itertools.repeat(loader_batch(cfg, per_rank_batch(cfg.data.batch_size, world_size),
-                                                   torch.device("cpu")))
-        yield run, next(run.loader)
+        run.loader = itertools.repeat(loader_batch(cfg, run.batch, torch.device("cpu")))
+
+        def inputs() -> dict[str, list]:
+            ctx, buf, choices = run.ctx, run.buf, run.buf.choices
+            return {"dsp_buffers": [buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t, *next(run.loader).values(),
+                                    *(getattr(choices, f.name) for f in dataclasses.fields(choices))],
+                    "other": [ctx.step_t, ctx.found_inf, ctx.counts, *ctx.sums.values()]}
+
+        yield Stepper(run.step, run.student, run.teacher, run.optimizer, inputs)
 
 
-def _fields(obj: Any) -> list[torch.Tensor]:
-    return [getattr(obj, f.name) for f in dataclasses.fields(obj)]  # dataclasses.astuple would deep-copy them
-
-
-def track_trainer_step(run: Trainer, around: contextlib.AbstractContextManager | None = None) -> MemoryReport:
-    """One warm step of the trainer (buffers made, optimizer state created), then one more under LiveBytes (and
-    `around`, a second probe) with everything that lives across steps registered."""
-    run.step()
-    ctx, buf, tracker = run.ctx, run.buf, LiveBytes()
-    for m in (run.student, run.teacher):
-        tracker.register("weights", [*m.parameters(), *m.buffers()])
-    tracker.register("optimizer", [v for s in run.optimizer.state.values() for v in s.values()])
-    tracker.register("optimizer", [g["lr"] for g in run.optimizer.param_groups])
-    batch = next(run.loader)
-    tracker.register("dsp_buffers", [buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t, *_fields(buf.choices),
-                                     *batch.values()])
-    tracker.register("other", [ctx.step_t, ctx.found_inf, ctx.counts, *ctx.sums.values()])
-    tracker.watch_gradients(run.student.parameters())
+def track_step(s: Stepper, around: contextlib.AbstractContextManager | None = None) -> LiveBytes:
+    """One warm step (buffers made, optimizer state created), then one more under LiveBytes (and `around`, a second
+    probe) with everything that lives across steps registered."""
+    s.step()
+    tracker = LiveBytes()
+    tracker.register("weights", [t for m in (s.student, s.teacher) for t in (*m.parameters(), *m.buffers())])
+    tracker.register("optimizer", [*(v for st in s.optimizer.state.values() for v in st.values()),
+                                   *(g["lr"] for g in s.optimizer.param_groups)])
+    for category, tensors in s.inputs().items():
+        tracker.register(category, tensors)
+    tracker.watch_gradients(s.student.parameters())
     tracker.at_start = tracker.total
     with tracker, around or contextlib.nullcontext():
-        run.step()
-    return tracker.report()
-
-
-def predict_fast_step(cfg: Config, world_size: int = 1, cuda_kernels: bool = True) -> MemoryReport:
-    """The fast trainer's step on one CUDA device (one rank of `world_size`), on fake CPU tensors."""
-    with cuda_like_trainer(cfg, world_size, fake=True, cuda_kernels=cuda_kernels) as (run, _):
-        report = track_trainer_step(run)
-    report.settings = {"amp": cuda_settings(cfg).fast.amp, "channels_last": cfg.fast.channels_last,
-                       "graphs": graphs_on(cfg.fast, CUDA),
-                       "optimizer": f"{cfg.optim.algorithm} ({cfg.fast.optimizer})",
-                       "batch_per_rank": per_rank_batch(cfg.data.batch_size, world_size),
-                       "crop": list(cfg.data.crop_size), "arch": cfg.model.arch,
-                       "fused_kernels": HAS_TRITON and cuda_kernels}
-    return report
+        s.step()
+    return tracker
 
 
 # ------------------------------------------------------------------------------------------- the reference step
@@ -341,25 +304,10 @@ def reference_inputs(cfg: Config, device: torch.device) -> tuple[list[torch.Tens
     return batch, ref.StepChoices(class_sel, long_tail, *aug)
 
 
-@dataclasses.dataclass
-class ReferenceStep:
-    """The reference's models (as `build_run` builds them), optimizer and one step's inputs; call it with the step
-    number to run `reference.train_step`."""
-
-    cfg: Config
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    batch: list[torch.Tensor]
-    choices: ref.StepChoices
-
-    def __call__(self, step: int) -> None:
-        ref.train_step(self.cfg, self.student, self.teacher, self.optimizer, step, self.batch, self.choices)
-
-
 @contextlib.contextmanager
-def reference_run(cfg: Config, fake: bool = True, device: torch.device | None = None) -> Iterator[ReferenceStep]:
-    """The reference trainer's step on `device` (default CPU); fake: on fake CPU tensors (no weights file)."""
+def reference_run(cfg: Config, fake: bool = True, device: torch.device | None = None) -> Iterator[Stepper]:
+    """The reference's models (as `reference.build_run` builds them), optimizer and `train_step` on `device`
+    (default CPU) with one step's inputs; fake: on fake CPU tensors (no weights file)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=""))
     device = device or torch.device("cpu")
     with contextlib.ExitStack() as stack:
@@ -369,7 +317,7 @@ def reference_run(cfg: Config, fake: bool = True, device: torch.device | None = 
             student, teacher = fake_models(cfg)
         else:
             torch.manual_seed(cfg.train.seed)
-            student, teacher = build_student_teacher(cfg.model, device)  # as reference.build_run
+            student, teacher = build_student_teacher(cfg.model, device)
         optimizer = ref.build_optimizer(cfg, student)
         for g in optimizer.param_groups:  # torch's default on CUDA tensors (CPU tensors default to the for loop)
             if g.get("foreach", False) is None:
@@ -378,35 +326,21 @@ def reference_run(cfg: Config, fake: bool = True, device: torch.device | None = 
         if fake:
             stack.enter_context(HostReads([getattr(a, f.name) for a in (choices.aug_src, choices.aug_tgt)
                                            for f in dataclasses.fields(a)]))
-        yield ReferenceStep(cfg, student, teacher, optimizer, batch, choices)
+        steps, lt = itertools.count(), [t for crops in choices.long_tail for _, *pair in crops for t in pair]
+        yield Stepper(lambda: ref.train_step(cfg, student, teacher, optimizer, next(steps), batch, choices),
+                      student, teacher, optimizer, lambda: {"dsp_buffers": [*batch, choices.class_sel, *lt]})
 
 
-def track_reference_step(step: ReferenceStep, around: contextlib.AbstractContextManager | None = None
-                         ) -> MemoryReport:
-    """One warm step (momentum buffers made), then one under LiveBytes (and `around`)."""
-    step(0)
-    tracker = LiveBytes()
-    for m in (step.student, step.teacher):
-        tracker.register("weights", [*m.parameters(), *m.buffers()])
-    tracker.register("optimizer", [v for s in step.optimizer.state.values() for v in s.values()])
-    lt = [t for crops in step.choices.long_tail for _, *pair in crops for t in pair]
-    tracker.register("dsp_buffers", [*step.batch, step.choices.class_sel, *lt])
-    tracker.watch_gradients(step.student.parameters())
-    tracker.at_start = tracker.total
-    with tracker, around or contextlib.nullcontext():
-        step(1)
-    return tracker.report()
+def stepper(cfg: Config, trainer: str, fake: bool = True, cuda_kernels: bool = True
+            ) -> contextlib.AbstractContextManager[Stepper]:
+    """`trainer`'s step (TRAINERS) as it runs on one CUDA device, on CPU tensors (fake ones by default)."""
+    return cuda_like_trainer(cfg, fake, cuda_kernels) if trainer == "fast" else reference_run(cfg, fake)
 
 
-def predict_reference_step(cfg: Config) -> MemoryReport:
-    """The reference trainer's step on one CUDA device (fp32, NCHW, eager), on fake CPU tensors."""
-    with reference_run(cfg, fake=True) as step:
-        report = track_reference_step(step)
-    report.settings = {"amp": "fp32", "channels_last": False, "graphs": False,
-                       "optimizer": f"{cfg.optim.algorithm} (torch default: foreach)",
-                       "batch_per_rank": cfg.data.batch_size, "crop": list(cfg.data.crop_size),
-                       "arch": cfg.model.arch, "fused_kernels": False}
-    return report
+def predict(cfg: Config, trainer: str, cuda_kernels: bool = True) -> LiveBytes:
+    """`trainer`'s step on one CUDA device (the reference's: fp32, NCHW, eager), on fake CPU tensors."""
+    with stepper(cfg, trainer, cuda_kernels=cuda_kernels) as s:
+        return track_step(s)
 
 
 # ------------------------------------------------------------------------------------------- beside measurements
@@ -437,15 +371,9 @@ def check_on_cpu(cfg: Config) -> dict[str, dict[str, float]]:
     runs them on both sides): peak MiB predicted, live tensor bytes measured, the allocator's peak measured."""
     out = {}
     for name in TRAINERS:
-        probe = AllocatorPeak()
-        if name == "fast":
-            predicted = predict_fast_step(cfg, cuda_kernels=False)
-            with cuda_like_trainer(cfg, fake=False, cuda_kernels=False) as (run, _):
-                real = track_trainer_step(run, around=probe)
-        else:
-            predicted = predict_reference_step(cfg)
-            with reference_run(cfg, fake=False) as step:
-                real = track_reference_step(step, around=probe)
+        predicted, probe = predict(cfg, name, cuda_kernels=False), AllocatorPeak()
+        with stepper(cfg, name, fake=False, cuda_kernels=False) as s:
+            real = track_step(s, around=probe)
         out[name] = {"predicted_mib": predicted.peak / MIB, "live_tensors_mib": real.peak / MIB,
                      "allocator_mib": (real.at_start + probe.peak_delta) / MIB,
                      "predicted_by_category_mib": {k: v / MIB for k, v in predicted.at_peak.items()},
@@ -468,7 +396,7 @@ def measure_on_device(cfg: Config, device: torch.device) -> dict[str, int]:
     cfg = cuda_settings(cfg)
     base = reset()
     run = Trainer(cfg, DistInfo(device=device), ("", ""), say=lambda msg: print(msg, flush=True))
-    run.loader = itertools.repeat(loader_batch(cfg, cfg.data.batch_size, device))
+    run.loader = itertools.repeat(loader_batch(cfg, run.batch, device))
     with run.backends():
         for _ in range(run.warmup_steps + 2):
             run.step()
@@ -476,9 +404,9 @@ def measure_on_device(cfg: Config, device: torch.device) -> dict[str, int]:
     run.close()
     del run
     base = reset()
-    with reference_run(cfg, fake=False, device=device) as step:
-        step(0)
-        step(1)
+    with reference_run(cfg, fake=False, device=device) as s:
+        s.step()
+        s.step()
         out["reference"] = torch.cuda.max_memory_allocated(device) - base
     return out
 
@@ -488,11 +416,17 @@ def fmt(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.2f} GiB" if n_bytes >= GIB else f"{n_bytes / MIB:.1f} MiB"
 
 
-def summary(report: MemoryReport) -> dict[str, Any]:
-    """A prediction as the results file holds it: GiB per table column and per category at the peak."""
-    return {"peak_gib": report.gib(), "columns_gib": {name: report.gib(*cats) for name, cats in TABLE},
-            "by_category_gib": {k: v / GIB for k, v in report.at_peak.items()}, "peak_during": report.phase,
-            "before_step_gib": report.at_start / GIB, "settings": report.settings}
+def summary(cfg: Config, trainer: str) -> dict[str, Any]:
+    """`trainer`'s prediction as the results file holds it: GiB per table column and per category at the peak, and
+    the settings it assumes."""
+    live, fast = predict(cfg, trainer), trainer == "fast"
+    return {"peak_gib": live.peak / GIB, "peak_during": live.phase_at_peak, "before_step_gib": live.at_start / GIB,
+            "columns_gib": {name: sum(live.at_peak[c] for c in cats) / GIB for name, cats in TABLE},
+            "by_category_gib": {k: v / GIB for k, v in live.at_peak.items()},
+            "settings": {"amp": cuda_settings(cfg).fast.amp if fast else "fp32",
+                         "channels_last": fast and cfg.fast.channels_last, "graphs": fast and graphs_on(cfg.fast, CUDA),
+                         "optimizer": f"{cfg.optim.algorithm} ({cfg.fast.optimizer if fast else 'torch foreach'})",
+                         "fused_kernels": fast and HAS_TRITON}}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -511,48 +445,42 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    flags, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
+    p = tool_parser("bench.memory", __doc__)
     p.add_argument("--config", nargs="+", default=preset_names(), help="presets or YAML files (default: every preset)")
     p.add_argument("--check-cpu", nargs="?", const="synthetic", default="", metavar="PRESET",
-                   help="a preset's steps also on real CPU tensors beside their prediction (default: synthetic)")
-    p.add_argument("--check-crop", type=int, default=48, help="the crop of the CPU check (default 48)")
+                   help="a preset's steps at 48x48 also on real CPU tensors, beside their prediction")
     p.add_argument("--measure-cuda", action="store_true", help="measure both trainers on the GPU as well")
-    p.add_argument("--out", default="", help="folder for memory_<date>.json and .md (default: print only)")
-    args = p.parse_args(flags)
+    p.add_argument("--out", default="", help="folder for memory_<date>_<time>.json and .md (default: print only)")
+    args = parse_args(p, argv, overrides=True)
     results: dict[str, Any] = {"presets": {}}
     for name in args.config:
-        cfg, t0 = load_config(name, overrides), time.perf_counter()
-        r = results["presets"][name] = {"fast": summary(predict_fast_step(cfg)),
-                                        "reference": summary(predict_reference_step(cfg)), "model": cfg.model.arch,
-                                        "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size,
-                                        "seconds": time.perf_counter() - t0}
+        cfg, t0 = load_config(name, args.overrides), time.perf_counter()
+        r = results["presets"][name] = {t: summary(cfg, t) for t in TRAINERS}
+        r.update(model=cfg.model.arch, crop=list(cfg.data.crop_size), batch=cfg.data.batch_size,
+                 seconds=time.perf_counter() - t0)
         print(f"{name}: predicted peak fast {fmt(r['fast']['peak_gib'] * GIB)}, reference "
               f"{fmt(r['reference']['peak_gib'] * GIB)} ({r['seconds']:.1f} s)", flush=True)
     print(markdown(results))
     if args.check_cpu:
-        c = args.check_crop
-        cfg = load_config(args.check_cpu, [f"data.crop_size=[{c},{c}]"])
-        results["cpu_check"] = {"config": args.check_cpu, "crop": [c, c],
+        cfg = load_config(args.check_cpu, ["data.crop_size=[48,48]"])
+        results["cpu_check"] = {"config": args.check_cpu, "crop": [48, 48],
                                 "triton_interpret": os.environ.get("TRITON_INTERPRET", ""), **check_on_cpu(cfg)}
         for t in TRAINERS:
             r = results["cpu_check"][t]
-            print(f"CPU check {args.check_cpu} {c}x{c} {t}: predicted {r['predicted_mib']:.2f} MiB, live tensors "
+            print(f"CPU check {args.check_cpu} 48x48 {t}: predicted {r['predicted_mib']:.2f} MiB, live tensors "
                   f"{r['live_tensors_mib']:.2f} MiB, CPU allocator peak {r['allocator_mib']:.2f} MiB "
                   f"(x{r['allocator_mib'] / r['predicted_mib']:.2f})")
     if args.measure_cuda:
         name = args.config[0]
-        measured = measure_on_device(load_config(name, overrides), CUDA)
+        measured = measure_on_device(load_config(name, args.overrides), CUDA)
         results["cuda_measured_gib"] = {name: {t: v / GIB for t, v in measured.items()}}
         for t in TRAINERS:
             pred = results["presets"][name][t]["peak_gib"] * GIB
             print(f"[memory] {name} {t}: predicted {fmt(pred)}, torch.cuda.max_memory_allocated "
                   f"{fmt(measured[t])} (x{measured[t] / pred:.2f})", flush=True)
     if args.out:
-        device = "cuda" if args.measure_cuda else "cpu"
-        stem = os.path.join(args.out, f"memory_{datetime.date.today():%Y%m%d}")
-        write_result(stem + ".json", {"env": result_env(device, command_line("python -m bench.memory", argv)),
+        stem = stamped(args.out, "memory")
+        write_result(stem + ".json", {"env": result_env("cuda" if args.measure_cuda else "cpu", args.command),
                                       **results})
         with open(stem + ".md", "w") as f:
             f.write(markdown(results) + "\n")

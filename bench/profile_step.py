@@ -3,36 +3,30 @@
     python -m bench.profile_step [--config synthetic] [--steps 5] [--warmup 2] [--fixed-batch] [--device auto]
                                  [--out bench/results] [--no-chart] [key=value ...]
 
-The fast trainer (the engine's `Trainer`) is built on the config's data (prepared and cached as bench.throughput
-prepares it) or, with --fixed-batch, given one batch of the loader's shapes again and again (no dataset needed and
-no data wait: the paper's config on a machine without its images), warmed up, then `--steps` steps are profiled.
-Each operator's self time goes to one class of bench.cost_model: convolution (forward and backward), batch norm,
-matmul, elementwise / reduction, DSP ops (the fused kernels' `dsp_fast::` operators; where the twins run, their
-plain-PyTorch operators count in their own classes), optimizer + EMA; data wait is what the trainer reports
-blocked on its loader. On CUDA the time is the device time of each operator's kernels and the step runs eager (a
-replayed CUDA graph's kernels belong to no operator): the figures `python -m bench.cost_model --profile` sets
-beside its prediction. Writes the table (JSON) and a bar chart of the classes.
+The engine's `Trainer` reads the config's data (prepared and cached as bench.throughput prepares it) or, with
+--fixed-batch, one batch of the loader's shapes again and again (no dataset, no data wait: the paper's config on a
+machine without its images). Each operator's self time goes to one class of bench.cost_model (the fused kernels'
+`dsp_fast::` operators are the DSP ops; where the twins run, their plain-PyTorch operators count in their own
+classes); data wait is what the trainer reports blocked on its loader. On CUDA the time is the device time of each
+operator's kernels and the step runs eager (a replayed CUDA graph's kernels belong to no operator): the figures
+`python -m bench.cost_model --profile` sets beside its prediction.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import datetime
 import itertools
-import os
 import sys
 
 import torch
-from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile
 
 from bench.cost_model import CLASSES, aten_class
 from bench.memory import loader_batch
-from bench.provenance import RESULTS_DIR, command_line, result_env, write_result
-from bench.throughput.setup import build_config, fast_data_dirs
-from dsp_fast.config.overrides import split_overrides
+from bench.provenance import RESULTS_DIR, bar_chart, parse_args, result_env, stamped, tool_parser, write_result
+from bench.throughput.setup import build_config
+from dsp_fast.engine.data_setup import prepared_dirs
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.trainer import Trainer
 from dsp_fast.run_io import resolve_device
@@ -75,25 +69,8 @@ def summarise(prof: profile, steps: int, data_ms_per_step: float, device_time: b
             "total_ms_per_step": sum(by_class.values()), "top_operators_ms_per_step": dict(top)}
 
 
-def write_chart(summary: dict, path: str, title: str) -> None:
-    rows = list(summary["ms_per_step_by_class"].items())
-    width, bar_h, left = 760, 26, 200
-    img = Image.new("RGB", (width, 60 + bar_h * len(rows)), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 10), title, fill="black")
-    peak = max(ms for _, ms in rows) or 1.0
-    for i, (cls, ms) in enumerate(rows):
-        y = 40 + i * bar_h
-        draw.text((10, y + 6), cls, fill="black")
-        draw.rectangle([left, y + 4, left + int((width - left - 120) * ms / peak), y + bar_h - 4], fill=(70, 110, 180))
-        draw.text((width - 110, y + 6), f"{ms:.1f} ms ({100 * ms / summary['total_ms_per_step']:.0f}%)", fill="black")
-    img.save(path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    flags, overrides = split_overrides(argv)
-    p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n\n")[0])
+    p = tool_parser("bench.profile_step", __doc__)
     p.add_argument("--config", default="synthetic", help="preset name or YAML path")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
@@ -101,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed-batch", action="store_true", help="one batch of the loader's shapes, no dataset")
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
-    args = p.parse_args(flags)
+    args = parse_args(p, argv, overrides=True)
     device = resolve_device(args.device)
-    cfg = build_config(args.config, overrides, None, None, str(device))
-    cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, image_every=0, tensorboard=False,
-                                                            cuda_graphs=cfg.fast.cuda_graphs and device.type != "cuda"))
+    eager = ["fast.cuda_graphs=false"] if device.type == "cuda" else []  # a graph's kernels belong to no operator
+    cfg = build_config(args.config, [*args.overrides, *eager], None, None, str(device))
     info = DistInfo(device=device)
-    run = Trainer(cfg, info, ("", "") if args.fixed_batch else fast_data_dirs(cfg, info), say=lambda m: None)
+    run = Trainer(cfg, info, ("", "") if args.fixed_batch else prepared_dirs(cfg, info, check_eval=False),
+                  say=lambda m: None)
     if args.fixed_batch:
         run.loader = itertools.repeat(loader_batch(cfg, run.batch, device))
     try:
@@ -118,22 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         run.close()
     summary = summarise(prof, args.steps, 1e3 * sum(waits) / len(waits), device.type == "cuda")
-    summary.update({"env": result_env(str(device), command_line("python -m bench.profile_step", argv)),
-                    "device": str(device), "arch": cfg.model.arch, "crop": list(cfg.data.crop_size),
-                    "batch": cfg.data.batch_size, "steps": args.steps, "threads": torch.get_num_threads(),
-                    "fixed_batch": args.fixed_batch, "fast_options": dataclasses.asdict(cfg.fast)})
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    base = os.path.join(args.out, f"profile_step_{device.type}_{stamp}")
+    summary.update({"env": result_env(str(device), args.command), "arch": cfg.model.arch,
+                    "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size, "steps": args.steps,
+                    "threads": torch.get_num_threads(), "fixed_batch": args.fixed_batch,
+                    "fast_options": dataclasses.asdict(cfg.fast)})
+    base, total = stamped(args.out, f"profile_step_{device.type}"), summary["total_ms_per_step"]
     write_result(base + ".json", summary)
     w, h = cfg.data.crop_size
-    title = f"fast step, {cfg.model.arch} {w}x{h} B={cfg.data.batch_size}, {device}: " \
-            f"{summary['total_ms_per_step']:.1f} ms/step (self time by class)"
+    title = f"fast step, {cfg.model.arch} {w}x{h} B={cfg.data.batch_size}, {device}: {total:.1f} ms/step (self time)"
     if args.chart:
-        write_chart(summary, base + ".png", title)
+        bar_chart(base + ".png", [title], [(cls, ms, f"{ms:.1f} ms ({100 * ms / total:.0f}%)", "steelblue")
+                                           for cls, ms in summary["ms_per_step_by_class"].items()])
     print(title)
     print(f"{'class':<26}{'ms/step':>9}{'share':>8}")
     for cls, ms in summary["ms_per_step_by_class"].items():
-        print(f"{cls:<26}{ms:>9.2f}{100 * ms / summary['total_ms_per_step']:>7.0f}%")
+        print(f"{cls:<26}{ms:>9.2f}{100 * ms / total:>7.0f}%")
     print("top operators (self time, ms/step):")
     for name, ms in summary["top_operators_ms_per_step"].items():
         print(f"  {name:<50}{ms:>8.2f}")

@@ -7,31 +7,34 @@ whose `env` says where and how the figures were made, beside the benchmark's own
 
 from __future__ import annotations
 
-import csv
+import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
+
+from dsp_fast.config.overrides import split_overrides
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEMA = "dsp_fast.bench/1"
 
 
+def version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return None
+
+
 def environment(device: str) -> dict[str, str]:
     """Date, git sha, the device's name and the versions that change a figure."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(RESULTS_DIR), capture_output=True,
                              text=True, timeout=10).stdout.strip() or "unknown"
@@ -43,17 +46,32 @@ def environment(device: str) -> dict[str, str]:
         name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads " \
                f"{torch.get_num_threads()})"
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
-            "device": name, "torch": torch.__version__, "triton": triton_version,
+            "device": name, "torch": torch.__version__, "triton": version("triton") or "not installed",
             "python": platform.python_version()}
 
 
-def command_line(prog: str, argv: list[str] | None = None) -> str:
-    """The command that made the figures: `prog` and this process's arguments (or `argv`)."""
-    return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+def tool_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None, overrides: bool = False) -> argparse.Namespace:
+    """A tool's flags; with `overrides`, its `section.field=value` words (anywhere on the line) go to
+    args.overrides. args.command is the command line that made the figures."""
+    argv = sys.argv[1:] if argv is None else argv
+    flags, rest = split_overrides(argv) if overrides else (argv, [])
+    args = p.parse_args(flags)
+    args.command, args.overrides = " ".join([p.prog, *argv]), rest
+    return args
 
 
 def result_env(device: str, command: str, **extra: Any) -> dict[str, Any]:
     return {**environment(device), "command": command, **extra}
+
+
+def stamped(out: str, stem: str, tag: str = "") -> str:
+    """out/stem_<date>_<time>[_tag], without an extension."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    return os.path.join(out, f"{stem}_{stamp}{'_' + tag if tag else ''}")
 
 
 def write_result(path: str, result: dict[str, Any]) -> str:
@@ -66,43 +84,24 @@ def write_result(path: str, result: dict[str, Any]) -> str:
     return path
 
 
+def bar_chart(path: str, title: list[str], bars: list[tuple[str, float | None, str, str]]) -> None:
+    """A PNG of horizontal bars drawn with PIL (matplotlib is not installed on the CPU machine): `title` lines, then
+    one (label, value or None, note, colour) per bar, the note beside it."""
+    left, width, bar_h, top = 230, 520, 26, 16 + 18 * len(title)
+    img = Image.new("RGB", (left + width + 260, top + 36 * len(bars) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(title):
+        draw.text((10, 10 + 18 * i), line, fill="black")
+    vmax = max((v for _, v, _, _ in bars if v), default=1.0)
+    for i, (label, value, note, colour) in enumerate(bars):
+        y = top + 36 * i
+        draw.text((10, y + 8), label[:36], fill="black")
+        end = left + max(4, int(width * (value or 0) / vmax))
+        draw.rectangle([left, y, end, y + bar_h], fill=colour)
+        draw.text((end + 6, y + 8), note, fill="black")
+    img.save(path)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(torch.device(device))
-
-
-def copy_bandwidth_gbs(device: str, nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
-    """Measured device copy bandwidth (bytes read + written per second / 1e9): the ceiling a memory-bound kernel
-    is compared against."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first copy warms up
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
-
-
-def append_csv(name: str, row: dict[str, object]) -> str:
-    """Append one row to bench/results/<name>; writes the header when the file is new."""
-    path = os.path.join(RESULTS_DIR, name)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    return path
-
-
-def timed(fn: Callable[[], object], device: str) -> Callable[[], object]:
-    """fn followed by a device sync, so that a wall-clock timer sees the whole kernel."""
-
-    def run() -> object:
-        out = fn()
-        sync(device)
-        return out
-
-    return run

@@ -93,7 +93,7 @@ class DaliCropStream:
                  with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,
                  prefetch: int = 2, roi: bool = True) -> None:
         """roi: decode only the planned window; False decodes the whole file and then slices it (kept so that
-        `bench.data_throughput --dali-roi` measures both)."""
+        `bench.data_throughput` measures both)."""
         fn, types, Pipeline = import_dali()
         self.with_labels, self.device = with_labels, device
         self.feeder = _Feeder(ds, plan_fn, with_labels, start_step)

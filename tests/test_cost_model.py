@@ -48,7 +48,7 @@ def test_recording_sees_each_operator_the_profile_sees_once():
     operators are left out: the profile also holds the ones that other operators run inside."""
     cfg = load_config("synthetic", ["data.crop_size=[32,32]"])
     counter = Counter()
-    with cuda_like_trainer(cfg, fake=False, cuda_kernels=False) as (run, _):
+    with cuda_like_trainer(cfg, fake=False, cuda_kernels=False) as run:
         run.step()
         with counter:
             run.step()

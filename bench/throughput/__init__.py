@@ -1,10 +1,4 @@
-"""bench.throughput: the fast trainer (the engine's Trainer itself) against the naive reference trainer.
-
-    python -m bench.throughput [--smoke] [--config gta2cs --data paper] ...   (flags: see compare.py)
-
-    compare    the command: both trainers alternated round by round, the ablations, the result JSON
-    trainers   the reference trainer stepped in place, the engine's Trainer as timed (FastBench), the timer
-    setup      the shared config, paper-size data, FLOPs per step, the matmul rate, provenance
-    scaling    the Trainer on 1 and N processes (torchrun workers: python -m bench.throughput.scaling)
-    report     the printed summary and the chart
+"""bench.throughput: the fast trainer (the engine's Trainer itself) against the naive reference trainer, run as
+`python -m bench.throughput` (compare.py). trainers.py: both trainers stepped in place, the timer; setup.py: config,
+paper-size data, FLOPs per step, matmul rate; scaling.py: 1 and N processes; report.py: the summary and the chart.
 """

@@ -4,22 +4,15 @@
     python -m bench.throughput --config gta2cs --data paper --data-backend torch   # GPU, paper config
     python -m bench.throughput --smoke --out /tmp/x              # CI-sized: 2 warm-up + 2 timed steps, 1 round
 
-Both trainers are built once (models, optimizers, loaders) and stepped in place (bench/throughput/trainers.py).
-After each trainer's warm-up (the fast one's also covers the CUDA-graph warm-up and capture), `--rounds` rounds
-each time `--steps` steps of one trainer then of the other (the order swaps every round), so a drifting machine
-load hits both; figures are medians over rounds and the headline is the median of the per-round ratios fast /
-reference. Each region is timed between device synchronizes; data wait is the time blocked on the loader (the
-span each trainer's own loop logs as data time), compute the rest. images/s counts 3 x B crops per DSP step.
-MFU = counted FLOPs per step / step time / the device's measured matmul rate (bf16 on CUDA, fp32 on CPU).
-
-Ablation: the fast trainer with one optimisation off at a time (DALI, fused kernels, channels_last, AMP, CUDA
-graphs), or one turned on (`dali_on`, `compile_on`: torch.compile of steps 1-6, its compile time reported apart as
-the variant's warm-up seconds), each alternated round by round with the full fast trainer; an optimisation the
-fast trainer does not use on this device is reported as n/a with the reason, not measured. Scaling: the fast
-trainer on 1 and on N processes (torchrun, gloo on CPU, NCCL on >= N GPUs), at the same global batch (strong
-scaling) and at the same batch per process (weak), efficiency = img/s(N) / (N x img/s(1)).
-Writes bench/results/throughput_<device>_<date>.json and .png (see --out); the JSON is rewritten after every timed
-round ("complete": false until the end), so a run stopped by a timeout keeps what it measured.
+Both trainers are built once and stepped in place (trainers.py). After each one's warm-up (the fast one's also
+covers the CUDA-graph warm-up and capture), `--rounds` rounds each time `--steps` steps of one trainer then of the
+other (the order swaps every round), so a drifting machine load hits both; figures are medians over rounds, the
+headline the median of the per-round ratios fast / reference. Each region is timed between device synchronizes;
+data wait is the time blocked on the loader, compute the rest. images/s counts 3 x B crops per DSP step. MFU =
+counted FLOPs per step / step time / the device's measured matmul rate (bf16 on CUDA, fp32 on CPU). Ablation: the
+fast trainer with one optimisation off at a time, alternated round by round with the full fast trainer (n/a, with
+the reason, where the fast trainer does not use it on this device). The JSON is rewritten after every timed round
+("complete": false until the end), so a run stopped by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -27,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import gc
 import math
 import os
@@ -37,22 +29,13 @@ import time
 
 import torch
 
-from bench.provenance import RESULTS_DIR, command_line, write_result
+from bench.provenance import RESULTS_DIR, parse_args, result_env, stamped, tool_parser, version, write_result
 from bench.throughput.report import print_summary, write_chart
 from bench.throughput.scaling import run_scaling
-from bench.throughput.setup import (
-    build_config,
-    device_tag,
-    fast_data_dirs,
-    matrix_rate,
-    paper_data,
-    paper_overrides,
-    provenance,
-    step_flops,
-)
+from bench.throughput.setup import build_config, matrix_rate, paper_data, step_flops
 from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, time_steps, warm_up
 from dsp_fast.config import ConfigError, FastConfig
-from dsp_fast.engine.data_setup import resolve_backend
+from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.options import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
@@ -61,63 +44,39 @@ from dsp_fast.run_io import resolve_device
 ABLATIONS = ("dali", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
-@dataclasses.dataclass
-class Variant:
-    key: str
-    label: str
-    opts: dict
-    twins: bool = False
-
-
-def ablation_variant(key: str, fast: FastBench) -> Variant | str:
-    """The variant with `key` turned off, or why it is n/a here (the fast trainer does not use it on this device)."""
-    dev, o, backend = fast.device, fast.trainer.cfg.fast, fast.trainer.backend
+def ablation_variant(key: str, fast: FastBench) -> tuple[str, dict, bool] | str:
+    """(label, fast options, kernel twins) of the variant with `key` turned off, or why it is n/a here (the fast
+    trainer does not use it on this device)."""
+    dev, o = fast.device, fast.trainer.cfg.fast
     where = "on CPU" if dev.type == "cpu" else f"on {dev}"
     if key == "dali":
-        if backend != "dali":
-            return f"n/a {where}: the fast trainer reads with the {backend!r} backend here"
-        return Variant(key, "DALI off (torch backend)", {"data_backend": "torch"})
+        if fast.trainer.backend != "dali":
+            return f"n/a {where}: the fast trainer reads with the {fast.trainer.backend!r} backend here"
+        return "DALI off (torch backend)", {"data_backend": "torch"}, False
     if key == "kernels":
         if fast.twins:
             return "n/a: --twins, the fast trainer already runs the twins"
         if not (HAS_TRITON and (dev.type == "cuda" or interpreting())):
             # no Triton here, but the weighted MMD's adjoint (interpolation matrices) still runs: off = naive twin
-            return Variant(key, "adjoint MMD off (naive twins)", {}, twins=True)
-        return Variant(key, "fused kernels off (twins)", {}, twins=True)
+            return "adjoint MMD off (naive twins)", {}, True
+        return "fused kernels off (twins)", {}, True
     if key == "channels_last":
         if not o.channels_last:
             return "n/a: the fast trainer runs NCHW"
-        return Variant(key, "channels_last off (NCHW)", {"channels_last": False})
+        return "channels_last off (NCHW)", {"channels_last": False}, False
     if key == "batched_student":
         if not o.batched_student or not fast.trainer.cfg.dsp.enabled:
             return "n/a: the fast trainer calls the student three times already"
-        return Variant(key, "batched student off (three calls)", {"batched_student": False})
+        return "batched student off (three calls)", {"batched_student": False}, False
     if key == "amp":
         if amp_dtype(o, dev) == torch.float32:
             return f"n/a {where}: the fast trainer computes in fp32 here (autocast off)"
-        return Variant(key, "AMP off (fp32)", {"amp": "fp32"})
+        return "AMP off (fp32)", {"amp": "fp32"}, False
     if key == "graphs":
         if not fast.trainer.graphs:
             return f"n/a {where}: CUDA graphs need CUDA (and fused SGD)"
-        return Variant(key, "CUDA graphs off (eager)", {"cuda_graphs": False})
-    if key == "compile_on":  # torch.compile of steps 1-6: off by default, so this ablation turns it on
-        if o.compile != "off":
-            return f"n/a: the fast trainer already compiles ({o.compile!r})"
-        return Variant(key, "torch.compile step on", {"compile": "step"})
-    if key == "dali_on":  # the other direction: DALI where auto picked the torch backend (CPU operators on CPU)
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            return "n/a: DALI does not import here"
-        if backend == "dali":
-            return "n/a: the fast trainer already reads with DALI"
-        return Variant(key, "DALI on instead of torch", {"data_backend": "dali"})
+        return "CUDA graphs off (eager)", {"cuda_graphs": False}, False
     raise ValueError(f"unknown ablation {key!r}")
-
-
-def median_rows(rows: list[dict]) -> dict:
-    keys = rows[0].keys()
-    return {k: (statistics.median(r[k] for r in rows) if rows[0][k] is not None else None) for k in keys}
 
 
 def alternate(a, b, rounds: int, steps: int, say, on_round=lambda rows_a, rows_b: None
@@ -127,7 +86,7 @@ def alternate(a, b, rounds: int, steps: int, say, on_round=lambda rows_a, rows_b
     out_a, out_b = [], []
     for r in range(rounds):
         order = (a, b) if r % 2 == 0 else (b, a)
-        got = {t.name: time_steps(t, steps).row(t.images_per_step) for t in order}
+        got = {t.name: time_steps(t, steps) for t in order}
         out_a.append(got[a.name])
         out_b.append(got[b.name])
         say(f"  round {r + 1}/{rounds}: {a.name} {got[a.name]['images_per_s']:.2f} img/s, "
@@ -137,15 +96,17 @@ def alternate(a, b, rounds: int, steps: int, say, on_round=lambda rows_a, rows_b
 
 
 def summarise(rows: list[dict], flops: float, rate: float) -> dict:
-    med = median_rows(rows)
+    med = {k: statistics.median(r[k] for r in rows) if v is not None else None for k, v in rows[0].items()}
     med["mfu"] = flops / (med["ms_per_step"] / 1e3) / rate
     med["data_wait_fraction"] = med["data_ms"] / med["ms_per_step"]
     return {**med, "rounds": rows}
 
 
-def run_ablations(keys: list[str], fast: FastBench, make_fast, args, flops: float, rate: float,
-                  say, save=lambda partial: None) -> list[dict]:
-    """Each variant alternated with the full fast trainer; `save` sees the rows after every round and variant."""
+def run_ablations(keys: list[str], fast: FastBench, make_fast, args, flops: float, rate: float, headline: float,
+                  say, save) -> list[dict]:
+    """Each variant alternated with the full fast trainer; `save` sees the rows after every round and variant.
+    share_of_log_gain = log(fast/variant) / log(fast/reference): the shares need not add up to 1 (optimisations
+    interact, and what no flag turns off, such as prepared data, no per-step host sync, fused SGD, is the rest)."""
     out: list[dict] = []
     for key in keys:
         v = ablation_variant(key, fast)
@@ -153,41 +114,29 @@ def run_ablations(keys: list[str], fast: FastBench, make_fast, args, flops: floa
             out.append({"key": key, "status": "n/a", "reason": v})
             say(f"[ablation] {key}: {v}")
             continue
-        say(f"[ablation] {v.label}: build, warm up, {args.rounds} rounds alternating with the full fast trainer")
-        variant = make_fast(v)
+        label, opts, twins = v
+        say(f"[ablation] {label}: build, warm up, {args.rounds} rounds alternating with the full fast trainer")
+        variant = make_fast(key, opts, twins)
         try:
-            t0 = time.perf_counter()
-            warm_up(variant, args.warmup + variant.extra_warmup)  # a compiling variant compiles here, untimed
-            warmup_s = time.perf_counter() - t0
+            warm_up(variant, args.warmup + variant.extra_warmup)
             var_rows, fast_rows = alternate(variant, fast, args.rounds, args.steps, say, lambda va, fa, k=key: save(
                 [*out, {"key": k, "status": "partial", "variant_rounds": va, "fast_same_rounds": fa}]))
         finally:
             variant.close()
             del variant
             gc.collect()
-        ratios = [f["images_per_s"] / r["images_per_s"] for r, f in zip(var_rows, fast_rows)]
-        out.append({"key": key, "status": "measured", "label": v.label, "options": v.opts, "kernel_twins": v.twins,
-                    "warmup_s": warmup_s,
+        r = statistics.median(f["images_per_s"] / q["images_per_s"] for q, f in zip(var_rows, fast_rows))
+        out.append({"key": key, "status": "measured", "label": label, "options": opts, "kernel_twins": twins,
                     "variant": summarise(var_rows, flops, rate), "fast_same_rounds": summarise(fast_rows, flops, rate),
-                    "fast_over_variant": statistics.median(ratios)})
+                    "fast_over_variant": r,
+                    "share_of_log_gain": math.log(r) / math.log(headline) if headline > 1 and r > 0 else None})
         save(out)
     return out
 
 
-def share_of_gain(ablation: list[dict], headline: float) -> None:
-    """Each optimisation's share of the (log) speed-up over the reference: log(fast/variant) / log(fast/ref).
-    Shares need not add up to 1: optimisations interact, and what no flag turns off (prepared data, no per-step
-    host sync, fused SGD, foreach EMA) is the remainder."""
-    for a in ablation:
-        if a["status"] == "measured" and a["key"] in ABLATIONS:  # not for the *_on rows, which turn something on
-            r = a["fast_over_variant"]
-            a["share_of_log_gain"] = (math.log(r) / math.log(headline)) if headline > 1 and r > 0 else None
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    p = tool_parser("bench.throughput", __doc__)
     p.add_argument("--config", default="synthetic", help="preset name or YAML file shared by both trainers")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides for both trainers")
     p.add_argument("--arch", default=None, help="model.arch override (tiny, deeplabv2_r101, mit_b0..mit_b5)")
     p.add_argument("--crop", type=int, default=None, help="square crop size override")
     p.add_argument("--data", choices=("config", "paper"), default="config",
@@ -198,17 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per trainer per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer (plus the graph warm-up)")
-    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS),
-                   help=f"of {ABLATIONS} (+ dali_on, compile_on); none: -")
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help=f"of {ABLATIONS}; none: -")
     p.add_argument("--scaling", type=int, default=2, help="processes for the scaling run (0 or 1: skip)")
-    p.add_argument("--scaling-timeout", type=int, default=600)
     p.add_argument("--smoke", action="store_true", help="CI size: 1 round, 2 warm-up + 2 timed steps")
     p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--no-chart", dest="chart", action="store_false", help="write the JSON only")
     p.add_argument("--twins", action="store_true",
                    help="the fast trainer with the kernels' plain-PyTorch twins (where Triton cannot run)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, overrides=True)
     if args.smoke:
         args.rounds, args.steps, args.warmup = 1, 2, 2
     args.ablations = [a for a in args.ablations if a != "-"]
@@ -219,30 +166,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as stack:
-        overrides, fast = list(args.overrides), {"data_backend": args.data_backend, "image_every": 0,
-                                                  "tensorboard": False}
+        overrides, fast = args.overrides, {"data_backend": args.data_backend}
         if args.data == "paper":
-            root, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
-            overrides = [*paper_overrides(root), *overrides]
+            paper, src, tgt = stack.enter_context(paper_data(*args.paper_images, workers=os.cpu_count() or 1))
+            overrides = [*paper, *overrides]
             fast.update(prepared_source=src, prepared_target=tgt)
         cfg = build_config(args.config, overrides, args.arch, args.crop, str(device))
         cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, **fast))
-        path = result_path(args.out, device, args.tag or ("smoke" if args.smoke else ""))
-        result = measure(args, cfg, device, save=lambda partial: dump_json(partial, path))
-    write_results(result, path, args.chart)
+        tag = args.tag or ("smoke" if args.smoke else "")
+        path = stamped(args.out, f"throughput_{device_tag(device)}", tag) + ".json"
+        result = measure(args, cfg, device, save=lambda partial: write_result(path, partial))
+    write_result(path, result)
+    if args.chart:
+        write_chart(result, path[:-5] + ".png")
     print_summary(result)
     print(f"wrote {path}" + (f" and {path[:-5]}.png" if args.chart else ""))
     return 0
 
 
-def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda partial: None) -> dict:
-    """The comparison; `save` receives an incomplete result after every timed round (written to the final path,
-    `"complete": false`, so a run cut short by a timeout keeps what it measured)."""
+def measure(args: argparse.Namespace, cfg, device: torch.device, save) -> dict:
+    """The comparison; `save` receives an incomplete result after every timed round."""
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     info = DistInfo(device=device)
     load_start = os.getloadavg()  # other jobs share this machine: recorded beside the figures
     opts = cfg.fast  # every option of the fast trainer: the config's own `fast:` section
-    dirs = fast_data_dirs(cfg, info)
+    dirs = prepared_dirs(cfg, info, check_eval=False)  # the bench never evaluates
     say(f"config: {cfg.model.arch}, crop {cfg.data.crop_size}, batch {cfg.data.batch_size}, {device}, "
         f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         "counting FLOPs and measuring the matmul rate")
@@ -252,17 +200,18 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda par
     ref = ReferenceTrainer(cfg, device)
     fast = build_fast(cfg, info, dirs, twins=args.twins, say=say)
 
-    def make_fast(v):
-        variant = dataclasses.replace(cfg, fast=dataclasses.replace(opts, **v.opts))
-        return build_fast(variant, info, dirs, name=f"fast-{v.key}", twins=v.twins or args.twins, say=say)
+    def make_fast(key: str, changed: dict, twins: bool) -> FastBench:
+        variant = dataclasses.replace(cfg, fast=dataclasses.replace(opts, **changed))
+        return build_fast(variant, info, dirs, name=f"fast-{key}", twins=twins or args.twins, say=say)
 
     say(f"built both trainers in {time.perf_counter() - t0:.1f} s (fast: {fast.trainer.backend} backend, "
         f"amp {amp_dtype(opts, device)}, channels_last {opts.channels_last}, graphs {fast.trainer.graphs}); "
         "warming up")
     warm_up(ref, args.warmup)
     warm_up(fast, args.warmup + fast.extra_warmup)
-    env = {**provenance(device), "command": command_line("python -m bench.throughput"),
-           "load_average_1_5_15_start": load_start}
+    env = result_env(str(device), args.command, dali=version("nvidia.dali"), threads=str(torch.get_num_threads()),
+                     OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS"), load_average_1_5_15_start=load_start,
+                     TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET"))
 
     def save_partial(**rows) -> None:
         save({"complete": False, "env": env, "config_file": args.config, "arch": cfg.model.arch, **rows})
@@ -275,28 +224,20 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda par
     gc.collect()
     ratios = [f["images_per_s"] / q["images_per_s"] for q, f in zip(ref_rows, fast_rows)]
     headline = statistics.median(ratios)
-    ablation = run_ablations(args.ablations, fast, make_fast, args, f_step, r, say,
+    ablation = run_ablations(args.ablations, fast, make_fast, args, f_step, r, headline, say,
                              lambda abl: save_partial(reference_rounds=ref_rows, fast_rounds=fast_rows,
                                                       headline=headline, ablation=abl))
     fast.close()
-    share_of_gain(ablation, headline)
     scaling = run_scaling(args, cfg, dirs, device, say) if args.scaling > 1 else {"status": "skipped"}
     return {
         "complete": True,
         "env": {**env, "load_average_1_5_15_end": os.getloadavg()},
         "config": {"config_file": args.config, "kernel_twins": args.twins, "data": args.data, "arch": cfg.model.arch,
                    "crop": list(cfg.data.crop_size), "batch": cfg.data.batch_size, "dsp": cfg.dsp.enabled,
-                   "source_size": list(cfg.data.source_size), "target_size": list(cfg.data.target_size),
-                   "num_workers": cfg.data.num_workers, "fast_backend": opts.data_backend,
-                   "fast_options": dataclasses.asdict(opts), "resolved": cfg.to_dict()},
-        "method": {"rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
+                   "fast_backend": opts.data_backend, "resolved": cfg.to_dict()},
+        "method": {"rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup, "smoke": args.smoke,
                    "images_per_step": "3 x batch (source, template, target crops; long-tail crops not counted)",
-                   "data_wait": "time blocked on the loader (reference: its 3 DataLoaders + draw_choices + H2D, as "
-                                "its train() logs data_s; fast: next(step loader))",
-                   "compute": "timed region (between device synchronizes) minus data wait",
-                   "peak_memory": "CUDA allocator peak per region" if device.type == "cuda" else
-                                  "process peak RSS per region (VmHWM, includes the other trainer's resident state)",
-                   "smoke": args.smoke},
+                   "peak_memory": "CUDA allocator peak per region (none on CPU)"},
         "flops": flops, "matmul_rate": rate,
         "trainers": {"reference": summarise(ref_rows, f_step, r), "fast": summarise(fast_rows, f_step, r)},
         "headline": {"fast_over_reference": headline, "per_round": ratios},
@@ -304,20 +245,12 @@ def measure(args: argparse.Namespace, cfg, device: torch.device, save=lambda par
     }
 
 
-def result_path(out: str, device: torch.device, tag: str) -> str:
-    os.makedirs(out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    return os.path.join(out, f"throughput_{device_tag(device)}_{stamp}{'_' + tag if tag else ''}.json")
-
-
-def dump_json(result: dict, path: str) -> None:
-    write_result(path, result)  # the one results schema (bench/provenance.py), written atomically
-
-
-def write_results(result: dict, path: str, chart: bool = True) -> None:
-    dump_json(result, path)
-    if chart:
-        write_chart(result, path[:-5] + ".png")
+def device_tag(device: torch.device) -> str:
+    """cpu, or cuda_<the GPU's name> for result file names."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
+        return "cuda_" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    return "cpu"
 
 
 if __name__ == "__main__":

@@ -1,21 +1,15 @@
 """What the throughput comparison runs on: the shared config, the data of both trainers, the FLOPs per step it
-counts and the device's measured matrix rate (the MFU denominator), and the provenance of the figures.
-
-Two data modes:
-- `config`: the config's own data (the built-in synthetic shift of the synthetic preset): the reference reads the
-  generated PNGs (ensure_synthetic), the fast trainer the same images prepared once (data_setup.py, lossless PNG).
-- `paper`: scenes generated at the real datasets' file sizes (GTA5 1914x1052, Cityscapes 2048x1024 PNG, as
-  bench/data_throughput.py draws them) in a temp folder: the reference decodes and resizes those PNGs every step
-  as it would GTA5's, the fast trainer reads them prepared once by `dsp_fast.prepare` (JPEG q95, its default).
+counts, the device's measured matrix rate (the MFU denominator), and the provenance of the figures. Data: the
+config's own (the synthetic preset's generated PNGs, which the fast trainer reads prepared once), or with `paper`
+scenes generated at GTA5 / Cityscapes file sizes, which the reference decodes and resizes every step and the fast
+trainer reads prepared once by `dsp_fast.prepare` (JPEG q95).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,17 +18,17 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.provenance import result_env, sync
+from bench.data_throughput import make_prepared
+from bench.provenance import sync
 from dsp_fast.config import Config, ModelConfig, load_config
-from dsp_fast.engine.data_setup import prepared_dirs
-from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.models import build_model
 
 LONG_STEPS = 1_000_000  # train.max_steps for the bench: the poly lr stays positive however many steps are timed
 
 
 def build_config(config: str, overrides: list[str], arch: str | None, crop: int | None, device: str) -> Config:
-    extra = [f"train.max_steps={LONG_STEPS}", f"train.device={device}", "train.compare_source_only=false"]
+    extra = [f"train.max_steps={LONG_STEPS}", f"train.device={device}", "train.compare_source_only=false",
+             "fast.image_every=0", "fast.tensorboard=false"]
     if arch:
         extra.append(f"model.arch={arch}")
     if crop:
@@ -42,32 +36,14 @@ def build_config(config: str, overrides: list[str], arch: str | None, crop: int 
     return load_config(config, [*extra, *overrides])
 
 
-def paper_overrides(root: str) -> list[str]:
-    """The config fields that point both trainers at the generated paper-size scenes."""
-    return ["data.source=gta5", f"data.source_root={root}/gta5", f"data.target_root={root}/cityscapes",
-            "data.source_size=[1280,720]", "data.target_size=[1024,512]"]
-
-
 @contextlib.contextmanager
-def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[str, str, str]]:
-    """(raw root, prepared source, prepared target train): paper-size scenes, generated and prepared in a temp
-    folder that is removed afterwards."""
-    from bench.data_throughput import make_data
-    from dsp_fast import prepare
-
+def paper_data(n_source: int, n_target: int, workers: int) -> Iterator[tuple[list[str], str, str]]:
+    """(the config overrides that point both trainers at them, prepared source, prepared target train): paper-size
+    scenes generated and prepared in a temp folder that is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="dsp_throughput_paper_") as root:
-        gta, cs = make_data(root, n_source, n_target)
-        src, tgt = os.path.join(root, "prep_gta5"), os.path.join(root, "prep_cs")
-        prepare.main(["--dataset", "gta5", "--root", gta, "--out", src, "--no-progress", "--workers", str(workers)])
-        prepare.main(["--dataset", "cityscapes", "--root", cs, "--out", tgt, "--split", "train", "--no-labels",
-                      "--no-progress", "--workers", str(workers)])
-        yield root, src, os.path.join(tgt, "train")
-
-
-def fast_data_dirs(cfg: Config, info: DistInfo) -> tuple[str, str]:
-    """The prepared folders the fast trainer reads (prepared and cached for the synthetic shift); the bench never
-    evaluates, and its paper-size data has no labelled split."""
-    return prepared_dirs(cfg, info, check_eval=False)
+        gta, cs, src, tgt = make_prepared(root, n_source, n_target, workers)
+        yield [f"data.source_root={gta}", f"data.target_root={cs}", "data.source=gta5", "data.source_size=[1280,720]",
+               "data.target_size=[1024,512]"], src, tgt
 
 
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -132,24 +108,3 @@ def matrix_rate(device: torch.device) -> dict[str, float | str]:
         fp32 = matmul_rate(str(device), torch.float32, n=4096, iters=10)
         return {"dtype": "bf16", "flops_per_s": rate, "fp32_flops_per_s": fp32, "matmul_n": 8192}
     return {"dtype": "fp32", "flops_per_s": matmul_rate("cpu", torch.float32, n=1024, iters=10), "matmul_n": 1024}
-
-
-def provenance(device: torch.device) -> dict[str, str | None]:
-    """The result's `env` (bench/provenance.py) with what else changes a throughput figure: DALI's version and
-    the thread settings; the caller sets the command."""
-    env = result_env(str(device), command="")
-    try:
-        env["dali"] = importlib.import_module("nvidia.dali").__version__
-    except ImportError:
-        env["dali"] = None
-    env["threads"] = str(torch.get_num_threads())
-    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
-    env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
-    return env
-
-
-def device_tag(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).replace("NVIDIA", "").strip()
-        return "cuda_" + "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    return "cpu"

@@ -1,15 +1,9 @@
 """The two trainers of the throughput comparison, built once and stepped in place: `ReferenceTrainer` (the naive
-trainer's loaders, `draw_choices` and `train_step`) and `FastBench` (the engine's `Trainer` itself: its `step`,
-its `backends()`, its `close`), plus the timer.
-
-Both step exactly as their own training runs do (dsp_fast/reference.py `train`; the fast one is the object the
-training loop drives); what each counts as data time is what `step()` returns as data wait:
-- reference: its three DataLoader `next()` calls, `draw_choices` (long-tail crops decoded on the main thread) and
-  the host-to-device copies, the span its own `train()` logs as `data_s`;
-- fast: the step loader's `next()` only; the copy into the static buffers and the device-side choices are compute.
-Process-wide switches each trainer's own run would set (cuDNN autotuning, the kernels' value checks; for the fast
-one `Trainer.backends()`, and the kernels' dispatch for the "fused kernels off" ablation) are applied only while
-that trainer steps (`flags()`).
+trainer's `build_run`, `next_batch` and `train_step`) and `FastBench` (the engine's `Trainer` itself), plus the timer.
+Each step returns its data wait as its own training loop logs it: the reference's three DataLoader `next()` calls,
+`draw_choices` (long-tail crops decoded on the main thread) and the host-to-device copies; the fast step loader's
+`next()` only (the copy into the static buffers and the device-side choices are compute). Process-wide switches each
+trainer's own run would set are applied only while that trainer steps (`flags()`).
 """
 
 from __future__ import annotations
@@ -30,34 +24,6 @@ from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.step import read_stats
 from dsp_fast.engine.trainer import Trainer
 from dsp_fast.kernels import force_twins
-
-
-class PeakMemory:
-    """Peak memory over a region: CUDA allocator peak on a GPU; on CPU the process's peak resident set (VmHWM,
-    reset through /proc/self/clear_refs), which also holds whatever else the process keeps resident."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        with contextlib.suppress(OSError):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-
-    def peak_gib(self) -> float | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 2**20
-        except OSError:
-            pass
-        return None
 
 
 class ReferenceTrainer:
@@ -103,9 +69,8 @@ class ReferenceTrainer:
 
 
 class FastBench:
-    """The engine's `Trainer` (the object `python -m dsp_fast.train` runs) as the comparison times it. It steps
-    nothing itself: `step` is `Trainer.step`, `flags()` the trainer's own `backends()` (plus the kernels' dispatch
-    of the "fused kernels off" variant), `close` the trainer's `close`."""
+    """The engine's `Trainer` (the object `python -m dsp_fast.train` runs) as the comparison times it: `step` is
+    `Trainer.step`, `flags()` its `backends()` (plus the twins of the "fused kernels off" variant)."""
 
     def __init__(self, trainer: Trainer, name: str = "fast", twins: bool = False) -> None:
         self.trainer, self.name, self.twins = trainer, name, twins
@@ -131,23 +96,7 @@ class FastBench:
 
 def build_fast(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], name: str = "fast", twins: bool = False,
                say: Callable[[str], None] = print) -> FastBench:
-    """The fast trainer of `cfg` (its `fast:` section holds every option), built as a training run builds it."""
     return FastBench(Trainer(cfg, info, data_dirs, say=say), name, twins)
-
-
-@dataclasses.dataclass
-class Timing:
-    """One timed region of n steps."""
-
-    steps: int
-    total_s: float
-    data_s: float
-    peak_gib: float | None
-
-    def row(self, images_per_step: int) -> dict[str, float | None]:
-        return {"steps_per_s": self.steps / self.total_s, "images_per_s": self.steps * images_per_step / self.total_s,
-                "ms_per_step": 1e3 * self.total_s / self.steps, "data_ms": 1e3 * self.data_s / self.steps,
-                "compute_ms": 1e3 * (self.total_s - self.data_s) / self.steps, "peak_gib": self.peak_gib}
 
 
 def warm_up(trainer, steps: int) -> None:
@@ -158,16 +107,21 @@ def warm_up(trainer, steps: int) -> None:
     trainer.check()
 
 
-def time_steps(trainer, steps: int, barrier: Callable[[], None] = lambda: None) -> Timing:
-    """n steps between device synchronizes; data wait is the sum of what step() reports, compute the rest."""
-    mem = PeakMemory(trainer.device)
+def time_steps(trainer, steps: int, barrier: Callable[[], None] = lambda: None) -> dict[str, float | None]:
+    """n steps between device synchronizes; data wait is the sum of what step() reports, compute the rest; the
+    CUDA allocator's peak (None on CPU)."""
+    cuda = trainer.device.type == "cuda"
     with trainer.flags():
         sync(str(trainer.device))
         barrier()
-        mem.reset()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(trainer.device)
         t0 = time.perf_counter()
         data = sum(trainer.step() for _ in range(steps))
         sync(str(trainer.device))
         total = time.perf_counter() - t0
     trainer.check()
-    return Timing(steps, total, data, mem.peak_gib())
+    return {"steps_per_s": steps / total, "images_per_s": steps * trainer.images_per_step / total,
+            "ms_per_step": 1e3 * total / steps, "data_ms": 1e3 * data / steps,
+            "compute_ms": 1e3 * (total - data) / steps,
+            "peak_gib": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else None}
