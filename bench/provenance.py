@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+from dsp_fast.atomic_io import atomic_write
 from dsp_fast.config.overrides import split_overrides
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -75,13 +76,9 @@ def stamped(out: str, stem: str, tag: str = "") -> str:
 
 
 def write_result(path: str, result: dict[str, Any]) -> str:
-    """`result` (with an `env` from result_env) as JSON with the schema tag: whole to a temporary name, then
-    renamed, so a kill mid-write never leaves half a file."""
+    """`result` (with an `env` from result_env) as JSON with the schema tag, written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"schema": SCHEMA, **result}, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-    return path
+    return atomic_write(path, json.dumps({"schema": SCHEMA, **result}, indent=1, default=str))
 
 
 def bar_chart(path: str, title: list[str], bars: list[tuple[str, float | None, str, str]]) -> None:
