@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from test_train_run import assert_same_state, read, tiny_args
+from helpers_run import assert_same_state, read, tiny_args
 
 from dsp_fast import checkpoint_file, evaluate, train
 from dsp_fast.config import load_config

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from test_train_run import read
+from helpers_run import read
 
 from dsp_fast import checkpoint_file, reference
 from dsp_fast.reference import runner
