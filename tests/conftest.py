@@ -25,6 +25,18 @@ def synthetic_root(tmp_path_factory) -> str:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root, tmp_path_factory) -> str:
+    """A finished 2-step run of the tiny model (its folder), for the tests that read a run's files or resume it."""
+    from helpers_run import quiet_args
+
+    from dsp_fast import train  # after TRITON_INTERPRET, as above
+
+    out = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    assert train.main(quiet_args(synthetic_root, out, 2)) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same seeds, so a failure reproduces."""
@@ -32,3 +44,13 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def value_checks_off():
+    """As the CUDA path runs (engine.trainer.configure_backends): the kernels' label-value checks off."""
+    from dsp_fast.kernels import set_value_checks  # after TRITON_INTERPRET, as above
+
+    set_value_checks(False)
+    yield
+    set_value_checks(True)

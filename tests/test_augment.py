@@ -185,22 +185,6 @@ def test_blur(aug):
     assert float(out[0, 0, 4, 4]) == pytest.approx(centre ** 2, rel=1e-5)
 
 
-def assert_coins_shared_per_step(draw_step_aug) -> None:
-    """1000 steps of `draw_step_aug` (the fast path's or the reference's): one jitter coin and one blur coin per step,
-    shared by both mixed batches, with frequencies 0.8 and 0.5 (3 sigma: 0.04 and 0.05); a permutation per image."""
-    gen = torch.Generator().manual_seed(0)
-    jit, blur = [], []
-    for _ in range(1000):
-        src, tgt = draw_step_aug(2, (16, 16), 0.8, 0.25, 0.5, gen)
-        coins = torch.stack([src.jitter, tgt.jitter, src.blur, tgt.blur])
-        assert (coins[:2] == coins[0, 0]).all() and (coins[2:] == coins[2, 0]).all()  # one of each per step
-        jit.append(bool(src.jitter[0]))
-        blur.append(bool(src.blur[0]))
-        for a in (src, tgt):
-            assert sorted(a.order[0].tolist()) == [0, 1, 2, 3]
-    assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
-
-
 def _choices(batch: int) -> DeviceChoices:
     return DeviceChoices(class_u=torch.zeros(batch, 19), lt_img=torch.zeros(0), lt_label=torch.zeros(0),
                          lt_cls=torch.zeros(0), aug_src=torch.zeros(batch, AUG_COLS),

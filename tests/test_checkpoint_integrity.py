@@ -1,4 +1,4 @@
-"""Verified checkpoints and safe writes (issue 21, items 2 and 3), on the tiny model over the synthetic shift: a torn
+"""Verified checkpoints and safe writes, on the tiny model over the synthetic shift: a torn
 or corrupt newest checkpoint makes `--resume auto` continue from the newest good one and end bit for bit on the
 uninterrupted run; `evaluate` refuses a corrupt file in one line; pruning never deletes the checkpoint just
 written; a full disk during a checkpoint write is one clear line, exit code 4, no temp file, the previous checkpoint
@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from test_train_run import assert_same_state, read, tiny_args
+from helpers_run import assert_same_state, read, tiny_args
 
 from dsp_fast import checkpoint_file, evaluate, train
 from dsp_fast.config import load_config

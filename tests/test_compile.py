@@ -11,8 +11,7 @@ import copy
 
 import pytest
 import torch
-from test_method_equivalence import make_batch, make_cfg, make_choices, to_device_choices
-from test_train_step import buffers, fast_context
+from helpers_step import buffers, fast_context, make_batch, make_cfg, make_choices, to_device_choices
 
 from dsp_fast.config import FastConfig
 from dsp_fast.engine.model_setup import apply_compile, build_models

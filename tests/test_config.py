@@ -19,10 +19,13 @@ from dsp_fast.config import (
 )
 
 
-@pytest.mark.parametrize("preset", ["synthetic", "gta2cs.yaml", "configs/synthia2cs.yaml"])
-def test_presets_load(preset):
-    cfg = load_config(preset)
-    assert cfg.data.crop_size[0] <= cfg.data.source_size[0]
+@pytest.mark.parametrize("spelling, name", [("gta2cs.yaml", "gta2cs"), ("configs/synthia2cs.yaml", "synthia2cs")])
+def test_a_preset_loads_by_file_name_or_its_old_path_from_any_folder(spelling, name, tmp_path, monkeypatch):
+    """The file name and the 'configs/x.yaml' spelling of the presets before they moved into the package name the
+    preset itself, from a folder without a configs/ of its own."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(spelling)
+    assert cfg == load_config(name) and cfg != load_config(None)
 
 
 SCRIPT_VALUES = {"dsp.lam": 0.8, "model.aspp_two_branch_bug": True, "dsp.train_mmd_projection": False,

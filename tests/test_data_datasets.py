@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 import pytest
+from helpers_data import encode_png16
 from PIL import Image
-from png16 import encode_png16
 
 from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.transforms import SOURCE_RESAMPLE

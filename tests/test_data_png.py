@@ -5,8 +5,8 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers_data import encode_png16
 from PIL import Image
-from png16 import encode_png16
 
 from dsp_fast.data import DatasetError
 from dsp_fast.data.pngio import decode_png16, read_label_ids, read_rgb

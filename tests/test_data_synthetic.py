@@ -117,6 +117,17 @@ def test_complete_dataset_is_reused(tmp_path, monkeypatch):
     assert ensure_synthetic(root, spec=SMALL) == (os.path.join(root, "gta5"), os.path.join(root, "cityscapes"))
 
 
+def test_generating_the_synthetic_set_says_where(tmp_path, capsys):
+    """Every command goes through ensure_synthetic, and a checkpoint's relative data.synthetic_root generates tens
+    of MB in the current folder: it says where, once, and nothing when the set is already there."""
+    spec = SyntheticSpec(source_count=2, target_train_count=1, target_val_count=1)
+    root = tmp_path / "syn"
+    ensure_synthetic(str(root), spec=spec, workers=1)
+    assert f"generating the built-in synthetic domain-shift dataset into {root}" in capsys.readouterr().out
+    ensure_synthetic(str(root), spec=spec, workers=1)
+    assert "generating" not in capsys.readouterr().out
+
+
 def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     root = tmp_path / "d"
     calls = []

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch.distributed as dist
-from test_train_run import REPO, assert_same_state, env, read, tiny_args
+from helpers_run import REPO, assert_same_state, env, read, tiny_args
 
 from dsp_fast.engine.checkpoint import list_checkpoints
 from dsp_fast.engine.distributed import attempt_store

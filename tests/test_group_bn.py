@@ -18,8 +18,19 @@ import dataclasses
 
 import pytest
 import torch
-from test_method_equivalence import SCRIPT_DSP, make_batch, make_cfg, make_choices, to_device_choices
-from test_train_step import CPU, buffers, fast_context
+from helpers_step import (
+    CPU,
+    SCRIPT_DSP,
+    buffers,
+    fast_context,
+    make_batch,
+    make_cfg,
+    make_choices,
+    mit_batch,
+    mit_cfg,
+    mit_choices,
+    to_device_choices,
+)
 from torch import nn
 
 from dsp_fast.config import FastConfig
@@ -171,13 +182,11 @@ def test_batched_step_equals_three_calls(dsp, channels_last):
 def test_batched_step_equals_three_calls_on_mit_b0():
     """MiT's LayerNorms are per token; the DAFormer decoder's BN is per group. Drop path off: with it on, the one call
     draws every image's decisions at once (the same distribution, other draws than three calls)."""
-    import test_mit_step as mit
-
-    cfg = mit.mit_cfg("sgd")
+    cfg = mit_cfg("sgd")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, drop_path_rate=0.0))
     gen = torch.Generator().manual_seed(4)
-    batch = mit.make_batch(gen)
-    choices = to_device_choices(mit.make_choices(batch[3], gen))
+    batch = mit_batch(gen)
+    choices = to_device_choices(mit_choices(batch[3], gen))
     student, teacher = build_models(cfg, CPU)
     student.set_stochastic(False)  # no dropout either
     _assert_same(_losses_and_grads(cfg, student, teacher, batch, choices, batched=False),

@@ -5,80 +5,31 @@ train.compare_source_only does not start the DSP run; two gloo ranks under torch
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 
 import pytest
 import torch
-from test_train_run import REPO, assert_same_state, env, read, tiny_args
+from helpers_run import (
+    REPO,
+    STEPS,
+    STOPPED,
+    TRAIN,
+    Watched,
+    assert_same_state,
+    env,
+    read,
+    tiny_args,
+    uninterrupted_checkpoint,
+    watched_args,
+)
 
 from dsp_fast.engine.checkpoint import list_checkpoints
 from dsp_fast.engine.signals import StopRequested, StopSignals
-
-STEPS = 16
-PROGRESS = re.compile(r"\] step (\d+)/\d+ ")
-STOPPED = re.compile(r"stopped by (SIG\w+): at step (\d+) of")
-TRAIN = [sys.executable, "-m", "dsp_fast.train"]
-
-
-def watched_args(root: str, out: str, *extra: str) -> list[str]:
-    """A progress line every step, an evaluation every 3 steps, a checkpoint every 2 (overridable), no images."""
-    return tiny_args(root, out, STEPS, "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=2",
-                     "--image-every", "0", "--no-tensorboard", "--keep-last", "2", *extra)
-
-
-class Watched:
-    """A trainer subprocess whose stdout is read line by line as it comes, so that a signal is sent at a chosen
-    moment (after a given progress line), not after a fixed sleep; stderr goes to a file."""
-
-    def __init__(self, cmd: list[str], err_path: str, timeout_s: float = 200) -> None:
-        self.err_path = err_path
-        with open(err_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err, text=True,
-                                         bufsize=1)
-        self._timer = threading.Timer(timeout_s, self.proc.kill)  # a hung run fails the test instead of hanging it
-        self._timer.start()
-        self.out: list[str] = []
-
-    def until(self, wanted: Callable[[int | None, str], bool]) -> int | None:
-        """Read lines until `wanted(progress step or None, line)`; returns that line's step (None: the run ended,
-        or the line was not a progress line)."""
-        for line in self.proc.stdout:
-            self.out.append(line)
-            m = PROGRESS.search(line)
-            step = int(m.group(1)) if m else None
-            if wanted(step, line):
-                return step
-        raise AssertionError("the run ended before the awaited line:\n" + "".join(self.out[-20:]))
-
-    def finish(self) -> tuple[int, str, str]:
-        """Wait for the end: (return code, stdout, stderr)."""
-        self.out.append(self.proc.stdout.read())
-        code = self.proc.wait()
-        self._timer.cancel()
-        with open(self.err_path) as f:
-            return code, "".join(self.out), f.read()
-
-
-@functools.cache
-def _uninterrupted(root: str, out: str) -> str:
-    proc = subprocess.run(TRAIN + watched_args(root, out), cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return os.path.join(out, f"ckpt_{STEPS:08d}.pt")
-
-
-def uninterrupted_checkpoint(root: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The final checkpoint of the uninterrupted run of watched_args (trained once per session, shared with
-    test_random_kills)."""
-    return _uninterrupted(root, str(tmp_path_factory.getbasetemp() / "uninterrupted"))
 
 
 @pytest.fixture

@@ -213,7 +213,7 @@ def test_imports_without_triton():
 
 
 def test_kernels_is_a_leaf():
-    """kernels imports torch and triton only: nothing of dsp_fast outside itself (ARCHITECTURE.md)."""
+    """kernels imports torch and triton only: nothing of dsp_fast outside itself (the rule docs/layout.md states)."""
     import ast
     import pathlib
 

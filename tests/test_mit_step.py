@@ -17,57 +17,22 @@ import dataclasses
 
 import pytest
 import torch
-from test_method_equivalence import to_device_choices
-from test_train_step import CPU, assert_same_losses, buffers, fast_context
+from helpers_step import (
+    CPU,
+    assert_same_losses,
+    buffers,
+    fast_context,
+    mit_batch,
+    mit_cfg,
+    mit_choices,
+    to_device_choices,
+)
 
 from dsp_fast import reference
-from dsp_fast.config import Config, DataConfig, DSPConfig, FastConfig, ModelConfig, OptimConfig, TrainConfig
+from dsp_fast.config import Config, FastConfig, OptimConfig, TrainConfig
 from dsp_fast.engine.model_setup import build_models
 from dsp_fast.engine.optimizer import scheduled_lr
 from dsp_fast.engine.step import read_stats, train_step
-
-# 64x64: stage maps 16, 8, 4, 2 and 4 keys per attention after sequence reduction (at 32x32 every stage would see a
-# single key, its softmax would be 1 and the queries would get no gradient: a vacuous test of the attention)
-B, S, K = 2, 64, 19
-
-
-def mit_cfg(algorithm: str, **dsp) -> Config:
-    data = DataConfig(source_size=(S, S), target_size=(S, S), crop_size=(S, S), eval_size=(S, S), batch_size=B)
-    optim = OptimConfig(lr=1e-2) if algorithm == "sgd" else OptimConfig(
-        algorithm="adamw", lr=1e-3, weight_decay=0.01, norm_decay_mult=0.0, poly_power=1.0, warmup_steps=10)
-    return Config(data=data, model=ModelConfig(arch="mit_b0", num_classes=K, decoder_dim=32), dsp=DSPConfig(**dsp),
-                  optim=optim)
-
-
-def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    def labels():
-        y = torch.randint(0, 6, (B, S, S), generator=gen)
-        y[:, :5] = 255
-        y[:, 20:28, 20:28] = 12  # a long-tail class present in the template
-        return y
-
-    x_s, x_m, x_t = (torch.rand(B, 3, S, S, generator=gen) for _ in range(3))
-    return x_s, labels(), x_m, labels(), x_t
-
-
-def make_choices(y_m: torch.Tensor, gen: torch.Generator, jitter: bool = True, blur: bool = True
-                 ) -> reference.StepChoices:
-    """Revision 2's choices: per template image its own crop of each of the step's two long-tail classes, and one
-    jitter coin and one blur coin per step, shared by the mixed images."""
-    sel = reference.select_classes(y_m, K, paste_ignore_label=False, gen=gen)
-    crops = []
-    for b in range(B):
-        per_image = []
-        for cls in (15, 18):
-            lab = torch.full((S, S), 255)
-            lab[10 + 4 * b:18 + 4 * b, 40 - 6 * b:60 - 6 * b] = cls
-            lab[40:44, :] = 3  # other classes in the crop must not be pasted
-            per_image.append((cls, torch.rand(3, S, S, generator=gen), lab))
-        crops.append(per_image)
-    aug_src, aug_tgt = reference.draw_step_aug(B, (S, S), 0.8, 0.25, 0.5, gen)
-    for a in (aug_src, aug_tgt):
-        a.jitter[:], a.blur[:] = jitter, blur
-    return reference.StepChoices(sel, crops, aug_src, aug_tgt)
 
 
 @pytest.mark.parametrize("algorithm,dsp,channels_last", [
@@ -77,8 +42,8 @@ def test_fast_step_matches_reference_step_on_mit_b0(algorithm, dsp, channels_las
     # (the same distribution, other draws); tests/test_group_bn.py checks the batched call with drop path off
     cfg = dataclasses.replace(mit_cfg(algorithm, **dsp), fast=FastConfig(batched_student=False))
     gen = torch.Generator().manual_seed(1)
-    batch = make_batch(gen)
-    choices = make_choices(batch[3], gen)
+    batch = mit_batch(gen)
+    choices = mit_choices(batch[3], gen)
     student, teacher = build_models(cfg, CPU)
     fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
     before = copy.deepcopy(student.state_dict())
@@ -131,8 +96,8 @@ def test_fast_step_matches_reference_step_on_mit_b0(algorithm, dsp, channels_las
 def test_adamw_skips_a_non_finite_step_without_a_trace():
     cfg = mit_cfg("adamw")
     gen = torch.Generator().manual_seed(2)
-    batch = make_batch(gen)
-    ch = to_device_choices(make_choices(batch[3], gen))
+    batch = mit_batch(gen)
+    ch = to_device_choices(mit_choices(batch[3], gen))
     student, teacher = build_models(cfg, CPU)
     ctx = fast_context(cfg, student, teacher)
     ctx.set_schedule_(5, 1e-3)

@@ -352,10 +352,8 @@ def test_param_groups():
     assert {id(p) for p in by_name["classifier"]["params"]} == {id(p) for p in model.layer5.parameters()}
     assert [id(p) for p in by_name["mmd_projection"]["params"]] == [id(model.c1.weight)]
     assert model.conv1.weight in by_name["backbone"]["params"]
-    opt = torch.optim.SGD(groups, lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
-    for g in opt.param_groups:  # what a poly schedule does
-        g["lr"] = 1e-3 * g["lr_mult"]
-    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2, 1e-2]
+    # the order a checkpoint's optimizer state is saved and restored in
+    assert [g["name"] for g in groups] == ["backbone", "classifier", "mmd_projection"]
 
 
 def test_param_groups_without_projection_and_with_bug():

@@ -101,9 +101,9 @@ def test_attention_matches_plain_softmax_attention(dim, heads, sr, h, w):
 
 
 def test_layernorm_eps_per_kind_of_norm():
-    """DSP_METHOD's SegFormer / DAFormer recipe (NVlabs' and DAFormer's mix_transformer.py): 1e-5 in the overlapping
-    patch embeddings' norm and the attention's sequence-reduction norm, 1e-6 in the blocks' norm1/norm2 and the stage
-    norms. Every LayerNorm of a built mit_b0 falls under exactly one of these names."""
+    """The SegFormer / DAFormer recipe of docs/method.md (NVlabs' and DAFormer's mix_transformer.py): 1e-5 in the
+    overlapping patch embeddings' norm and the attention's sequence-reduction norm, 1e-6 in the blocks' norm1/norm2
+    and the stage norms. Every LayerNorm of a built mit_b0 falls under exactly one of these names."""
     want_by_kind = {"patch_embed": 1e-5, "sr_norm": 1e-5, "block_norm": 1e-6, "stage_norm": 1e-6}
     kinds = {  # module-name patterns, in SegFormer's naming
         "patch_embed": r"backbone\.patch_embed[1-4]\.norm",

@@ -1,4 +1,4 @@
-"""`pip install .` (not only -e) puts kernels/ and pipelines/ under dsp_fast, as the design card asks."""
+"""`pip install .` (not only -e) puts kernels/ and pipelines/ under dsp_fast, as docs/layout.md describes the layout."""
 
 import os
 import subprocess

@@ -13,8 +13,8 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from helpers_data import make_cityscapes, make_gta5, run_prepare
 from PIL import Image
-from test_prepare import make_cityscapes, make_gta5, run_prepare
 
 from dsp_fast.data import DatasetError
 from dsp_fast.pipelines import build_loaders, prepared

@@ -7,78 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from helpers_data import LT_CROP, LT_SIZE, make_cityscapes, make_gta5, run_prepare
 from PIL import Image
 
 from dsp_fast import prepare
 from dsp_fast.data import GTA5, resize_image, resize_label
 from dsp_fast.data.labels import CITYSCAPES_ID_TO_TRAIN_ID
 from dsp_fast.pipelines import prepared
-
-# Cityscapes label ids drawn into the fixtures (road, building, sky, car, rider, bicycle, an ignored id).
-_IDS = (7, 11, 23, 26, 25, 33, 0)
-
-
-def _palette() -> list[int]:
-    rng = np.random.default_rng(1)
-    return rng.integers(0, 256, 768).tolist()  # colours unrelated to the ids: only the indices may be read
-
-
-def make_label_ids(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """Label ids: a road / building / sky layout plus a few small rectangles of rarer classes."""
-    ids = np.full((h, w), 23, dtype=np.uint8)
-    ids[h // 3:] = 11
-    ids[2 * h // 3:] = 7
-    for cls in rng.choice(_IDS[3:], size=3):
-        rw, rh = int(rng.integers(2, w // 4)), int(rng.integers(2, h // 4))
-        x, y = int(rng.integers(0, w - rw)), int(rng.integers(0, h - rh))
-        ids[y:y + rh, x:x + rw] = cls
-    return ids
-
-
-def make_image(rng: np.random.Generator, ids: np.ndarray) -> np.ndarray:
-    """A smooth image whose colours follow the label, plus noise (so crops of different windows differ)."""
-    base = rng.integers(0, 256, (256, 3)).astype(np.float32)[ids]
-    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-
-
-def make_gta5(root: str, n: int, size: tuple[int, int], seed: int = 0) -> str:
-    """A GTA5-layout folder: RGB PNGs and palette ('P') label PNGs of Cityscapes label ids."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    os.makedirs(os.path.join(root, "labels"), exist_ok=True)
-    for i in range(n):
-        ids = make_label_ids(rng, *size)
-        Image.fromarray(make_image(rng, ids)).save(os.path.join(root, "images", f"{i:05d}.png"))
-        pal = Image.fromarray(ids, mode="P")
-        pal.putpalette(_palette())
-        pal.save(os.path.join(root, "labels", f"{i:05d}.png"))
-    return root
-
-
-def make_cityscapes(root: str, counts: dict[str, int], size: tuple[int, int], seed: int = 0) -> str:
-    """A Cityscapes-layout folder with two cities per split and labelIds PNGs."""
-    rng = np.random.default_rng(seed)
-    for split, n in counts.items():
-        for i in range(n):
-            city = f"city{i % 2}"
-            name = f"{city}_{i:06d}_000019"
-            for sub in ("leftImg8bit", "gtFine"):
-                os.makedirs(os.path.join(root, sub, split, city), exist_ok=True)
-            ids = make_label_ids(rng, *size)
-            Image.fromarray(make_image(rng, ids)).save(
-                os.path.join(root, "leftImg8bit", split, city, f"{name}_leftImg8bit.png"))
-            label = os.path.join(root, "gtFine", split, city, f"{name}_gtFine_labelIds.png")
-            Image.fromarray(ids, mode="L").save(label)
-    return root
-
-
-LT_SIZE, LT_CROP = (90, 54), (16, 12)  # small long-tail images and crops for the tests (defaults 1920x1080, 512)
-
-
-def run_prepare(root: str, out: str, *extra: str, dataset: str = "gta5") -> int:
-    small = ["--long-tail-size", *map(str, LT_SIZE), "--crop", *map(str, LT_CROP)] if dataset != "cityscapes" else []
-    return prepare.main(["--dataset", dataset, "--root", root, "--out", out, "--workers", "0", "--no-progress",
-                         *small, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +167,14 @@ def test_encoded_size_reads_png_and_jpeg_headers_and_names_bad_files(tmp_path):
         prepared.encoded_size(b"hello", "c.png")
     with pytest.raises(ValueError, match="d.png: not an 8-bit grayscale"):
         prepared.check_gray8(prepare.encode_image(img, "png", 0), "d.png")
+
+
+def test_gta5_pairs_of_different_sizes_are_resized_and_counted(tmp_path, capsys):
+    root = make_gta5(str(tmp_path / "gta5"), 2, (60, 36))
+    label = os.path.join(root, "labels", "00000.png")
+    with Image.open(label) as im:
+        im.resize((im.width * 2, im.height * 2), Image.Resampling.NEAREST).save(label)  # keeps the palette
+    out = tmp_path / "prepared"
+    assert run_prepare(root, str(out), "--size", "64", "36") == 0
+    assert "1 image/label pairs of different sizes, both resized" in capsys.readouterr().out
+    assert Image.open(out / "labels" / "00000.png").size == (64, 36)

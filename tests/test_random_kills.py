@@ -16,8 +16,7 @@ import signal
 import time
 
 import pytest
-from test_interrupts import STEPS, STOPPED, TRAIN, Watched, uninterrupted_checkpoint, watched_args
-from test_train_run import assert_same_state, read
+from helpers_run import STEPS, STOPPED, TRAIN, Watched, assert_same_state, read, uninterrupted_checkpoint, watched_args
 
 from dsp_fast.engine.checkpoint import checkpoint_name
 

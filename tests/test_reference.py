@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_augment import assert_coins_shared_per_step
 
 from dsp_fast.config import Config, DataConfig, DSPConfig, ModelConfig
 from dsp_fast.kernels.twins import mmd_rbf
@@ -161,11 +160,14 @@ def test_long_tail_crop_contains_class(mode):
     label[37, 2] = 7  # one pixel near a corner
     source = LongTailSource(LabelSource([label]), [[0] if c == 7 else [] for c in range(8)], (60, 40), (16, 16))
     gen = torch.Generator().manual_seed(0)
+    drawn = 0
     for _ in range(20):
         crop = source.draw(7, mode, gen)
         if crop is not None:  # 'retry' can give up, as the authors' loop does
+            drawn += 1
             assert crop[0].shape == (3, 16, 16) and (crop[1] == 7).any()
-    assert source.draw(7, "counts", gen) is not None
+    # 'counts' never gives up; 'retry' gave at least one crop, so the check above ran in both modes
+    assert drawn == 20 if mode == "counts" else drawn >= 1
 
 
 def exact_window_distribution(labels, cls, crop):
@@ -265,8 +267,19 @@ def test_source_loss_is_zero_without_valid_pixels():
 
 def test_reference_draws_its_augmentation_as_the_script():
     """The reference's own drawing (dsp_fast.reference.strong_aug): one jitter and one blur coin per step shared by
-    both mixed batches, per-image factors in their ranges, a permutation per image, sigma in U(0.15, 1.15)."""
-    assert_coins_shared_per_step(draw_step_aug)
+    both mixed batches, per-image factors in their ranges, a permutation per image, sigma in U(0.15, 1.15). The
+    coins over 1000 steps: frequencies 0.8 and 0.5 (3 sigma: 0.04 and 0.05)."""
+    gen = torch.Generator().manual_seed(0)
+    jit, blur = [], []
+    for _ in range(1000):
+        src, tgt = draw_step_aug(2, (16, 16), 0.8, 0.25, 0.5, gen)
+        coins = torch.stack([src.jitter, tgt.jitter, src.blur, tgt.blur])
+        assert (coins[:2] == coins[0, 0]).all() and (coins[2:] == coins[2, 0]).all()  # one of each per step
+        jit.append(bool(src.jitter[0]))
+        blur.append(bool(src.blur[0]))
+        for a in (src, tgt):
+            assert sorted(a.order[0].tolist()) == [0, 1, 2, 3]
+    assert abs(sum(jit) / 1000 - 0.8) < 0.04 and abs(sum(blur) / 1000 - 0.5) < 0.05
     f = draw_strong_aug(1000, (37, 45), True, True, 0.25, torch.Generator().manual_seed(0))
     assert f.factors.dtype == torch.float32 and f.order.dtype == torch.int64 and f.jitter.dtype == torch.bool
     assert f.factors[:, 0].abs().max() <= 0.25 and f.factors[:, 3].abs().max() <= 0.25  # offsets, in radians

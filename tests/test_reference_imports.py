@@ -1,6 +1,6 @@
 """The reference trainer is the independent oracle: every module of dsp_fast/reference/ imports, of dsp_fast, only
 config, data, models, evaluate, run_io, resume (the run-folder and --resume rules both trainers follow), the
-kernels' plain-PyTorch twins and its own modules.
+kernels' plain-PyTorch twins and its own modules (docs/layout.md).
 If it shared a piece with the fast path (augment, method, engine, pipelines), the equivalence tests could not
 catch a bug in that piece."""
 

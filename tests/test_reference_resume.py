@@ -1,4 +1,4 @@
-"""The reference trainer resumes from its own last.pt (issue 21, item 5): a short run stopped after its step-3
+"""The reference trainer resumes from its own last.pt: a short run stopped after its step-3
 checkpoint and continued with `--resume auto` ends bit for bit on the uninterrupted run's weights, momentum buffers
 and generator states (the tiny model on the synthetic shift, 32x32 crops, 6 steps, CPU); a full disk while last.pt
 is written stops it with exit code 4 and the previous last.pt intact."""
@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from test_train_run import read
+from helpers_run import read
 
 from dsp_fast import checkpoint_file, reference
 from dsp_fast.reference import job

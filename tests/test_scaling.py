@@ -1,5 +1,6 @@
-"""N ranks compute the step of one rank on the global batch (DSP_METHOD "Scaling out"): two gloo ranks with one image
-each against one process with both images, same seeds and same random choices; and the batch-size semantics.
+"""N ranks compute the step of one rank on the global batch, as docs/distributed.md describes the scaling out: two
+gloo ranks with one image each against one process with both images, same seeds and same random choices; and the
+batch-size semantics.
 
 The 2-rank side runs three variants in one spawn (a process group costs seconds): everything on, global BN off,
 the MMD all-gather off. The last two must NOT match: that shows the test sees each of the two mechanisms.
@@ -15,9 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from op_recorder import OpRecorder
-from test_method_equivalence import make_batch, make_cfg, make_choices, to_device_choices
-from test_train_step import buffers, fast_context
+from helpers_capture import OpRecorder
+from helpers_step import CPU, buffers, fast_context, make_batch, make_cfg, make_choices, to_device_choices
 
 from dsp_fast.config import ConfigError
 from dsp_fast.engine.batchnorm import convert_global_bn
@@ -28,7 +28,6 @@ from dsp_fast.engine.step import read_stats, train_step
 from dsp_fast.engine.trainer import step_ranks
 from dsp_fast.method import DeviceChoices
 
-CPU = torch.device("cpu")
 STEP = 3
 VARIANTS = ("all", "no_global_bn", "no_mmd_gather")
 

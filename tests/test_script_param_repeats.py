@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from helpers_run import REPO, assert_same_state, env, read, tiny_args
 
 from dsp_fast import reference
 from dsp_fast.config import Config, ConfigError, FastConfig, ModelConfig, OptimConfig
@@ -24,7 +25,6 @@ from dsp_fast.engine.optimizer import RepeatedSGD, build_optimizer
 from dsp_fast.models import DeepLabV2, build_model, script_backbone_listing, script_multiplicity
 
 CPU = torch.device("cpu")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4  # a large lr, so that k updates differ clearly from one
 
 
@@ -227,8 +227,6 @@ def test_config_refuses(make, names):
 def test_resume_with_repeats_is_bit_for_bit(synthetic_root, tmp_path):
     """The fast trainer end to end with the switch on: a run resumed from its step-4 checkpoint ends at step 8 with
     the weights, teacher and momentum buffers of the uninterrupted run, bit for bit."""
-    from test_train_run import assert_same_state, env, read, tiny_args
-
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     cmd = [sys.executable, "-m", "dsp_fast.train"]
     extra = ("optim.script_param_repeats=true", "train.checkpoint_every=4", "--keep-last", "2")

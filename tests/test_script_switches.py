@@ -10,26 +10,26 @@ import dataclasses
 
 import pytest
 import torch
-from test_method_equivalence import (
+from helpers_capture import cuda_like_context, record_next_step
+from helpers_step import (
+    CPU,
     LT_PRESENT,
     SCRIPT_DSP,
     B,
     K,
     assert_fast_math_matches_reference,
+    assert_fast_step_matches_reference,
+    buffers,
     make_batch,
     make_cfg,
     make_choices,
 )
-from test_method_equivalence import to_device_choices as plain_device_choices
-from test_step_capturable import cuda_like_context, record_next_step, value_checks_off  # noqa: F401 (a fixture)
-from test_train_step import assert_fast_step_matches_reference, buffers
+from helpers_step import to_device_choices as plain_device_choices
 
 from dsp_fast import method, reference
 from dsp_fast.config import Config, load_config
 from dsp_fast.engine.model_setup import build_models
 from dsp_fast.models import build_model, normalize_input
-
-CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------- the column paste

@@ -9,54 +9,31 @@ import contextlib
 
 import pytest
 import torch
-from op_recorder import OpRecorder
-from test_method_equivalence import SCRIPT_DSP, H, W, make_batch, make_cfg, make_choices, to_device_choices
-from test_train_step import buffers, with_repeats
+from helpers_capture import OpRecorder, cuda_like_context, record_next_step
+from helpers_step import (
+    CPU,
+    SCRIPT_DSP,
+    H,
+    W,
+    buffers,
+    make_batch,
+    make_cfg,
+    make_choices,
+    mit_batch,
+    mit_cfg,
+    mit_choices,
+    to_device_choices,
+    with_repeats,
+)
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dsp_fast.config import FastConfig
-from dsp_fast.engine.batchnorm import apply_group_bn
-from dsp_fast.engine.model_setup import build_models, make_normalize
-from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer
-from dsp_fast.engine.step import StepBuffers, StepContext, apply_update, compute_losses, train_step
-from dsp_fast.kernels import force_twins, set_value_checks
-from dsp_fast.method import AUG_COLS, DeviceChoices, mmd_term
+from dsp_fast.augment import AUG_COLS
+from dsp_fast.engine.model_setup import build_models
+from dsp_fast.engine.step import StepBuffers, apply_update, compute_losses
+from dsp_fast.kernels import force_twins
+from dsp_fast.method import DeviceChoices, mmd_term
 
-CPU = torch.device("cpu")
 AMP = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@pytest.fixture
-def value_checks_off():
-    """As the CUDA path runs (engine.trainer.configure_backends): the kernels' label-value checks off."""
-    set_value_checks(False)
-    yield
-    set_value_checks(True)
-
-
-def cuda_like_context(cfg, student, teacher, amp: torch.dtype, device: torch.device) -> StepContext:
-    """The step's context as the CUDA path builds it: fused SGD with a device-tensor lr that reads found_inf on
-    the device, autocast's weight cache off (as under graph capture), and the student's three forwards as one
-    call with per-group BN statistics (fast.batched_student, the default)."""
-    if cfg.fast.batched_student:
-        apply_group_bn(student, cfg.data.batch_size)
-    opt, device_skip = build_optimizer(cfg, student, FastConfig(amp="fp32", optimizer="fused"), device,
-                                       device_lr=True)
-    assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
-    return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", device), amp,
-                       build_grad_scaler(amp, device), cfg.dsp.ema_max, device_skip, sync_flag=False,
-                       autocast_cache=False)
-
-
-def record_next_step(ctx: StepContext, make_buffers) -> OpRecorder:
-    """One eager train_step (as the graph is captured after warm-up), then the operators of the next one; asserts
-    that none syncs with the host or has a data-dependent shape."""
-    train_step(ctx, make_buffers())
-    buf = make_buffers()
-    with OpRecorder() as rec:
-        train_step(ctx, buf)
-    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
-    return rec
 
 
 def test_recorder_finds_syncs_and_data_dependent_shapes():
@@ -106,12 +83,10 @@ def test_train_step_issues_no_host_sync(amp, twins, dsp, repeats, value_checks_o
 def test_mit_b0_step_issues_no_host_sync(algorithm, value_checks_off):
     """The same recording on the MiT backbone (SDPA attention, drop path, DAFormer decoder), bf16 autocast, with
     the DAFormer recipe's fused AdamW as well as SGD."""
-    import test_mit_step as mit
-
-    cfg = mit.mit_cfg(algorithm)
+    cfg = mit_cfg(algorithm)
     gen = torch.Generator().manual_seed(1)
-    batch = mit.make_batch(gen)
-    ch = to_device_choices(mit.make_choices(batch[3], gen))
+    batch = mit_batch(gen)
+    ch = to_device_choices(mit_choices(batch[3], gen))
     student, teacher = build_models(cfg, CPU)
     ctx = cuda_like_context(cfg, student, teacher, torch.bfloat16, CPU)
     ctx.set_schedule_(3, 1e-4)

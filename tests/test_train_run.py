@@ -14,37 +14,10 @@ import sys
 import time
 
 import torch
+from helpers_run import REPO, assert_same_state, env, read, tiny_args
 
 from dsp_fast import train
 from dsp_fast.engine.checkpoint import list_checkpoints
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-def tiny_args(root: str, out: str, steps: int, *extra: str) -> list[str]:
-    return ["--config", "synthetic", f"data.synthetic_root={root}",
-            f"train.out_dir={out}", f"train.max_steps={steps}", "data.crop_size=[32,32]", "data.eval_size=[64,32]",
-            "data.max_eval_images=2", "train.compare_source_only=false", "train.log_every=4", *extra]
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ, OMP_NUM_THREADS="1")
-    e.pop("TRITON_INTERPRET", None)  # the kernels' twins: the same results, without the interpreter's cost
-    return e
-
-
-def read(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    for key in ("student", "teacher"):
-        for name, t in a[key].items():
-            assert torch.equal(t, b[key][name]), f"{key}.{name} differs"
-    for i, s in a["optimizer"]["state"].items():
-        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]), f"momentum {i}"
-    assert torch.equal(a["rng"][0]["choices"], b["rng"][0]["choices"]) and a["step"] == b["step"]
 
 
 def test_two_gloo_ranks_keep_identical_weights_and_exit_cleanly(synthetic_root, tmp_path):

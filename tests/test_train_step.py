@@ -10,71 +10,33 @@ lr 1e-2. channels_last changes the convolution kernels' accumulation order too: 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_method_equivalence import B, H, K, W, make_batch, make_cfg, make_choices, to_device_choices
+from helpers_step import (
+    CPU,
+    H,
+    K,
+    W,
+    assert_fast_step_matches_reference,
+    buffers,
+    fast_context,
+    make_batch,
+    make_cfg,
+    make_choices,
+    to_device_choices,
+    with_repeats,
+)
 
-from dsp_fast import reference
-from dsp_fast.config import Config, DSPConfig, FastConfig
+from dsp_fast.augment import AUG_COLS
+from dsp_fast.config import DSPConfig, FastConfig
 from dsp_fast.engine.batchnorm import apply_group_bn
 from dsp_fast.engine.model_setup import apply_channels_last, build_models, make_normalize
-from dsp_fast.engine.monitor import CAPTION_H, save_image_grid
 from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
-from dsp_fast.engine.step import StepBuffers, StepContext, read_stats, train_step
+from dsp_fast.engine.step import StepContext, read_stats, train_step
 from dsp_fast.kernels import set_value_checks
-from dsp_fast.method import AUG_COLS, DeviceChoices, draw_choices_
+from dsp_fast.method import DeviceChoices, draw_choices_
 from dsp_fast.models import build_model, normalize_input
-
-CPU = torch.device("cpu")
-
-
-def fast_context(cfg, student, teacher, optimizer: str = "fused", channels_last: bool = False,
-                 group_size: int | None = None) -> StepContext:
-    """The step's context as the trainer builds it on CPU; with fast.batched_student (the default) the student's BN
-    layers take statistics per group of `group_size` images (default: data.batch_size, one rank's batch)."""
-    opts = FastConfig(amp="fp32", channels_last=channels_last, cuda_graphs=False, optimizer=optimizer)
-    if cfg.fast.batched_student:
-        apply_group_bn(student, group_size or cfg.data.batch_size)
-    if channels_last:
-        apply_channels_last(student, teacher)
-    opt, device_skip = build_optimizer(cfg, student, opts, CPU)
-    return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", CPU), torch.float32,
-                       build_grad_scaler(torch.float32, CPU), cfg.dsp.ema_max, device_skip, sync_flag=False)
-
-
-def buffers(batch, choices: DeviceChoices, channels_last: bool = False) -> StepBuffers:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x_s, y_s, x_m, y_m, x_t = (t.clone() for t in batch)
-    return StepBuffers(x_s.contiguous(memory_format=fmt), y_s, x_m.contiguous(memory_format=fmt), y_m,
-                       x_t.contiguous(memory_format=fmt), choices)
-
-
-def assert_same_losses(losses: dict, skipped: float, ref_losses: dict, channels_last: bool) -> tuple[float, float]:
-    """The fast step's losses equal the reference step's; returns the (rel, atol) the weights are compared with
-    (channels_last reorders the convolutions' sums: 10x wider)."""
-    rel, atol = (1e-4, 1e-5) if channels_last else (1e-5, 1e-6)
-    assert skipped == 0 and set(losses) == set(ref_losses)
-    for k, v in ref_losses.items():
-        assert losses[k] == pytest.approx(v, rel=rel, abs=1e-7), k
-    return rel, atol
-
-
-def assert_same_models(ref_student, ref_teacher, student, teacher, atol: float) -> None:
-    """After one step: every student tensor (parameters and BN buffers) and every teacher parameter of the fast
-    step equal the reference step's within atol."""
-    for (name, a), b in zip(ref_student.state_dict().items(), student.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=0, atol=atol, msg=name)
-    for a, b in zip(ref_teacher.parameters(), teacher.parameters()):
-        torch.testing.assert_close(b, a, rtol=0, atol=atol)
-
-
-def with_repeats(cfg: Config, on: bool) -> Config:
-    """cfg with optim.script_param_repeats (the authors' repeated backbone updates) set to `on`."""
-    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, script_param_repeats=on))
 
 
 @pytest.mark.parametrize("dsp,channels_last,repeats", [({}, False, False), ({}, True, False),
@@ -86,26 +48,6 @@ def test_fast_step_matches_reference_step(dsp, channels_last, repeats):
     batch = make_batch(gen)
     choices = make_choices(cfg, batch[3], gen)
     assert_fast_step_matches_reference(cfg, batch, choices, to_device_choices(choices), channels_last)
-
-
-def assert_fast_step_matches_reference(cfg: Config, batch, choices, device_choices: DeviceChoices,
-                                       channels_last: bool = False) -> None:
-    """The fast trainer's train_step (the engine's optimizer and buffers) against reference.train_step with the
-    reference's own optimizer, on the same weights, batch and choices, at step 3: losses and updated models."""
-    student, teacher = build_models(cfg, CPU)
-    fast_student, fast_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    step = 3
-
-    ref_opt = reference.build_optimizer(cfg, student)
-    ref_losses = reference.train_step(cfg, student, teacher, ref_opt, step, batch, choices)
-
-    ctx = fast_context(cfg, fast_student, fast_teacher, channels_last=channels_last)
-    ctx.set_schedule_(step, scheduled_lr(cfg.optim, step, cfg.train.max_steps))
-    train_step(ctx, buffers(batch, device_choices, channels_last))
-    losses, skipped, _ = read_stats(ctx)
-
-    _, atol = assert_same_losses(losses, skipped, ref_losses, channels_last)
-    assert_same_models(student, teacher, fast_student, fast_teacher, atol)
 
 
 def _snapshot(ctx: StepContext) -> list[torch.Tensor]:
@@ -236,23 +178,3 @@ def test_graphed_step_matches_eager_step():
 
     assert loss_gap(eager_losses, graph_losses) <= 4 * loss_gap(eager_losses, again_losses) + 1e-6
     assert weight_gap(eager_w, graph_w) <= 4 * weight_gap(eager_w, again_w) + 1e-6
-
-
-def test_image_grid_shows_the_soft_paste(tmp_path):
-    cfg = make_cfg()
-    gen = torch.Generator().manual_seed(1)
-    batch = make_batch(gen)
-    choices = make_choices(cfg, batch[3], gen)
-    student, teacher = build_models(cfg, CPU)
-    before = {k: v.clone() for k, v in student.state_dict().items()}
-    path = tmp_path / "grids" / "step_1.png"
-    save_image_grid(str(path), fast_context(cfg, student, teacher), buffers(batch, to_device_choices(choices)))
-    picture = np.array(Image.open(path))
-    grid = picture[CAPTION_H:CAPTION_H + B * H]  # below the column captions, above the class legend
-    assert picture.shape[1] == 6 * W and picture.shape[0] > CAPTION_H + B * H
-    # one row per image: template, mask, two mixes, pseudo-label, prediction
-    mask_tile = grid[:H, W:2 * W, 0]
-    assert (mask_tile[5:9, 20:30] == 255).all()  # the long-tail crop's class pixels were pasted (make_choices)
-    assert set(np.unique(mask_tile)) <= {0, 255}
-    for k, v in student.state_dict().items():  # drawing a picture changes no weight and no BN statistic
-        assert torch.equal(v, before[k]), k

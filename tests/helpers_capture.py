@@ -1,4 +1,5 @@
-"""Records the aten operators a piece of code issues, to find on a CPU what would break a CUDA graph on a GPU.
+"""What the CUDA-graph capture tests share: a recorder of the aten operators a piece of code issues, to find on a
+CPU what would break a CUDA graph on a GPU, and the step's context as the CUDA path builds it.
 
 A captured step must never read a device value on the host (a sync: `aten::_local_scalar_dense`, behind `.item()`,
 `bool(t)`, `if t:`, a Python float from a tensor) and must not create tensors whose shape depends on the data
@@ -13,9 +14,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import traceback
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsp_fast.config import Config, FastConfig
+from dsp_fast.engine.batchnorm import apply_group_bn
+from dsp_fast.engine.model_setup import make_normalize
+from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer
+from dsp_fast.engine.step import StepBuffers, StepContext, train_step
 
 # operators that read the device on the host or whose output shape depends on tensor values
 SYNC_OPS = frozenset({
@@ -75,3 +83,29 @@ class OpRecorder(TorchDispatchMode):
         flat = out if isinstance(out, (tuple, list)) else (out,)
         self.ops.append((func.name(), tuple(t.dtype for t in flat if isinstance(t, torch.Tensor))))
         return out
+
+
+def cuda_like_context(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module, amp: torch.dtype,
+                      device: torch.device) -> StepContext:
+    """The step's context as the CUDA path builds it: fused SGD with a device-tensor lr that reads found_inf on
+    the device, autocast's weight cache off (as under graph capture), and the student's three forwards as one
+    call with per-group BN statistics (fast.batched_student, the default)."""
+    if cfg.fast.batched_student:
+        apply_group_bn(student, cfg.data.batch_size)
+    opt, device_skip = build_optimizer(cfg, student, FastConfig(amp="fp32", optimizer="fused"), device,
+                                       device_lr=True)
+    assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
+    return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", device), amp,
+                       build_grad_scaler(amp, device), cfg.dsp.ema_max, device_skip, sync_flag=False,
+                       autocast_cache=False)
+
+
+def record_next_step(ctx: StepContext, make_buffers: Callable[[], StepBuffers]) -> OpRecorder:
+    """One eager train_step (as the graph is captured after warm-up), then the operators of the next one; asserts
+    that none syncs with the host or has a data-dependent shape."""
+    train_step(ctx, make_buffers())
+    buf = make_buffers()
+    with OpRecorder() as rec:
+        train_step(ctx, buf)
+    assert not rec.syncs, "host syncs / data-dependent shapes in the step:\n" + "\n".join(map(str, rec.syncs))
+    return rec
