@@ -1,12 +1,7 @@
-"""Checkpoint files on disk, for both trainers and `evaluate`: written atomically with a SHA-256 of their bytes
-beside them, verified before they are read, and a failed write reported as one clear error.
-
-`<name>.pt` is written atomically (dsp_fast/atomic_io.py: `<name>.pt.tmp.<pid>`, hashed on its way to disk, fsynced,
-renamed into place), then its checksum `<name>.pt.sha256` (the `sha256sum` format: `sha256sum -c
-ckpt_00000040.pt.sha256` checks it by hand). The checksum is of the serialized bytes, computed once while writing
-(no second pass over a 500 MB file) and checked by one streaming read before torch.load. A file without a checksum
-beside it (written before checksums existed, or a kill between the two renames) is read as before: unverified,
-trusted when torch.load accepts it.
+"""Checkpoint files on disk, for both trainers and `evaluate` (docs/training.md, "Run folders and resume"):
+`<name>.pt` written atomically (atomic_io) and hashed on its way to disk (no second pass over a 500 MB file), then
+its `<name>.pt.sha256` (the `sha256sum` format); verified by one streaming read before torch.load. A file without a
+checksum (older, or a kill between the two renames) is read unverified. A failed write is one clear error.
 """
 
 from __future__ import annotations

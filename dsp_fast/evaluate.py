@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsp_fast.checkpoint_file import read_checkpoint_file
 from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override, split_overrides
 from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, DatasetError, class_names, resize_image, resize_label
 from dsp_fast.data.build import target_dataset
 from dsp_fast.models import build_model, normalize_input, unwrap
-from dsp_fast.run_io import read_checkpoint_file, resolve_device
+from dsp_fast.run_io import resolve_device
 
 
 class InputError(ValueError):

@@ -19,22 +19,15 @@ from typing import Any
 
 import torch
 
-from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the reference reads files through run_io
-    EXIT_WRITE_FAILED,
-    RunWriteError,
-    atomic_torch_save,
-    atomic_write_text,
-    read_checkpoint_file,
-    write_error,
-)
+from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError, atomic_write_text, write_error  # noqa: F401
 from dsp_fast.config import Config, ConfigError, save_config
 from dsp_fast.data.labels import class_names
 
 PROVENANCE = "provenance.json"
 
+# weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine makes
+# single intervals jump; the average follows a lasting change within a few intervals)
 ETA_SMOOTHING = 0.2
-"""Weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine
-makes single intervals jump; the average follows a lasting change within a few intervals)."""
 
 
 def iou_record(iou: torch.Tensor) -> dict[str, Any]:
