@@ -20,15 +20,5 @@ from .mmd import mmd_rbf, weighted_mmd
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
 
-__all__ = [
-    "HAS_TRITON",
-    "IGNORE_LABEL",
-    "dual_soft_paste",
-    "force_kernels",
-    "force_twins",
-    "masked_upsample_pool",
-    "mmd_rbf",
-    "set_value_checks",
-    "twins",
-    "weighted_mmd",
-]
+__all__ = ["HAS_TRITON", "IGNORE_LABEL", "dual_soft_paste", "force_kernels", "force_twins", "masked_upsample_pool",
+           "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]

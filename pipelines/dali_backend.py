@@ -1,14 +1,11 @@
 """DALI crop stream: decode (GPU for JPEG with `mixed`, CPU threads otherwise), crop and flip the planned windows.
 
-Every random choice comes from the host plan (`plan.py`) through `external_source`: the same window and flip
-feed the image crop and the label crop, and the labels are sliced, never resampled, so they stay aligned pixel
-for pixel and keep their ids. With `roi` (the default) the decoder is given the window
-(`fn.decoders.image_slice`): a JPEG decoder stops after the window's last row and skips the inverse DCT of the
-blocks outside it, so a 512x512 crop of a 1920x1080 long-tail image and its label cost about 0.6 of the full
-decode on CPU (bench.data_throughput), with the same pixels, bit for bit, as a full decode then a slice. A PNG
-label's region decode is exact too (it saves little: inflate and unfilter run row by row up to the window's end).
-The file bytes are read and their headers checked on the host in the input callback; a decoder failure (DALI's
-message does not know file names) is traced back to the file by re-reading the in-flight batches with PIL.
+Every random choice comes from the host plan (`plan.py`) through `external_source`: the same window and flip feed
+the image and the label crop, and labels are sliced, never resampled, so they stay aligned and keep their ids. With
+`roi` (the default) the decoder is given the window (`fn.decoders.image_slice`; docs/data.md, "Loaders"): the same
+pixels, bit for bit, as a full decode then a slice, for less work. The file bytes are read and their headers checked
+on the host in the input callback; a decoder failure (DALI's message does not know file names) is traced back to
+the file by re-reading the in-flight batches with PIL.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
-"""SIGINT, SIGTERM and SIGUSR1 during a fast run: stop at a step boundary with a checkpoint, or checkpoint and go on.
+"""SIGINT, SIGTERM and SIGUSR1 during a fast run: stop at a step boundary with a checkpoint, or checkpoint and go on
+(docs/training.md, "Stopping a run: signals").
 
-The handler only records the request: the step in flight (possibly a captured CUDA graph) finishes untouched, and
-the loop (engine/loop.py) answers at the next step boundary, where every rank agrees on the same answer
-(distributed.agree_max). Outside the training steps (data preparation, model building, the final evaluation)
-nothing is pending that a checkpoint would keep, so a stop signal there stops at once, by raising `StopRequested`.
-
-A second stop signal more than `repeat_window_s` after the first kills the process at once (the default action
-of that signal). A repeat within the window is the same request delivered twice: SLURM signals every process of a
-job step, and torchrun forwards the signal its agent got to workers that may have had it already.
+The handler only records the request; the loop (engine/loop.py) answers it at the next step boundary, where every
+rank agrees (distributed.agree_max). Outside the training steps nothing is pending that a checkpoint would keep, so
+a stop signal there raises `StopRequested` at once. A second stop signal more than `repeat_window_s` after the first
+kills the process; one within the window is the same request delivered twice (SLURM signals every process of a job
+step, and torchrun forwards its agent's signal to workers that may have had it already).
 """
 
 from __future__ import annotations

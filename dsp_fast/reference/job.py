@@ -1,7 +1,4 @@
-"""The naive DSP reference trainer: plain eager PyTorch (fp32, NCHW, a PIL DataLoader), to be read beside the paper.
-
-It is the correctness oracle of the fast trainer and the baseline of the throughput comparison: correct, not
-deliberately slow, and independent of the fast path (it uses only the kernels' plain-PyTorch twins).
+"""The naive DSP reference trainer's run and command line (the package docstring says what the reference is for).
 Step numbers in comments refer to docs/method.md.
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
