@@ -4,13 +4,7 @@ built-in synthetic domain shift. Imports nothing of dsp_fast beyond this package
 from dsp_fast.data.class_index import load_or_build_class_index
 from dsp_fast.data.datasets import GTA5, SYNTHIA, Cityscapes, SegmentationDataset
 from dsp_fast.data.errors import DatasetError
-from dsp_fast.data.labels import (
-    CITYSCAPES_CLASSES,
-    IGNORE_LABEL,
-    SYNTHIA13_INDICES,
-    SYNTHIA16_CLASSES,
-    class_names,
-)
+from dsp_fast.data.labels import CITYSCAPES_CLASSES, IGNORE_LABEL, SYNTHIA13_INDICES, SYNTHIA16_CLASSES, class_names
 from dsp_fast.data.transforms import SOURCE_RESAMPLE, resize_image, resize_label
 
 __all__ = [

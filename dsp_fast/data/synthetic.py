@@ -32,16 +32,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from dsp_fast.data.errors import DatasetError
-from dsp_fast.data.synthetic_scene import (
-    BASE_COLOURS,
-    BUILDING,
-    ROAD,
-    SIDEWALK,
-    SKY,
-    VEGETATION,
-    Canvas,
-    draw_scene,
-)
+from dsp_fast.data.synthetic_scene import BASE_COLOURS, BUILDING, ROAD, SIDEWALK, SKY, VEGETATION, Canvas, draw_scene
 
 
 @dataclass(frozen=True)

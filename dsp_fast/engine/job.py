@@ -24,13 +24,7 @@ from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
 from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
-from dsp_fast.run_io import (
-    format_final_report,
-    format_final_table,
-    resolve_device,
-    write_provenance,
-    write_summary,
-)
+from dsp_fast.run_io import format_final_report, format_final_table, resolve_device, write_provenance, write_summary
 
 
 def _iou_tensor(by_class: dict[str, float | None]) -> torch.Tensor:

@@ -17,16 +17,7 @@ twins (tests/test_reference_imports.py guards the rule). One file per concern:
 
 from dsp_fast.reference.choices import StepChoices, draw_choices, select_classes
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever, random_window, to_tensor
-from dsp_fast.reference.job import (
-    BadInputStop,
-    ReferenceRun,
-    build_run,
-    main,
-    next_batch,
-    run,
-    run_eval,
-    train,
-)
+from dsp_fast.reference.job import BadInputStop, ReferenceRun, build_run, main, next_batch, run, run_eval, train
 from dsp_fast.reference.optim import Torch171SGD, build_optimizer, get_1x_lr_params_NOscale, poly_lr
 from dsp_fast.reference.step import (
     class_mask,
