@@ -11,6 +11,8 @@ names are also torchvision's ResNet names.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -225,10 +227,7 @@ def script_backbone_listing(model: nn.Module) -> list[nn.Parameter]:
 
 def script_multiplicity(model: nn.Module) -> dict[int, int]:
     """id(parameter) -> how many times `script_backbone_listing` holds it (backbone parameters only)."""
-    counts: dict[int, int] = {}
-    for p in script_backbone_listing(model):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return counts
+    return dict(Counter(id(p) for p in script_backbone_listing(model)))
 
 
 def count_parameters(module: nn.Module) -> int:
