@@ -14,6 +14,7 @@ One module per concern, every name importable from here:
   cli.py        the fast trainer's flags, made from the `fast:` section's fields (`add_cli_args`, `apply_cli_args`)
 """
 
+# ruff: noqa: F401 - the imports below are the package's public names
 from dsp_fast.config.cli import add_cli_args, apply_cli_args
 from dsp_fast.config.errors import ConfigError
 from dsp_fast.config.io import PAPER_BATCH, apply_lr_scaling, load_config, save_config
@@ -36,12 +37,3 @@ from dsp_fast.config.schema import (
     ModelConfig,
     TrainConfig,
 )
-
-__all__ = [
-    "AMP_CHOICES", "BENCH_ONLY_BACKENDS", "COMPILE_MODES", "DATA_BACKENDS", "LOADER_BACKENDS", "LR_SCALINGS",
-    "MIT_ARCHS", "MODEL_ARCHS", "OPTIMIZERS", "OPTIM_ALGORITHMS", "PAPER_BATCH", "PRESET_DIR",
-    "UNCAPTURABLE_OPTIMIZERS", "Config", "ConfigError", "DSPConfig", "DataConfig", "FastConfig", "ModelConfig",
-    "OptimConfig", "TrainConfig", "add_cli_args", "apply_cli_args", "apply_lr_scaling", "check_fields_read",
-    "config_from_dict", "load_config", "parse_override", "preset_names", "resolve_config", "save_config",
-    "split_overrides",
-]

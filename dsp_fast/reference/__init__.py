@@ -15,6 +15,7 @@ twins (tests/test_reference_imports.py guards the rule). One file per concern:
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
 """
 
+# ruff: noqa: F401 - the imports below are the package's public names
 from dsp_fast.reference.choices import StepChoices, draw_choices, select_classes
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever, random_window, to_tensor
 from dsp_fast.reference.job import BadInputStop, ReferenceRun, build_run, main, next_batch, run, run_eval, train
@@ -32,11 +33,3 @@ from dsp_fast.reference.step import (
     train_step,
 )
 from dsp_fast.reference.strong_aug import StrongAug, draw_step_aug, draw_strong_aug, strong_augment
-
-__all__ = [
-    "BadInputStop", "LongTailSource", "RandomCrops", "ReferenceRun", "StepChoices", "StrongAug", "Torch171SGD",
-    "build_optimizer", "build_run", "class_mask", "draw_choices", "draw_step_aug", "draw_strong_aug", "dsp_losses",
-    "ema_alpha", "ema_update", "forever", "get_1x_lr_params_NOscale", "main", "next_batch", "paste_long_tail",
-    "poly_lr", "random_window", "run", "run_eval", "select_classes", "seg_forward", "soft_paste", "source_loss",
-    "step_masks", "strong_augment", "to_tensor", "train", "train_step",
-]
