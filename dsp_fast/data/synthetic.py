@@ -1,12 +1,10 @@
 """The built-in synthetic domain shift: generated street scenes, GTA5-style source -> Cityscapes-style target.
 
-Both domains draw their layouts from the same generator (synthetic_scene.py); they differ only in `Style`:
-the source is a saturated, sunny game look with noise texture, the target a desaturated, darker, hue-shifted
-camera look with striped texture, haze, blur and sensor noise. The shift is meant to hurt a source-only model
-while leaving the classes recognisable by shape, position and relative brightness; DSP's colour jitter and blur
-on the mixed images cover part of it, self-training the rest.
-
-Written in the official layouts, so the real readers read it:
+Both domains draw their layouts from synthetic_scene.py and differ only in `Style`: a saturated, sunny game look
+with noise texture, against a desaturated, darker, hue-shifted camera look with stripes, haze, blur and sensor
+noise. The shift hurts a source-only model while the classes stay recognisable by shape, position and relative
+brightness; DSP's colour jitter and blur cover part of it, self-training the rest. Written in the official layouts
+(so the real readers read it):
   <root>/gta5/images/NNNNN.png, <root>/gta5/labels/NNNNN.png         (palette PNGs of Cityscapes label ids)
   <root>/cityscapes/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
   <root>/cityscapes/gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png
