@@ -16,17 +16,15 @@ import json
 import os
 
 import torch
-from torch import nn
 
 from dsp_fast.data import DatasetError
-from dsp_fast.data.build import target_dataset
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.distributed import agree_max, gather_objects
 from dsp_fast.engine.monitor import memory_figures, save_image_grid
 from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.step import read_stats
 from dsp_fast.engine.trainer import Trainer
-from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
+from dsp_fast.evaluate import format_iou_table, mean_iou, target_iou
 
 
 class NonFiniteStop(RuntimeError):
@@ -42,16 +40,6 @@ def save_checkpoint(run: Trainer) -> str:
     return os.path.join(run.run_dir, ckpt_io.checkpoint_name(run.step_index))
 
 
-def evaluate_target(run: Trainer, model: nn.Module | None = None) -> torch.Tensor:
-    """Per-class target IoU of the student, or of `model` (the teacher, at the end) (rank 0 only: the other ranks
-    go on to the next step's collectives)."""
-    cfg = run.cfg
-    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
-    conf = evaluate(run.student if model is None else model, dataset, cfg.data.eval_size, cfg.model.num_classes,
-                    run.info.device, cfg.data.max_eval_images)
-    return iou_from_confusion(conf)
-
-
 def train(run: Trainer, final_eval: bool = True,
           signals: StopSignals | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Train from run.step_index to train.max_steps; returns the final target IoU of the student (the figure
@@ -65,7 +53,7 @@ def train(run: Trainer, final_eval: bool = True,
         check_ranks_in_sync(run)
     if not (run.info.is_main and final_eval):
         return None
-    return evaluate_target(run), evaluate_target(run, run.teacher)
+    return target_iou(run.cfg, run.student), target_iou(run.cfg, run.teacher)  # rank 0 only
 
 
 def check_ranks_in_sync(run: Trainer) -> None:
@@ -157,7 +145,7 @@ def answer_signals(run: Trainer, signals: StopSignals, done: int) -> None:
 
 
 def _periodic_eval(run: Trainer, done: int) -> None:
-    iou = evaluate_target(run)
+    iou = target_iou(run.cfg, run.student)  # rank 0 only: the other ranks go on to the next step's collectives
     miou = mean_iou(iou)
     run.log.metrics(done, {"eval/mIoU": miou})
     run.log.scalars(done, {"eval/mIoU": miou})
