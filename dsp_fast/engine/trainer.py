@@ -58,10 +58,8 @@ def step_ranks(world_size: int) -> Ranks | None:
 
 
 def freeze_projection(student: nn.Module) -> None:
-    """Source-only training returns the MMD features and drops them: no gradient ever reaches the projection (its
-    grads stay None, so the optimizer skips it, as before). Frozen, DDP registers no hook on it and needs no
-    find_unused_parameters traversal, whose cost and warning ("did not find any unused parameters": the dropped
-    features are in the forward's output) every source-only torchrun paid."""
+    """Source-only training drops the MMD features: no gradient reaches the projection (the optimizer skips it).
+    Frozen, it needs no DDP hook and no find_unused_parameters traversal (its cost, and its warning)."""
     inner = unwrap(student)
     root = getattr(inner, "param_roots", (None, None, PROJECTION_ROOT))[2]
     for p in inner.get_submodule(root).parameters():
@@ -69,11 +67,9 @@ def freeze_projection(student: nn.Module) -> None:
 
 
 class Trainer:
-    """One model's fast training, stepped in place. `resume`: (path, checkpoint already read and checked by
-    dsp_fast.resume.find_checkpoints). `run_dir` is where checkpoints go ('' for a benchmark, which saves none);
-    `log` a FastRunLog on rank 0 (NullLog elsewhere and in benchmarks). `models`: (student, teacher) built by the
-    caller in the memory format the run wants, in place of build_models and channels_last (the memory prediction's
-    models on fake tensors, which Module.to cannot convert)."""
+    """One model's fast training, stepped in place. `resume`: (path, checkpoint read and checked by find_checkpoints);
+    `run_dir`: where checkpoints go ('' for a benchmark); `log`: a FastRunLog on rank 0, else NullLog. `models`:
+    (student, teacher) built by the caller in their memory format (the memory prediction's fake-tensor models)."""
 
     def __init__(self, cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str = "",
                  log: Any = None, resume: tuple[str, dict[str, Any]] | None = None,
