@@ -145,10 +145,9 @@ def verify_checkpoint_file(path: str) -> bool:
 
 
 def read_checkpoint_file(path: str) -> Any:
-    """A checkpoint verified against its checksum (when it has one), then torch.load(path, weights_only=True) on
-    the CPU. FileNotFoundError when missing; any other failure is a ValueError naming the file, without torch's
-    advice to retry with weights_only=False (that advice does not fit a corrupt or foreign file, and running such
-    a file's pickle would be unsafe)."""
+    """A checkpoint verified against its checksum (when it has one), then torch.load(weights_only=True) on the CPU.
+    FileNotFoundError when missing; any other failure is a ValueError naming the file, without torch's advice to
+    retry with weights_only=False (running a corrupt or foreign file's pickle would be unsafe)."""
     verify_checkpoint_file(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing on a foreign file

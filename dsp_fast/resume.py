@@ -102,10 +102,9 @@ def has_checkpoint(run_dir: str, kind: Checkpoints) -> bool:
 
 
 def _saved_config(run_dir: str) -> tuple[str, list[str]] | None:
-    """The resolved config a run folder holds, and the overrides that make it the run's: its own config.yaml; for
-    a train.compare_source_only run, which writes one per model, the adapted model's dsp/config.yaml, or, stopped
-    before that model began, the source-only model's with DSP on again (a compare run is a DSP run); both runs are
-    planned again from it."""
+    """The resolved config a run folder holds, and the overrides that make it the run's: its config.yaml; for a
+    train.compare_source_only run, the adapted model's dsp/config.yaml, or (stopped before it began) the source-only
+    model's with DSP on again; both runs are planned again from it."""
     for sub, fix in (("", []), ("dsp", []), ("source_only", ["dsp.enabled=true"])):
         if os.path.isfile(path := os.path.join(run_dir, sub, "config.yaml")):
             return path, fix
@@ -129,11 +128,10 @@ def _say(*args: Any, **kwargs: Any) -> None:
 
 def resume_config(spec: str, overrides: Sequence[str], command_config: Callable[[], Config],
                   kind: Checkpoints) -> Config:
-    """The config a --resume continues with: the run folder's resolved config (what the run was trained with,
-    flags and scaled lr included), the command line's `section.field=value` overrides applied on top (and
-    printed). `command_config()` (--config and the overrides) is read only to find the folder of `--resume auto`
-    (its train.out_dir), and is the config when there is nothing to resume. An override that changes a FIXED field
-    is a ResumeError naming that override."""
+    """The config a --resume continues with: the run folder's resolved config (flags and scaled lr included), the
+    overrides applied on top (and printed). `command_config()` (--config and the overrides) only finds the folder of
+    `--resume auto`, or is the config when there is nothing to resume. An override of a FIXED field is a
+    ResumeError naming it."""
     cfg = command_config() if spec == "auto" else None
     top = _run_folder(spec, cfg.train.out_dir if cfg else "", kind)
     if top is None or (spec == "auto" and not has_checkpoint(top, kind)):

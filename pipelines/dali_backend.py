@@ -42,12 +42,9 @@ def import_dali():
 
 
 class _Feeder:
-    """The pipeline's input callback: plans step after step and reads the planned files' bytes.
-
-    Kept apart from DaliCropStream so the pipeline does not reference its owner: without that cycle the pipeline
-    (and its threads) is freed as soon as the stream is dropped, not by a later garbage collection, which could
-    run in a forked DataLoader worker and hang there joining threads that do not exist in the child.
-    """
+    """The pipeline's input callback: plans step after step and reads the planned files' bytes. Apart from
+    DaliCropStream so that no cycle keeps the pipeline alive: it is freed when the stream is dropped, not by a later
+    garbage collection, which could run in a forked DataLoader worker and hang joining threads the child lacks."""
 
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], with_labels: bool,
                  start_step: int) -> None:

@@ -75,10 +75,7 @@ class _CropSteps(Dataset):
 
 class TorchCropStream:
     """Yields (img_NHWC uint8, label_NHW uint8 or None, plan) per step on `device`, like DaliCropStream.
-
-    num_threads: DataLoader worker processes (0: decode in the calling process).
-    gpu_decode: decode the JPEGs with torchvision on `device` (the `torchvision` backend).
-    """
+    num_threads: DataLoader workers (0: decode in the calling process); gpu_decode: the `torchvision` backend."""
 
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
                  with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,

@@ -132,11 +132,9 @@ class SegmentationDataset:
 
 class Cityscapes(SegmentationDataset):
     """Cityscapes: `leftImg8bit/<split>/<city>/*_leftImg8bit.png` + `gtFine/<split>/<city>/*_gtFine_labelIds.png`.
-
     A `*_gtFine_labelTrainIds.png` beside the labelIds file is preferred (already train ids, no mapping).
     num_classes=16 maps the 19 train ids on to SYNTHIA's 16 (terrain, truck, train -> ignore), to evaluate a
-    SYNTHIA-trained model. labels=False (the unlabelled target): gtFine is not needed and `ds[i]` is (image, None).
-    """
+    SYNTHIA-trained model. labels=False (the unlabelled target): gtFine is not needed and `ds[i]` is (image, None)."""
 
     name = "cityscapes"
 
@@ -174,11 +172,8 @@ class Cityscapes(SegmentationDataset):
 
 
 class GTA5(SegmentationDataset):
-    """GTA5 (Playing for Data): `images/*.png` + `labels/*.png` of the same name.
-
-    Labels are palette ('P') PNGs whose indices are Cityscapes label ids ('L' grayscale is accepted too); they
-    are mapped to the 19 Cityscapes train ids.
-    """
+    """GTA5 (Playing for Data): `images/*.png` + `labels/*.png` of the same name. Labels are palette ('P') PNGs
+    whose indices are Cityscapes label ids ('L' grayscale is accepted too), mapped to the 19 train ids."""
 
     name = "gta5"
     # a few pairs of real GTA5 differ in size; the authors resize both straight to 1280x720 (bicubic image, nearest
@@ -194,11 +189,9 @@ class GTA5(SegmentationDataset):
 
 
 class SYNTHIA(SegmentationDataset):
-    """SYNTHIA-RAND-CITYSCAPES: `RGB/*.png` + `GT/LABELS/*.png` of the same name.
-
-    Labels are 16-bit PNGs, usually 3-channel (class id in the first channel, instance id in the second); 16-bit
-    grayscale and 8-bit single- or multi-channel labels are read too (first channel). They map to 16 train ids.
-    """
+    """SYNTHIA-RAND-CITYSCAPES: `RGB/*.png` + `GT/LABELS/*.png` of the same name. Labels are 16-bit PNGs, usually
+    3-channel (class id in the first channel, instance id in the second); 16-bit grayscale and 8-bit single- or
+    multi-channel labels are read too (first channel). They map to 16 train ids."""
 
     name = "synthia"
 

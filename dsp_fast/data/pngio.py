@@ -144,10 +144,8 @@ def read_rgb(path: str) -> np.ndarray:
 
 
 def read_label_ids(path: str, allow_multichannel: bool = False) -> np.ndarray:
-    """A label PNG as a 2-D integer array of the raw ids it stores (see the module docstring for the forms).
-
-    allow_multichannel: take the first channel of an RGB(A) label (SYNTHIA); otherwise such a label raises.
-    """
+    """A label PNG as a 2-D integer array of the raw ids it stores (the forms: the module docstring).
+    allow_multichannel: take the first channel of an RGB(A) label (SYNTHIA); otherwise such a label raises."""
     header = _png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
         if not allow_multichannel:

@@ -232,15 +232,12 @@ def _is_complete(root: str, spec: SyntheticSpec) -> bool:
 
 def ensure_synthetic(root: str, seed: int = 0, spec: SyntheticSpec | None = None,
                      workers: int | None = None) -> tuple[str, str]:
-    """Generate the synthetic dataset under `root` unless a complete one with the same spec is there.
-
-    Returns (gta5_root, cityscapes_root). Generation happens in a temp folder beside `root` that is renamed into
-    place with its completion marker already inside, so an interrupted run never leaves a dataset that looks
-    complete, and concurrent callers (several ranks) end with one complete copy. A different seed or spec
-    replaces a dataset this function wrote; a non-empty `root` it did not write is never touched.
-    spec: counts, sizes and styles (default `SyntheticSpec()`); `seed` replaces its seed.
-    workers: processes drawing the images (default: up to 4 CPUs); the result does not depend on it.
-    """
+    """Generate the synthetic dataset under `root` unless a complete one with the same spec is there; returns
+    (gta5_root, cityscapes_root). It is made in a temp folder beside `root`, renamed into place with its completion
+    marker inside: an interrupted run never leaves a dataset that looks complete, and concurrent callers (ranks) end
+    with one copy. A different seed or spec replaces a dataset this function wrote; a non-empty `root` it did not
+    write is never touched. spec: counts, sizes and styles (`seed` replaces its seed); workers: processes drawing
+    the images (default: up to 4 CPUs; the result does not depend on it)."""
     spec = dataclasses.replace(spec or SyntheticSpec(), seed=seed)
     root = os.path.abspath(root)
     paths = (os.path.join(root, "gta5"), os.path.join(root, "cityscapes"))
