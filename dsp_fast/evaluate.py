@@ -35,8 +35,7 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction; ignored pixels dropped.
 
-    Any other label outside [0, num_classes) is an error (a silent drop would hide a label-mapping bug).
-    """
+    Any other label outside [0, num_classes) is an error (a silent drop would hide a label-mapping bug)."""
     pred, label = torch.as_tensor(pred), torch.as_tensor(label)
     if pred.shape != label.shape:
         raise ValueError(f"confusion_matrix: pred shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")

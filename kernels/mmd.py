@@ -79,8 +79,7 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     all-gather along dim 0 (each rank's pooled vectors in rank order), applied to the (B, C, ...) pooled vectors
     before the MMD, so that the MMD runs over the global batch's 2B vectors; None on one process. It is called
     once per step (one collective: several autograd gathers in one backward need not run in the same order on
-    every rank).
-    """
+    every rank)."""
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     check_mmd(feat_s[:, :, 0, 0], feat_t[:, :, 0, 0], kernel_mul, kernel_num)
     if twins_forced():

@@ -182,8 +182,7 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     Images float32/float16/bfloat16, NCHW or channels_last; labels int64 or uint8 (a mixed label map takes the
     promoted dtype of its two sources, as torch.where).
     pasted (B, H, W) bool, optional: pixels the long-tail paste wrote onto the template; they join the mask
-    whatever their class (DSP step 3). Not differentiable: the images come from the data pipeline.
-    """
+    whatever their class (DSP step 3). Not differentiable: the images come from the data pipeline."""
     check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted)
     if not use_triton(tmpl_img):
         return twins.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,

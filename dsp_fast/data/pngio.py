@@ -47,8 +47,7 @@ def _unfilter_wavefront(filt: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     A byte depends on its left (a), upper (b) and upper-left (c) neighbours, so all pixels of one anti-diagonal
     are independent: H+W-1 vectorised steps instead of H*W scalar ones. The image is stored skewed,
     skew[d + 1, i + 1] = pixel (i, d - i), so each diagonal and both diagonals before it are plain slices;
-    the zero border of the skewed buffer stands for the pixels outside the image, which PNG defines as 0.
-    """
+    the zero border of the skewed buffer stands for the pixels outside the image, which PNG defines as 0."""
     height, width, bpp = filt.shape
     ii, jj = np.indices((height, width))
     skew_in = np.zeros((height + width, height + 1, bpp), dtype=np.int16)

@@ -20,8 +20,7 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastConfig, device: tor
     device_skip: the optimizer reads `optimizer.found_inf` on the device (fused SGD and AdamW): no host sync. The
     fused lr is a device tensor per group on CUDA (filled in place each step; a CUDA graph replays it), a float on
     CPU, where fused SGD gives foreach's bits; device_lr forces the tensor lr (the CPU tests of the CUDA setup).
-    optim.script_param_repeats: the backbone split by the authors' multiplicities, stepped by RepeatedSGD.
-    """
+    optim.script_param_repeats: the backbone split by the authors' multiplicities, stepped by RepeatedSGD."""
     o = cfg.optim
     groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
                           o.norm_decay_mult)

@@ -61,8 +61,7 @@ def map_to_tokens(f_BChw: Tensor) -> Tensor:
 class DropPath(nn.Module):
     """Stochastic depth: drops a whole residual branch per sample with probability p (scaled by 1/(1-p)).
     `enabled` False turns it off in training mode too: the mean teacher predicts deterministically (as DAFormer's
-    EMA teacher, whose DropPath and Dropout modules are switched to eval), while its BN layers keep batch statistics.
-    """
+    EMA teacher, whose DropPath and Dropout modules are switched to eval), while its BN layers keep batch statistics."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
