@@ -31,16 +31,6 @@ _KEPT_IN_CHILD: list = []
 os.register_at_fork(after_in_child=lambda: _KEPT_IN_CHILD.extend(_LIVE))
 
 
-def import_dali():
-    """The DALI modules (fn, types, Pipeline), or an ImportError naming the `gpu` extra."""
-    try:
-        from nvidia.dali import fn, pipeline, types
-    except ImportError as e:
-        raise ImportError(f"the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' (nvidia-dali-cuda130), "
-                          f"or use --data-backend torch ({e})") from None
-    return fn, types, pipeline.Pipeline
-
-
 class _Feeder:
     """The pipeline's input callback: plans step after step and reads the planned files' bytes. Apart from
     DaliCropStream so that no cycle keeps the pipeline alive: it is freed when the stream is dropped, not by a later
@@ -88,7 +78,12 @@ class DaliCropStream:
                  prefetch: int = 2, roi: bool = True) -> None:
         """roi: decode only the planned window; False decodes the whole file and then slices it (kept so that
         `bench.data_throughput --dali-roi` measures both)."""
-        fn, types, Pipeline = import_dali()
+        try:
+            from nvidia.dali import fn, types
+            from nvidia.dali.pipeline import Pipeline
+        except ImportError as e:
+            raise ImportError(f"the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' "
+                              f"(nvidia-dali-cuda130), or use --data-backend torch ({e})") from None
         self.with_labels, self.device = with_labels, device
         self.feeder = _Feeder(ds, plan_fn, with_labels, start_step)
         batch = len(plan_fn(start_step).indices)  # every step plans the same number of crops
