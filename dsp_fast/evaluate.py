@@ -1,10 +1,8 @@
 """Evaluation: confusion matrix, per-class IoU, mIoU (19, 16 and 13-class variants) and the eval loop.
 
-`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` prints the IoU table (the config saved in the
-checkpoint, or `--config`). Exit code 2: missing, unreadable or corrupt checkpoint (its bytes differ from its
-`.sha256`, checked before loading), bad config or data, the file named.
-Images are evaluated single scale at `data.eval_size`; labels are resized to the same size with nearest
-neighbour (ids are never interpolated), as the authors' evaluation does at 1024x512.
+`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` prints the IoU table (docs/evaluate.md). Exit code 2:
+missing, unreadable or corrupt checkpoint, bad config or data, the file named. Images are evaluated single scale at
+`data.eval_size`, labels resized to it with nearest neighbour, as the authors' evaluation does at 1024x512.
 """
 
 from __future__ import annotations

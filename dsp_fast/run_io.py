@@ -129,19 +129,17 @@ def _dist_version(*names: str, prefix: str = "") -> str:
     return "not installed"
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
-           f"{torch.get_num_threads()})"
-
-
 def provenance(device: torch.device) -> dict[str, Any]:
     """What produced a run: code (git), libraries, device, the command line and where it ran."""
+    if device.type == "cuda":
+        described = f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+    else:
+        described = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
+                    f"{torch.get_num_threads()})"
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_state(), "torch": torch.__version__,
             "triton": _dist_version("triton", "pytorch-triton"),
             "dali": _dist_version(prefix="nvidia-dali"), "python": platform.python_version(),
-            "device": device_description(device), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "device": described, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "command": shlex.join(getattr(sys, "orig_argv", sys.argv)), "cwd": os.getcwd(),
             "host": platform.node()}
 

@@ -7,9 +7,8 @@ class lookup and the label selects are done once per pixel, not once per channel
 
 Bytes per pixel (what the benchmark assumes): read 3*C image values + 3 labels (+ 1 pasted-flag byte when given),
 write 2*C image values + 2 labels + 1 mask byte; the template's image values are read only where the mask is set
-(a masked load), so the count is an upper bound. The kernel needs no host sync and has fixed shapes, so it can be
-captured in a CUDA graph; the label value check (one sync) is skipped during a capture (see
-`_common.set_value_checks`).
+(a masked load), so the count is an upper bound. No host sync and fixed shapes: a CUDA graph can capture it (the
+label value check's sync is skipped there, `_common.set_value_checks`).
 """
 
 from __future__ import annotations

@@ -10,10 +10,9 @@ the mask pushed back through the adjoint of the upsampling: an (h, w) map per im
 A with two passes of one 1-D adjoint (contract W -> w, then H -> h); the pooling is then a (C, h*w) x (h*w, k)
 matrix product per image, and its gradient w.r.t. feat is grad_out (x) A: nothing of size B*C*H*W is ever made.
 
-Why torch.matmul for the pooling and no custom backward: the product reads feat once (the floor for any kernel)
-and writes B*C*k values; autograd's backward of it w.r.t. feat is one matrix product that writes the gradient
-(B*C*h*w values, again the floor) and reads only A and grad_out. A hand-written Triton pair would move the same
-bytes. The mask gets no gradient (it is a paste mask, not a parameter).
+Why torch.matmul for the pooling and no custom backward: the product reads feat once and writes B*C*k values, and
+autograd's backward w.r.t. feat is one matrix product writing the B*C*h*w gradient (both the floor for any kernel),
+so a hand-written Triton pair would move the same bytes. The mask gets no gradient (a paste mask).
 """
 
 from __future__ import annotations

@@ -76,10 +76,6 @@ def save(run_dir: str, payload: dict[str, Any], keep_last: int) -> str:
     return path
 
 
-def save_best(run_dir: str, payload: dict[str, Any]) -> None:
-    atomic_torch_save(payload, os.path.join(run_dir, BEST))
-
-
 def clean_stale(run_dir: str) -> None:
     """Remove temp files left by a write that was killed (atomic_torch_save names them <path>.tmp.<pid>, its
     checksum's <path>.sha256.tmp.<pid>), and checksums whose checkpoint is gone (a kill while pruning)."""

@@ -27,11 +27,6 @@ from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
 from dsp_fast.run_io import format_final_report, format_final_table, resolve_device, write_provenance, write_summary
 
 
-def _iou_tensor(by_class: dict[str, float | None]) -> torch.Tensor:
-    """Per-class IoU of a recorded final figure (null: a class neither in the labels nor predicted)."""
-    return torch.tensor([math.nan if v is None else v for v in by_class.values()], dtype=torch.float64)
-
-
 def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
     """(name, config, run sub-folder): the adapted run, preceded by its source-only twin when comparing."""
     runs = [("adapted (DSP)" if cfg.dsp.enabled else "source-only", cfg, "")]
@@ -140,10 +135,11 @@ def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir:
         ious = train(run, final_eval=done is None, signals=signals)
         if not info.is_main:
             return None
-        if done is not None:
+        if done is not None:  # null in the record: a class neither in the labels nor predicted
+            iou = torch.tensor([math.nan if v is None else v for v in done["iou"].values()], dtype=torch.float64)
             print(f"[{name}] already finished at step {cfg.train.max_steps}: its final figures as recorded in "
                   f"{log.path('metrics.jsonl')} (python -m dsp_fast.evaluate evaluates a checkpoint again):\n"
-                  f"{format_iou_table(_iou_tensor(done['iou']))}\n", flush=True)
+                  f"{format_iou_table(iou)}\n", flush=True)
             return done
         iou, teacher_iou = ious
         print(format_final_report(name, cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)), flush=True)

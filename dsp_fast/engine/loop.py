@@ -1,10 +1,8 @@
-"""One training run of the fast trainer: the step loop over the `Trainer` (engine/trainer.py), and what happens
-between steps (logging, the skipped-step guard, evaluation, image grids, checkpoints).
-
-Host reads of device values happen only on log steps, every `max_bad_steps` steps (the guard), and at
-checkpoints / evaluations; the step itself never syncs (see engine/step.py). A signal (engine/signals.py) is
-answered after each step's logging, evaluation and checkpoint: with several ranks, through one all-reduce of two
-ints on the CPUs per step, so that every rank stops (or checkpoints) at the same step.
+"""One training run of the fast trainer: the step loop over the `Trainer`, and what happens between steps (logging,
+the skipped-step guard, evaluation, image grids, checkpoints, signals). Host reads of device values happen only on
+log steps, every `max_bad_steps` steps (the guard), and at checkpoints / evaluations. A signal is answered after the
+step's logging, evaluation and checkpoint, through one CPU all-reduce of two ints per step with several ranks, so
+that every rank stops (or checkpoints) at the same step.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import os
 
 import torch
 
+from dsp_fast.checkpoint_file import atomic_torch_save
 from dsp_fast.data import DatasetError
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.distributed import agree_max, gather_objects
@@ -153,4 +152,4 @@ def _periodic_eval(run: Trainer, done: int) -> None:
     if miou > run.best_miou:
         run.best_miou = miou
         payload = run.state_dict(all_ranks=False)  # rank 0's RNG only: not for an exact resume
-        ckpt_io.save_best(run.run_dir, {**payload, "eval_miou": miou})
+        atomic_torch_save({**payload, "eval_miou": miou}, os.path.join(run.run_dir, ckpt_io.BEST))

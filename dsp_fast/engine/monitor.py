@@ -94,9 +94,9 @@ def _colour(label_HW: torch.Tensor) -> np.ndarray:
     return PALETTE[label_HW.clamp(0, 255).byte().cpu().numpy()]
 
 
+# captions of the image grid's columns, left to right
 GRID_COLUMNS = ("template + long-tail", "mask M (white: pasted)", "mixed source", "mixed target",
                 "pseudo-label (teacher)", "prediction (student)")
-"""Captions of the image grid's columns, left to right."""
 CAPTION_H, _SWATCH, _LEGEND_ROW = 14, 10, 14
 
 

@@ -4,13 +4,10 @@ It is the correctness oracle of the fast trainer and the baseline of the through
 code with the fast path: it imports only config, data, models, evaluate, run_io and the kernels' plain-PyTorch
 twins (tests/test_reference_imports.py guards the rule). One file per concern:
 
-- `data.py`: random crops of the original files, step 3's long-tail crops;
-- `strong_aug.py`: step 4's colour jitter and blur, kornia 0.2.0's formulas written out image by image;
-- `choices.py`: every random decision of a step, drawn before it (`StepChoices`);
-- `step.py`: steps 1-7 (pseudo-labels, masks, pastes, losses, EMA) and `train_step`;
-- `optim.py`: the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter list;
-- `resume.py`: what `last.pt` holds and how a run continues from it, bit for bit (`--resume`);
-- `job.py`: the run (`build_run`, `train`, `run_eval`, `run`) and `main`, behind `python -m dsp_fast.reference`.
+`data.py` (random crops of the original files, step 3's long-tail crops), `strong_aug.py` (step 4, kornia 0.2.0's
+formulas image by image), `choices.py` (every random decision of a step, drawn before it), `step.py` (steps 1-7 and
+`train_step`), `optim.py` (the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter
+list), `resume.py` (`last.pt` and the bit-for-bit `--resume`), `job.py` (the run and `main`).
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
 """
