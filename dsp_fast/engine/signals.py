@@ -22,12 +22,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_SIGNAL = signal.SIGUSR1
 
 
-def exit_code(signum: int) -> int:
-    """The exit code of a run stopped by `signum`: 128 + its number, as shells report a process it killed (130 for
-    SIGINT, 143 for SIGTERM), so a job script reads the same code whether the run stopped cleanly or not."""
-    return 128 + int(signum)
-
-
 class StopRequested(BaseException):
     """The run stopped on a signal. A BaseException, as KeyboardInterrupt is: the broad `except Exception` of
     cleanup code must not swallow it. `resume_dir`: the run folder to continue (None: no checkpoint to continue),
@@ -41,7 +35,9 @@ class StopRequested(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.signum)
+        """128 + the signal's number, as shells report a process it killed (130 for SIGINT, 143 for SIGTERM): a job
+        script reads the same code whether the run stopped cleanly or not."""
+        return 128 + self.signum
 
     def report(self) -> str:
         """What the user reads: which signal, where the run stopped, and how to continue it."""
