@@ -96,10 +96,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def git_state(folder: str = PACKAGE_DIR) -> dict[str, Any] | str:
-    """{'sha', 'dirty'} of the git checkout the code runs from ('dirty': tracked files differ from the commit;
-    untracked ones, such as run and data folders, do not count), or 'unknown' (an installed package, no git).
-    Asks whether this very package is tracked there, so a virtualenv inside some other repository says 'unknown'
-    rather than that repository's sha."""
+    """{'sha', 'dirty'} of the git checkout the code runs from ('dirty': tracked files differ from the commit), or
+    'unknown' (no git, or this package is not tracked there: a virtualenv inside another repository)."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=10)
@@ -242,9 +240,8 @@ class RunLog:
         return {k: v for k, v in found.items() if k not in ("step", "final", "eval/mIoU")}
 
     def _write(self, record: dict[str, Any]) -> None:
-        """Append one record. A failed write (full disk, I/O error) does not stop training: the checkpoints hold
-        the run, and the progress line still prints. It is said once, and the log stops there (a half-written
-        buffer would otherwise come back as a torn line)."""
+        """Append one record. A failed write (full disk, I/O error) does not stop training (the checkpoints hold the
+        run): it is said once, and the log stops there (a half-written buffer would come back as a torn line)."""
         if self._file is None:
             return
         try:

@@ -74,12 +74,10 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     with up = bilinear to `size`, align_corners=True: the global term pools the stride-8 maps, the masked term the
     upsampled ones (as the authors' script).
 
-    feat_s, feat_t (B, C, h, w); mask (B, H, W) bool or float at `size`. Differentiable w.r.t. both features;
-    no tensor of size B*C*H*W is built, forward or backward. gather: with several ranks, an autograd-aware
-    all-gather along dim 0 (each rank's pooled vectors in rank order), applied to the (B, C, ...) pooled vectors
-    before the MMD, so that the MMD runs over the global batch's 2B vectors; None on one process. It is called
-    once per step (one collective: several autograd gathers in one backward need not run in the same order on
-    every rank)."""
+    feat_s, feat_t (B, C, h, w); mask (B, H, W) bool or float at `size`. Differentiable w.r.t. both features; no
+    B*C*H*W tensor is built. gather: with several ranks, an autograd-aware all-gather along dim 0 of the pooled
+    vectors, so the MMD runs over the global batch's 2B vectors (None on one process); called once per step, as
+    several autograd gathers in one backward need not run in the same order on every rank."""
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     check_mmd(feat_s[:, :, 0, 0], feat_t[:, :, 0, 0], kernel_mul, kernel_num)
     if twins_forced():

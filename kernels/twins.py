@@ -1,9 +1,7 @@
 """Plain-PyTorch twins of the kernels: the naive formulation, same signatures, written to be read beside the paper.
 
-Shapes: B batch, C channels, H x W full crop size, h x w feature size (stride 8), K number of classes,
-N / M rows of the two MMD samples. The twins are the oracle of the kernel tests and what the reference trainer
-runs; they are not meant to be fast (a per-image loop with `isin`, a full-resolution upsampled feature map).
-"""
+Shapes: B batch, C channels, H x W full crop size, h x w feature size (stride 8), K number of classes, N / M rows
+of the two MMD samples. The oracle of the kernel tests and what the reference trainer runs; not meant to be fast."""
 
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Readers of Cityscapes, GTA5 and SYNTHIA in their official folder layouts.
 
-Every reader has the same interface: `len(ds)`, `ds[i] -> (image uint8 HxWx3 RGB, label int64 HxW train ids,
-255 = ignore)`, `read_image(i)`, `read_label(i)`, `image_paths`, `label_paths`, `root`, `num_classes`, `name`.
-File lists are sorted, so indices are stable across runs and machines. All problems with the files raise
-`DatasetError` naming the path; the whole file list is checked when the reader is built (missing folders,
-empty folders, images without labels), each file when it is read (corrupt PNG, unexpected ids, size mismatch).
-
-What an "unexpected id" is, per label format:
+Every reader: `len(ds)`, `ds[i] -> (image uint8 HxWx3 RGB, label int64 HxW train ids, 255 = ignore)`,
+`read_image(i)`, `read_label(i)`, `image_paths`, `label_paths`, `root`, `num_classes`, `name`; file lists sorted
+(stable indices). Every problem is a `DatasetError` naming the path: the file list is checked when the reader is
+built (missing or empty folders, images without labels), each file when it is read. An "unexpected id":
 - Cityscapes `*_gtFine_labelIds.png`, GTA5 labels (8-bit L or P): ids index a 256-entry table in which every id
   outside the 19 evaluated classes is ignore (255), as in cityscapesScripts; only an id that does not fit the
   table (> 255, from a 16-bit file) is an error. Colour (RGB) label images are rejected outright.

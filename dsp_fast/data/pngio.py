@@ -4,11 +4,10 @@ Label PNGs come in these forms, all returned as a 2-D integer array of raw ids:
 - 8-bit 'L' grayscale, or 'P' palette (Cityscapes labelIds, GTA5): the stored index is the id, the palette is
   ignored (np.array of a 'P' image gives the indices);
 - 16-bit grayscale ('I;16'): through PIL, as uint16;
-- 16-bit RGB / RGBA / gray+alpha (SYNTHIA GT/LABELS: class id in the first channel, instance id in the second).
-  PIL opens these as 8-bit by keeping only the high byte of each sample, which turns every class id below 256
-  into 0, so they are decoded here by `decode_png16` (non-interlaced only; an interlaced one raises).
-Multi-channel 8-bit labels are accepted only where the caller allows it (SYNTHIA); elsewhere an RGB label is
-most likely a colour visualisation and reading it would give wrong ids.
+- 16-bit RGB / RGBA / gray+alpha (SYNTHIA GT/LABELS: class id in the first channel, instance id in the second):
+  PIL keeps only the high byte of each sample (every class id below 256 becomes 0), so `decode_png16` decodes them
+  here (non-interlaced only). Multi-channel 8-bit labels only where the caller allows it (SYNTHIA): elsewhere an
+  RGB label is most likely a colour visualisation.
 """
 
 from __future__ import annotations

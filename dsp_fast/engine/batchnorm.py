@@ -55,9 +55,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_global_bn(model: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Replace every 2-d BN layer in place by one with statistics over all ranks, holding the same parameters and
-    buffers (the optimizer's and the checkpoint's tensors stay the same objects, the state_dict keys the same):
-    torch.nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere. `model` itself must not be a BN layer."""
+    """Replace every 2-d BN layer in place by one with statistics over all ranks and the same parameters, buffers
+    and keys: torch.nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere. `model` itself must not be a BN layer."""
     if device is not None and device.type == "cuda":
         # torch's converter replaces the children in place and keeps parameters and buffers
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -44,9 +44,8 @@ CHECKPOINTS = Checkpoints(
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
-    """This rank's RNG states as tensors (weights_only-loadable): the CPU generator, the CUDA generator of the
-    choice generator's GPU (only that one: asking for every GPU's would open a context on each), and the
-    choice generator. Python's and numpy's global generators are not used by the training path."""
+    """This rank's RNG states as tensors (weights_only-loadable): the CPU generator, the CUDA generator of the choice
+    generator's GPU only (every GPU's would open a context on each), and the choice generator."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state(), "choices": gen.get_state()}
     if gen.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(gen.device)

@@ -53,8 +53,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
 
 
 def resume_command(run_dir: str, world_size: int) -> str:
-    """The command that continues `run_dir` from this folder: its saved config holds every setting (flags
-    included), and data paths in it are relative to the folder the run started from."""
+    """The command that continues `run_dir` from this folder (the saved config's data paths are relative to it)."""
     train = ["-m", "dsp_fast.train", "--resume", run_dir]
     if world_size == 1:
         launcher = [sys.executable]

@@ -41,10 +41,9 @@ def save_checkpoint(run: Trainer) -> str:
 
 def train(run: Trainer, final_eval: bool = True,
           signals: StopSignals | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Train from run.step_index to train.max_steps; returns the final target IoU of the student (the figure
-    reported) and of the teacher on rank 0 (None elsewhere, and without `final_eval`: a finished run resumed,
-    whose final figures are already recorded). The caller closes the trainer. `signals`: the process's
-    StopSignals, answered at each step boundary (StopRequested after a checkpoint)."""
+    """Train from run.step_index to train.max_steps; on rank 0 returns the final target IoU of the student (the
+    figure reported) and the teacher (None elsewhere, and without `final_eval`: a finished run resumed). The caller
+    closes the trainer. `signals`: answered at each step boundary (StopRequested after a checkpoint)."""
     if run.step_index < run.cfg.train.max_steps:
         with signals.armed() if signals is not None else contextlib.nullcontext():
             _loop(run, signals)

@@ -168,10 +168,9 @@ def _check_finite_(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
 
 
 def read_stats(ctx: StepContext) -> tuple[dict[str, float], int, int]:
-    """The means of the terms over the good steps since the last read, the skipped steps since then, and the
-    current run of consecutive skipped steps; then reset. One host sync (call it on log steps only). With several
-    ranks (every rank calls it on the same steps) the figures are the means over ranks: a rank's loss terms are its
-    share of the global batch's terms scaled by world_size (method.source_loss), so their mean is the global value."""
+    """The terms' means over the good steps since the last read, the skipped steps since then, and the current run
+    of consecutive skipped steps; then reset. One host sync (log steps only). With several ranks, the means over
+    ranks: a rank's terms are its share of the global terms times world_size, so their mean is the global value."""
     values_t = torch.cat([torch.stack(list(ctx.sums.values())), ctx.counts])
     if ctx.sync_flag:
         dist.all_reduce(values_t)
