@@ -86,9 +86,8 @@ def atomic_write_text(path: str, text: str) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str) -> str:
-    """torch.save written atomically (atomic_io), so a kill mid-write never leaves a truncated checkpoint; then its
-    checksum beside it. Returns the SHA-256. A failed write (ENOSPC, EACCES, EIO, ...) leaves any earlier `path` as
-    it was and raises RunWriteError naming the path and the free space."""
+    """torch.save written atomically (atomic_io), then its checksum beside it; returns the SHA-256. A failed write
+    (ENOSPC, EACCES, EIO, ...) leaves any earlier `path` as it was: RunWriteError naming the path and the free space."""
     sha = hashlib.sha256()
 
     def save(f: BinaryIO) -> None:

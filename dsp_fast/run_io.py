@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError, atomic_write_text, write_error  # noqa: F401
+from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the reference writes its files through run_io
+    EXIT_WRITE_FAILED,
+    RunWriteError,
+    atomic_torch_save,
+    atomic_write_text,
+    write_error,
+)
 from dsp_fast.config import Config, ConfigError, save_config
 from dsp_fast.data.labels import class_names
 

@@ -36,9 +36,8 @@ def target_dataset(cfg: Config, split: str, labels: bool) -> Cityscapes:
 
 
 def check_readable(dataset: SegmentationDataset, count: int = 0) -> None:
-    """Read images and labels 0..count-1 of `dataset` (0: all) as the evaluation does, so that a corrupt or
-    mis-sized file stops the run before its first step (a DatasetError naming the first bad file in index order).
-    Threads, since PIL and zlib decode without the GIL: Cityscapes val is 500 pairs at 2048x1024."""
+    """Read pairs 0..count-1 of `dataset` (0: all) as the evaluation does: a bad file stops the run before its first
+    step (a DatasetError naming the first in index order). Threads: PIL and zlib decode without the GIL."""
     n = len(dataset) if count == 0 else min(count, len(dataset))
 
     def read(i: int) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from dsp_fast.checkpoint_file import atomic_torch_save
 from dsp_fast.resume import Checkpoints
+from dsp_fast.run_io import atomic_torch_save
 
 FORMAT = "dsp_fast.reference/1"
 LAST = "last.pt"
