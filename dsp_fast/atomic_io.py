@@ -20,9 +20,8 @@ TMP_INFIX = ".tmp."
 
 
 def atomic_write(path: str, content: bytes | str | Callable[[BinaryIO], object], durable: bool = True) -> str:
-    """Write `content` (bytes, UTF-8 text, or a callback writing to the open binary file, e.g. torch.save or a PIL
-    image's save) to `path` atomically; returns `path`. Errors (OSError, or what the callback raises) propagate
-    after the temporary file is removed."""
+    """Write `content` (bytes, UTF-8 text, or a callback writing to the open binary file) to `path` atomically;
+    returns `path`. Errors (OSError, or the callback's) propagate after the temporary file is removed."""
     tmp = f"{path}{TMP_INFIX}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

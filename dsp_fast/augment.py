@@ -1,21 +1,11 @@
 """Strong augmentation of the mixed images (DSP step 4) on the device: colour jitter and Gaussian blur with fixed
-shapes and no host branch, so the step can be captured in a CUDA graph. Semantics are those of the authors' script
-with kornia 0.2.0, on 0..1 RGB images (B, 3, H, W):
+shapes and no host branch, so the step can be captured in a CUDA graph. The semantics are kornia 0.2.0's as the
+authors' script ran them, on 0..1 RGB images (B, 3, H, W): docs/method.md, step 4, and the reference's image-by-image
+version (dsp_fast/reference/strong_aug.py) list them; `kornia_hsv_quirk` reproduces kornia 0.2.0's `hsv_to_rgb`
+bug (a value sector 0 wrote as exactly 1.0 is overwritten by the sector-1 pass), which the authors trained with.
 
-- one jitter coin (p = 0.8) and one blur coin (p = 0.5) per step, shared by every mixed image of the step;
-- colour jitter per image: brightness *adds* b ~ U(-s, s), contrast *multiplies* by c ~ U(1-s, 1+s) (no blend to
-  the mean), saturation multiplies HSV S by U(1-s, 1+s), hue adds U(-s, s) *radians* to H in [0, 2pi); the four
-  in a random order per image; brightness and contrast clamp the image to [0, 1], saturation clamps S to [0, 1],
-  hue clamps nothing (kornia 0.2.0's clamping);
-- Gaussian blur per image: sigma ~ U(0.15, 1.15), an odd kernel of about 0.1 x the image size per axis (rows from
-  the height, columns from the width, as the script's kornia GaussianBlur2d((k_y, k_x))), reflect padding;
-- `kornia_hsv_quirk`: kornia 0.2.0's `hsv_to_rgb` fills the six hue sectors in turn with `out[out == k] = ...`, so a
-  value that sector 0 wrote as exactly 1.0 is selected again by the sector-1 pass and overwritten (a library bug
-  the authors trained with, reproduced on request).
-
-The random choices arrive as a table of AUG_COLS columns per image (drawn by `dsp_fast.method.draw_choices_`);
-the reference trainer has its own image-by-image implementation (dsp_fast/reference/strong_aug.py), and both are
-tested against values worked out by hand (tests/test_augment.py).
+The random choices arrive as a table of AUG_COLS columns per image (drawn by `dsp_fast.method.draw_choices_`); both
+implementations are tested against values worked out by hand (tests/test_augment.py).
 """
 
 from __future__ import annotations

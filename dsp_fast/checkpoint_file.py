@@ -1,12 +1,7 @@
-"""Checkpoint files on disk, for both trainers and `evaluate`: written atomically with a SHA-256 of their bytes
-beside them, verified before they are read, and a failed write reported as one clear error.
-
-`<name>.pt` is written atomically (dsp_fast/atomic_io.py: `<name>.pt.tmp.<pid>`, hashed on its way to disk, fsynced,
-renamed into place), then its checksum `<name>.pt.sha256` (the `sha256sum` format: `sha256sum -c
-ckpt_00000040.pt.sha256` checks it by hand). The checksum is of the serialized bytes, computed once while writing
-(no second pass over a 500 MB file) and checked by one streaming read before torch.load. A file without a checksum
-beside it (written before checksums existed, or a kill between the two renames) is read as before: unverified,
-trusted when torch.load accepts it.
+"""Checkpoint files on disk, for both trainers and `evaluate` (docs/training.md, "Run folders and resume"):
+`<name>.pt` written atomically (atomic_io) and hashed on its way to disk (no second pass over a 500 MB file), then
+its `<name>.pt.sha256` (the `sha256sum` format); verified by one streaming read before torch.load. A file without a
+checksum (older, or a kill between the two renames) is read unverified. A failed write is one clear error.
 """
 
 from __future__ import annotations
@@ -91,9 +86,8 @@ def atomic_write_text(path: str, text: str) -> str:
 
 
 def atomic_torch_save(obj: Any, path: str) -> str:
-    """torch.save written atomically (atomic_io), so a kill mid-write never leaves a truncated checkpoint; then its
-    checksum beside it. Returns the SHA-256. A failed write (ENOSPC, EACCES, EIO, ...) leaves any earlier `path` as
-    it was and raises RunWriteError naming the path and the free space."""
+    """torch.save written atomically (atomic_io), then its checksum beside it; returns the SHA-256. A failed write
+    (ENOSPC, EACCES, EIO, ...) leaves any earlier `path` as it was: RunWriteError naming the path and the free space."""
     sha = hashlib.sha256()
 
     def save(f: BinaryIO) -> None:
@@ -150,10 +144,9 @@ def verify_checkpoint_file(path: str) -> bool:
 
 
 def read_checkpoint_file(path: str) -> Any:
-    """A checkpoint verified against its checksum (when it has one), then torch.load(path, weights_only=True) on
-    the CPU. FileNotFoundError when missing; any other failure is a ValueError naming the file, without torch's
-    advice to retry with weights_only=False (that advice does not fit a corrupt or foreign file, and running such
-    a file's pickle would be unsafe)."""
+    """A checkpoint verified against its checksum (when it has one), then torch.load(weights_only=True) on the CPU.
+    FileNotFoundError when missing; any other failure is a ValueError naming the file, without torch's advice to
+    retry with weights_only=False (running a corrupt or foreign file's pickle would be unsafe)."""
     verify_checkpoint_file(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing on a foreign file

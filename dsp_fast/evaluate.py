@@ -1,10 +1,8 @@
 """Evaluation: confusion matrix, per-class IoU, mIoU (19, 16 and 13-class variants) and the eval loop.
 
-`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` prints the IoU table (the config saved in the
-checkpoint, or `--config`). Exit code 2: missing, unreadable or corrupt checkpoint (its bytes differ from its
-`.sha256`, checked before loading), bad config or data, the file named.
-Images are evaluated single scale at `data.eval_size`; labels are resized to the same size with nearest
-neighbour (ids are never interpolated), as the authors' evaluation does at 1024x512.
+`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` prints the IoU table (docs/evaluate.md). Exit code 2:
+missing, unreadable or corrupt checkpoint, bad config or data, the file named. Images are evaluated single scale at
+`data.eval_size`, labels resized to it with nearest neighbour, as the authors' evaluation does at 1024x512.
 """
 
 from __future__ import annotations
@@ -19,11 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dsp_fast.checkpoint_file import read_checkpoint_file
 from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override, split_overrides
 from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, DatasetError, class_names, resize_image, resize_label
 from dsp_fast.data.build import target_dataset
 from dsp_fast.models import build_model, normalize_input, unwrap
-from dsp_fast.run_io import read_checkpoint_file, resolve_device
+from dsp_fast.run_io import resolve_device
 
 
 class InputError(ValueError):
@@ -34,8 +33,7 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction; ignored pixels dropped.
 
-    Any other label outside [0, num_classes) is an error (a silent drop would hide a label-mapping bug).
-    """
+    Any other label outside [0, num_classes) is an error (a silent drop would hide a label-mapping bug)."""
     pred, label = torch.as_tensor(pred), torch.as_tensor(label)
     if pred.shape != label.shape:
         raise ValueError(f"confusion_matrix: pred shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")

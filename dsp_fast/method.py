@@ -1,11 +1,9 @@
 """The DSP step's math on the fast path: on the device, fixed shapes, no host sync, fused kernels.
 
-Everything here can run inside a CUDA graph: random choices arrive as tensors (uniform draws, long-tail crops
-and their classes), class selection is a sort over a fixed (B, K) table instead of `unique`, the teacher update is
-three foreach ops with a device weight, and the losses read the mask and q directly. Step numbers refer to
-docs/method.md; `dsp_fast.reference` is the readable oracle this module is tested against.
-
-To add a loss term, edit `dsp_losses` (docs/extending.md): every entry of its `terms` joins the loss and the logs.
+Everything here can run inside a CUDA graph: random choices arrive as tensors, class selection is a sort over a
+fixed (B, K) table instead of `unique`, the teacher update is three foreach ops with a device weight. Step numbers
+refer to docs/method.md; `dsp_fast.reference` is the readable oracle this module is tested against. A new loss
+term goes in `dsp_losses` (docs/extending.md): every entry of its `terms` joins the loss and the logs.
 
 Shapes: B batch, K classes, L long-tail classes per step, H x W crop, h x w stride-8 features.
 """

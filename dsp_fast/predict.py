@@ -2,14 +2,11 @@
 
     python -m dsp_fast.predict --checkpoint RUN/ckpt_<step>.pt INPUTS... --out DIR [--model student|teacher]
 
-INPUTS are image files or folders (searched recursively for .png / .jpg / .jpeg: a Cityscapes split folder such as
-`cityscapes/leftImg8bit/test`). For every input image it writes `DIR/labelIds/<name>.png` (Cityscapes label ids,
-8-bit, the format the benchmark server takes: a SYNTHIA model's 16 classes mapped through the 19 first) and
-`DIR/color/<name>.png` (the Cityscapes colours), where <name> is the image's path below the folder given (its file
-name for a file given alone), so the city folders and the `<city>_<seq>_<frame>` names the benchmark matches are
-kept. Images are evaluated as `python -m dsp_fast.evaluate` does (resized to data.eval_size, single scale) and the
-logits upsampled to the image's own size (`--size eval` keeps data.eval_size). Batched, on the GPU when there is
-one. Exit code 2: missing or unreadable checkpoint or image, no image found, bad config; the file named.
+INPUTS are image files or folders (searched recursively for .png / .jpg / .jpeg). Each image gets
+`DIR/labelIds/<name>.png` (Cityscapes label ids, the benchmark's format) and `DIR/color/<name>.png`, <name> being its
+path below the folder given (its file name for a file given alone), so the benchmark's city folders and names are
+kept; docs/evaluate.md, "Predict". Exit code 2: missing or unreadable checkpoint or image, no image found, bad
+config; the file named.
 """
 
 from __future__ import annotations

@@ -3,19 +3,14 @@
     python -m dsp_fast.prepare --dataset gta5 --root /data/GTA5 --out /data/prepared/gta5
     python -m dsp_fast.prepare --dataset cityscapes --root /data/cityscapes --out /data/prepared/cityscapes
 
-Why: the originals are 1914x1052 (GTA5) or 2048x1024 (Cityscapes) PNGs, which DALI can only decode on CPU
-threads (about 30 ms each), and GTA5's palette labels lose their ids in DALI. Each image is resized once to the
-dataset's base size exactly as the reference trainer does (PIL bicubic for GTA5 / SYNTHIA, bilinear for
-Cityscapes; nearest for labels), written as a baseline JPEG (decoded by nvJPEG on the GPU) or a lossless PNG, with
-its label as an 8-bit train-id PNG. The layout and the manifest are described in `dsp_fast.pipelines.prepared`.
-
-A source set also gets `longtail/`: the images that hold a long-tail class, resized to the long-tail size
-(1920x1080, as the authors' long-tail crops), with each class's crop windows counted and mapped
-(`dsp_fast.data.windows`), so that the loader draws a long-tail crop without decoding a label.
+Why: DALI decodes the original PNGs (1914x1052 GTA5, 2048x1024 Cityscapes) only on CPU threads (about 30 ms each),
+and GTA5's palette labels lose their ids in DALI. Each image is resized once to the dataset's base size as the
+reference trainer does, written as a baseline JPEG (nvJPEG decodes it on the GPU) or a lossless PNG, its label as an
+8-bit train-id PNG; a source set also gets `longtail/` (docs/data.md, "Preparation"; the layout and the manifest:
+`dsp_fast.pipelines.prepared`).
 
 Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
-done, so a rerun after an interruption skips finished images. A file that cannot be read is listed with its error
-in rejects.txt and the manifest, printed at the end, and makes the exit code 1 (0: everything converted).
+done. A file that cannot be read is listed with its error in rejects.txt and the manifest, and makes the exit code 1.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Run folders and `--resume`, one set of rules for both trainers (dsp_fast.train and dsp_fast.reference).
 
-A run gets a new folder: `new_run_dir(root)` is `root` itself when free, else `root_2`, `root_3`, ... (the fast
-trainer's root is train.out_dir, the reference's `<train.out_dir>/reference`), so one metrics.jsonl is one run.
-Only `--resume` continues an existing folder:
-
-- `auto`: the newest run folder of the root (none, or none holding a checkpoint: a fresh run);
-- a run folder: that folder; a checkpoint file: its folder (the folder above, for a model's subfolder of a
-  train.compare_source_only run), that file being the checkpoint its model continues from.
-
-The run continues with the folder's saved config.yaml, the command line's overrides on top (`resume_config`). Each
-model continues from the newest of its checkpoints that verifies and loads (a torn or corrupt newer one is named in
-a warning and passed over); a model without one starts at step 0; a named folder without any is an error. A
-checkpoint continues only the run it came from: an override or config that changes a FIXED field is a ResumeError
-naming the field (exit code 2 in both entry points). What a checkpoint holds, and how RNG states are restored, is
-each trainer's own (engine/checkpoint.py, reference/resume.py); `Checkpoints` says what these rules need of it.
+The rules are docs/training.md's "Run folders and resume": a new folder per run (`root`, `root_2`, ...; the
+reference's root is `<train.out_dir>/reference`); `--resume` auto / a run folder / a checkpoint file continues one,
+from its saved config.yaml with the overrides on top, each model from its newest checkpoint that verifies; a FIXED
+field that changes is a ResumeError (exit code 2). What a checkpoint holds is each trainer's own
+(engine/checkpoint.py, reference/resume.py); `Checkpoints` says what these rules need of it.
 """
 
 from __future__ import annotations
@@ -34,8 +25,7 @@ FIXED = (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("trai
 """The fields a checkpoint fixes: the weights' shapes (arch, classes), what is trained (DSP on or off), the lr
 schedule's length, and the data and choice streams a step index stands for (seed, batch, crop)."""
 
-_MODEL_FOLDERS = ("source_only", "dsp")
-"""The models' subfolders of a train.compare_source_only run (a single model trains in the run folder itself)."""
+_MODEL_FOLDERS = ("source_only", "dsp")  # a train.compare_source_only run's (a single model trains in the run folder)
 
 
 class ResumeError(ValueError):
@@ -46,18 +36,12 @@ class ResumeError(ValueError):
 class Checkpoints:
     """What the resume rules need to know of one trainer's checkpoints."""
 
-    format: str
-    """The payload's "format" entry; a file without it is not continued."""
-    trainer: str
-    """The module that writes them, named in errors."""
-    runs_root: str
-    """The subfolder of train.out_dir that holds this trainer's run folders ('': train.out_dir itself)."""
-    pattern: str
-    """How a model folder's checkpoint files are named, for messages."""
-    files: Callable[[str], list[str]]
-    """A model folder's checkpoint files, oldest first."""
-    foreign: str
-    """Why a file of another format cannot be continued exactly."""
+    format: str  # the payload's "format" entry; a file without it is not continued
+    trainer: str  # the module that writes them, named in errors
+    runs_root: str  # the subfolder of train.out_dir that holds this trainer's run folders ('': train.out_dir itself)
+    pattern: str  # how a model folder's checkpoint files are named, for messages
+    files: Callable[[str], list[str]]  # a model folder's checkpoint files, oldest first
+    foreign: str  # why a file of another format cannot be continued exactly
 
     def root(self, out_dir: str) -> str:
         return os.path.join(out_dir, self.runs_root) if self.runs_root else out_dir
@@ -82,12 +66,6 @@ def _is_free(folder: str) -> bool:
                                           not [n for n in os.listdir(folder) if not n.startswith("reference")])
 
 
-def _latest_run_dir(out_dir: str) -> str | None:
-    """The newest run folder of `out_dir` (the highest number), or None when there is none."""
-    found = [p for _, p in _run_dirs(out_dir) if not _is_free(p)]
-    return found[-1] if found else None
-
-
 def new_run_dir(out_dir: str) -> str:
     """Create and return a folder for a new run: `out_dir` when free, else the next `out_dir_<n>`."""
     taken = _run_dirs(out_dir)
@@ -107,7 +85,8 @@ def _run_folder(spec: str, out_dir: str, kind: Checkpoints) -> str | None:
     if not spec:
         return None
     if spec == "auto":
-        return _latest_run_dir(kind.root(out_dir))
+        found = [p for _, p in _run_dirs(kind.root(out_dir)) if not _is_free(p)]
+        return found[-1] if found else None  # the newest (the highest number)
     if os.path.isfile(spec):
         folder = os.path.dirname(os.path.abspath(spec))
         # a run folder holds provenance.json from its start; a model's subfolder does not
@@ -123,10 +102,9 @@ def has_checkpoint(run_dir: str, kind: Checkpoints) -> bool:
 
 
 def _saved_config(run_dir: str) -> tuple[str, list[str]] | None:
-    """The resolved config a run folder holds, and the overrides that make it the run's: its own config.yaml; for
-    a train.compare_source_only run, which writes one per model, the adapted model's dsp/config.yaml, or, stopped
-    before that model began, the source-only model's with DSP on again (a compare run is a DSP run); both runs are
-    planned again from it."""
+    """The resolved config a run folder holds, and the overrides that make it the run's: its config.yaml; for a
+    train.compare_source_only run, the adapted model's dsp/config.yaml, or (stopped before it began) the source-only
+    model's with DSP on again; both runs are planned again from it."""
     for sub, fix in (("", []), ("dsp", []), ("source_only", ["dsp.enabled=true"])):
         if os.path.isfile(path := os.path.join(run_dir, sub, "config.yaml")):
             return path, fix
@@ -139,12 +117,8 @@ def _plain(x: Any) -> Any:
 
 def _mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, saved value, `now`'s value) for every FIXED field that differs between two config dicts."""
-    out = []
-    for section, key in FIXED:
-        a, b = saved.get(section, {}).get(key), now[section][key]
-        if _plain(a) != _plain(b):
-            out.append((f"{section}.{key}", a, b))
-    return out
+    return [(f"{section}.{key}", saved.get(section, {}).get(key), now[section][key]) for section, key in FIXED
+            if _plain(saved.get(section, {}).get(key)) != _plain(now[section][key])]
 
 
 def _say(*args: Any, **kwargs: Any) -> None:
@@ -154,11 +128,10 @@ def _say(*args: Any, **kwargs: Any) -> None:
 
 def resume_config(spec: str, overrides: Sequence[str], command_config: Callable[[], Config],
                   kind: Checkpoints) -> Config:
-    """The config a --resume continues with: the run folder's resolved config (what the run was trained with,
-    flags and scaled lr included), the command line's `section.field=value` overrides applied on top (and
-    printed). `command_config()` (--config and the overrides) is read only to find the folder of `--resume auto`
-    (its train.out_dir), and is the config when there is nothing to resume. An override that changes a FIXED field
-    is a ResumeError naming that override."""
+    """The config a --resume continues with: the run folder's resolved config (flags and scaled lr included), the
+    overrides applied on top (and printed). `command_config()` (--config and the overrides) only finds the folder of
+    `--resume auto`, or is the config when there is nothing to resume. An override of a FIXED field is a
+    ResumeError naming it."""
     cfg = command_config() if spec == "auto" else None
     top = _run_folder(spec, cfg.train.out_dir if cfg else "", kind)
     if top is None or (spec == "auto" and not has_checkpoint(top, kind)):
@@ -178,13 +151,6 @@ def resume_config(spec: str, overrides: Sequence[str], command_config: Callable[
     on_top = f"; overrides applied on top: {' '.join(overrides)}" if overrides else " (no overrides)"
     _say(f"--resume: continuing {os.path.abspath(top)} with its saved config {saved} (in place of --config){on_top}")
     return resumed
-
-
-def _read(spec: str, path: str) -> Any:
-    try:
-        return read_checkpoint_file(path)
-    except (ValueError, OSError) as e:
-        raise ResumeError(f"--resume: {e}") from None
 
 
 def _newest_good(spec: str, folder: str, found: list[str]) -> tuple[str, Any]:
@@ -235,7 +201,10 @@ def find_checkpoints(spec: str, out_dir: str, models: Sequence[tuple[str, Config
     for sub, cfg in models:
         folder = os.path.join(top, sub) if sub else top
         if given is not None and os.path.dirname(given) == os.path.abspath(folder):
-            path, ckpt = given, _read(spec, given)
+            try:
+                path, ckpt = given, read_checkpoint_file(given)
+            except (ValueError, OSError) as e:
+                raise ResumeError(f"--resume: {e}") from None
         elif files := kind.files(folder):
             path, ckpt = _newest_good(spec, folder, files)
         else:

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the reference reads files through run_io
+from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the reference writes its files through run_io
     EXIT_WRITE_FAILED,
     RunWriteError,
     atomic_torch_save,
     atomic_write_text,
-    read_checkpoint_file,
     write_error,
 )
 from dsp_fast.config import Config, ConfigError, save_config
@@ -32,9 +31,9 @@ from dsp_fast.data.labels import class_names
 
 PROVENANCE = "provenance.json"
 
+# weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine makes
+# single intervals jump; the average follows a lasting change within a few intervals)
 ETA_SMOOTHING = 0.2
-"""Weight of the newest log interval in the moving average of the step time behind the ETA (a loaded machine
-makes single intervals jump; the average follows a lasting change within a few intervals)."""
 
 
 def iou_record(iou: torch.Tensor) -> dict[str, Any]:
@@ -103,10 +102,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def git_state(folder: str = PACKAGE_DIR) -> dict[str, Any] | str:
-    """{'sha', 'dirty'} of the git checkout the code runs from ('dirty': tracked files differ from the commit;
-    untracked ones, such as run and data folders, do not count), or 'unknown' (an installed package, no git).
-    Asks whether this very package is tracked there, so a virtualenv inside some other repository says 'unknown'
-    rather than that repository's sha."""
+    """{'sha', 'dirty'} of the git checkout the code runs from ('dirty': tracked files differ from the commit), or
+    'unknown' (no git, or this package is not tracked there: a virtualenv inside another repository)."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=10)
@@ -136,19 +133,17 @@ def _dist_version(*names: str, prefix: str = "") -> str:
     return "not installed"
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
-           f"{torch.get_num_threads()})"
-
-
 def provenance(device: torch.device) -> dict[str, Any]:
     """What produced a run: code (git), libraries, device, the command line and where it ran."""
+    if device.type == "cuda":
+        described = f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+    else:
+        described = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
+                    f"{torch.get_num_threads()})"
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_state(), "torch": torch.__version__,
             "triton": _dist_version("triton", "pytorch-triton"),
             "dali": _dist_version(prefix="nvidia-dali"), "python": platform.python_version(),
-            "device": device_description(device), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "device": described, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "command": shlex.join(getattr(sys, "orig_argv", sys.argv)), "cwd": os.getcwd(),
             "host": platform.node()}
 
@@ -251,9 +246,8 @@ class RunLog:
         return {k: v for k, v in found.items() if k not in ("step", "final", "eval/mIoU")}
 
     def _write(self, record: dict[str, Any]) -> None:
-        """Append one record. A failed write (full disk, I/O error) does not stop training: the checkpoints hold
-        the run, and the progress line still prints. It is said once, and the log stops there (a half-written
-        buffer would otherwise come back as a torn line)."""
+        """Append one record. A failed write (full disk, I/O error) does not stop training (the checkpoints hold the
+        run): it is said once, and the log stops there (a half-written buffer would come back as a torn line)."""
         if self._file is None:
             return
         try:

@@ -2,12 +2,10 @@
 
     python -m dsp_fast.sweep --config synthetic --seeds 0 1 2 [--out DIR] [trainer flags] [section.field=value ...]
 
-Each seed is one `python -m dsp_fast.train` run (a process of its own, one after the other on this machine's
-device) with `train.seed=<seed>` and `train.out_dir=DIR/seed_<seed>`; every run folder is kept. DIR (default:
-`<train.out_dir>_sweep`, a new folder per sweep like a run folder) then holds `sweep.json` (per model: each seed's
-figures, and per class and for the mIoU the mean, the sample standard deviation over seeds and the count) and
-`sweep.md` (the table, also printed). DAFormer and its followers report such a mean over three seeds. Exit code: 0,
-or the first failing seed's (2: bad config or data, named), after writing the figures of the seeds before it.
+Each seed is one `python -m dsp_fast.train` run (docs/training.md, "Seeds"); DIR (default `<train.out_dir>_sweep`, a
+new folder per sweep) holds `sweep.json` (per model: each seed's figures; per class and for the mIoU the mean, the
+sample standard deviation and the count) and `sweep.md` (the table, also printed), as DAFormer and its followers
+report over three seeds. Exit code: 0, or the first failing seed's, after writing the figures of the seeds before it.
 """
 
 from __future__ import annotations

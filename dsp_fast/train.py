@@ -7,10 +7,8 @@
 
 `--config` takes a shipped preset's name (synthetic, gta2cs, synthia2cs) or a YAML file; flags and
 `section.field=value` overrides mix in any order. Data and run folders are relative to the current folder.
-Exit codes: 0 done; 2 bad config, flag, data or --resume target; 3 stopped after too many non-finite steps; 4 a
-checkpoint could not be written; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after the step in flight, with a
-checkpoint and the resume command printed (SIGUSR1 writes a checkpoint and goes on; a second stop signal stops at
-once).
+Exit codes (docs/training.md): 0 done; 2 bad config, flag, data or --resume target; 3 too many non-finite steps;
+4 a checkpoint could not be written; 130 / 143 SIGINT / SIGTERM, after the step in flight, with a checkpoint.
 """
 
 from __future__ import annotations

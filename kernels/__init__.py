@@ -1,12 +1,10 @@
 """dsp_fast.kernels: Triton kernels of the DSP step, each with a plain-PyTorch twin in `twins`.
 
-A leaf package: it imports torch and (optionally) triton, nothing of dsp_fast. Dispatch: CUDA tensors run the
-Triton kernels (as torch operators `dsp_fast::*`, with fake implementations for fake tensors and torch.compile);
-CPU tensors run the twins, unless TRITON_INTERPRET=1 asks for the kernels in the interpreter (the tests). The
-weighted MMD and the masked pool use the adjoint formulation on every device (the adjoint map from the Triton kernel
-on CUDA, from two interpolation matrices elsewhere): they never build the upsampled feature map. Without triton
-installed (no `gpu` extra) everything still imports. `force_twins()` runs every naive twin (the ablation);
-`force_kernels()` takes the kernels' path on any device (their operators on fake CPU tensors, as on CUDA).
+A leaf package: torch and (optionally) triton, nothing of dsp_fast; without triton (no `gpu` extra) it still
+imports. CUDA tensors run the Triton kernels (torch operators `dsp_fast::*`, with fake implementations for fake
+tensors and torch.compile); CPU tensors run the twins, unless TRITON_INTERPRET=1 (the tests). The weighted MMD and
+the masked pool never build the upsampled feature map, on any device. `force_twins()` runs every naive twin (the
+ablation); `force_kernels()` takes the kernels' path on any device (their operators on fake CPU tensors).
 
     dual_soft_paste       fused DSP step 4 (soft_paste.py)
     masked_upsample_pool  mean of mask * bilinear_upsample(feat) without the upsampled tensor (upsample_pool.py)
@@ -20,15 +18,5 @@ from .mmd import mmd_rbf, weighted_mmd
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
 
-__all__ = [
-    "HAS_TRITON",
-    "IGNORE_LABEL",
-    "dual_soft_paste",
-    "force_kernels",
-    "force_twins",
-    "masked_upsample_pool",
-    "mmd_rbf",
-    "set_value_checks",
-    "twins",
-    "weighted_mmd",
-]
+__all__ = ["HAS_TRITON", "IGNORE_LABEL", "dual_soft_paste", "force_kernels", "force_twins", "masked_upsample_pool",
+           "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]

@@ -4,14 +4,12 @@ Twins: `twins.mmd_rbf`, `twins.weighted_mmd`.
 Shapes: B batch, C channels (256), h x w stride-8 features, H x W crop, S stacked MMD problems (2 in weighted_mmd:
 global and masked pools), N = rows of x + rows of y.
 
-Why plain PyTorch for the MMD itself, not a Triton kernel: its inputs are (2B, C) = 4 x 256 values. Bytes and FLOPs
-are nil (8 KB, ~10 kFLOP), so any kernel is bound by launch latency, and the only thing a fused kernel could win is
-launches. Counted with a dispatch mode (bench/bench_kernels.py::test_mmd_rbf_fwd_bwd): this version runs 25 ATen
-kernels forward and 14 backward (the textbook twin 41 + 44); inside the trainer's CUDA graph that is ~40 tiny
-kernels, on the order of 0.1 ms, ~1% of the ~10 ms compute floor of a step (counted FLOPs). A single-program Triton
-forward + backward (the gradient is 4 * sum_j G_ij (x_i - x_j), G = dL/dd2) would make it 2 launches: worth doing
-only if a GPU profile of the step shows those 0.1 ms; not yet measured. The two MMDs of weighted_mmd are stacked
-into one batched evaluation so that they share every launch. Autograd's backward of these ops is exact.
+Why plain PyTorch for the MMD itself, not a Triton kernel: its inputs are (2B, C) = 4 x 256 values (8 KB,
+~10 kFLOP), so any kernel is bound by launch latency. This version runs 25 ATen kernels forward and 14 backward
+(bench/bench_kernels.py::test_mmd_rbf_fwd_bwd; the textbook twin 41 + 44): in the trainer's CUDA graph about 0.1 ms,
+~1% of a step's compute floor. A single-program Triton forward + backward would make it 2 launches: worth it only
+if a GPU profile shows those 0.1 ms (not yet measured). The two MMDs of weighted_mmd are stacked into one batched
+evaluation so that they share every launch. Autograd's backward of these ops is exact.
 """
 
 from __future__ import annotations
@@ -76,13 +74,10 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     with up = bilinear to `size`, align_corners=True: the global term pools the stride-8 maps, the masked term the
     upsampled ones (as the authors' script).
 
-    feat_s, feat_t (B, C, h, w); mask (B, H, W) bool or float at `size`. Differentiable w.r.t. both features;
-    no tensor of size B*C*H*W is built, forward or backward. gather: with several ranks, an autograd-aware
-    all-gather along dim 0 (each rank's pooled vectors in rank order), applied to the (B, C, ...) pooled vectors
-    before the MMD, so that the MMD runs over the global batch's 2B vectors; None on one process. It is called
-    once per step (one collective: several autograd gathers in one backward need not run in the same order on
-    every rank).
-    """
+    feat_s, feat_t (B, C, h, w); mask (B, H, W) bool or float at `size`. Differentiable w.r.t. both features; no
+    B*C*H*W tensor is built. gather: with several ranks, an autograd-aware all-gather along dim 0 of the pooled
+    vectors, so the MMD runs over the global batch's 2B vectors (None on one process); called once per step, as
+    several autograd gathers in one backward need not run in the same order on every rank."""
     size = check_weighted_mmd(feat_s, feat_t, mask, size)
     check_mmd(feat_s[:, :, 0, 0], feat_t[:, :, 0, 0], kernel_mul, kernel_num)
     if twins_forced():

@@ -7,9 +7,8 @@ class lookup and the label selects are done once per pixel, not once per channel
 
 Bytes per pixel (what the benchmark assumes): read 3*C image values + 3 labels (+ 1 pasted-flag byte when given),
 write 2*C image values + 2 labels + 1 mask byte; the template's image values are read only where the mask is set
-(a masked load), so the count is an upper bound. The kernel needs no host sync and has fixed shapes, so it can be
-captured in a CUDA graph; the label value check (one sync) is skipped during a capture (see
-`_common.set_value_checks`).
+(a masked load), so the count is an upper bound. No host sync and fixed shapes: a CUDA graph can capture it (the
+label value check's sync is skipped there, `_common.set_value_checks`).
 """
 
 from __future__ import annotations
@@ -182,8 +181,7 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     Images float32/float16/bfloat16, NCHW or channels_last; labels int64 or uint8 (a mixed label map takes the
     promoted dtype of its two sources, as torch.where).
     pasted (B, H, W) bool, optional: pixels the long-tail paste wrote onto the template; they join the mask
-    whatever their class (DSP step 3). Not differentiable: the images come from the data pipeline.
-    """
+    whatever their class (DSP step 3). Not differentiable: the images come from the data pipeline."""
     check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted)
     if not use_triton(tmpl_img):
         return twins.dual_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img,

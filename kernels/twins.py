@@ -1,9 +1,7 @@
 """Plain-PyTorch twins of the kernels: the naive formulation, same signatures, written to be read beside the paper.
 
-Shapes: B batch, C channels, H x W full crop size, h x w feature size (stride 8), K number of classes,
-N / M rows of the two MMD samples. The twins are the oracle of the kernel tests and what the reference trainer
-runs; they are not meant to be fast (a per-image loop with `isin`, a full-resolution upsampled feature map).
-"""
+Shapes: B batch, C channels, H x W full crop size, h x w feature size (stride 8), K number of classes, N / M rows
+of the two MMD samples. The oracle of the kernel tests and what the reference trainer runs; not meant to be fast."""
 
 from __future__ import annotations
 
@@ -27,8 +25,7 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     """DSP step 4: M = tmpl_label in the chosen classes, or pasted by the long-tail paste (`pasted`, (B, H, W)
     bool, optional); the same M pastes the template onto both destinations.
 
-    Returns (src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW).
-    """
+    Returns (src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW)."""
     check_soft_paste(tmpl_img, tmpl_label, class_sel, src_img, src_label, tgt_img, tgt_pseudo, lam, pasted)
     num_classes = class_sel.shape[1]
     check_label_values({"tmpl_label": tmpl_label, "src_label": src_label, "tgt_pseudo": tgt_pseudo}, num_classes)
@@ -65,8 +62,7 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_nu
     Computed in float32 whatever the input dtype (the inputs are tiny; exp(-d2/bw) in half precision is not).
     The bandwidth beta is the mean off-diagonal squared distance, detached (no gradient through it). One deviation:
     when every row is identical beta is 0 and the authors' formula gives NaN; here beta becomes 1 in that case,
-    which gives 0 (the MMD of identical samples under any bandwidth) and a zero gradient.
-    """
+    which gives 0 (the MMD of identical samples under any bandwidth) and a zero gradient."""
     check_mmd(x, y, kernel_mul, kernel_num)
     n_x = x.shape[0]
     total_NC = torch.cat([x, y], dim=0).float()

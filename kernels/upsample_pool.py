@@ -10,10 +10,9 @@ the mask pushed back through the adjoint of the upsampling: an (h, w) map per im
 A with two passes of one 1-D adjoint (contract W -> w, then H -> h); the pooling is then a (C, h*w) x (h*w, k)
 matrix product per image, and its gradient w.r.t. feat is grad_out (x) A: nothing of size B*C*H*W is ever made.
 
-Why torch.matmul for the pooling and no custom backward: the product reads feat once (the floor for any kernel)
-and writes B*C*k values; autograd's backward of it w.r.t. feat is one matrix product that writes the gradient
-(B*C*h*w values, again the floor) and reads only A and grad_out. A hand-written Triton pair would move the same
-bytes. The mask gets no gradient (it is a paste mask, not a parameter).
+Why torch.matmul for the pooling and no custom backward: the product reads feat once and writes B*C*k values, and
+autograd's backward w.r.t. feat is one matrix product writing the B*C*h*w gradient (both the floor for any kernel),
+so a hand-written Triton pair would move the same bytes. The mask gets no gradient (a paste mask).
 """
 
 from __future__ import annotations
@@ -36,8 +35,7 @@ def _adjoint_linear_kernel(x_ptr, out_ptr, P, N, n, sxb, sxp, sxu, sob, sop, soi
     wgt(u, i) is the weight fine sample u gives coarse sample i, computed exactly as PyTorch's upsample_bilinear2d
     does (source index scale*(u+half)-half clamped at 0, floor, lambda). Only the fine samples that can touch the
     block's coarse samples are visited: a window of `win` samples from a conservative start; samples outside the
-    true window get weight 0, so the window only has to be a superset.
-    """
+    true window get weight 0, so the window only has to be a superset."""
     pid_p = tl.program_id(0)
     pid_i = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -169,8 +167,7 @@ def masked_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tu
     """(B, C): mean over the size[0]*size[1] pixels of mask * bilinear_upsample(feat, size); mask=None is all ones.
 
     feat (B, C, h, w) float32/float16/bfloat16, NCHW or channels_last; mask (B, H, W) bool or float, no gradient.
-    Differentiable w.r.t. feat.
-    """
+    Differentiable w.r.t. feat."""
     size = check_upsample_pool(feat, mask, size)
     if twins_forced():
         return twins.masked_upsample_pool(feat, mask, size, align_corners)

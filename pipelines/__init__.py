@@ -6,9 +6,8 @@
                            num_long_tail=2)
     batch = next(loader)  # dict: src_img, src_label, tmpl_img, tmpl_label, lt_img, lt_label, lt_class, tgt_img
 
-Modules: `prepared` (the on-disk format), `plan` (host-side random choices and DDP sharding), `dali_backend`,
-`torch_backend`, `loader` (`build_loaders`, `StepLoader`). The loader names are imported lazily so that
-`dsp_fast.prepare` (which only needs the format) does not import torch or DALI.
+Modules: `prepared` (the on-disk format), `plan` (host-side random choices, sharding), `dali_backend`,
+`torch_backend`, `loader`, whose names are imported lazily: `dsp_fast.prepare` imports neither torch nor DALI.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
 """DALI crop stream: decode (GPU for JPEG with `mixed`, CPU threads otherwise), crop and flip the planned windows.
 
-Every random choice comes from the host plan (`plan.py`) through `external_source`: the same window and flip
-feed the image crop and the label crop, and the labels are sliced, never resampled, so they stay aligned pixel
-for pixel and keep their ids. With `roi` (the default) the decoder is given the window
-(`fn.decoders.image_slice`): a JPEG decoder stops after the window's last row and skips the inverse DCT of the
-blocks outside it, so a 512x512 crop of a 1920x1080 long-tail image and its label cost about 0.6 of the full
-decode on CPU (bench.data_throughput), with the same pixels, bit for bit, as a full decode then a slice. A PNG
-label's region decode is exact too (it saves little: inflate and unfilter run row by row up to the window's end).
-The file bytes are read and their headers checked on the host in the input callback; a decoder failure (DALI's
-message does not know file names) is traced back to the file by re-reading the in-flight batches with PIL.
+Every random choice comes from the host plan (`plan.py`) through `external_source`: the same window and flip feed
+the image and the label crop, and labels are sliced, never resampled, so they stay aligned and keep their ids. With
+`roi` (the default) the decoder is given the window (`fn.decoders.image_slice`; docs/data.md, "Loaders"): the same
+pixels, bit for bit, as a full decode then a slice, for less work. The file bytes are read and their headers checked
+on the host in the input callback; a decoder failure (DALI's message does not know file names) is traced back to
+the file by re-reading the in-flight batches with PIL.
 """
 
 from __future__ import annotations
@@ -34,23 +31,10 @@ _KEPT_IN_CHILD: list = []
 os.register_at_fork(after_in_child=lambda: _KEPT_IN_CHILD.extend(_LIVE))
 
 
-def import_dali():
-    """The DALI modules (fn, types, Pipeline), or an ImportError naming the `gpu` extra."""
-    try:
-        from nvidia.dali import fn, pipeline, types
-    except ImportError as e:
-        raise ImportError(f"the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' (nvidia-dali-cuda130), "
-                          f"or use --data-backend torch ({e})") from None
-    return fn, types, pipeline.Pipeline
-
-
 class _Feeder:
-    """The pipeline's input callback: plans step after step and reads the planned files' bytes.
-
-    Kept apart from DaliCropStream so the pipeline does not reference its owner: without that cycle the pipeline
-    (and its threads) is freed as soon as the stream is dropped, not by a later garbage collection, which could
-    run in a forked DataLoader worker and hang there joining threads that do not exist in the child.
-    """
+    """The pipeline's input callback: plans step after step and reads the planned files' bytes. Apart from
+    DaliCropStream so that no cycle keeps the pipeline alive: it is freed when the stream is dropped, not by a later
+    garbage collection, which could run in a forked DataLoader worker and hang joining threads the child lacks."""
 
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], with_labels: bool,
                  start_step: int) -> None:
@@ -94,7 +78,12 @@ class DaliCropStream:
                  prefetch: int = 2, roi: bool = True) -> None:
         """roi: decode only the planned window; False decodes the whole file and then slices it (kept so that
         `bench.data_throughput` measures both)."""
-        fn, types, Pipeline = import_dali()
+        try:
+            from nvidia.dali import fn, types
+            from nvidia.dali.pipeline import Pipeline
+        except ImportError as e:
+            raise ImportError(f"the 'dali' data backend needs NVIDIA DALI: pip install -e '.[gpu]' "
+                              f"(nvidia-dali-cuda130), or use --data-backend torch ({e})") from None
         self.with_labels, self.device = with_labels, device
         self.feeder = _Feeder(ds, plan_fn, with_labels, start_step)
         batch = len(plan_fn(start_step).indices)  # every step plans the same number of crops

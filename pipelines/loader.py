@@ -34,8 +34,7 @@ class StepLoader:
 
     Everything random (images, windows, flips, long-tail classes) is planned on the host from (seed, rank, step)
     and prefetched by the backend, so the choice never waits on the GPU and a run resumed at `start_step`
-    continues the same sequence. Images stay uint8: the trainer converts and normalises on the device.
-    """
+    continues the same sequence. Images stay uint8: the trainer converts and normalises on the device."""
 
     def __init__(self, planner: Planner, source, target, long_tail, device: torch.device) -> None:
         self.planner, self.source, self.target, self.long_tail, self.device = planner, source, target, long_tail, device
@@ -77,8 +76,7 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     long_tail_classes, num_long_tail: the classes long-tail crops are drawn from, and how many per step.
     flip: random horizontal flips (False: the reference trainer does none). start_step: resume point.
     prefetch: steps prepared ahead (DALI's queue depth; the DataLoader's prefetch_factor per worker).
-    dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks).
-    """
+    dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks)."""
     if backend not in BACKENDS:
         raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)

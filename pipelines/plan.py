@@ -1,15 +1,11 @@
 """Host-side planning of every random choice of the data streams: which images, which crop windows, which flips,
-which long-tail classes and crops. Numpy (plus the long-tail window maps stored at preparation), shared by all backends:
-the same (seed, rank, step) gives the same plan, so the DALI and torch backends produce the same crops, and a
-resumed run continues the same sequence.
+which long-tail classes and crops (step 3: the authors' retry-loop distribution without the loop, from the window
+counts and maps stored at preparation, `dsp_fast.data.windows`). Numpy, shared by all backends: the same (seed,
+rank, step) gives the same plan, so DALI and torch give the same crops and a resumed run continues the sequence.
 
-Long-tail crops (DSP step 3) follow the distribution of the authors' retry loop without the loop, from the window
-counts and maps stored at preparation (`dsp_fast.data.windows`).
-
-Sharding: each stream walks an endless sequence of per-epoch permutations (seed + stream + epoch). Position g of
-that global sequence goes to rank g % world_size, so within every epoch each sample goes to exactly one rank,
-once: nothing is duplicated or dropped. When world_size does not divide the dataset, the ranks' epoch boundaries
-are offset by one sample at most (the tail of one epoch and the head of the next meet inside a step).
+Sharding: each stream walks an endless sequence of per-epoch permutations (seed + stream + epoch); position g goes
+to rank g % world_size, so within every epoch each sample goes to exactly one rank, once. When world_size does not
+divide the dataset, the ranks' epoch boundaries are offset by one sample at most.
 """
 
 from __future__ import annotations

@@ -182,10 +182,8 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 
 def encoded_size(data: bytes | np.ndarray, path: str) -> tuple[int, int]:
     """(width, height) read from a PNG or JPEG header without decoding; DatasetError naming `path` if unreadable.
-
-    The loaders call it on every file they read, so a foreign, truncated-header or wrongly sized file is named
-    on the host before a decoder (DALI's error messages do not know file names) ever sees it.
-    """
+    The loaders call it on every file, so a bad file is named on the host before a decoder (DALI's errors do not
+    know file names) sees it."""
     buf = memoryview(data)  # no copy of a whole file to read its header
     head = bytes(buf[:26])
     if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":

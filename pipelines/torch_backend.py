@@ -1,10 +1,9 @@
 """torch crop streams over prepared data: the reference's PIL DataLoader path, and an optional GPU JPEG decode.
 
-`torch`: DataLoader worker processes decode with PIL and crop the planned windows (the same plan as DALI, so the
-crops are the same pixels). `torchvision`: the workers only read and check the bytes (and decode the small PNG
-label crops); the main process decodes the JPEG batch on the GPU with `torchvision.io.decode_jpeg` - a GPU data
-path for a machine without DALI. Errors raised in a worker reach the training process as the same exception
-type (DataLoader re-raises it), naming the file.
+`torch`: DataLoader workers decode with PIL and crop the planned windows (DALI's plan: the same pixels).
+`torchvision`: the workers read and check the bytes (and decode the small PNG label crops); the main process decodes
+the JPEG batch on the GPU with `torchvision.io.decode_jpeg`, a GPU path without DALI. A worker's error reaches the
+training process as the same exception type, naming the file.
 """
 
 from __future__ import annotations
@@ -76,10 +75,7 @@ class _CropSteps(Dataset):
 
 class TorchCropStream:
     """Yields (img_NHWC uint8, label_NHW uint8 or None, plan) per step on `device`, like DaliCropStream.
-
-    num_threads: DataLoader worker processes (0: decode in the calling process).
-    gpu_decode: decode the JPEGs with torchvision on `device` (the `torchvision` backend).
-    """
+    num_threads: DataLoader workers (0: decode in the calling process); gpu_decode: the `torchvision` backend."""
 
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
                  with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,

@@ -1,19 +1,16 @@
 """Typed configuration: dataclasses with one docstring per field, validation in `__post_init__`, YAML presets.
 
 Every deviation from the authors' script listed in docs/method.md is a field here, so both behaviours stay
-reproducible. `load_config(spec, overrides)` rejects unknown keys and bad values with the dotted field name.
-The presets ship inside the package (`dsp_fast/configs/*.yaml`): `--config synthetic` names one, `--config
-my.yaml` reads a file, so the trainers run from any folder.
+reproducible. `load_config(spec, overrides)` rejects unknown keys and bad values with the dotted field name. The
+presets ship inside the package (`dsp_fast/configs/*.yaml`), so `--config synthetic` works from any folder.
 
-One module per concern, every name importable from here:
-  schema.py     the data / model / train / fast sections and `Config` (with the cross-section checks)
-  recipe.py     the dsp / optim sections (the method and its optimizer)
-  overrides.py  `section.field=value` and type coercion (`config_from_dict`, `parse_override`, `split_overrides`)
-  presets.py    the shipped presets by name (also the legacy 'configs/x.yaml' spelling), the unread-field check
-  io.py         `load_config` (optim.lr_scaling resolved there, once), `save_config`
-  cli.py        the fast trainer's flags, made from the `fast:` section's fields (`add_cli_args`, `apply_cli_args`)
+One module per concern, every name importable from here: schema.py (the data / model / train / fast sections and
+`Config`), recipe.py (the dsp / optim sections), overrides.py (`section.field=value` and type coercion), presets.py
+(the shipped presets by name, also as 'configs/x.yaml'; the unread-field check), io.py (`load_config`, with
+optim.lr_scaling resolved there once; `save_config`), cli.py (the fast trainer's flags, from the `fast:` fields).
 """
 
+# ruff: noqa: F401 - the imports below are the package's public names
 from dsp_fast.config.cli import add_cli_args, apply_cli_args
 from dsp_fast.config.errors import ConfigError
 from dsp_fast.config.io import PAPER_BATCH, apply_lr_scaling, load_config, save_config
@@ -36,12 +33,3 @@ from dsp_fast.config.schema import (
     ModelConfig,
     TrainConfig,
 )
-
-__all__ = [
-    "AMP_CHOICES", "BENCH_ONLY_BACKENDS", "COMPILE_MODES", "DATA_BACKENDS", "LOADER_BACKENDS", "LR_SCALINGS",
-    "MIT_ARCHS", "MODEL_ARCHS", "OPTIMIZERS", "OPTIM_ALGORITHMS", "PAPER_BATCH", "PRESET_DIR",
-    "UNCAPTURABLE_OPTIMIZERS", "Config", "ConfigError", "DSPConfig", "DataConfig", "FastConfig", "ModelConfig",
-    "OptimConfig", "TrainConfig", "add_cli_args", "apply_cli_args", "apply_lr_scaling", "check_fields_read",
-    "config_from_dict", "load_config", "parse_override", "preset_names", "resolve_config", "save_config",
-    "split_overrides",
-]

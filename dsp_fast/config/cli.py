@@ -38,9 +38,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_cli_args(cfg: Config, args: argparse.Namespace) -> Config:
-    """The config the fast trainer runs: the given flags written into its `fast:` section (so the saved config says
-    what ran) and checked with the rest, the one setting only the reference trainer runs refused. The entry point
-    calls it before anything is created."""
+    """The config the fast trainer runs: the given flags written into its `fast:` section (the saved config says what
+    ran) and checked with the rest, before anything is created; the one setting only the reference runs refused."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FastConfig)
              if getattr(args, f.name, None) is not None}
     cfg = dataclasses.replace(cfg, fast=dataclasses.replace(cfg.fast, **given))

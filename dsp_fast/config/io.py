@@ -4,6 +4,7 @@ resolved one to a run folder."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import yaml
@@ -54,13 +55,6 @@ def apply_lr_scaling(cfg: Config) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config (tuples as lists) so a run folder says exactly what ran."""
-    def plain(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
+    """Write the resolved config so a run folder says exactly what ran (through JSON: tuples as lists)."""
     with open(path, "w") as f:
-        yaml.safe_dump(plain(cfg.to_dict()), f, sort_keys=False)
+        yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)

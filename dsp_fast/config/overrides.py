@@ -17,9 +17,8 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 
 
 def _as_float(value: Any, name: str) -> float:
-    """A number as typed: ints, floats, and every string Python's float() reads. PyYAML follows YAML 1.1, where
-    `1e-3` and `1e9` (no dot, or no sign in the exponent) are strings while `2.5e-3` is a float; a user who typed
-    either means the number, on the command line and in a YAML file alike."""
+    """A number as typed: ints, floats, and every string float() reads (YAML 1.1, PyYAML's, reads `1e-3` and `1e9`
+    as strings but `2.5e-3` as a float; whoever typed either means the number, on the command line or in a file)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):

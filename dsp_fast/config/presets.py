@@ -44,9 +44,8 @@ def _presets_for_source(source: str) -> list[str]:
 
 
 def check_fields_read(cfg: Config) -> None:
-    """A field set to something the chosen data source never reads is an error naming the field and the presets
-    that read it: a real data root under the synthetic source would otherwise train on generated scenes and exit
-    0. Only fields that are unread whatever else is set count (a preset's own defaults never trip it)."""
+    """A field the chosen data source never reads, set, is an error naming it and the presets that read it (a real
+    data root under the synthetic source would train on generated scenes). A preset's defaults never trip it."""
     d, default = cfg.data, DataConfig()
 
     def presets(source: str) -> str:

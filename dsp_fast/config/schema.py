@@ -13,13 +13,10 @@ from dsp_fast.config.errors import _check, _check_fields, _field
 from dsp_fast.config.recipe import DSPConfig, OptimConfig
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
+# the step loader's backends (`dsp_fast.pipelines.BACKENDS` is this tuple; docs/data.md, "Loaders")
 LOADER_BACKENDS = ("dali", "torch", "torchvision")
-"""The step loader's backends (`dsp_fast.pipelines.BACKENDS` is this tuple). dali: DALI (GPU decode with `mixed`
-on CUDA, CPU operators otherwise); torch: PIL in DataLoader workers; torchvision: bytes read by DataLoader workers,
-JPEGs decoded on the device by torchvision.io.decode_jpeg."""
+# not offered by the trainers: torchvision decodes JPEG only, and the synthetic shift is prepared as PNG
 BENCH_ONLY_BACKENDS = ("torchvision",)
-"""Loader backends the trainers do not offer: torchvision decodes JPEG only, and the trainer's own preparation of
-the synthetic shift writes PNG; bench/data_throughput.py measures it."""
 DATA_BACKENDS = ("auto", *(b for b in LOADER_BACKENDS if b not in BENCH_ONLY_BACKENDS))
 """fast.data_backend (--data-backend): 'auto' or a loader backend."""
 COMPILE_MODES = ("off", "model", "step")

@@ -1,23 +1,12 @@
 """Data: dataset readers in the official layouts, label maps, resizing, the class -> images index and the
 built-in synthetic domain shift. Imports nothing of dsp_fast beyond this package."""
 
+# ruff: noqa: F401 - the imports below are the package's public names
 from dsp_fast.data.class_index import load_or_build_class_index
 from dsp_fast.data.datasets import GTA5, SYNTHIA, Cityscapes, SegmentationDataset
 from dsp_fast.data.errors import DatasetError
-from dsp_fast.data.labels import (
-    CITYSCAPES_CLASSES,
-    IGNORE_LABEL,
-    SYNTHIA13_INDICES,
-    SYNTHIA16_CLASSES,
-    class_names,
-)
+from dsp_fast.data.labels import CITYSCAPES_CLASSES, IGNORE_LABEL, SYNTHIA13_INDICES, SYNTHIA16_CLASSES, class_names
 from dsp_fast.data.transforms import SOURCE_RESAMPLE, resize_image, resize_label
-
-__all__ = [
-    "CITYSCAPES_CLASSES", "GTA5", "IGNORE_LABEL", "SOURCE_RESAMPLE", "SYNTHIA", "SYNTHIA13_INDICES",
-    "SYNTHIA16_CLASSES", "Cityscapes", "DatasetError", "SegmentationDataset", "class_names", "ensure_synthetic",
-    "load_or_build_class_index", "resize_image", "resize_label",
-]
 
 
 def __getattr__(name: str) -> object:

@@ -36,9 +36,8 @@ def target_dataset(cfg: Config, split: str, labels: bool) -> Cityscapes:
 
 
 def check_readable(dataset: SegmentationDataset, count: int = 0) -> None:
-    """Read images and labels 0..count-1 of `dataset` (0: all) as the evaluation does, so that a corrupt or
-    mis-sized file stops the run before its first step (a DatasetError naming the first bad file in index order).
-    Threads, since PIL and zlib decode without the GIL: Cityscapes val is 500 pairs at 2048x1024."""
+    """Read pairs 0..count-1 of `dataset` (0: all) as the evaluation does: a bad file stops the run before its first
+    step (a DatasetError naming the first in index order). Threads: PIL and zlib decode without the GIL."""
     n = len(dataset) if count == 0 else min(count, len(dataset))
 
     def read(i: int) -> None:
@@ -71,11 +70,9 @@ def _check_layout(root: str, expected: str, field: str) -> None:
 
 
 def check_data(cfg: Config, source: bool = True, target_train: bool = True, eval_split: bool = True) -> None:
-    """Every root, split and layout the run will read, checked now: the source (when `source`) and Cityscapes'
-    train split (when `target_train`) as folders and file pairs (their pixels are read when they are prepared,
-    which names every bad file), and the labelled eval split (when `eval_split`) decoded in full, the images the
-    evaluation will read, since nothing else reads them before the end of training.
-    Each problem is a DatasetError naming the config field and the path."""
+    """Every root, split and layout the run will read, checked now (a DatasetError naming the config field and the
+    path): the source and Cityscapes' train split as folders and file pairs (preparation reads their pixels and
+    names every bad file), the labelled eval split decoded in full (nothing else reads it before training ends)."""
     d = cfg.data
     src_root, tgt_root = dataset_roots(cfg)
     fields = ("data.source_root", "data.target_root") if d.source != "synthetic" else ("data.synthetic_root",) * 2

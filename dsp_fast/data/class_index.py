@@ -110,11 +110,9 @@ def _write_cache(path: str, payload: dict[str, Any]) -> None:
 
 def load_or_build_class_index(dataset: SegmentationDataset, num_classes: int, cache_path: str | None = None,
                               workers: int | None = None) -> list[list[int]]:
-    """For each class 0..num_classes-1, the sorted indices of the images whose label contains it.
-
-    Read from `cache_path` (default `default_cache_path`) when its fingerprint matches the label files, else built
-    from `dataset.read_label` and written there. workers: processes that read labels (default: up to 8 CPUs).
-    """
+    """For each class 0..num_classes-1, the sorted indices of the images whose label contains it: read from
+    `cache_path` (default `default_cache_path`) when its fingerprint matches the label files, else built from
+    `dataset.read_label` and written there. workers: processes that read labels (default: up to 8 CPUs)."""
     if not dataset.label_paths:
         raise DatasetError(f"{dataset.root}: the {dataset.name} reader has no labels to index")
     path = cache_path or default_cache_path(dataset, num_classes)

@@ -1,12 +1,9 @@
 """Readers of Cityscapes, GTA5 and SYNTHIA in their official folder layouts.
 
-Every reader has the same interface: `len(ds)`, `ds[i] -> (image uint8 HxWx3 RGB, label int64 HxW train ids,
-255 = ignore)`, `read_image(i)`, `read_label(i)`, `image_paths`, `label_paths`, `root`, `num_classes`, `name`.
-File lists are sorted, so indices are stable across runs and machines. All problems with the files raise
-`DatasetError` naming the path; the whole file list is checked when the reader is built (missing folders,
-empty folders, images without labels), each file when it is read (corrupt PNG, unexpected ids, size mismatch).
-
-What an "unexpected id" is, per label format:
+Every reader: `len(ds)`, `ds[i] -> (image uint8 HxWx3 RGB, label int64 HxW train ids, 255 = ignore)`,
+`read_image(i)`, `read_label(i)`, `image_paths`, `label_paths`, `root`, `num_classes`, `name`; file lists sorted
+(stable indices). Every problem is a `DatasetError` naming the path: the file list is checked when the reader is
+built (missing or empty folders, images without labels), each file when it is read. An "unexpected id":
 - Cityscapes `*_gtFine_labelIds.png`, GTA5 labels (8-bit L or P): ids index a 256-entry table in which every id
   outside the 19 evaluated classes is ignore (255), as in cityscapesScripts; only an id that does not fit the
   table (> 255, from a 16-bit file) is an error. Colour (RGB) label images are rejected outright.
@@ -132,11 +129,9 @@ class SegmentationDataset:
 
 class Cityscapes(SegmentationDataset):
     """Cityscapes: `leftImg8bit/<split>/<city>/*_leftImg8bit.png` + `gtFine/<split>/<city>/*_gtFine_labelIds.png`.
-
     A `*_gtFine_labelTrainIds.png` beside the labelIds file is preferred (already train ids, no mapping).
     num_classes=16 maps the 19 train ids on to SYNTHIA's 16 (terrain, truck, train -> ignore), to evaluate a
-    SYNTHIA-trained model. labels=False (the unlabelled target): gtFine is not needed and `ds[i]` is (image, None).
-    """
+    SYNTHIA-trained model. labels=False (the unlabelled target): gtFine is not needed and `ds[i]` is (image, None)."""
 
     name = "cityscapes"
 
@@ -174,11 +169,8 @@ class Cityscapes(SegmentationDataset):
 
 
 class GTA5(SegmentationDataset):
-    """GTA5 (Playing for Data): `images/*.png` + `labels/*.png` of the same name.
-
-    Labels are palette ('P') PNGs whose indices are Cityscapes label ids ('L' grayscale is accepted too); they
-    are mapped to the 19 Cityscapes train ids.
-    """
+    """GTA5 (Playing for Data): `images/*.png` + `labels/*.png` of the same name. Labels are palette ('P') PNGs
+    whose indices are Cityscapes label ids ('L' grayscale is accepted too), mapped to the 19 train ids."""
 
     name = "gta5"
     # a few pairs of real GTA5 differ in size; the authors resize both straight to 1280x720 (bicubic image, nearest
@@ -194,11 +186,9 @@ class GTA5(SegmentationDataset):
 
 
 class SYNTHIA(SegmentationDataset):
-    """SYNTHIA-RAND-CITYSCAPES: `RGB/*.png` + `GT/LABELS/*.png` of the same name.
-
-    Labels are 16-bit PNGs, usually 3-channel (class id in the first channel, instance id in the second); 16-bit
-    grayscale and 8-bit single- or multi-channel labels are read too (first channel). They map to 16 train ids.
-    """
+    """SYNTHIA-RAND-CITYSCAPES: `RGB/*.png` + `GT/LABELS/*.png` of the same name. Labels are 16-bit PNGs, usually
+    3-channel (class id in the first channel, instance id in the second); 16-bit grayscale and 8-bit single- or
+    multi-channel labels are read too (first channel). They map to 16 train ids."""
 
     name = "synthia"
 

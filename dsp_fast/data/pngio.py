@@ -4,11 +4,10 @@ Label PNGs come in these forms, all returned as a 2-D integer array of raw ids:
 - 8-bit 'L' grayscale, or 'P' palette (Cityscapes labelIds, GTA5): the stored index is the id, the palette is
   ignored (np.array of a 'P' image gives the indices);
 - 16-bit grayscale ('I;16'): through PIL, as uint16;
-- 16-bit RGB / RGBA / gray+alpha (SYNTHIA GT/LABELS: class id in the first channel, instance id in the second).
-  PIL opens these as 8-bit by keeping only the high byte of each sample, which turns every class id below 256
-  into 0, so they are decoded here by `decode_png16` (non-interlaced only; an interlaced one raises).
-Multi-channel 8-bit labels are accepted only where the caller allows it (SYNTHIA); elsewhere an RGB label is
-most likely a colour visualisation and reading it would give wrong ids.
+- 16-bit RGB / RGBA / gray+alpha (SYNTHIA GT/LABELS: class id in the first channel, instance id in the second):
+  PIL keeps only the high byte of each sample (every class id below 256 becomes 0), so `decode_png16` decodes them
+  here (non-interlaced only). Multi-channel 8-bit labels only where the caller allows it (SYNTHIA): elsewhere an
+  RGB label is most likely a colour visualisation.
 """
 
 from __future__ import annotations
@@ -47,8 +46,7 @@ def _unfilter_wavefront(filt: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     A byte depends on its left (a), upper (b) and upper-left (c) neighbours, so all pixels of one anti-diagonal
     are independent: H+W-1 vectorised steps instead of H*W scalar ones. The image is stored skewed,
     skew[d + 1, i + 1] = pixel (i, d - i), so each diagonal and both diagonals before it are plain slices;
-    the zero border of the skewed buffer stands for the pixels outside the image, which PNG defines as 0.
-    """
+    the zero border of the skewed buffer stands for the pixels outside the image, which PNG defines as 0."""
     height, width, bpp = filt.shape
     ii, jj = np.indices((height, width))
     skew_in = np.zeros((height + width, height + 1, bpp), dtype=np.int16)
@@ -144,10 +142,8 @@ def read_rgb(path: str) -> np.ndarray:
 
 
 def read_label_ids(path: str, allow_multichannel: bool = False) -> np.ndarray:
-    """A label PNG as a 2-D integer array of the raw ids it stores (see the module docstring for the forms).
-
-    allow_multichannel: take the first channel of an RGB(A) label (SYNTHIA); otherwise such a label raises.
-    """
+    """A label PNG as a 2-D integer array of the raw ids it stores (the forms: the module docstring).
+    allow_multichannel: take the first channel of an RGB(A) label (SYNTHIA); otherwise such a label raises."""
     header = _png_header(path)
     if header is not None and header[0] == 16 and header[1] in (2, 4, 6):
         if not allow_multichannel:

@@ -1,12 +1,10 @@
 """The built-in synthetic domain shift: generated street scenes, GTA5-style source -> Cityscapes-style target.
 
-Both domains draw their layouts from the same generator (synthetic_scene.py); they differ only in `Style`:
-the source is a saturated, sunny game look with noise texture, the target a desaturated, darker, hue-shifted
-camera look with striped texture, haze, blur and sensor noise. The shift is meant to hurt a source-only model
-while leaving the classes recognisable by shape, position and relative brightness; DSP's colour jitter and blur
-on the mixed images cover part of it, self-training the rest.
-
-Written in the official layouts, so the real readers read it:
+Both domains draw their layouts from synthetic_scene.py and differ only in `Style`: a saturated, sunny game look
+with noise texture, against a desaturated, darker, hue-shifted camera look with stripes, haze, blur and sensor
+noise. The shift hurts a source-only model while the classes stay recognisable by shape, position and relative
+brightness; DSP's colour jitter and blur cover part of it, self-training the rest. Written in the official layouts
+(so the real readers read it):
   <root>/gta5/images/NNNNN.png, <root>/gta5/labels/NNNNN.png         (palette PNGs of Cityscapes label ids)
   <root>/cityscapes/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
   <root>/cityscapes/gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png
@@ -32,16 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from dsp_fast.data.errors import DatasetError
-from dsp_fast.data.synthetic_scene import (
-    BASE_COLOURS,
-    BUILDING,
-    ROAD,
-    SIDEWALK,
-    SKY,
-    VEGETATION,
-    Canvas,
-    draw_scene,
-)
+from dsp_fast.data.synthetic_scene import BASE_COLOURS, BUILDING, ROAD, SIDEWALK, SKY, VEGETATION, Canvas, draw_scene
 
 
 @dataclass(frozen=True)
@@ -243,15 +232,12 @@ def _is_complete(root: str, spec: SyntheticSpec) -> bool:
 
 def ensure_synthetic(root: str, seed: int = 0, spec: SyntheticSpec | None = None,
                      workers: int | None = None) -> tuple[str, str]:
-    """Generate the synthetic dataset under `root` unless a complete one with the same spec is there.
-
-    Returns (gta5_root, cityscapes_root). Generation happens in a temp folder beside `root` that is renamed into
-    place with its completion marker already inside, so an interrupted run never leaves a dataset that looks
-    complete, and concurrent callers (several ranks) end with one complete copy. A different seed or spec
-    replaces a dataset this function wrote; a non-empty `root` it did not write is never touched.
-    spec: counts, sizes and styles (default `SyntheticSpec()`); `seed` replaces its seed.
-    workers: processes drawing the images (default: up to 4 CPUs); the result does not depend on it.
-    """
+    """Generate the synthetic dataset under `root` unless a complete one with the same spec is there; returns
+    (gta5_root, cityscapes_root). It is made in a temp folder beside `root`, renamed into place with its completion
+    marker inside: an interrupted run never leaves a dataset that looks complete, and concurrent callers (ranks) end
+    with one copy. A different seed or spec replaces a dataset this function wrote; a non-empty `root` it did not
+    write is never touched. spec: counts, sizes and styles (`seed` replaces its seed); workers: processes drawing
+    the images (default: up to 4 CPUs; the result does not depend on it)."""
     spec = dataclasses.replace(spec or SyntheticSpec(), seed=seed)
     root = os.path.abspath(root)
     paths = (os.path.join(root, "gta5"), os.path.join(root, "cityscapes"))

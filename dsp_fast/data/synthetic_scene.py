@@ -1,13 +1,10 @@
 """Procedural street-scene layouts for the synthetic dataset: a label map plus the instances that colour it.
 
-One generator serves both domains, so source and target share the class geometry statistics; only the style
-(synthetic.py) differs. A scene is drawn back to front on a `Canvas`: sky, buildings with windows, trees,
-the ground (road trapezoid towards a vanishing point, sidewalks beside it), then objects sorted far to near,
-their size growing with the distance below the horizon. Every region is an instance with its own base colour
-(sRGB 0..1), so windows, wheels and heads can differ in colour from the body of the same class.
-
-Classes are Cityscapes label ids. The rare ones (rider, bus, train, motorcycle, bicycle) appear in about 5-15%
-of the scenes each, at a small size, to exercise the long-tail paste.
+One generator serves both domains (only synthetic.py's style differs). A scene is drawn back to front on a
+`Canvas`: sky, buildings with windows, trees, the ground (road towards a vanishing point, sidewalks), then objects
+far to near, growing below the horizon. Every region is an instance with its own base colour (sRGB 0..1). Classes
+are Cityscapes label ids; the rare ones (rider, bus, train, motorcycle, bicycle) appear in about 5-15% of the
+scenes each, small, to exercise the long-tail paste.
 """
 
 from __future__ import annotations

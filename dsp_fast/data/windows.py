@@ -1,13 +1,11 @@
 """Crop windows that hold a class: the long-tail sampler's distribution without the authors' retry loop.
 
-The authors draw a long-tail crop by redrawing (image of the class's list, uniform window) until the window holds
-a pixel of the class. Every image has the same number of windows, so, conditional on success, a pair
-(image, window) is drawn with probability proportional to [window holds the class]: the image in proportion to
-its number of valid windows, then a window uniformly among them. `valid_windows` finds them all at once with a
-summed-area table of the class's pixels. Preparation stores, per (image, long-tail class), the count and the
-valid-window map restricted to the windows that can reach the class (`valid_window_box`), so that the loader draws
-a window from the stored map (`draw_in_box`) without decoding the label: the same draw, bit for bit, as
-`draw_valid_window` on the label.
+The authors redraw (image of the class's list, uniform window) until the window holds a pixel of the class. Every
+image has the same number of windows, so a success is drawn with probability proportional to [window holds the
+class]: the image in proportion to its number of valid windows, then a window uniformly among them. Preparation
+stores each (image, long-tail class)'s valid-window map restricted to the windows that can reach the class
+(`valid_window_box`, from a summed-area table), so the loader draws from it (`draw_in_box`) without decoding the
+label: bit for bit the draw of `draw_valid_window` on the label.
 
 Shapes: label (H, W) integer ids; crop (width, height); windows indexed by their top-left corner (y0, x0), a
 (H - ch + 1, W - cw + 1) grid.

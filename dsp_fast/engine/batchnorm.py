@@ -1,33 +1,21 @@
-"""Batch norm as the fast step needs it: statistics over every rank's images, and statistics per group of images.
+"""Batch norm as the fast step needs it: statistics over every rank's images, and statistics per group of images
+(docs/method.md, "Batch norm and input normalisation"; docs/distributed.md).
 
-Over ranks (several ranks compute the step of one rank on the global batch): on CUDA the BN layers become
-torch.nn.SyncBatchNorm (its fused kernels save memory, and it skips its one host sync while a CUDA graph is
-captured). torch's refuses CPU tensors, so elsewhere, and in the 2-rank gloo test that shows the N-rank step equals
-the one-rank step, they become GlobalBatchNorm2d, the same statistics in plain PyTorch (which keeps a few fp32
-copies of each BN input for autograd: fine on CPU, the reason not to use it on GPUs). Each rank computes its
-per-channel mean and biased variance, one autograd-aware all-gather shares them, and the global statistics are
-combined exactly (every rank holds the same number of pixels: the global batch splits evenly, see
-`distributed.per_rank_batch`). Its backward is autograd's through the gather (a sum of every rank's gradients).
+Over ranks: torch.nn.SyncBatchNorm on CUDA. Torch's refuses CPU tensors, so elsewhere (and in the 2-rank gloo test)
+GlobalBatchNorm2d computes the same statistics in plain PyTorch; its autograd keeps fp32 copies of each BN input,
+fine on CPU, the reason not to use it on GPUs. Every rank holds the same number of pixels
+(`distributed.per_rank_batch`), so one autograd-aware all-gather of the per-rank means and biased variances
+combines them exactly.
 
-Per group (the batched student): the student's three forwards of a DSP step (source, mixed source, mixed target:
-B images each) run as one forward over 3B images with the results of three calls.
+Per group (the batched student: step 5's three student calls as one forward over 3B images): a layer splits its
+input into groups of `group_size` images and runs its own class's forward on each in turn, so each group has its
+own statistics, the running statistics move group by group in call order and, with several ranks, each group is
+reduced by the layer's own collective, as three calls do. It costs one concatenation per layer (`split`'s backward
+is one too; slicing's would allocate a zero tensor per group) and saves two of three launches of every other
+operator. Eval mode (`model.freeze_bn`, evaluation) and calls of at most `group_size` images are plain BN calls.
 
-A BN layer in training mode normalises with the statistics of the batch it is called on, and the authors' step
-calls the student three times (docs/method.md, step 5), so each third of the batch has its own statistics. A
-per-group layer splits its input into groups of `group_size` images along the batch dimension and runs its own
-class's forward on each in turn: the same kernel on the same images (native BN, cuDNN on CUDA), the running
-statistics updated group by group in call order exactly as three calls update them, and, with several ranks,
-each group's statistics reduced over ranks by the layer's own collective (SyncBatchNorm on CUDA,
-GlobalBatchNorm2d elsewhere) as three calls reduce them. What it adds: one concatenation of the groups' outputs per
-layer, forward and backward (`split`'s backward is one concatenation too; slicing's would allocate a full-size
-zero tensor per group). What it saves: two of every three launches of every other operator of the student's
-forward and backward, and the convolutions run at 3B (a better-shaped GEMM).
-
-In eval mode (`model.freeze_bn`, evaluation) BN is a per-image affine map and no split is needed. A call with at
-most `group_size` images (the teacher's, an image grid's) is a plain BN call.
-
-The layers are converted in place by changing their class (parameters, buffers and state_dict keys stay the same
-objects, so the optimizer, the EMA and checkpoints see no difference).
+Layers are converted in place by changing their class: parameters, buffers and state_dict keys stay the same
+objects, so the optimizer, the EMA and checkpoints see no difference.
 """
 
 from __future__ import annotations
@@ -67,9 +55,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_global_bn(model: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Replace every 2-d BN layer in place by one with statistics over all ranks, holding the same parameters and
-    buffers (the optimizer's and the checkpoint's tensors stay the same objects, the state_dict keys the same):
-    torch.nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere. `model` itself must not be a BN layer."""
+    """Replace every 2-d BN layer in place by one with statistics over all ranks and the same parameters, buffers
+    and keys: torch.nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere. `model` itself must not be a BN layer."""
     if device is not None and device.type == "cuda":
         # torch's converter replaces the children in place and keeps parameters and buffers
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -101,10 +88,8 @@ class PerGroupStats:
         if x.shape[0] % n:
             raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} images does not split into groups of "
                              f"{n}")
-        outs = []
-        for part in x.split(n):  # in order: the running statistics move as the separate calls move them
-            outs.append(super().forward(part))
-        return torch.cat(outs)
+        forward = super().forward  # group by group, in order: the running statistics move as separate calls move them
+        return torch.cat([forward(part) for part in x.split(n)])
 
 
 class PerGroupBatchNorm2d(PerGroupStats, nn.BatchNorm2d):

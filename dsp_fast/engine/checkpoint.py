@@ -1,15 +1,11 @@
 """Checkpoints of the fast trainer: everything an exact resume needs, written atomically, the last K kept.
 
-A checkpoint `ckpt_<step>.pt` holds the student, the teacher, the optimizer (momentum buffers), the GradScaler,
-the step (the loader is step-indexed, so the step is the data position), the skipped-step counters, the best
-eval mIoU, and the RNG states of every rank (CPU, CUDA, and the device generator of the random choices), all as
-tensors and plain values so that it loads with `weights_only=True`. It also carries `config` and `input_kind`,
-so `python -m dsp_fast.evaluate --checkpoint` reads it like a reference checkpoint.
-
-Each file has its SHA-256 beside it (`ckpt_<step>.pt.sha256`, dsp_fast/checkpoint_file.py). `--resume` follows
-dsp_fast/resume.py (CHECKPOINTS tells it these files): the newest checkpoint that verifies and loads, a torn or
-corrupt newer one passed over. Pruning to the last K never deletes the checkpoint just written (the newest good
-one), even when newer-numbered bad ones are left from an earlier run.
+A checkpoint `ckpt_<step>.pt` holds the student, the teacher, the optimizer, the GradScaler, the step (the loader is
+step-indexed: the step is the data position), the skipped-step counters, the best eval mIoU and every rank's RNG
+states, as tensors and plain values (it loads with `weights_only=True`), with `config` and `input_kind` so that
+`python -m dsp_fast.evaluate` reads it. Checksums and `--resume`: dsp_fast/checkpoint_file.py and dsp_fast/resume.py
+(CHECKPOINTS tells it these files). Pruning to the last K never deletes the checkpoint just written (the newest
+good one), even when newer-numbered bad ones are left from an earlier run.
 """
 
 from __future__ import annotations
@@ -48,9 +44,8 @@ CHECKPOINTS = Checkpoints(
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
-    """This rank's RNG states as tensors (weights_only-loadable): the CPU generator, the CUDA generator of the
-    choice generator's GPU (only that one: asking for every GPU's would open a context on each), and the
-    choice generator. Python's and numpy's global generators are not used by the training path."""
+    """This rank's RNG states as tensors (weights_only-loadable): the CPU generator, the CUDA generator of the choice
+    generator's GPU only (every GPU's would open a context on each), and the choice generator."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state(), "choices": gen.get_state()}
     if gen.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(gen.device)
@@ -78,10 +73,6 @@ def save(run_dir: str, payload: dict[str, Any], keep_last: int) -> str:
         if old != path:
             remove_checkpoint(old)
     return path
-
-
-def save_best(run_dir: str, payload: dict[str, Any]) -> None:
-    atomic_torch_save(payload, os.path.join(run_dir, BEST))
 
 
 def clean_stale(run_dir: str) -> None:

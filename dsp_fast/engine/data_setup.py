@@ -1,12 +1,6 @@
-"""The trainer's data: every configured root checked at start-up, the prepared folders the loaders read, and the
-step-indexed loader of `dsp_fast.pipelines`.
-
-The config's roots and sizes are the truth. The trainer prepares each dataset once (resized to data.source_size /
-data.target_size) into a cache beside the data, `<parent of the root>/prepared/<root name>_<W>x<H>_<format>`
-(or under fast.prepared_dir), with a progress bar, and re-uses it while the root, size and format match. A
-prepared folder given with --prepared-source / --prepared-target overrides that; its manifest must agree with
-the config (dataset, size), or the run stops naming both values. Input files that cannot be read stop the run
-(exit 2) naming them, how many, and the list (rejects.txt); everything already prepared is kept.
+"""The trainer's data: every configured root checked at start-up, the prepared folders the loaders read (prepared once
+into a cache, or given on the command line; docs/data.md, "Preparation" and "Bad files"), and the step-indexed
+loader of `dsp_fast.pipelines`. The config's roots and sizes are the truth.
 
 Rank 0 checks and prepares; the other ranks wait for its answer (the folders, or the error it hit), so a bad
 dataset stops every rank with the same message instead of leaving them in a barrier.
@@ -79,33 +73,28 @@ def cache_dir(cfg: Config, root: str, size: tuple[int, int], fmt: str, long_tail
 def _prepare_cached(dataset, out: str, options, say) -> None:
     """Prepare `dataset` into `out` unless a complete preparation with the same options is there; a folder
     prepared with other options (another root of the same name, say) is refused, naming both values."""
-    with _file_lock(os.path.join(out, ".lock")):
-        _prepare_locked(dataset, out, options, say)
-
-
-def _prepare_locked(dataset, out: str, options, say) -> None:
     from dsp_fast import prepare  # prepare pulls tqdm and process pools: only when there is work to do
 
-    manifest = _read_manifest(out)
-    wanted = options.to_dict()
-    old_options = manifest or _read_json(os.path.join(out, OPTIONS))
-    if old_options is not None:
-        diff = [(k, old_options.get(k), v) for k, v in wanted.items() if old_options.get(k) != v]
-        if diff:
-            text = ", ".join(f"{k}: {a!r} there, {b!r} wanted" for k, a, b in diff)
-            raise DatasetError(f"{out} holds another preparation ({text}); delete it or set fast.prepared_dir")
-    if manifest is not None and not manifest.get("rejects") and len(manifest.get("stems", [])) == len(dataset):
-        return
-    if manifest is not None and manifest.get("rejects"):  # replaced files are read again, the rest is kept
-        say(f"{out}: retrying the {len(manifest['rejects'])} input images rejected last time")
-    else:
-        say(f"preparing {len(dataset)} images of {dataset.root} at {options.size[0]}x{options.size[1]} into {out} "
-            "(once; later runs re-use it)")
-    workers = min(8, os.cpu_count() or 1)
-    summary = prepare.prepare_set(dataset, out, options, workers=workers, progress=True)
-    say(summary.report())
-    if summary.rejects:
-        raise rejects_error(out, summary.rejects, summary.total)
+    with _file_lock(os.path.join(out, ".lock")):
+        manifest = _read_manifest(out)
+        wanted = options.to_dict()
+        old_options = manifest or _read_json(os.path.join(out, OPTIONS))
+        if old_options is not None:
+            diff = [(k, old_options.get(k), v) for k, v in wanted.items() if old_options.get(k) != v]
+            if diff:
+                text = ", ".join(f"{k}: {a!r} there, {b!r} wanted" for k, a, b in diff)
+                raise DatasetError(f"{out} holds another preparation ({text}); delete it or set fast.prepared_dir")
+        if manifest is not None and not manifest.get("rejects") and len(manifest.get("stems", [])) == len(dataset):
+            return
+        if manifest is not None and manifest.get("rejects"):  # replaced files are read again, the rest is kept
+            say(f"{out}: retrying the {len(manifest['rejects'])} input images rejected last time")
+        else:
+            say(f"preparing {len(dataset)} images of {dataset.root} at {options.size[0]}x{options.size[1]} into "
+                f"{out} (once; later runs re-use it)")
+        summary = prepare.prepare_set(dataset, out, options, workers=min(8, os.cpu_count() or 1), progress=True)
+        say(summary.report())
+        if summary.rejects:
+            raise rejects_error(out, summary.rejects, summary.total)
 
 
 def prepare_from_roots(cfg: Config, say=print, source: bool = True, target: bool = True) -> tuple[str, str]:
@@ -210,22 +199,19 @@ def prepared_dirs(cfg: Config, info: DistInfo, check_eval: bool = True) -> tuple
 def resolve_backend(fast: FastConfig, info: DistInfo) -> str:
     """'auto': DALI where it can decode on the GPU and imports; the torch backend otherwise. An explicit 'dali'
     that does not import is a ConfigError (exit 2), not a traceback from deep inside the loader."""
-    if fast.data_backend == "dali":
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError as e:
-            raise ConfigError(f"config field 'fast.data_backend': 'dali' (--data-backend dali), but NVIDIA DALI "
-                              f"does not import here ({e}); install nvidia-dali-cuda130 (or -cuda120), or use "
-                              "--data-backend torch") from None
-    if fast.data_backend != "auto":
+    if fast.data_backend == "auto" and info.device.type != "cuda":
+        return "torch"
+    if fast.data_backend not in ("auto", "dali"):
         return fast.data_backend
-    if info.device.type == "cuda":
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        if fast.data_backend == "auto":
             return "torch"
-        return "dali"
-    return "torch"
+        raise ConfigError(f"config field 'fast.data_backend': 'dali' (--data-backend dali), but NVIDIA DALI "
+                          f"does not import here ({e}); install nvidia-dali-cuda130 (or -cuda120), or use "
+                          "--data-backend torch") from None
+    return "dali"
 
 
 def build_step_loader(cfg: Config, info: DistInfo, dirs: tuple[str, str], start_step: int, batch: int,

@@ -1,7 +1,6 @@
 """Process-group setup and teardown for torchrun (gloo on CPU, NCCL on CUDA), the per-rank batch, and the
-collectives: the host-side agreements of the loop and the device-side ones the DSP losses call (a sum over ranks for
-q and the pixel counts, an autograd-aware all-gather of the pooled MMD vectors; plain collectives on device tensors,
-no host read, so the step still captures).
+collectives: the loop's host-side agreements and the device-side ones the DSP losses call (docs/distributed.md; no
+host read, so the step still captures).
 
 Teardown as measured on the CPU machines: every DDP wrapper must be gone (`del`, `gc.collect()`) before
 `destroy_process_group()`, or gloo aborts at exit in about 5% of runs.
@@ -64,15 +63,10 @@ def init_distributed(device: torch.device) -> DistInfo:
 def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store | None:
     """Under torchrun's shared store, this restart attempt's own key space; None: init_process_group's env://.
 
-    torchrun (torch >= 2.4, c10d rendezvous) hosts one TCPStore in its agent and hands it to every attempt of the
-    workers, and env:// adds no per-attempt prefix. After `--max-restarts` restarts the workers, the previous
-    attempt's keys are still there: a restarted rank can read a dead rank's gloo address ("Gloo connectFullMesh
-    ... Connection refused") or a finished barrier's counter (a hang). pytorch/pytorch#135712 reports the same for
-    NCCL. TORCHELASTIC_RESTART_COUNT is the same for all workers of one agent, so on one node it isolates the
-    attempts. Across nodes it is not (an agent that restarts its workers for another node's failure does not count
-    that restart), and different prefixes would never meet: there the job is left as torchrun makes it, with a
-    warning, and multi-node restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on torchrun (a fresh store per
-    attempt; README, "Several GPUs and nodes")."""
+    Why (docs/distributed.md, "A rank that dies"): torchrun (torch >= 2.4) hands one TCPStore to every attempt and
+    env:// adds no per-attempt prefix, so a restarted rank can read the dead attempt's keys (pytorch/pytorch#135712
+    for NCCL). TORCHELASTIC_RESTART_COUNT agrees between the workers of one node only: across nodes the store is left
+    as torchrun makes it, with a warning (restarts there need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
         return None

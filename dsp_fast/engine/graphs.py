@@ -1,13 +1,10 @@
-"""CUDA-graph capture of the training step, written from the PyTorch CUDA-graph notes and what was read and checked
-on CPU (DALI threads during a capture, DDP's warm-up); `tests/test_train_step.py` holds the eager-vs-graphed test.
+"""CUDA-graph capture of the training step (`fast.cuda_graphs`, `fast.graph_warmup`).
 
-Recipe: the first `warmup` steps run eagerly on a side stream (real training steps, not throw-away ones: they
-let cuDNN pick algorithms, allocate the gradients and, under DDP, rebuild its buckets, which takes about 11
-iterations); the next call captures the step once and replays it, and every later call only replays. The
-captured step reads its inputs from the static buffers and the lr / step / flag tensors, which the caller
-fills in place before each call. A capture that fails (an op that syncs, an unsupported collective) is reported,
-the capture is abandoned cleanly (stream restored, graph pool freed) and the run continues eagerly: correctness
-never depends on the graph. `tests/test_step_capturable.py` shows on a CPU that the step issues no sync.
+The first `warmup` steps run eagerly on a side stream (real steps: cuDNN picks its algorithms, the gradients are
+allocated and DDP rebuilds its buckets, about 11 iterations); the next call captures the step and replays it, later
+calls only replay. The step reads the static buffers and the lr / step / flag tensors the caller fills in place. A
+capture that fails is reported, undone cleanly (stream restored, graph pool freed) and the run continues eagerly.
+`tests/test_train_step.py` compares eager and graphed; `tests/test_step_capturable.py` shows the step issues no sync.
 """
 
 from __future__ import annotations
@@ -87,11 +84,3 @@ def _all_ranks_agree(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], device="cuda")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def graphed_or_eager(fn: Callable[[], None], use_graphs: bool, warmup: int,
-                     on_fallback: Callable[[str], None] = print) -> Callable[[], None]:
-    """The step as run by the loop: graphed on CUDA when asked, the plain function otherwise."""
-    if not use_graphs:
-        return fn
-    return GraphedStep(fn, warmup, on_fallback)

@@ -24,18 +24,7 @@ from dsp_fast.engine.trainer import Trainer, configure_backends
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
 from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
-from dsp_fast.run_io import (
-    format_final_report,
-    format_final_table,
-    resolve_device,
-    write_provenance,
-    write_summary,
-)
-
-
-def _iou_tensor(by_class: dict[str, float | None]) -> torch.Tensor:
-    """Per-class IoU of a recorded final figure (null: a class neither in the labels nor predicted)."""
-    return torch.tensor([math.nan if v is None else v for v in by_class.values()], dtype=torch.float64)
+from dsp_fast.run_io import format_final_report, format_final_table, resolve_device, write_provenance, write_summary
 
 
 def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
@@ -64,8 +53,7 @@ def run_all(cfg: Config, resume: str = "") -> dict[str, float]:
 
 
 def resume_command(run_dir: str, world_size: int) -> str:
-    """The command that continues `run_dir` from this folder: its saved config holds every setting (flags
-    included), and data paths in it are relative to the folder the run started from."""
+    """The command that continues `run_dir` from this folder (the saved config's data paths are relative to it)."""
     train = ["-m", "dsp_fast.train", "--resume", run_dir]
     if world_size == 1:
         launcher = [sys.executable]
@@ -146,10 +134,11 @@ def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir:
         ious = train(run, final_eval=done is None, signals=signals)
         if not info.is_main:
             return None
-        if done is not None:
+        if done is not None:  # null in the record: a class neither in the labels nor predicted
+            iou = torch.tensor([math.nan if v is None else v for v in done["iou"].values()], dtype=torch.float64)
             print(f"[{name}] already finished at step {cfg.train.max_steps}: its final figures as recorded in "
                   f"{log.path('metrics.jsonl')} (python -m dsp_fast.evaluate evaluates a checkpoint again):\n"
-                  f"{format_iou_table(_iou_tensor(done['iou']))}\n", flush=True)
+                  f"{format_iou_table(iou)}\n", flush=True)
             return done
         iou, teacher_iou = ious
         print(format_final_report(name, cfg.train.max_steps, iou, teacher_iou, format_iou_table(iou)), flush=True)

@@ -1,10 +1,8 @@
-"""One training run of the fast trainer: the step loop over the `Trainer` (engine/trainer.py), and what happens
-between steps (logging, the skipped-step guard, evaluation, image grids, checkpoints).
-
-Host reads of device values happen only on log steps, every `max_bad_steps` steps (the guard), and at
-checkpoints / evaluations; the step itself never syncs (see engine/step.py). A signal (engine/signals.py) is
-answered after each step's logging, evaluation and checkpoint: with several ranks, through one all-reduce of two
-ints on the CPUs per step, so that every rank stops (or checkpoints) at the same step.
+"""One training run of the fast trainer: the step loop over the `Trainer`, and what happens between steps (logging,
+the skipped-step guard, evaluation, image grids, checkpoints, signals). Host reads of device values happen only on
+log steps, every `max_bad_steps` steps (the guard), and at checkpoints / evaluations. A signal is answered after the
+step's logging, evaluation and checkpoint, through one CPU all-reduce of two ints per step with several ranks, so
+that every rank stops (or checkpoints) at the same step.
 """
 
 from __future__ import annotations
@@ -16,17 +14,16 @@ import json
 import os
 
 import torch
-from torch import nn
 
+from dsp_fast.checkpoint_file import atomic_torch_save
 from dsp_fast.data import DatasetError
-from dsp_fast.data.build import target_dataset
 from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.distributed import agree_max, gather_objects
 from dsp_fast.engine.monitor import memory_figures, save_image_grid
 from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.step import read_stats
 from dsp_fast.engine.trainer import Trainer
-from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou
+from dsp_fast.evaluate import format_iou_table, mean_iou, target_iou
 
 
 class NonFiniteStop(RuntimeError):
@@ -42,22 +39,11 @@ def save_checkpoint(run: Trainer) -> str:
     return os.path.join(run.run_dir, ckpt_io.checkpoint_name(run.step_index))
 
 
-def evaluate_target(run: Trainer, model: nn.Module | None = None) -> torch.Tensor:
-    """Per-class target IoU of the student, or of `model` (the teacher, at the end) (rank 0 only: the other ranks
-    go on to the next step's collectives)."""
-    cfg = run.cfg
-    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
-    conf = evaluate(run.student if model is None else model, dataset, cfg.data.eval_size, cfg.model.num_classes,
-                    run.info.device, cfg.data.max_eval_images)
-    return iou_from_confusion(conf)
-
-
 def train(run: Trainer, final_eval: bool = True,
           signals: StopSignals | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Train from run.step_index to train.max_steps; returns the final target IoU of the student (the figure
-    reported) and of the teacher on rank 0 (None elsewhere, and without `final_eval`: a finished run resumed,
-    whose final figures are already recorded). The caller closes the trainer. `signals`: the process's
-    StopSignals, answered at each step boundary (StopRequested after a checkpoint)."""
+    """Train from run.step_index to train.max_steps; on rank 0 returns the final target IoU of the student (the
+    figure reported) and the teacher (None elsewhere, and without `final_eval`: a finished run resumed). The caller
+    closes the trainer. `signals`: answered at each step boundary (StopRequested after a checkpoint)."""
     if run.step_index < run.cfg.train.max_steps:
         with signals.armed() if signals is not None else contextlib.nullcontext():
             _loop(run, signals)
@@ -65,7 +51,7 @@ def train(run: Trainer, final_eval: bool = True,
         check_ranks_in_sync(run)
     if not (run.info.is_main and final_eval):
         return None
-    return evaluate_target(run), evaluate_target(run, run.teacher)
+    return target_iou(run.cfg, run.student), target_iou(run.cfg, run.teacher)  # rank 0 only
 
 
 def check_ranks_in_sync(run: Trainer) -> None:
@@ -157,7 +143,7 @@ def answer_signals(run: Trainer, signals: StopSignals, done: int) -> None:
 
 
 def _periodic_eval(run: Trainer, done: int) -> None:
-    iou = evaluate_target(run)
+    iou = target_iou(run.cfg, run.student)  # rank 0 only: the other ranks go on to the next step's collectives
     miou = mean_iou(iou)
     run.log.metrics(done, {"eval/mIoU": miou})
     run.log.scalars(done, {"eval/mIoU": miou})
@@ -165,4 +151,4 @@ def _periodic_eval(run: Trainer, done: int) -> None:
     if miou > run.best_miou:
         run.best_miou = miou
         payload = run.state_dict(all_ranks=False)  # rank 0's RNG only: not for an exact resume
-        ckpt_io.save_best(run.run_dir, {**payload, "eval_miou": miou})
+        atomic_torch_save({**payload, "eval_miou": miou}, os.path.join(run.run_dir, ckpt_io.BEST))

@@ -30,9 +30,8 @@ def apply_channels_last(*models: nn.Module) -> None:
 
 def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable | None:
     """fast.compile: 'model' compiles both models' forward in place (state_dict keys unchanged); 'step' returns
-    compute_losses compiled as one graph (teacher, mixing, student forwards, losses; autograd compiles its
-    backward), to be put in StepContext.compiled_losses. Inductor's default mode: no CUDA graphs of its own, the
-    engine captures the whole step, SGD and EMA included."""
+    compute_losses compiled as one graph, backward included, for StepContext.compiled_losses. Inductor's default
+    mode: no CUDA graphs of its own (the engine captures the whole step)."""
     if mode == "model":
         student.compile(dynamic=False)
         teacher.compile(dynamic=False)

@@ -94,9 +94,9 @@ def _colour(label_HW: torch.Tensor) -> np.ndarray:
     return PALETTE[label_HW.clamp(0, 255).byte().cpu().numpy()]
 
 
+# captions of the image grid's columns, left to right
 GRID_COLUMNS = ("template + long-tail", "mask M (white: pasted)", "mixed source", "mixed target",
                 "pseudo-label (teacher)", "prediction (student)")
-"""Captions of the image grid's columns, left to right."""
 CAPTION_H, _SWATCH, _LEGEND_ROW = 14, 10, 14
 
 
@@ -127,9 +127,8 @@ def labelled_grid(rows: list[list[np.ndarray]], class_names: list[str]) -> Image
 
 @torch.no_grad()
 def save_image_grid(path: str, ctx, buf) -> None:
-    """One row per image of the step held in `buf`: template (with long-tail pastes), mask M, mixed source, mixed
-    target, teacher pseudo-label, student prediction on the mixed target; captions and a class legend. Drawn
-    after the step's update."""
+    """One row per image of the step held in `buf` (the GRID_COLUMNS, the prediction on the mixed target), captions
+    and a class legend; drawn after the step's update."""
     student = unwrap(ctx.student)  # the module itself: no DDP hooks for a picture
     with preserved_buffers(student, ctx.teacher):
         mix = dsp_mix(ctx.cfg, ctx.teacher, ctx.normalize, buf.x_s, buf.y_s, buf.x_m, buf.y_m, buf.x_t,

@@ -17,13 +17,10 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastConfig, device: tor
                     device_lr: bool | None = None) -> tuple[torch.optim.Optimizer, bool]:
     """SGD or AdamW (`optim.algorithm`) over the model's parameter groups; returns (optimizer, device_skip).
 
-    device_skip: the optimizer reads `optimizer.found_inf` on the device (torch's fused SGD and AdamW), so a
-    non-finite step is skipped without a host sync. On CUDA the fused lr is a device tensor per group, filled in
-    place each step (a CUDA graph replays it). On CPU fused SGD gives the same bits as foreach (checked on torch
-    2.13) and takes a float lr. device_lr: the lr as a device tensor (default: on CUDA); the CPU tests ask for it
-    to check the CUDA setup. optim.script_param_repeats: the backbone split by the authors' multiplicities, stepped
-    by RepeatedSGD (each group its own device lr tensor).
-    """
+    device_skip: the optimizer reads `optimizer.found_inf` on the device (fused SGD and AdamW): no host sync. The
+    fused lr is a device tensor per group on CUDA (filled in place each step; a CUDA graph replays it), a float on
+    CPU, where fused SGD gives foreach's bits; device_lr forces the tensor lr (the CPU tests of the CUDA setup).
+    optim.script_param_repeats: the backbone split by the authors' multiplicities, stepped by RepeatedSGD."""
     o = cfg.optim
     groups = param_groups(model, o.lr, o.head_lr_mult, cfg.dsp.train_mmd_projection, o.weight_decay,
                           o.norm_decay_mult)
@@ -60,14 +57,10 @@ def build_optimizer(cfg: Config, model: nn.Module, opts: FastConfig, device: tor
 
 
 class RepeatedSGD(torch.optim.SGD):
-    """SGD whose groups carry 'repeats' k (default 1): each step moves a group's parameters k times in a row with
-    the gradient fixed, the weight decay read from the parameter as it now is and the momentum buffer carried from
-    one update to the next (torch 1.7.1's SGD on a parameter listed k times, as the authors' optimizer held the
-    backbone).
-
-    Pass r (1..max k) runs torch's own step on the groups with k >= r, so every pass is the same fused call as a
-    plain step: the device lr tensors, the found_inf skip flag (read again on every pass) and no host sync.
-    """
+    """SGD whose groups carry 'repeats' k (default 1): each step moves a group's parameters k times with the gradient
+    fixed, weight decay and momentum carried from update to update (torch 1.7.1's SGD on a parameter listed k times,
+    as the authors' optimizer held the backbone). Pass r runs torch's own fused step on the groups with k >= r:
+    device lr tensors, found_inf read on every pass, no host sync."""
 
     def step(self, closure: Callable | None = None) -> None:  # type: ignore[override]
         if closure is not None:

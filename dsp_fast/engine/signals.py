@@ -1,13 +1,11 @@
-"""SIGINT, SIGTERM and SIGUSR1 during a fast run: stop at a step boundary with a checkpoint, or checkpoint and go on.
+"""SIGINT, SIGTERM and SIGUSR1 during a fast run: stop at a step boundary with a checkpoint, or checkpoint and go on
+(docs/training.md, "Stopping a run: signals").
 
-The handler only records the request: the step in flight (possibly a captured CUDA graph) finishes untouched, and
-the loop (engine/loop.py) answers at the next step boundary, where every rank agrees on the same answer
-(distributed.agree_max). Outside the training steps (data preparation, model building, the final evaluation)
-nothing is pending that a checkpoint would keep, so a stop signal there stops at once, by raising `StopRequested`.
-
-A second stop signal more than `repeat_window_s` after the first kills the process at once (the default action
-of that signal). A repeat within the window is the same request delivered twice: SLURM signals every process of a
-job step, and torchrun forwards the signal its agent got to workers that may have had it already.
+The handler only records the request; the loop (engine/loop.py) answers it at the next step boundary, where every
+rank agrees (distributed.agree_max). Outside the training steps nothing is pending that a checkpoint would keep, so
+a stop signal there raises `StopRequested` at once. A second stop signal more than `repeat_window_s` after the first
+kills the process; one within the window is the same request delivered twice (SLURM signals every process of a job
+step, and torchrun forwards its agent's signal to workers that may have had it already).
 """
 
 from __future__ import annotations
@@ -24,12 +22,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_SIGNAL = signal.SIGUSR1
 
 
-def exit_code(signum: int) -> int:
-    """The exit code of a run stopped by `signum`: 128 + its number, as shells report a process it killed (130 for
-    SIGINT, 143 for SIGTERM), so a job script reads the same code whether the run stopped cleanly or not."""
-    return 128 + int(signum)
-
-
 class StopRequested(BaseException):
     """The run stopped on a signal. A BaseException, as KeyboardInterrupt is: the broad `except Exception` of
     cleanup code must not swallow it. `resume_dir`: the run folder to continue (None: no checkpoint to continue),
@@ -43,7 +35,9 @@ class StopRequested(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return exit_code(self.signum)
+        """128 + the signal's number, as shells report a process it killed (130 for SIGINT, 143 for SIGTERM): a job
+        script reads the same code whether the run stopped cleanly or not."""
+        return 128 + self.signum
 
     def report(self) -> str:
         """What the user reads: which signal, where the run stopped, and how to continue it."""

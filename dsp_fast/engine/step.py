@@ -1,11 +1,9 @@
 """The DSP training step as a plain function over static buffers: `train_step(ctx, buf)`.
 
-Nothing in it reads a device value on the host (except the foreach/apex fallback's skip), so it can be captured in
-a CUDA graph and replayed: the batch is copied into the same buffers every step, the random choices are drawn
-into them in place from a device generator, and the lr and the step number live in device tensors filled before
-the call. A non-finite loss or gradient sets `found_inf` on the device: the optimizer (fused SGD reads the flag)
-and the EMA (its weight is multiplied by 1 - found_inf) then leave every weight as it was, and the step is
-counted. Step numbers in comments refer to docs/method.md.
+Nothing in it reads a device value on the host (except the foreach/apex fallback's skip), so a CUDA graph can capture
+it: the batch and the random choices go into the same buffers in place, the lr and the step number live in device
+tensors. A non-finite loss or gradient sets `found_inf` on the device: fused SGD and the EMA (weight times
+1 - found_inf) then leave every weight as it was; the step is counted. Step numbers refer to docs/method.md.
 
 Shapes: B batch, K classes, L long-tail crops, H x W crop.
 """
@@ -170,10 +168,9 @@ def _check_finite_(ctx: StepContext, loss: torch.Tensor) -> torch.Tensor:
 
 
 def read_stats(ctx: StepContext) -> tuple[dict[str, float], int, int]:
-    """The means of the terms over the good steps since the last read, the skipped steps since then, and the
-    current run of consecutive skipped steps; then reset. One host sync (call it on log steps only). With several
-    ranks (every rank calls it on the same steps) the figures are the means over ranks: a rank's loss terms are its
-    share of the global batch's terms scaled by world_size (method.source_loss), so their mean is the global value."""
+    """The terms' means over the good steps since the last read, the skipped steps since then, and the current run
+    of consecutive skipped steps; then reset. One host sync (log steps only). With several ranks, the means over
+    ranks: a rank's terms are its share of the global terms times world_size, so their mean is the global value."""
     values_t = torch.cat([torch.stack(list(ctx.sums.values())), ctx.counts])
     if ctx.sync_flag:
         dist.all_reduce(values_t)

@@ -1,11 +1,7 @@
-"""The fast trainer as one object: models, optimizer, step context, static buffers, the graph-or-eager step function,
-the step-indexed loader and the run state, with `step()`, `state_dict()` / `load_state_dict()` (the checkpoint
-payload built and restored here only) and one `close()`. `engine/loop.py` (what `python -m dsp_fast.train`
-runs), `bench.throughput`, `bench.profile_step` and the scaling workers all drive this object, so a speed figure
-is the training run's own.
-
-Each setting is decided once, here: the per-rank batch, the autocast dtype and whether graphs are on
-(`options.graphs_on`), the data backend; the process-wide backend switches in `configure_backends`.
+"""The fast trainer as one object (models, optimizer, step context, static buffers, loader, run state; the checkpoint
+payload is built and restored here only). The training loop, the benchmarks and the scaling workers all drive it, so
+a speed figure is the training run's own. Each setting (per-rank batch, autocast dtype, graphs, data backend) is
+decided once, here; the process-wide switches in `configure_backends`.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from dsp_fast.engine import checkpoint as ckpt_io
 from dsp_fast.engine.batchnorm import apply_group_bn, convert_global_bn
 from dsp_fast.engine.data_setup import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, gather_objects, gather_rows, per_rank_batch, sum_over_ranks
-from dsp_fast.engine.graphs import graphed_or_eager
+from dsp_fast.engine.graphs import GraphedStep
 from dsp_fast.engine.model_setup import apply_channels_last, apply_compile, apply_ddp, build_models, make_normalize
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
@@ -61,16 +57,9 @@ def step_ranks(world_size: int) -> Ranks | None:
     return Ranks(world_size, sum_over_ranks, gather_rows) if world_size > 1 else None
 
 
-def choice_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
-    """The device generator of the step's random choices: its own stream per rank, apart from model init."""
-    return torch.Generator(device=device).manual_seed(1_000_003 * (rank + 1) + seed)
-
-
 def freeze_projection(student: nn.Module) -> None:
-    """Source-only training returns the MMD features and drops them: no gradient ever reaches the projection (its
-    grads stay None, so the optimizer skips it, as before). Frozen, DDP registers no hook on it and needs no
-    find_unused_parameters traversal, whose cost and warning ("did not find any unused parameters": the dropped
-    features are in the forward's output) every source-only torchrun paid."""
+    """Source-only training drops the MMD features: no gradient reaches the projection (the optimizer skips it).
+    Frozen, it needs no DDP hook and no find_unused_parameters traversal (its cost, and its warning)."""
     inner = unwrap(student)
     root = getattr(inner, "param_roots", (None, None, PROJECTION_ROOT))[2]
     for p in inner.get_submodule(root).parameters():
@@ -78,11 +67,9 @@ def freeze_projection(student: nn.Module) -> None:
 
 
 class Trainer:
-    """One model's fast training, stepped in place. `resume`: (path, checkpoint already read and checked by
-    dsp_fast.resume.find_checkpoints). `run_dir` is where checkpoints go ('' for a benchmark, which saves none);
-    `log` a FastRunLog on rank 0 (NullLog elsewhere and in benchmarks). `models`: (student, teacher) built by the
-    caller in the memory format the run wants, in place of build_models and channels_last (the memory prediction's
-    models on fake tensors, which Module.to cannot convert)."""
+    """One model's fast training, stepped in place. `resume`: (path, checkpoint read and checked by find_checkpoints);
+    `run_dir`: where checkpoints go ('' for a benchmark); `log`: a FastRunLog on rank 0, else NullLog. `models`:
+    (student, teacher) built by the caller in their memory format (the memory prediction's fake-tensor models)."""
 
     def __init__(self, cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir: str = "",
                  log: Any = None, resume: tuple[str, dict[str, Any]] | None = None,
@@ -106,7 +93,8 @@ class Trainer:
         self.optimizer, device_skip = build_optimizer(cfg, self.student, fast, device)
         dtype = amp_dtype(fast, device)
         scaler = build_grad_scaler(dtype, device)
-        self.gen = choice_generator(cfg.train.seed, info.rank, device)
+        # the step's random choices: a stream per rank, apart from model init
+        self.gen = torch.Generator(device=device).manual_seed(1_000_003 * (info.rank + 1) + cfg.train.seed)
         self.graphs = graphs_on(fast, device)
         self.step_index, self.best_miou, self.skipped_total = 0, -math.inf, 0
         self.ctx: StepContext | None = None
@@ -167,8 +155,8 @@ class Trainer:
             self.buf = buf = StepBuffers.like(batch, cfg.model.num_classes, cfg.fast.channels_last,
                                               cfg.dsp.paste_ignore_label)
             ctx = self.ctx
-            self.step_fn = graphed_or_eager(lambda: train_step(ctx, buf), self.graphs, cfg.fast.graph_warmup,
-                                            self.say)
+            self.step_fn = (GraphedStep(lambda: train_step(ctx, buf), cfg.fast.graph_warmup, self.say)
+                            if self.graphs else lambda: train_step(ctx, buf))
         self.buf.load_(batch)
         draw_choices_(self.buf.choices, self.gen, cfg.dsp)
         self.ctx.set_schedule_(self.step_index, scheduled_lr(cfg.optim, self.step_index, cfg.train.max_steps))

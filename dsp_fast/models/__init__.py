@@ -93,16 +93,12 @@ def set_bn_mode(model: nn.Module, freeze_bn: bool) -> None:
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float, train_mmd_projection: bool = True,
                  weight_decay: float | None = None, norm_decay_mult: float = 1.0) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: the backbone at lr, the classifier head (DeepLab's ASPP or the DAFormer decoder)
-    and the MMD projection at lr * head_lr_mult.
-
-    Every group carries 'lr_mult' (the schedule sets group['lr'] = base_lr_now * group['lr_mult']) and 'name'.
-    Only parameters with requires_grad are listed (DeepLab's BN affine parameters are frozen). With
-    train_mmd_projection False the projection is frozen (requires_grad False) and left out, as in the authors'
-    script, where it is never given to the optimizer; gradients still flow through it into the backbone.
-    norm_decay_mult != 1 moves every parameter whose name contains 'norm' (LayerNorms, as mmcv's `custom_keys`
-    rule that DAFormer uses) into '<group>_norm' groups with weight decay weight_decay * norm_decay_mult.
-    """
+    """Optimizer parameter groups, each with 'name' and 'lr_mult' (group lr = base lr now * lr_mult): the backbone
+    at lr, the classifier head (DeepLab's ASPP or the DAFormer decoder) and the MMD projection at lr * head_lr_mult;
+    trainable parameters only. train_mmd_projection False freezes the projection and leaves it out, as the authors'
+    script never gives it to the optimizer (gradients still flow through it). norm_decay_mult != 1 moves parameters
+    named '*norm*' into '<group>_norm' groups with weight decay weight_decay * norm_decay_mult (mmcv's custom_keys
+    rule that DAFormer uses)."""
     inner = unwrap(model)  # accept a DDP / DataParallel wrapper
     backbone_roots, classifier_root, projection_root = getattr(
         inner, "param_roots", (BACKBONE_ROOTS, CLASSIFIER_ROOT, PROJECTION_ROOT))

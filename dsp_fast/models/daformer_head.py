@@ -1,11 +1,10 @@
-"""A DAFormer-style decoder on the MiT encoder, and the segmentation model DSP trains with it.
+"""A DAFormer-style decoder on the MiT encoder, and the segmentation model DSP trains with it (docs/models.md).
 
-DAFormer's context-aware fusion (Hoyer et al., CVPR 2022, Sec. 3.2 and its `daformer_sepaspp` config): each encoder
-level is embedded to `channels` by a linear layer, upsampled to stride 4 (bilinear, align_corners=False) and
-concatenated; the fusion is an ASPP of a 1x1 conv and depth-wise separable 3x3 convs at dilations 6, 12, 18 (each
-conv + BN + ReLU), then a 3x3 bottleneck conv + BN + ReLU. The class scores are a 1x1 conv after Dropout2d(0.1).
-For DSP the MMD features h are the fused features through the 256-d projection `c1` (the role layer4 -> c1 has in
-DeepLabv2), both at stride 4.
+DAFormer's context-aware fusion (Hoyer et al., CVPR 2022, Sec. 3.2, its `daformer_sepaspp` config): each level is
+embedded to `channels`, upsampled to stride 4 (bilinear, align_corners=False) and concatenated, fused by an ASPP of a
+1x1 conv and depth-wise separable 3x3 convs at dilations 6, 12, 18 and a 3x3 bottleneck (each conv + BN + ReLU);
+the class scores are a 1x1 conv after Dropout2d(0.1). The MMD features h are the fused features through the 256-d
+projection `c1` (layer4 -> c1's role in DeepLabv2), both at stride 4.
 
 Shapes: x_BCHW input, f_BChw stage maps, fused_BDhw decoder features at stride 4 (h = ceil(H/4)), logits_BKhw.
 Parameter names follow DAFormer's mmseg modules (decode_head.embed_layers.{i}.proj, decode_head.fuse_layer.

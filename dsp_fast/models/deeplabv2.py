@@ -11,6 +11,8 @@ names are also torchvision's ResNet names.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -31,8 +33,7 @@ def output_size(height: int, width: int) -> tuple[int, int]:
     """Spatial size of the stride-8 outputs for an input of height x width (DeepLab's ceil rule).
 
     conv1 (7x7, stride 2, pad 3) gives ceil(n/2); the ceil-mode max pool (3x3, stride 2, pad 1) gives n//2 + 1;
-    the stride-2 1x1 conv of layer2 gives ceil(n/2). layer3/layer4 are dilated and keep the size.
-    """
+    the stride-2 1x1 conv of layer2 gives ceil(n/2). layer3/layer4 are dilated and keep the size."""
 
     def one(n: int) -> int:
         n = (n + 1) // 2
@@ -107,8 +108,7 @@ class DeepLabV2(nn.Module):
 
     `input_kind` ('torchvision' or 'deeplab') names the input normalisation the weights expect; see
     `weights.normalize_input`. `freeze_bn` True keeps every BN on running statistics across `train()` calls.
-    `logits_align_corners` is how every caller resizes the logits to the image or label size (losses, inference).
-    """
+    `logits_align_corners` is how every caller resizes the logits to the image or label size (losses, inference)."""
 
     # The DSP script (and DeepLab's Caffe interp layer before it) upsamples the logits with align_corners=True.
     logits_align_corners = True
@@ -214,8 +214,7 @@ def script_backbone_listing(model: nn.Module) -> list[nn.Parameter]:
     Their generator visits every module j under conv1, bn1, layer1..layer4 (`modules()`: the root and all below)
     and yields `j.parameters()`, which recurses: a parameter is listed once by each module that holds it, however
     deep. Their SGD (torch 1.7.1) stepped every entry, so the length of a parameter's run here is the number of
-    updates it took per step. Frozen parameters (DeepLab's BN) are left out, as theirs.
-    """
+    updates it took per step. Frozen parameters (DeepLab's BN) are left out, as theirs."""
     inner = unwrap(model)
     if not isinstance(inner, DeepLabV2):
         raise TypeError(f"script_backbone_listing: the authors' listing is DeepLabv2's, got {type(inner).__name__}")
@@ -225,10 +224,7 @@ def script_backbone_listing(model: nn.Module) -> list[nn.Parameter]:
 
 def script_multiplicity(model: nn.Module) -> dict[int, int]:
     """id(parameter) -> how many times `script_backbone_listing` holds it (backbone parameters only)."""
-    counts: dict[int, int] = {}
-    for p in script_backbone_listing(model):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return counts
+    return dict(Counter(id(p) for p in script_backbone_listing(model)))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -5,10 +5,8 @@ Shapes: x_BCHW input image; x_BNC tokens of one stage (N = h * w, row-major, as 
 f_BChw stage feature maps. Module and parameter names are those of the released SegFormer / DAFormer
 `mit_b*.pth` files (patch_embed{1-4}, block{1-4}.{j}.{norm1, attn.{q, kv, proj, sr, norm}, norm2,
 mlp.{fc1, dwconv.dwconv, fc2}}, norm{1-4}), so those files load as they are (`weights.load_mit_pretrained`).
-
-Attention goes through `F.scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU, bf16-safe: the
-softmax accumulates in fp32 inside the kernel). Tokens and maps are views of each other in the channels_last
-layout, so a channels_last model never copies between the token and the convolution parts.
+Attention: `F.scaled_dot_product_attention` (its softmax accumulates in fp32: bf16-safe); tokens and maps are views
+of each other in channels_last, so the token and convolution parts never copy.
 """
 
 from __future__ import annotations
@@ -62,10 +60,8 @@ def map_to_tokens(f_BChw: Tensor) -> Tensor:
 
 class DropPath(nn.Module):
     """Stochastic depth: drops a whole residual branch per sample with probability p (scaled by 1/(1-p)).
-
     `enabled` False turns it off in training mode too: the mean teacher predicts deterministically (as DAFormer's
-    EMA teacher, whose DropPath and Dropout modules are switched to eval), while its BN layers keep batch statistics.
-    """
+    EMA teacher, whose DropPath and Dropout modules are switched to eval), while its BN layers keep batch statistics."""
 
     def __init__(self, p: float) -> None:
         super().__init__()

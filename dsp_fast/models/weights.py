@@ -136,12 +136,10 @@ def _finish_load(model: nn.Module, path: str, to_load: dict[str, Tensor], kind: 
 
 def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str:
     """Copy the weights in `path` into `model`; return and set `model.input_kind` ('deeplab' or 'torchvision').
-
     The backbone must match completely (shapes included), else WeightsError. The classifier (`layer5`) and the
-    projection (`c1`) are copied as whole modules when the file has them with the model's shapes, and otherwise
-    keep their initialisation (a different class count is normal: ImageNet 1000, COCO/VOC 21). What was skipped
-    is logged and kept in `model.weights_notes`. `kind` overrides the detected key style.
-    """
+    projection (`c1`) are copied whole when the file has them with the model's shapes, else keep their
+    initialisation (ImageNet 1000 or COCO/VOC 21 classes is normal); what was skipped is logged and kept in
+    `model.weights_notes`. `kind` overrides the detected key style."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     state, declared, saw_scale = _read_state_dict(path)
@@ -167,10 +165,8 @@ def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str
 
 
 def normalize_input(x_BCHW: Tensor, kind: str) -> Tensor:
-    """Map float RGB images in 0..1 to what the weights of `kind` expect.
-
-    'torchvision': (x - ImageNet mean) / std, RGB. 'deeplab': BGR, x * 255 - DEEPLAB_MEAN_BGR, no division.
-    """
+    """Map float RGB images in 0..1 to what the weights of `kind` expect: 'torchvision' (x - ImageNet mean) / std,
+    RGB; 'deeplab' BGR, x * 255 - DEEPLAB_MEAN_BGR, no division."""
     if x_BCHW.dim() != 4 or x_BCHW.shape[1] != 3:
         raise ValueError(f"expected an RGB batch of shape (B, 3, H, W), got {tuple(x_BCHW.shape)}")
     if kind == "torchvision":
@@ -190,13 +186,11 @@ _MIT_ALLOWED_PREFIXES = ("backbone.", "decode_head.", "c1.")
 
 def load_mit_pretrained(model: nn.Module, path: str) -> str:
     """Copy a SegFormer / mmseg MiT weights file into a MiTDAFormer's encoder; returns the input kind ('torchvision').
-
     Two key styles: the released ImageNet files (`patch_embed1.proj.weight`, `block1.0.attn.q.weight`, ...,
     `norm4.bias`, plus the ImageNet classifier `head.*`, ignored), or an mmseg segmentor's state dict with the same
     names under `backbone.` (its `decode_head.*` and `c1.*` are copied too when their shapes fit this model, e.g.
     the same class count). The encoder must match completely: any missing key, tensor of the wrong shape, or key
-    this model does not know is a WeightsError naming them (a silent partial load would train a random encoder).
-    """
+    this model does not know is a WeightsError naming them (a silent partial load would train a random encoder)."""
     state, _, _ = _read_state_dict(path)
     segmentor = any(k.startswith("backbone.") for k in state)
     target = model.state_dict()

@@ -4,29 +4,18 @@ It is the correctness oracle of the fast trainer and the baseline of the through
 code with the fast path: it imports only config, data, models, evaluate, run_io and the kernels' plain-PyTorch
 twins (tests/test_reference_imports.py guards the rule). One file per concern:
 
-- `data.py`: random crops of the original files, step 3's long-tail crops;
-- `strong_aug.py`: step 4's colour jitter and blur, kornia 0.2.0's formulas written out image by image;
-- `choices.py`: every random decision of a step, drawn before it (`StepChoices`);
-- `step.py`: steps 1-7 (pseudo-labels, masks, pastes, losses, EMA) and `train_step`;
-- `optim.py`: the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter list;
-- `resume.py`: what `last.pt` holds and how a run continues from it, bit for bit (`--resume`);
-- `job.py`: the run (`build_run`, `train`, `run_eval`, `run`) and `main`, behind `python -m dsp_fast.reference`.
+`data.py` (random crops of the original files, step 3's long-tail crops), `strong_aug.py` (step 4, kornia 0.2.0's
+formulas image by image), `choices.py` (every random decision of a step, drawn before it), `step.py` (steps 1-7 and
+`train_step`), `optim.py` (the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter
+list), `resume.py` (`last.pt` and the bit-for-bit `--resume`), `job.py` (the run and `main`).
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
 """
 
+# ruff: noqa: F401 - the imports below are the package's public names
 from dsp_fast.reference.choices import StepChoices, draw_choices, select_classes
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever, random_window, to_tensor
-from dsp_fast.reference.job import (
-    BadInputStop,
-    ReferenceRun,
-    build_run,
-    main,
-    next_batch,
-    run,
-    run_eval,
-    train,
-)
+from dsp_fast.reference.job import BadInputStop, ReferenceRun, build_run, main, next_batch, run, run_eval, train
 from dsp_fast.reference.optim import Torch171SGD, build_optimizer, get_1x_lr_params_NOscale, poly_lr
 from dsp_fast.reference.step import (
     class_mask,
@@ -41,11 +30,3 @@ from dsp_fast.reference.step import (
     train_step,
 )
 from dsp_fast.reference.strong_aug import StrongAug, draw_step_aug, draw_strong_aug, strong_augment
-
-__all__ = [
-    "BadInputStop", "LongTailSource", "RandomCrops", "ReferenceRun", "StepChoices", "StrongAug", "Torch171SGD",
-    "build_optimizer", "build_run", "class_mask", "draw_choices", "draw_step_aug", "draw_strong_aug", "dsp_losses",
-    "ema_alpha", "ema_update", "forever", "get_1x_lr_params_NOscale", "main", "next_batch", "paste_long_tail",
-    "poly_lr", "random_window", "run", "run_eval", "select_classes", "seg_forward", "soft_paste", "source_loss",
-    "step_masks", "strong_augment", "to_tensor", "train", "train_step",
-]

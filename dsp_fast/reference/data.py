@@ -61,8 +61,7 @@ class LongTailSource:
     'retry' is the authors' loop literally: redraw (image of the class's list, uniform window) until the window holds
     the class, at most 1000 times (None when it never does). 'counts' draws from the same distribution without the
     loop: the image in proportion to its number of windows that hold the class (counted once per class, on first
-    use, from every label of the class's list), then one of those windows uniformly.
-    """
+    use, from every label of the class's list), then one of those windows uniformly."""
 
     def __init__(self, dataset, class_index: list[list[int]], size: tuple[int, int], crop: tuple[int, int]):
         self.dataset, self.class_index, self.size, self.crop = dataset, class_index, size, crop

@@ -1,7 +1,4 @@
-"""The naive DSP reference trainer: plain eager PyTorch (fp32, NCHW, a PIL DataLoader), to be read beside the paper.
-
-It is the correctness oracle of the fast trainer and the baseline of the throughput comparison: correct, not
-deliberately slow, and independent of the fast path (it uses only the kernels' plain-PyTorch twins).
+"""The naive DSP reference trainer's run and command line (the package docstring says what the reference is for).
 Step numbers in comments refer to docs/method.md.
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
@@ -26,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsp_fast.config import Config, ConfigError, load_config, split_overrides
 from dsp_fast.data import SOURCE_RESAMPLE, DatasetError, load_or_build_class_index
 from dsp_fast.data.build import check_data, source_dataset, target_dataset
-from dsp_fast.evaluate import evaluate, format_iou_table, iou_from_confusion, mean_iou, target_iou
+from dsp_fast.evaluate import format_iou_table, mean_iou, target_iou
 from dsp_fast.models import build_student_teacher, check_weights_file
 from dsp_fast.reference.choices import StepChoices, draw_choices
 from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
@@ -154,10 +151,7 @@ def train(cfg: Config, log: RunLog, resume: dict | None = None) -> tuple[torch.n
 
 def run_eval(cfg: Config, model: torch.nn.Module, log: RunLog, step: int) -> torch.Tensor:
     """Target IoU of `model`, logged and returned."""
-    device = next(model.parameters()).device
-    dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
-    iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
-                                      cfg.data.max_eval_images))
+    iou = target_iou(cfg, model)
     log.metrics(step, {"eval/mIoU": mean_iou(iou)})
     return iou
 

@@ -1,12 +1,10 @@
-"""The reference trainer's resume: what `last.pt` holds beyond the weights, and how a run continues from it exactly.
+"""The reference trainer's resume: what `last.pt` holds beyond the weights, and how a run continues from it exactly
+(docs/training.md, "Run folders and resume").
 
-The checkpoint adds, to the student, teacher, optimizer (momentum buffers, the Torch171SGD's too) and step, the
-CPU generator's state (the crops of the DataLoader draw from it) and the choice generator's. The loaders are not
-saved: a resumed run rebuilds them from the seeds, as a fresh run does, and draws (reads and crops) the batches of
-the steps already done, without training on them; then both generators are set to their saved states. The run
-then continues bit for bit, whatever `data.num_workers` (the workers are reseeded from the loaders' own
-generators each epoch, and the replay consumes those as the first start did). The cost: reading the images of
-every step done once more (seconds on the synthetic shift, minutes per thousand steps on GTA5-sized images).
+Besides the student, teacher, optimizer (Torch171SGD's momentum too) and step, it holds the CPU generator's state
+(the DataLoader's crops draw from it) and the choice generator's. A resumed run rebuilds the loaders from their seeds
+and draws the batches of the steps done without training on them, then restores both generators: bit for bit,
+whatever `data.num_workers`, at the cost of reading those images once more.
 """
 
 from __future__ import annotations

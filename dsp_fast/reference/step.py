@@ -65,8 +65,7 @@ def step_masks(cfg: Config, chosen: torch.Tensor, pasted: torch.Tensor
     dsp.share_first_mask reproduces the script's bug: every image is mixed with image 0's mask tensor, which the
     long-tail paste of each image writes into (a view) before that image is mixed: image i is pasted with
     chosen_0 | pasted_0 | ... | pasted_i. Image 0's weights and the MMD of every image use that tensor at the end
-    (chosen_0 | every image's pasted pixels); the other images' weights use their own chosen classes only.
-    """
+    (chosen_0 | every image's pasted pixels); the other images' weights use their own chosen classes only."""
     mask = chosen | pasted
     if not cfg.dsp.share_first_mask:
         return mask, mask, mask
