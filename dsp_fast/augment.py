@@ -50,9 +50,10 @@ def rgb_to_hsv(x_B3HW: torch.Tensor) -> torch.Tensor:
 def hsv_to_rgb(x_B3HW: torch.Tensor, kornia_quirk: bool = False) -> torch.Tensor:
     """(H radians, S, V) -> RGB; H may lie outside [0, 2pi) (it wraps), as kornia's floor(6h) % 6 sectors.
 
-    kornia_quirk: kornia 0.2.0's result. Its sector-1 pass (`out[out == 1] = (q, v, p)[...]`) also selects the
-    sector-0 values that came out exactly 1.0. In sector 0, (R, G, B) = (v, t, p): R is 1.0 exactly when v is, and
-    becomes q = v (1 - f s); G = t is 1.0 only when v = 1 too, and becomes v: unchanged; B = p becomes p."""
+    kornia_quirk: kornia 0.2.0's result on its channel 0 (R below; blue in the script, see color_jitter). Its
+    sector-1 pass (`out[out == 1] = (q, v, p)[...]`) also selects the sector-0 values that came out exactly 1.0. In
+    sector 0, (R, G, B) = (v, t, p): R is 1.0 exactly when v is, and becomes q = v (1 - f s); G = t is 1.0 only when
+    v = 1 too, and becomes v: unchanged; B = p becomes p."""
     h, s, v = x_B3HW.unbind(1)
     h6 = h * (6 / TWO_PI)
 
@@ -87,16 +88,17 @@ def gaussian_blur(x_B3HW: torch.Tensor, sigma_B: torch.Tensor, kernel_size: tupl
 
 
 def color_jitter(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch.Tensor,
-                        kornia_quirk: bool = False) -> torch.Tensor:
+                 kornia_quirk: bool = False) -> torch.Tensor:
     """kornia 0.2.0's ColorJitter with drawn factors (B, 4: brightness offset, contrast, saturation, hue) and orders
     (B, 4, a permutation of BRIGHTNESS..HUE per image), with fixed shapes: four stages; at stage j every image applies
     its order[:, j]-th adjustment. Brightness and contrast are one affine map per image,
     clamp(x * c + b) with (1, b) or (c, 0); saturation and hue one HSV round trip with (s, 0) or (1, h): two
     evaluations per stage instead of four, bit for bit the four applied one at a time (x * 1, + 0, fmod(h + 0) and
-    s * 1 are exact)."""
+    s * 1 are exact). kornia_quirk: as the script ran it, on the BGR tensors it handed kornia (the quirk hits kornia's
+    channel 0, blue; the hue moves +h on BGR); without it RGB, +h (the same distribution: h is symmetric)."""
     b, c, s, h = factors_B4.to(x_B3HW).unbind(1)
     one, zero = torch.ones_like(b), torch.zeros_like(b)
-    x = x_B3HW
+    x = x_B3HW.flip(1) if kornia_quirk else x_B3HW
     for j in range(4):
         op = order_B4[:, j]
         mul = torch.where(op == CONTRAST, c, one)
@@ -107,7 +109,7 @@ def color_jitter(x_B3HW: torch.Tensor, factors_B4: torch.Tensor, order_B4: torch
         hue = torch.fmod(hue + torch.where(op == HUE, h, zero).view(-1, 1, 1), TWO_PI)
         hsv = hsv_to_rgb(torch.stack([hue, sat, val], 1), kornia_quirk)
         x = torch.where(((op == BRIGHTNESS) | (op == CONTRAST)).view(-1, 1, 1, 1), affine, hsv)
-    return x
+    return x.flip(1) if kornia_quirk else x
 
 
 def strong_augment(x_B3HW: torch.Tensor, aug: torch.Tensor, kernel_size: tuple[int, int],

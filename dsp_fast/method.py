@@ -218,7 +218,7 @@ def dsp_losses(cfg: Config, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t
     """Steps 1-6 on the device: {"loss": the sum of the terms, each term, "q"}, every entry a 0-d tensor (no .item()).
     The trainer logs the mean of every entry over the steps between two log lines, under its key."""
     if not cfg.dsp.enabled:
-        l_src = source_loss(seg_forward(student, x_s, normalize)[0], y_s, ranks=ranks)
+        l_src = source_loss(seg_forward(student, x_s, normalize)[0], y_s, cfg.dsp, ranks=ranks)
         return {"loss": l_src, "src": l_src}
     if batched_student(cfg):  # step 5 as one call: the mixing first, then x_s, xs_mix, xt_mix in the calls' order
         mix = dsp_mix(cfg, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch, ranks=ranks)
@@ -231,7 +231,7 @@ def dsp_losses(cfg: Config, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t
         logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
         logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
     d = cfg.dsp
-    terms = {"src": source_loss(logits_s, y_s, ranks=ranks)}
+    terms = {"src": source_loss(logits_s, y_s, d, ranks=ranks)}
     # the losses and the MMD in fp32 whatever the run's autocast: a .float() alone is not enough, autocast would
     # cast the MMD's pooling matmul back to bf16
     with torch.autocast(x_s.device.type, enabled=False):
@@ -252,9 +252,14 @@ def dsp_losses(cfg: Config, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t
     return {"loss": loss, **terms, "q": mix.q}
 
 
-def source_loss(logits_s: torch.Tensor, y_s: torch.Tensor, *, ranks: Ranks | None = None) -> torch.Tensor:
-    """L_src: CE over the valid pixels. Several ranks: the sum over this rank's pixels divided by the global valid
-    count, times world_size (DDP averages the gradients over ranks); 0 when no pixel of the global batch is valid."""
+def source_loss(logits_s: torch.Tensor, y_s: torch.Tensor, d: DSPConfig, *, ranks: Ranks | None = None
+                ) -> torch.Tensor:
+    """L_src: CE over the valid pixels (dsp.source_ce_mean 'valid'). Several ranks: the sum over this rank's pixels
+    divided by the global valid count, times world_size (DDP averages the gradients over ranks); 0 when no pixel of
+    the global batch is valid. 'all' (DAFormer's): over every pixel, of which every rank holds as many, so a rank's
+    own mean is its share, as for the mixed losses."""
+    if d.source_ce_mean == "all":
+        return F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL, reduction="sum") / y_s.numel()
     if ranks is None:
         return source_ce(logits_s.float(), y_s)
     total = F.cross_entropy(logits_s.float(), y_s, ignore_index=IGNORE_LABEL, reduction="sum")

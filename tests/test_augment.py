@@ -232,9 +232,10 @@ def test_strong_augment_follows_each_images_coins():
 
 
 @both
-def test_kornia_hsv_quirk_overwrites_sector_0_reds_of_exactly_one(aug):
-    # (1, 0.5, 0): V = 1, S = 1, H = 1/12 turn (sector 0, f = 0.5): kornia 0.2.0's sector pass 0 writes (v, t, p) =
-    # (1, 0.5, 0); pass 1 selects every value equal to 1, so R becomes q = v (1 - f s) = 0.5
+def test_kornia_hsv_quirk_overwrites_sector_0_values_of_exactly_one_in_channel_0(aug):
+    # kornia's own channel order: (1, 0.5, 0): V = 1, S = 1, H = 1/12 turn (sector 0, f = 0.5): kornia 0.2.0's sector
+    # pass 0 writes (v, t, p) = (1, 0.5, 0); pass 1 selects every value equal to 1, so channel 0 becomes
+    # q = v (1 - f s) = 0.5
     x = px(1.0, 0.5, 0.0)
     close(aug.hsv_to_rgb(aug.rgb_to_hsv(x)), 1.0, 0.5, 0.0)
     close(aug.hsv_to_rgb(aug.rgb_to_hsv(x), kornia_quirk=True), 0.5, 0.5, 0.0)
@@ -242,13 +243,32 @@ def test_kornia_hsv_quirk_overwrites_sector_0_reds_of_exactly_one(aug):
     for other in (px(0.9, 0.45, 0.0), px(0.5, 1.0, 0.0), px(1.0, 0.0, 0.5)):
         hsv = aug.rgb_to_hsv(other)
         assert torch.equal(aug.hsv_to_rgb(hsv, kornia_quirk=True), aug.hsv_to_rgb(hsv))
-    # through the jitter: saturation by 1 and hue by 0 are identities, except for the quirk
-    one, zero = torch.tensor([1.0]), torch.tensor([0.0])
-    close(aug.adjust_saturation(x, one, kornia_quirk=True), 0.5, 0.5, 0.0)
-    close(aug.adjust_hue(x, zero, kornia_quirk=True), 0.5, 0.5, 0.0)
-    close(aug.adjust_brightness(x, zero), 1.0, 0.5, 0.0)
-    order = torch.tensor([[BRIGHTNESS, CONTRAST, SATURATION, HUE]])
-    close(aug.color_jitter(x, torch.tensor([[0.0, 1.0, 1.0, 0.0]]), order, kornia_quirk=True), 0.5, 0.5, 0.0)
+
+
+@both
+def test_the_jitter_quirk_hits_blue_as_the_script_ran_it(aug):
+    # the script hands kornia BGR tensors, so kornia's channel 0 is blue: through the jitter (saturation by 1, hue by
+    # 0, each alone an identity but for the quirk), RGB (0, 0.5, 1) goes to (0, 0.5, 0.5) and RGB (1, 0.5, 0) is
+    # left exact
+    blue, red = px(0.0, 0.5, 1.0), px(1.0, 0.5, 0.0)
+    identity = torch.tensor([IDENTITY])
+    for op in (SATURATION, HUE):
+        order = torch.tensor([[op, *(o for o in range(4) if o != op)]])
+        close(aug.color_jitter(blue, identity, order, kornia_quirk=True), 0.0, 0.5, 0.5)
+        close(aug.color_jitter(red, identity, order, kornia_quirk=True), 1.0, 0.5, 0.0)
+        close(aug.color_jitter(blue, identity, order), 0.0, 0.5, 1.0)
+
+
+@both
+def test_the_jitter_quirk_moves_the_hue_of_bgr_as_the_script(aug):
+    # hue + h on the BGR tensor is hue - h on RGB (the hue circle mirrored): with the quirk (BGR, as the script) a
+    # shift of +0.25 rad equals the plain RGB jitter's -0.25 rad, on pixels the quirk leaves alone (no value 1.0)
+    x = px(0.8, 0.4, 0.2).expand(1, 3, 1, 1).clone()
+    order = torch.tensor([[HUE, BRIGHTNESS, CONTRAST, SATURATION]])
+    shifted = aug.color_jitter(x, torch.tensor([[0.0, 1.0, 1.0, 0.25]]), order, kornia_quirk=True)
+    mirrored = aug.color_jitter(x, torch.tensor([[0.0, 1.0, 1.0, -0.25]]), order)
+    torch.testing.assert_close(shifted, mirrored, rtol=0, atol=1e-5)
+    assert not torch.allclose(shifted, aug.color_jitter(x, torch.tensor([[0.0, 1.0, 1.0, 0.25]]), order), atol=1e-3)
 
 
 @both

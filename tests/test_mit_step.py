@@ -36,7 +36,8 @@ from dsp_fast.engine.step import read_stats, train_step
 
 
 @pytest.mark.parametrize("algorithm,dsp,channels_last", [
-    ("sgd", {}, False), ("adamw", {}, False), ("adamw", {"enabled": False}, True)])
+    ("sgd", {}, False), ("adamw", {}, False), ("adamw", {"enabled": False}, True),
+    ("adamw", {"source_ce_mean": "all"}, False)])
 def test_fast_step_matches_reference_step_on_mit_b0(algorithm, dsp, channels_last):
     # three student calls, as the reference: the one batched call draws every image's drop-path decisions at once
     # (the same distribution, other draws); tests/test_group_bn.py checks the batched call with drop path off

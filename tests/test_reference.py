@@ -265,6 +265,18 @@ def test_source_loss_is_zero_without_valid_pixels():
         logits.grad = None
 
 
+@pytest.mark.parametrize("mean_over,want", [("valid", (2 * A + B) / 3), ("all", (2 * A + B) / 4)])
+def test_source_loss_mean_over_valid_or_all_pixels(mean_over, want):
+    """dsp.source_ce_mean in both trainers: 'valid' (DSP's CrossEntropy2d) over the 3 labelled pixels, 'all'
+    (DAFormer's decode head) over all 4, the ignored one counting 0."""
+    from dsp_fast.method import source_loss as fast_source_loss
+
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone()
+    labels = torch.tensor([[[0, 0], [1, 255]]])
+    assert float(source_loss(logits, labels, mean_over)) == pytest.approx(want)
+    assert float(fast_source_loss(logits, labels, DSPConfig(source_ce_mean=mean_over))) == pytest.approx(want)
+
+
 def test_reference_draws_its_augmentation_as_the_script():
     """The reference's own drawing (dsp_fast.reference.strong_aug): one jitter and one blur coin per step shared by
     both mixed batches, per-image factors in their ranges, a permutation per image, sigma in U(0.15, 1.15). The

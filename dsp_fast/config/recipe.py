@@ -59,8 +59,13 @@ class DSPConfig:
     reads the first row of the (H, W) mask: the crop's image and label are pasted in the full columns where the
     crop's first row holds the class (M still gets the class's pixels only)."""
     kornia_hsv_quirk: bool = False
-    """True restores kornia 0.2.0's hsv_to_rgb in the saturation and hue jitter: a sector-0 red value of exactly 1.0
-    is overwritten by the sector-1 formula (saturated reds of full brightness come out darker)."""
+    """True restores kornia 0.2.0's hsv_to_rgb in the saturation and hue jitter as the script ran it: kornia saw BGR
+    tensors, so a sector-0 value of exactly 1.0 in the blue channel is overwritten by the sector-1 formula (saturated
+    blues of full brightness come out darker); the jitter then runs on BGR with the script's hue sign."""
+    source_ce_mean: str = _field("valid", choices=("valid", "all"))
+    """How L_src averages its per-pixel cross-entropy: 'valid' over the labelled pixels (DSP's CrossEntropy2d; 0 when
+    none is), 'all' over every pixel of the batch, an ignored one counting 0 (DAFormer's decode head: the mit_*
+    presets)."""
 
     def __post_init__(self) -> None:
         _check_fields(self, "dsp")

@@ -86,8 +86,12 @@ def soft_paste(cfg: Config, x_s, y_s, x_m, y_m, x_t, yhat_t, mask):
     return xs_mix, ys_mix, xt_mix, yt_mix
 
 
-def source_loss(logits, y_s):
-    """L_src: mean CE over the valid pixels; 0 when there is none (as the authors' CrossEntropy2d)."""
+def source_loss(logits, y_s, mean_over="valid"):
+    """L_src: mean CE over the valid pixels; 0 when there is none (as the authors' CrossEntropy2d). mean_over 'all':
+    DAFormer's mean, every pixel counted, an ignored one as 0 (dsp.source_ce_mean)."""
+    if mean_over == "all":
+        per_pixel = F.cross_entropy(logits, y_s, ignore_index=IGNORE_LABEL, reduction="none")
+        return per_pixel.mean()
     n_valid = int((y_s != IGNORE_LABEL).sum())
     if n_valid == 0:
         return logits.sum() * 0.0  # keeps the graph, so backward runs as on any step
@@ -100,7 +104,7 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
     d, lam = cfg.dsp, cfg.dsp.lam
     ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="none")
     logits_s, _ = seg_forward(student, x_s)
-    l_src = source_loss(logits_s, y_s)
+    l_src = source_loss(logits_s, y_s, d.source_ce_mean)
     if not d.enabled:
         return {"loss": l_src, "src": l_src}
     # 1. pseudo-labels from the teacher

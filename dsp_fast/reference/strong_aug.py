@@ -140,7 +140,11 @@ def adjust_hue(img: torch.Tensor, shift: float, kornia_quirk: bool = False) -> t
 
 def color_jitter(img: torch.Tensor, factors: list[float], order: list[int], kornia_quirk: bool = False
                  ) -> torch.Tensor:
-    """kornia 0.2.0's ColorJitter on one image with its drawn factors, in its drawn order."""
+    """kornia 0.2.0's ColorJitter on one image with its drawn factors, in its drawn order. With kornia_quirk, as the
+    authors' script ran it: their tensors were BGR, so kornia's channel 0, where the quirk strikes, was blue, and the
+    hue shift moved BGR's hue."""
+    if kornia_quirk:
+        img = img[[2, 1, 0]]  # RGB -> BGR
     for op in order:
         if op == BRIGHTNESS:
             img = adjust_brightness(img, factors[BRIGHTNESS])
@@ -150,7 +154,7 @@ def color_jitter(img: torch.Tensor, factors: list[float], order: list[int], korn
             img = adjust_saturation(img, factors[SATURATION], kornia_quirk)
         else:
             img = adjust_hue(img, factors[HUE], kornia_quirk)
-    return img
+    return img[[2, 1, 0]] if kornia_quirk else img
 
 
 # ----------------------------------------------------------------------------------------------- blur
