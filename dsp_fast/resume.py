@@ -25,6 +25,8 @@ FIXED = (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("trai
 """The fields a checkpoint fixes: the weights' shapes (arch, classes), what is trained (DSP on or off), the lr
 schedule's length, and the data and choice streams a step index stands for (seed, batch, crop)."""
 
+CLAIM = ".run"
+"""The empty file whose exclusive creation makes a folder one run's (new_run_dir)."""
 _MODEL_FOLDERS = ("source_only", "dsp")  # a train.compare_source_only run's (a single model trains in the run folder)
 
 
@@ -67,13 +69,14 @@ def _is_free(folder: str) -> bool:
 
 
 def new_run_dir(out_dir: str) -> str:
-    """Create and return a folder for a new run: `out_dir` when free, else the next `out_dir_<n>`."""
-    taken = _run_dirs(out_dir)
-    n = 1 if _is_free(out_dir) else max(k for k, _ in taken) + 1
+    """Create and return a folder for a new run: `out_dir` when free, else the next `out_dir_<n>`. A folder is
+    claimed by creating its CLAIM file exclusively, so two runs started at once get two folders."""
+    n = 1 if _is_free(out_dir) else max((k for k, _ in _run_dirs(out_dir)), default=1) + 1
     while True:
         folder = os.path.normpath(out_dir) if n == 1 else f"{os.path.normpath(out_dir)}_{n}"
+        os.makedirs(folder, exist_ok=True)
         try:
-            os.makedirs(folder, exist_ok=n == 1)
+            os.close(os.open(os.path.join(folder, CLAIM), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             return folder
         except FileExistsError:  # another process took that number just now
             n += 1
@@ -84,9 +87,12 @@ def _run_folder(spec: str, out_dir: str, kind: Checkpoints) -> str | None:
     itself; a checkpoint file -> its folder, or the folder above a model's subfolder. '' (a fresh run) -> None."""
     if not spec:
         return None
-    if spec == "auto":
-        found = [p for _, p in _run_dirs(kind.root(out_dir)) if not _is_free(p)]
-        return found[-1] if found else None  # the newest (the highest number)
+    if spec == "auto":  # the newest run (the highest number) that has a checkpoint: a start that failed is no run
+        runs = [p for _, p in _run_dirs(kind.root(out_dir)) if not _is_free(p)]
+        found = [p for p in runs if has_checkpoint(p, kind)]
+        if found and (passed := runs[runs.index(found[-1]) + 1:]):
+            _say(f"--resume auto: passing over {', '.join(passed)} (no checkpoint); continuing {found[-1]}")
+        return found[-1] if found else None
     if os.path.isfile(spec):
         folder = os.path.dirname(os.path.abspath(spec))
         # a run folder holds provenance.json from its start; a model's subfolder does not

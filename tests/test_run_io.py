@@ -108,3 +108,43 @@ def test_eta_is_smoothed_over_log_intervals(tmp_path, monkeypatch, capsys):
     assert etas[:2] == [99, 98]  # 1 s per step
     # one interval of 10 s per step: unsmoothed, the ETA would jump to 97 x 10 s and straight back down
     assert 98 < etas[2] < 0.3 * 97 * 10 and etas[2] > etas[3] > 98
+
+
+def test_runs_started_at_once_get_a_folder_each(tmp_path):
+    """Eight runs claim a run folder of the same free root at the same moment: eight different folders."""
+    import threading
+
+    from dsp_fast.resume import new_run_dir
+
+    root, start, got = str(tmp_path / "runs" / "same"), threading.Barrier(8), []
+
+    def claim() -> None:
+        start.wait()
+        got.append(new_run_dir(root))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 8 and root in got
+
+
+def test_resume_auto_passes_over_a_newer_folder_without_a_checkpoint(tmp_path, capsys):
+    """A start that failed after its folder was made (rb_2: a config, no checkpoint) must not hide the interrupted
+    run (rb, with a checkpoint): --resume auto continues rb and says it passed over rb_2."""
+    from dsp_fast.config import save_config
+    from dsp_fast.engine.checkpoint import CHECKPOINTS
+    from dsp_fast.resume import new_run_dir, resume_config
+
+    root = str(tmp_path / "rb")
+    interrupted, failed = new_run_dir(root), None
+    save_config(load_config("synthetic", [f"train.out_dir={root}", "train.seed=7"]), os.path.join(interrupted,
+                                                                                                  "config.yaml"))
+    open(os.path.join(interrupted, "ckpt_00000021.pt"), "wb").close()
+    failed = new_run_dir(root)
+    save_config(load_config("synthetic", [f"train.out_dir={root}"]), os.path.join(failed, "config.yaml"))
+    cfg = resume_config("auto", [], lambda: load_config("synthetic", [f"train.out_dir={root}"]), CHECKPOINTS)
+    out = capsys.readouterr().out
+    assert cfg.train.seed == 7, "the interrupted run's own config"
+    assert f"passing over {failed}" in out and f"continuing {os.path.abspath(interrupted)}" in out
