@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import signal
 from collections.abc import Callable
 
 import numpy as np
@@ -73,6 +74,14 @@ class _CropSteps(Dataset):
         return images, None if labels is None else torch.from_numpy(labels), plan
 
 
+def leave_stop_signals_to_the_trainer(_: int) -> None:
+    """A worker ignores SIGINT and SIGTERM: a signal to the whole process group (Ctrl-C, `timeout`, a scheduler)
+    would otherwise kill it and end the run without a checkpoint; the trainer answers the signal at the next step
+    boundary and closes its loader, which stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchCropStream:
     """Yields (img_NHWC uint8, label_NHW uint8 or None, plan) per step on `device`, like DaliCropStream.
     num_threads: DataLoader workers (0: decode in the calling process); gpu_decode: the `torchvision` backend."""
@@ -87,7 +96,8 @@ class TorchCropStream:
         self.ds, self.device, self.crop, self.gpu_decode = ds, device, crop, gpu_decode
         steps = _CropSteps(ds, plan_fn, crop, with_labels, decode_images=not gpu_decode)
         loader = DataLoader(steps, batch_size=None, sampler=itertools.count(start_step), num_workers=num_threads,
-                            pin_memory=device.type == "cuda", prefetch_factor=prefetch if num_threads else None)
+                            pin_memory=device.type == "cuda", prefetch_factor=prefetch if num_threads else None,
+                            worker_init_fn=leave_stop_signals_to_the_trainer)
         self._it, self._workers = iter(loader), num_threads
 
     def __iter__(self) -> TorchCropStream:

@@ -67,11 +67,11 @@ class Watched:
     """A trainer subprocess whose stdout is read line by line as it comes, so that a signal is sent at a chosen
     moment (after a given progress line), not after a fixed sleep; stderr goes to a file."""
 
-    def __init__(self, cmd: list[str], err_path: str, timeout_s: float = 200) -> None:
+    def __init__(self, cmd: list[str], err_path: str, timeout_s: float = 200, new_session: bool = False) -> None:
         self.err_path = err_path
-        with open(err_path, "w") as err:
+        with open(err_path, "w") as err:  # new_session: its own process group, as a scheduler's job step
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=err, text=True,
-                                         bufsize=1)
+                                         bufsize=1, start_new_session=new_session)
         self._timer = threading.Timer(timeout_s, self.proc.kill)  # a hung run fails the test instead of hanging it
         self._timer.start()
         self.out: list[str] = []

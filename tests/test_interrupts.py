@@ -116,6 +116,21 @@ def test_a_stop_in_the_source_only_run_does_not_start_the_dsp_run(synthetic_root
         assert set(json.load(f)["models"]) == {"source-only", "adapted (DSP)"}
 
 
+def test_sigterm_to_the_process_group_stops_with_a_checkpoint_despite_loader_workers(synthetic_root, tmp_path):
+    """`timeout` and schedulers signal the whole process group: the DataLoader workers get the SIGTERM too, and must
+    leave it to the trainer, which stops at a step boundary with a checkpoint and a resume command."""
+    out = str(tmp_path / "group")
+    run = Watched(TRAIN + watched_args(synthetic_root, out, "data.num_workers=2", "--data-backend", "torch"),
+                  str(tmp_path / "err"), new_session=True)
+    run.until(lambda step, line: step is not None and step >= 3)
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    code, _, stderr = run.finish()
+    assert code == 143, stderr[-3000:]
+    stopped = int(STOPPED.search(stderr).group(2))
+    assert os.path.exists(os.path.join(out, f"ckpt_{stopped:08d}.pt")) and "resume with:" in stderr, stderr[-3000:]
+    assert "killed by signal" not in stderr
+
+
 def test_two_gloo_ranks_stop_at_the_same_step_on_sigterm_to_torchrun(synthetic_root, tmp_path):
     """torchrun's agent forwards SIGTERM to its workers: both ranks stop at one step, write one checkpoint with
     both ranks' RNG states and identical weights, and `--resume auto` continues it to the end."""
