@@ -37,8 +37,7 @@ from dsp_fast import reference as ref
 from dsp_fast.config import Config, load_config, preset_names
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.model_setup import apply_channels_last
-from dsp_fast.engine.options import AMP_DTYPES, amp_dtype, graphs_on
-from dsp_fast.engine.trainer import Trainer
+from dsp_fast.engine.trainer import AMP_DTYPES, Trainer, amp_dtype, graphs_on
 from dsp_fast.kernels import HAS_TRITON, force_kernels, set_value_checks
 from dsp_fast.models import build_student_teacher
 

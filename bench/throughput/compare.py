@@ -37,7 +37,7 @@ from bench.throughput.trainers import FastBench, ReferenceTrainer, build_fast, t
 from dsp_fast.config import ConfigError, FastConfig
 from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.options import amp_dtype
+from dsp_fast.engine.trainer import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 

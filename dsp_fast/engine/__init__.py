@@ -1,12 +1,12 @@
 """dsp_fast.engine: the fast trainer (`python -m dsp_fast.train`), one module per concern.
 
-    trainer      Trainer: models, optimizer, buffers, graphs, loader, run state; step, state_dict, close
+    trainer      Trainer: models, optimizer, buffers, graphs, loader, run state; step, state_dict, close;
+                 the settings decided once (autocast dtype, graphs on or off, per-rank batch, data backend)
     step         the DSP step as a plain function over static buffers (no host sync); the logged sums
     model_setup  the models built, channels_last, DDP, torch.compile, input normalisation on the device
     optimizer    fused SGD / AdamW with a device lr, the script's repeated updates, lr schedule, GradScaler
     batchnorm    batch norm over ranks (SyncBatchNorm, GlobalBatchNorm2d) and per group (the batched student)
     graphs       CUDA-graph capture of the step (CUDA only), eager fallback
-    options      the decisions taken from the `fast:` settings: the autocast dtype, whether graphs are on
     data_setup   the data checked, prepared once (cached) and the step-indexed loader built
     distributed  torchrun process group (gloo / NCCL), teardown, the per-rank batch and the collectives
     checkpoint   the fast trainer's checkpoint files: write, keep-last-K, best, RNG state

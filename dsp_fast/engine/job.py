@@ -18,9 +18,8 @@ from dsp_fast.engine.data_setup import prepared_dirs, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, init_distributed, per_rank_batch, teardown
 from dsp_fast.engine.loop import train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
-from dsp_fast.engine.options import graphs_on
 from dsp_fast.engine.signals import StopRequested, StopSignals
-from dsp_fast.engine.trainer import Trainer, configure_backends
+from dsp_fast.engine.trainer import Trainer, configure_backends, graphs_on
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
 from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir

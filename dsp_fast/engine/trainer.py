@@ -26,12 +26,27 @@ from dsp_fast.engine.graphs import GraphedStep
 from dsp_fast.engine.model_setup import apply_channels_last, apply_compile, apply_ddp, build_models, make_normalize
 from dsp_fast.engine.monitor import NullLog
 from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
-from dsp_fast.engine.options import amp_dtype, graphs_on
 from dsp_fast.engine.step import StepBuffers, StepContext, train_step
 from dsp_fast.kernels import _common as kernel_flags
 from dsp_fast.kernels import set_value_checks
 from dsp_fast.method import Ranks, draw_choices_
 from dsp_fast.models import PROJECTION_ROOT, unwrap
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def amp_dtype(fast: FastConfig, device: torch.device) -> torch.dtype:
+    """fast.amp as a dtype: 'auto' is bf16 on CUDA, fp32 (autocast off) elsewhere."""
+    if fast.amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AMP_DTYPES[fast.amp]
+
+
+def graphs_on(fast: FastConfig, device: torch.device) -> bool:
+    """Whether the step is captured in a CUDA graph: the one place this is decided. Graphs need CUDA; what a graph
+    cannot capture (fp16's GradScaler, the foreach and apex optimizers) FastConfig refuses with cuda_graphs on, so
+    every FastConfig that asks for graphs can have them."""
+    return fast.cuda_graphs and device.type == "cuda"
 
 
 def value_checks_wanted(fast: FastConfig, device: torch.device) -> bool:

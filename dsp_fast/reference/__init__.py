@@ -1,13 +1,8 @@
 """The naive DSP reference trainer: plain eager PyTorch (fp32, NCHW, a PIL DataLoader), to be read beside the paper.
 
 It is the correctness oracle of the fast trainer and the baseline of the throughput comparison, so it shares no
-code with the fast path: it imports only config, data, models, evaluate, run_io and the kernels' plain-PyTorch
-twins (tests/test_reference_imports.py guards the rule). One file per concern:
-
-`data.py` (random crops of the original files, step 3's long-tail crops), `strong_aug.py` (step 4, kornia 0.2.0's
-formulas image by image), `choices.py` (every random decision of a step, drawn before it), `step.py` (steps 1-7 and
-`train_step`), `optim.py` (the poly schedule, SGD / AdamW, torch 1.7.1's SGD over the authors' repeated parameter
-list), `resume.py` (`last.pt` and the bit-for-bit `--resume`), `job.py` (the run and `main`).
+code with the fast path: it imports only config, data, models, evaluate, run_io, resume and the kernels'
+plain-PyTorch twins (tests/test_reference_imports.py guards the rule). Its files: docs/layout.md.
 
     python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
 """
