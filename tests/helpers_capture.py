@@ -96,7 +96,7 @@ def cuda_like_context(cfg: Config, student: torch.nn.Module, teacher: torch.nn.M
                                        device_lr=True)
     assert device_skip and all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
     return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", device), amp,
-                       build_grad_scaler(amp, device), cfg.dsp.ema_max, device_skip, sync_flag=False,
+                       build_grad_scaler(amp, device), device_skip, sync_flag=False,
                        autocast_cache=False)
 
 

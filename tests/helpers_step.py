@@ -143,7 +143,7 @@ def fast_context(cfg: Config, student: torch.nn.Module, teacher: torch.nn.Module
         apply_channels_last(student, teacher)
     opt, device_skip = build_optimizer(cfg, student, opts, CPU)
     return StepContext(cfg, student, teacher, opt, make_normalize("torchvision", CPU), torch.float32,
-                       build_grad_scaler(torch.float32, CPU), cfg.dsp.ema_max, device_skip, sync_flag=False)
+                       build_grad_scaler(torch.float32, CPU), device_skip, sync_flag=False)
 
 
 def buffers(batch: tuple[torch.Tensor, ...], choices: DeviceChoices, channels_last: bool = False) -> StepBuffers:

@@ -131,7 +131,7 @@ def test_batched_student_refused_without_per_group_bn():
     with pytest.raises(ValueError, match="BN layers take statistics over the whole call"):
         StepContext(dataclasses.replace(cfg, fast=FastConfig(batched_student=True)), student, teacher, ctx.optimizer,
                     ctx.normalize, ctx.amp_dtype, ctx.scaler,
-                    ctx.ema_max, ctx.device_skip, sync_flag=False)
+                    ctx.device_skip, sync_flag=False)
 
 
 def _losses_and_grads(cfg, student, teacher, batch, choices, batched: bool, channels_last: bool = False):

@@ -151,7 +151,7 @@ def test_graphed_step_matches_eager_step():
         apply_group_bn(student, cfg.data.batch_size)
         opt, device_skip = build_optimizer(cfg, student, opts, dev)
         ctx = StepContext(cfg, student, teacher, opt, make_normalize("torchvision", dev),
-                          torch.float32, build_grad_scaler(torch.float32, dev), cfg.dsp.ema_max, device_skip,
+                          torch.float32, build_grad_scaler(torch.float32, dev), device_skip,
                           sync_flag=False, autocast_cache=not graphed)
         buf = buffers(batches[0], DeviceChoices(*(t.to(dev) for t in vars(ch).values())), channels_last=True)
         choice_gen = torch.Generator(device=dev).manual_seed(7)

@@ -80,7 +80,6 @@ class StepContext:
     normalize: Callable[[torch.Tensor], torch.Tensor]
     amp_dtype: torch.dtype
     scaler: torch.amp.GradScaler
-    ema_max: float
     device_skip: bool  # the optimizer reads found_inf on the device (torch fused SGD)
     sync_flag: bool  # all-reduce found_inf so every rank skips the same steps
     autocast_cache: bool = True  # off under CUDA graph capture (a cached cast would outlive the capture)
@@ -144,7 +143,7 @@ def apply_update(ctx: StepContext, losses: dict[str, torch.Tensor]) -> None:
         ctx.optimizer.step()
     elif not bool(found):  # foreach / apex: one host read per step (their update cannot read a device flag)
         ctx.optimizer.step()
-    ema_update(ctx.teacher_params, ctx.student_params, ctx.step_t, ctx.ema_max, skip=found)
+    ema_update(ctx.teacher_params, ctx.student_params, ctx.step_t, ctx.cfg.dsp.ema_max, skip=found)
     keep = found == 0
     for k, value in losses.items():
         if k not in ctx.sums:  # the first step, eager (a graph is captured later, over the same tensors)

@@ -120,7 +120,7 @@ class Trainer:
             freeze_projection(self.student)
         ddp = apply_ddp(self.student, info, find_unused=False)
         self.ctx = StepContext(cfg, ddp, self.teacher, self.optimizer,
-                               make_normalize(self.student.input_kind, device), dtype, scaler, cfg.dsp.ema_max,
+                               make_normalize(self.student.input_kind, device), dtype, scaler,
                                device_skip, sync_flag=info.enabled, autocast_cache=not self.graphs,
                                ranks=step_ranks(info.world_size))
         self.ctx.compiled_losses = apply_compile(fast.compile, self.student, self.teacher)
