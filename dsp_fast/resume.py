@@ -82,15 +82,16 @@ def new_run_dir(out_dir: str) -> str:
             n += 1
 
 
-def _run_folder(spec: str, out_dir: str, kind: Checkpoints) -> str | None:
-    """The run folder a --resume continues: 'auto' -> the newest under `out_dir` (None: none yet); a folder ->
-    itself; a checkpoint file -> its folder, or the folder above a model's subfolder. '' (a fresh run) -> None."""
+def _run_folder(spec: str, out_dir: str, kind: Checkpoints, say: bool = False) -> str | None:
+    """The run folder a --resume continues: 'auto' -> the newest under `out_dir` that has a checkpoint (None: none
+    yet; `say`: name the newer ones passed over); a folder -> itself; a checkpoint file -> its folder, or the folder
+    above a model's subfolder. '' (a fresh run) -> None."""
     if not spec:
         return None
     if spec == "auto":  # the newest run (the highest number) that has a checkpoint: a start that failed is no run
         runs = [p for _, p in _run_dirs(kind.root(out_dir)) if not _is_free(p)]
         found = [p for p in runs if has_checkpoint(p, kind)]
-        if found and (passed := runs[runs.index(found[-1]) + 1:]):
+        if say and found and (passed := runs[runs.index(found[-1]) + 1:]):
             _say(f"--resume auto: passing over {', '.join(passed)} (no checkpoint); continuing {found[-1]}")
         return found[-1] if found else None
     if os.path.isfile(spec):
@@ -140,7 +141,7 @@ def resume_config(spec: str, overrides: Sequence[str], command_config: Callable[
     ResumeError naming it."""
     cfg = command_config() if spec == "auto" else None
     top = _run_folder(spec, cfg.train.out_dir if cfg else "", kind)
-    if top is None or (spec == "auto" and not has_checkpoint(top, kind)):
+    if top is None:
         return cfg or command_config()  # a fresh run: find_checkpoints says so
     found = _saved_config(top)
     if found is None:
@@ -193,7 +194,7 @@ def find_checkpoints(spec: str, out_dir: str, models: Sequence[tuple[str, Config
     """The run folder a --resume continues (None: a fresh run) and, per model (its subfolder, '' for a single
     model, and its config), the checkpoint it continues from as (path, contents), read and checked; None: that
     model starts at step 0. Nothing is created, so a bad target fails before any data is prepared."""
-    top = _run_folder(spec, out_dir, kind)
+    top = _run_folder(spec, out_dir, kind, say=True)  # resume_config found it first, silently
     found: dict[str, tuple[str, dict[str, Any]] | None] = {sub: None for sub, _ in models}
     if top is None:
         if spec == "auto":

@@ -135,7 +135,7 @@ def test_resume_auto_passes_over_a_newer_folder_without_a_checkpoint(tmp_path, c
     run (rb, with a checkpoint): --resume auto continues rb and says it passed over rb_2."""
     from dsp_fast.config import save_config
     from dsp_fast.engine.checkpoint import CHECKPOINTS
-    from dsp_fast.resume import new_run_dir, resume_config
+    from dsp_fast.resume import ResumeError, find_checkpoints, new_run_dir, resume_config
 
     root = str(tmp_path / "rb")
     interrupted, failed = new_run_dir(root), None
@@ -145,6 +145,9 @@ def test_resume_auto_passes_over_a_newer_folder_without_a_checkpoint(tmp_path, c
     failed = new_run_dir(root)
     save_config(load_config("synthetic", [f"train.out_dir={root}"]), os.path.join(failed, "config.yaml"))
     cfg = resume_config("auto", [], lambda: load_config("synthetic", [f"train.out_dir={root}"]), CHECKPOINTS)
-    out = capsys.readouterr().out
     assert cfg.train.seed == 7, "the interrupted run's own config"
-    assert f"passing over {failed}" in out and f"continuing {os.path.abspath(interrupted)}" in out
+    # then the trainer looks for the checkpoint in the same folder (the stand-in file is empty: not loadable)
+    with pytest.raises(ResumeError, match=f"no good checkpoint in {interrupted}"):
+        find_checkpoints("auto", root, [("", cfg)], CHECKPOINTS)
+    out = capsys.readouterr().out
+    assert out.count(f"passing over {failed}") == 1 and f"continuing {os.path.abspath(interrupted)}" in out
