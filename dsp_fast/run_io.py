@@ -55,6 +55,17 @@ def final_record(iou: torch.Tensor, teacher_iou: torch.Tensor | None = None) -> 
     return record
 
 
+def lr_figures(param_groups: list[dict[str, Any]]) -> dict[str, float]:
+    """The lr a step ran with, as the metrics record it: `lr` (the backbone's: the schedule's base lr) and, when
+    optim.head_lr_mult makes it differ, `lr_head` (the classifier's). A device lr is read here: call it on log steps
+    only."""
+    first = {}
+    for g in param_groups:
+        first.setdefault(g["name"].split("_", 1)[0], g["lr"])
+    lr, head = float(first["backbone"]), float(first.get("classifier", first["backbone"]))
+    return {"lr": lr} if head == lr else {"lr": lr, "lr_head": head}
+
+
 def _pct(value: float | None) -> str:
     return "  n/a" if value is None or math.isnan(value) else f"{100 * value:5.1f}"
 
@@ -171,10 +182,10 @@ def _fmt_time(seconds: float) -> str:
 class RunLog:
     """Owns one model's folder of a run: config.yaml, metrics.jsonl and the progress line."""
 
-    def __init__(self, cfg: Config, folder: str, title: str = "train"):
+    def __init__(self, cfg: Config, folder: str, title: str = "train", resolved: dict[str, Any] | None = None):
         self.dir = folder
         os.makedirs(self.dir, exist_ok=True)
-        save_config(cfg, self.path("config.yaml"))
+        save_config(cfg, self.path("config.yaml"), resolved)  # `resolved`: what the run made of 'auto' settings
         self.every = cfg.train.log_every
         self.title = title
         self._file = open(self.path("metrics.jsonl"), "a")
@@ -192,8 +203,11 @@ class RunLog:
         self._steps_at_last = start_step
         self._step_s: float | None = None  # moving average of the seconds per step
 
-    def step(self, step: int, losses: dict[str, float], data_s: float = 0.0) -> None:
-        """Accumulate one step; every `log_every` steps (and at the last) print and write the averages."""
+    def step(self, step: int, losses: dict[str, float], data_s: float = 0.0, lr: dict[str, float] | None = None
+             ) -> None:
+        """Accumulate one step; every `log_every` steps (and at the last) print and write the averages, and `lr`
+        (`lr_figures`) as the last step ran it, not averaged."""
+        self._lr = lr or {}
         for k, v in losses.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._count += 1
@@ -208,11 +222,11 @@ class RunLog:
         self._step_s = step_s if self._step_s is None else ETA_SMOOTHING * step_s + (1 - ETA_SMOOTHING) * self._step_s
         eta = (self.total - step) * self._step_s
         means = {k: v / self._count for k, v in self._sums.items()}
-        record = {"step": step, **means, "img_per_s": img_s, "step_ms": 1000 * elapsed / max(steps, 1),
+        record = {"step": step, **means, **self._lr, "img_per_s": img_s, "step_ms": 1000 * elapsed / max(steps, 1),
                   "data_wait_pct": 100 * self._data_s / max(elapsed, 1e-9)}
         if torch.cuda.is_available():
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        terms = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        terms = " ".join([*(f"{k} {v:.4f}" for k, v in means.items()), *(f"{k} {v:.3g}" for k, v in self._lr.items())])
         mem = f" | peak {record['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in record else ""
         print(f"[{self.title}] step {step}/{self.total} | {terms} | {img_s:.1f} img/s | "
               f"data {record['data_wait_pct']:.0f}% | ETA {_fmt_time(eta)}{mem}", flush=True)

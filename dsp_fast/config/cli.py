@@ -31,7 +31,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         # argparse formats help with %: a literal one is doubled
         kw = {"dest": f.name, "default": None, "help": f"fast.{f.name}: {docs[f.name]}".replace("%", "%%")}
-        if isinstance(f.default, bool):
+        if f.type in ("bool", "bool | None"):  # None: unset, the field's own 'auto' (fast.tensorboard)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
             parser.add_argument(flag, type=type(f.default), choices=f.metadata.get("choices") or None, **kw)

@@ -15,6 +15,9 @@ from dsp_fast.config.presets import resolve_config
 from dsp_fast.config.schema import Config
 
 PAPER_BATCH = 2  # images per domain per step in the paper: the batch optim.lr_scaling scales from
+RESOLVED = "resolved"
+"""The mapping a run's config.yaml holds beside the sections: what the machine made of the settings (amp, data
+backend, device, ...). A record, not a setting: loading skips it, so a resume on another machine resolves again."""
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -30,6 +33,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        raw.pop(RESOLVED, None)
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})
@@ -54,7 +58,17 @@ def apply_lr_scaling(cfg: Config) -> Config:
     return dataclasses.replace(cfg, optim=optim, train=train)
 
 
-def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config so a run folder says exactly what ran (through JSON: tuples as lists)."""
+def config_yaml(cfg: Config, resolved: dict[str, Any] | None = None) -> str:
+    """The config as YAML (through JSON: tuples as lists), with `resolved` (what the run made of it) under RESOLVED
+    after the sections when given."""
+    text = yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False)
+    if resolved:
+        text += (f"# what this machine made of the settings above; a record only: loading this file skips it and a "
+                 f"resume resolves them again\n{yaml.safe_dump({RESOLVED: resolved}, sort_keys=False)}")
+    return text
+
+
+def save_config(cfg: Config, path: str, resolved: dict[str, Any] | None = None) -> None:
+    """Write the resolved config so a run folder says exactly what ran (`config_yaml`)."""
     with open(path, "w") as f:
-        yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), f, sort_keys=False)
+        f.write(config_yaml(cfg, resolved))

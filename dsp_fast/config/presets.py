@@ -19,6 +19,26 @@ def preset_names() -> list[str]:
     return sorted(n[:-5] for n in os.listdir(PRESET_DIR) if n.endswith(".yaml"))
 
 
+def preset_summary(name: str) -> str:
+    """What preset `name` is: the first line of its YAML when it is a comment ('' otherwise), one line for --help."""
+    with open(os.path.join(PRESET_DIR, f"{name}.yaml")) as f:
+        first = f.readline().strip()
+    if not first.startswith("#"):
+        return ""
+    line = first.lstrip("#").strip()
+    if not line.endswith((".", ":")) and ": " in line:  # a clause running on to the next line: up to its colon
+        line = line.rsplit(": ", 1)[0]
+    return line.rstrip(".:")
+
+
+def presets_help() -> str:
+    """The shipped presets, one line each with its summary: the --help epilog of both trainers."""
+    names = preset_names()
+    width = max(map(len, names))
+    lines = [f"  {n:<{width}}  {preset_summary(n)}".rstrip() for n in names]
+    return "presets (--config NAME; dsp_fast/configs/NAME.yaml):\n" + "\n".join(lines)
+
+
 def resolve_config(spec: str) -> str:
     """The YAML file `spec` names: an existing file, else a shipped preset by name ('gta2cs', 'gta2cs.yaml', or
     'configs/gta2cs.yaml' as the presets were spelled before they moved into the package)."""

@@ -155,8 +155,10 @@ class FastConfig:
     importable); foreach and apex skip a non-finite step on the host: they need cuda_graphs false."""
     keep_last: int = _field(3, within="[1, inf)")
     """Periodic checkpoints kept (the newest K); best.pt is kept apart."""
-    tensorboard: bool = True
-    """Also write TensorBoard scalars when `torch.utils.tensorboard` imports (needs the tensorboard package)."""
+    tensorboard: bool | None = None
+    """TensorBoard scalars beside metrics.jsonl (the tensorboard package: pip install -e '.[tensorboard]'). Unset
+    (null, or 'auto'): written when the package is installed, silently skipped otherwise; true: written, and one line
+    says so when the package is missing; false: never."""
     image_every: int = _field(500, within="[0, inf)")
     """Write an image grid PNG (template, mask, both mixed images, pseudo-label, prediction) every N steps; 0: never."""
     max_bad_steps: int = _field(20, within="[1, inf)")
@@ -181,6 +183,10 @@ class FastConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "fast")
+        if self.tensorboard == "auto":  # how the unset value is spelled in an override or a YAML file
+            self.tensorboard = None
+        _check(self.tensorboard is None or isinstance(self.tensorboard, bool), "fast.tensorboard",
+               f"must be true, false or auto, got {self.tensorboard!r}")
         # a step that cannot be captured is refused rather than run eagerly behind the user's back
         off = "pass --no-graphs (fast.cuda_graphs=false) to run the step eagerly"
         _check(not self.cuda_graphs or self.amp != "fp16", "fast.amp",

@@ -19,7 +19,7 @@ from dsp_fast.engine.distributed import DistInfo, barrier, broadcast_object, ini
 from dsp_fast.engine.loop import train
 from dsp_fast.engine.monitor import FastRunLog, NullLog
 from dsp_fast.engine.signals import StopRequested, StopSignals
-from dsp_fast.engine.trainer import Trainer, configure_backends, graphs_on
+from dsp_fast.engine.trainer import Trainer, configure_backends, graphs_on, resolved_settings
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
 from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
@@ -122,7 +122,7 @@ def _train_one(cfg: Config, info: DistInfo, data_dirs: tuple[str, str], run_dir:
             print(f"[fast {name}] no checkpoint to continue in {run_dir}: this model starts at step 0; the log of "
                   f"its earlier start is kept as {kept}", flush=True)
     barrier(info)  # nobody reads the folder while rank 0 prepares it
-    log = FastRunLog(cfg, run_dir, f"fast {name}", cfg.fast.tensorboard) if info.is_main else NullLog()
+    log = FastRunLog(cfg, run_dir, f"fast {name}", resolved_settings(cfg.fast, info)) if info.is_main else NullLog()
     run = None
     try:
         run = Trainer(cfg, info, data_dirs, run_dir, log, resume)

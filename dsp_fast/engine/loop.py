@@ -24,6 +24,7 @@ from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.step import read_stats
 from dsp_fast.engine.trainer import Trainer
 from dsp_fast.evaluate import format_iou_table, mean_iou, target_iou
+from dsp_fast.run_io import lr_figures
 
 
 class NonFiniteStop(RuntimeError):
@@ -101,8 +102,9 @@ def _between_steps(run: Trainer, done: int, wait: float) -> bool:
         means, skipped, consecutive = read_stats(ctx)
         run.skipped_total += skipped
         values = {**means, "skipped": float(run.skipped_total), **memory_figures(run.info.device)}
-        run.log.step(done, values, data_s=wait)
-        run.log.scalars(done, values)
+        lr = lr_figures(run.optimizer.param_groups)  # a device lr: read on log steps only, after read_stats synced
+        run.log.step(done, values, data_s=wait, lr=lr)
+        run.log.scalars(done, {**values, **lr})
     elif done % opts.max_bad_steps == 0:
         consecutive = int(ctx.counts[2].item())
     if consecutive is not None and consecutive >= opts.max_bad_steps:

@@ -5,8 +5,10 @@ scalars, and an image grid PNG of one step (template, mask, both mixed images, p
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,24 +28,38 @@ from dsp_fast.run_io import RunLog
 PALETTE = CITYSCAPES_PALETTE  # Cityscapes colours of the 19 train ids (the ignore label and anything else: black)
 
 
+@functools.cache
+def _say_tensorboard_missing() -> None:
+    """Once per process, on stderr (--print-config's stdout is the YAML alone)."""
+    print("TensorBoard off: fast.tensorboard is true but the tensorboard package is not installed "
+          "(pip install -e '.[tensorboard]')", file=sys.stderr, flush=True)
+
+
+def tensorboard_on(wanted: bool | None) -> bool:
+    """Whether a run writes TensorBoard scalars: fast.tensorboard true or unset, and the package imports. Missing,
+    it is said only when asked for explicitly (true): most runs never wanted it."""
+    if wanted is False:
+        return False
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        if wanted:
+            _say_tensorboard_missing()
+        return False
+    return True
+
+
 class FastRunLog(RunLog):
-    """RunLog that can start at a resumed step (img/s and ETA count from there) and mirrors scalars to
-    TensorBoard when `torch.utils.tensorboard` imports."""
+    """RunLog whose config.yaml records what the run resolved (`trainer.resolved_settings`), mirroring scalars to
+    TensorBoard when `resolved['tensorboard']`."""
 
-    _said_no_tensorboard = False
-
-    def __init__(self, cfg: Config, folder: str, title: str, tensorboard: bool) -> None:
-        super().__init__(cfg, folder, title)
+    def __init__(self, cfg: Config, folder: str, title: str, resolved: dict[str, Any]) -> None:
+        super().__init__(cfg, folder, title, resolved)
         self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the tensorboard package is optional: say so once per process
-                if not FastRunLog._said_no_tensorboard:
-                    print(f"[{title}] TensorBoard off: the tensorboard package is not installed", flush=True)
-                    FastRunLog._said_no_tensorboard = True
-            else:
-                self._tb = SummaryWriter(self.dir)
+        if resolved["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(self.dir)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._tb is not None:

@@ -24,7 +24,7 @@ from dsp_fast.engine.data_setup import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, gather_objects, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.engine.graphs import GraphedStep
 from dsp_fast.engine.model_setup import apply_channels_last, apply_compile, apply_ddp, build_models, make_normalize
-from dsp_fast.engine.monitor import NullLog
+from dsp_fast.engine.monitor import NullLog, tensorboard_on
 from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
 from dsp_fast.engine.step import StepBuffers, StepContext, train_step
 from dsp_fast.kernels import _common as kernel_flags
@@ -47,6 +47,16 @@ def graphs_on(fast: FastConfig, device: torch.device) -> bool:
     cannot capture (fp16's GradScaler, the foreach and apex optimizers) FastConfig refuses with cuda_graphs on, so
     every FastConfig that asks for graphs can have them."""
     return fast.cuda_graphs and device.type == "cuda"
+
+
+def resolved_settings(fast: FastConfig, info: DistInfo) -> dict[str, Any]:
+    """What this machine makes of the settings that depend on it, as config.yaml records them beside the config
+    (`config.RESOLVED`) and --print-config shows them: the fields keep what was asked ('auto'), so that a resume on
+    another machine resolves them there."""
+    names = {dtype: name for name, dtype in AMP_DTYPES.items()}
+    return {"device": info.device.type, "amp": names[amp_dtype(fast, info.device)],
+            "data_backend": resolve_backend(fast, info), "cuda_graphs": graphs_on(fast, info.device),
+            "tensorboard": tensorboard_on(fast.tensorboard)}
 
 
 def value_checks_wanted(fast: FastConfig, device: torch.device) -> bool:

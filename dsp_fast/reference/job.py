@@ -1,8 +1,9 @@
 """The naive DSP reference trainer's run and command line (the package docstring says what the reference is for).
 Step numbers in comments refer to docs/method.md.
 
-    python -m dsp_fast.reference [--config synthetic|gta2cs|synthia2cs|FILE.yaml] [section.field=value ...]
+    python -m dsp_fast.reference [--config PRESET|FILE.yaml] [section.field=value ...]   # --help lists the presets
     python -m dsp_fast.reference ... --resume auto|RUN_FOLDER|last.pt    # continue, bit for bit (resume.py)
+    python -m dsp_fast.reference ... --print-config     # the config a run would save, and exit (nothing created)
 
 Image tensors are RGB floats in 0..1 until `normalize_input` right before the model.
 """
@@ -10,6 +11,7 @@ Image tensors are RGB floats in 0..1 until `normalize_input` right before the mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dsp_fast.config import Config, ConfigError, load_config, split_overrides
+from dsp_fast.config import Config, ConfigError, config_yaml, load_config, presets_help, split_overrides
 from dsp_fast.data import SOURCE_RESAMPLE, DatasetError, load_or_build_class_index
 from dsp_fast.data.build import check_data, source_dataset, target_dataset
 from dsp_fast.evaluate import format_iou_table, mean_iou, target_iou
@@ -37,6 +39,7 @@ from dsp_fast.run_io import (
     RunWriteError,
     format_final_report,
     format_final_table,
+    lr_figures,
     resolve_device,
     write_provenance,
     write_summary,
@@ -139,7 +142,7 @@ def train(cfg: Config, log: RunLog, resume: dict | None = None) -> tuple[torch.n
         losses = train_step(cfg, student, teacher, optimizer, step, batch, choices)
         if not math.isfinite(losses["loss"]):
             raise FloatingPointError(f"reference trainer: non-finite loss {losses} at step {step}")
-        log.step(step + 1, losses, data_s=data_s)
+        log.step(step + 1, losses, data_s=data_s, lr=lr_figures(optimizer.param_groups))
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.max_steps:
             run_eval(cfg, student, log, step + 1)
         if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
@@ -179,7 +182,7 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
     summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
     for name, run_cfg in runs:
         leaf = leaves[name]
-        log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, title=f"reference {name}")
+        log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, f"reference {name}", resolved_settings(run_cfg))
         try:
             student, teacher = train(run_cfg, log, states.pop(name))
             iou, teacher_iou = run_eval(run_cfg, student, log, run_cfg.train.max_steps), target_iou(run_cfg, teacher)
@@ -196,18 +199,34 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
     return results
 
 
+def resolved_settings(cfg: Config) -> dict[str, str]:
+    """What config.yaml records beside the config: the device train.device resolves to (the reference reads no
+    `fast:` field: it runs in fp32 from PIL loaders everywhere)."""
+    return {"device": resolve_device(cfg.train.device).type}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dsp_fast.reference", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="synthetic", help="preset name (synthetic, gta2cs, synthia2cs) or YAML")
+    parser = argparse.ArgumentParser(prog="python -m dsp_fast.reference", description=__doc__.split("\n")[0],
+                                     epilog=presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="synthetic", help="a preset's name (listed below) or a YAML file")
     parser.add_argument("--resume", default="", metavar="PATH|auto",
                         help="continue a reference run: 'auto' (the newest under train.out_dir), its folder or last.pt")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config the run would write as config.yaml (with the device it resolves) "
+                             "and exit: nothing trained, no folder or data created")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=100")
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(flags)
     args.overrides = [*args.overrides, *overrides]
     try:
-        run(resume_config(args.resume, args.overrides, lambda: load_config(args.config, args.overrides), CHECKPOINTS),
-            args.resume)
+        # under --print-config, what resume_config says goes to stderr: stdout is the YAML alone
+        with contextlib.redirect_stdout(sys.stderr) if args.print_config else contextlib.nullcontext():
+            cfg = resume_config(args.resume, args.overrides, lambda: load_config(args.config, args.overrides),
+                                CHECKPOINTS)
+        if args.print_config:
+            print(config_yaml(cfg, resolved_settings(cfg)), end="", flush=True)
+            return 0
+        run(cfg, args.resume)
     except (ConfigError, DatasetError, BadInputStop, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
