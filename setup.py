@@ -1,8 +1,7 @@
 """dsp_fast: a fast, faithful trainer for DSP (Dual Soft-Paste) domain adaptation.
 
-`kernels/` and `pipelines/` sit at the top of the repository (the design card's layout) but install as
-`dsp_fast.kernels` and `dsp_fast.pipelines`: bare top-level names `kernels` / `pipelines` collide with
-existing PyPI packages.
+`kernels/` and `pipelines/` sit at the top of the repository (docs/layout.md) but install as `dsp_fast.kernels` and
+`dsp_fast.pipelines`: bare top-level names `kernels` / `pipelines` collide with existing PyPI packages.
 """
 
 from setuptools import setup
@@ -20,5 +19,6 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "nvidia-dali-cuda130>=1.40"],
         "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "tensorboard": ["tensorboard>=2.14"],  # fast.tensorboard: scalars beside metrics.jsonl when installed
     },
 )
