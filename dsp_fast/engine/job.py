@@ -22,7 +22,7 @@ from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.trainer import Trainer, configure_backends, graphs_on
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
-from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
+from dsp_fast.resume import check_out_dir, find_checkpoints, has_checkpoint, new_run_dir
 from dsp_fast.run_io import format_final_report, format_final_table, resolve_device, write_provenance, write_summary
 
 
@@ -66,7 +66,11 @@ def resume_command(run_dir: str, world_size: int) -> str:
 def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | None]) -> dict[str, float]:
     t0 = time.time()
     device = resolve_device(cfg.train.device)
-    check_weights_file(cfg.model)  # before any data is prepared or any folder made
+    # before any data is prepared or any folder made: the weights against model.arch, the folder runs go to
+    for line in check_weights_file(cfg.model):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {line}", flush=True)
+    check_out_dir(cfg.train.out_dir)
     runs = plan_runs(cfg)
     # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
     # before init_distributed, so every rank finds the same folder

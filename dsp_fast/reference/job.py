@@ -30,7 +30,7 @@ from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
 from dsp_fast.reference.optim import build_optimizer
 from dsp_fast.reference.resume import CHECKPOINTS, restore, save_state
 from dsp_fast.reference.step import train_step
-from dsp_fast.resume import ResumeError, find_checkpoints, new_run_dir, resume_config
+from dsp_fast.resume import ResumeError, check_out_dir, find_checkpoints, new_run_dir, resume_config
 from dsp_fast.run_io import (
     EXIT_WRITE_FAILED,
     RunLog,
@@ -161,7 +161,10 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
     table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end. `resume`
     ('auto', a run folder or its last.pt) continues that folder instead: each model from its last.pt (a model
     without one starts at step 0)."""
-    check_weights_file(cfg.model)  # the weights file and every data root, split and layout now, before any folder
+    # the weights file against model.arch, the runs' folder, every data root, split and layout now, before any folder
+    for line in check_weights_file(cfg.model):
+        print(f"note: {line}", flush=True)
+    check_out_dir(os.path.join(cfg.train.out_dir, "reference"))
     check_data(cfg)
     runs = [("adapted (DSP)", cfg)]
     if cfg.train.compare_source_only and cfg.dsp.enabled:
