@@ -37,6 +37,7 @@ from dsp_fast.run_io import (
     RunWriteError,
     format_final_report,
     format_final_table,
+    recorded_seconds,
     resolve_device,
     write_provenance,
     write_summary,
@@ -180,6 +181,8 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
     print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(states.values()) else ''}", flush=True)
     write_provenance(top, resolve_device(cfg.train.device))
     summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
+    # the training seconds of earlier starts, up to the checkpoints continued from, count in the run's total
+    earlier = sum(recorded_seconds(os.path.join(top, leaves[name]), s["step"]) for name, s in states.items() if s)
     for name, run_cfg in runs:
         leaf = leaves[name]
         log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, title=f"reference {name}")
@@ -193,8 +196,9 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
         results[name] = mean_iou(iou)
         summary["models"][name] = {"folder": os.path.abspath(log.dir), "steps": run_cfg.train.max_steps, **record}
     print(format_final_table(summary["models"], cfg.model.num_classes))
-    summary["total_s"] = round(time.time() - t0, 1)
-    print(f"total time {time.time() - t0:.0f} s")
+    total = earlier + time.time() - t0
+    summary.update(total_s=round(total, 1), earlier_s=round(earlier, 1))
+    print(f"total time {total:.0f} s{f', {earlier:.0f} s of it before the resume' if earlier else ''}")
     print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(write_summary(top, summary))})")
     return results
 
