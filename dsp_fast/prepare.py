@@ -10,7 +10,8 @@ reference trainer does, written as a baseline JPEG (nvJPEG decodes it on the GPU
 `dsp_fast.pipelines.prepared`).
 
 Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
-done. A file that cannot be read is listed with its error in rejects.txt and the manifest, and makes the exit code 1.
+done. A file that cannot be read is listed with its error in rejects.txt and the manifest, and makes the exit code 1;
+a write that fails (a full disk) stops it with exit code 4, naming the file.
 """
 
 from __future__ import annotations
@@ -338,7 +339,17 @@ def main(argv: list[str] | None = None) -> int:
                           tuple(args.long_tail_classes or LONG_TAIL_CLASSES.get(args.dataset, ())),
                           tuple(args.long_tail_size) if source else None, tuple(args.crop))
         out = os.path.join(args.out, split) if split else args.out
-        summary = prepare_set(ds, out, options, args.workers, progress=not args.no_progress)
+        try:
+            summary = prepare_set(ds, out, options, args.workers, progress=not args.no_progress)
+        except OSError as e:
+            # a full disk: one line naming the file and the free space, exit 4 as the trainers (imported here:
+            # checkpoint_file brings torch, which a preparation does not need otherwise)
+            from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, data_write_error
+
+            if (failed := data_write_error(e)) is None:
+                raise
+            print(f"error: {failed}; the images done so far are kept (run again to continue)", file=sys.stderr)
+            return EXIT_WRITE_FAILED
         print(summary.report())
         rejected += len(summary.rejects)
     if rejected:

@@ -24,6 +24,7 @@ from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the referenc
     RunWriteError,
     atomic_torch_save,
     atomic_write_text,
+    data_write_error,
     write_error,
 )
 from dsp_fast.config import Config, ConfigError, save_config

@@ -35,6 +35,7 @@ from dsp_fast.run_io import (
     EXIT_WRITE_FAILED,
     RunLog,
     RunWriteError,
+    data_write_error,
     format_final_report,
     format_final_table,
     recorded_seconds,
@@ -220,5 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunWriteError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except OSError as e:  # a full disk while the synthetic data is generated: the run's write error, naming the file
+        if (failed := data_write_error(e)) is None:
+            raise
+        print(f"error: {failed}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     return 0
