@@ -61,7 +61,7 @@ def test_run_log_keeps_records_up_to_the_step_continued_from(tmp_path, capsys):
     assert recorded_seconds(str(folder), 2) == 4.0 and recorded_seconds(str(folder), 0) == 0.0
     log = RunLog(cfg, str(folder), title="t")
     log.start(total_steps=5, images_per_step=2, start_step=2)
-    assert "[t] " in capsys.readouterr().out
+    assert f"[t] {folder / 'metrics.jsonl'}: 2 records after step 2 dropped" in capsys.readouterr().out
     log.step(3, {"loss": 0.5})
     log.close()
     kept = records(str(folder))
