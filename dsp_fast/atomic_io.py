@@ -3,7 +3,7 @@
 The content goes to `<path>.tmp.<pid>` in the same folder (a rename across file systems would not be atomic),
 is fsynced (the bytes are on disk before the name points at them, so a power cut never leaves a named but empty
 file; `durable=False` skips that for the many files a preparation writes before its manifest), then renamed over
-`path`. A failure removes the temporary file and leaves any earlier `path` as it was.
+`path`. A failure removes the temporary file and leaves any earlier `path` as it was; an OSError names `path`.
 Cleaners of a folder's leftovers (a kill mid-write) look for the `.tmp.` infix. It imports nothing of dsp_fast, so
 every layer (data, pipelines, the trainers) can use it.
 """
@@ -33,8 +33,10 @@ def atomic_write(path: str, content: bytes | str | Callable[[BinaryIO], object],
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno and e.filename in (None, tmp):  # a failed write names no file: name it
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     return path

@@ -45,6 +45,8 @@ def _free_space(folder: str) -> str:
 def write_error(path: str, e: BaseException) -> RunWriteError:
     """The one-line error of a failed write of `path`: its reason (errno name when there is one) and free space."""
     folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:  # a temp folder removed since: its parent
+        folder = os.path.dirname(folder)
     seen: BaseException | None = e
     while seen is not None and not isinstance(seen, OSError):  # torch may wrap the writer's OSError
         seen = seen.__cause__ or seen.__context__
@@ -55,6 +57,17 @@ def write_error(path: str, e: BaseException) -> RunWriteError:
     else:  # torch's own file writer reports a short write as RuntimeError "unexpected pos"
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return RunWriteError(f"could not write {path}: {reason}; {_free_space(folder)} in {folder}")
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # the disk, not the data, is at fault
+
+
+def data_write_error(e: BaseException) -> RunWriteError | None:
+    """A failed write of the data a run generates or prepares (full disk, quota, read-only file system) as the run's
+    write error (exit code 4, naming the file and the free space); None for any other error."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS and e.filename:
+        return write_error(e.filename, e)
+    return None
 
 
 class _HashingFile:

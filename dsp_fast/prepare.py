@@ -10,7 +10,8 @@ reference trainer does, written as a baseline JPEG (nvJPEG decodes it on the GPU
 `dsp_fast.pipelines.prepared`).
 
 Resumable: every file is written to a temp name and renamed, and a per-image sidecar written last marks the image
-done. A file that cannot be read is listed with its error in rejects.txt and the manifest, and makes the exit code 1.
+done. A file that cannot be read is listed with its error in rejects.txt and the manifest, and makes the exit code 1;
+a write that fails (a full disk) stops it with exit code 4, naming the file.
 """
 
 from __future__ import annotations
@@ -84,11 +85,17 @@ class Summary:
     seconds: float
     long_tail: Summary | None = None  # the longtail/ subset of a source set
     resized_pairs: int = 0
+    unknown_ids: dict[int, int] = dataclasses.field(default_factory=dict)  # label ids no such label holds -> pixels
+    unknown_files: list[str] = dataclasses.field(default_factory=list)  # the label files holding them
 
     def report(self) -> str:
         lines = [f"{self.out}: {self.total - len(self.rejects)} images ready ({self.converted} converted now, "
                  f"{self.skipped} already done), {len(self.rejects)} rejected; {_human(self.bytes)} on disk; "
                  f"{self.seconds:.1f} s"]
+        if self.unknown_ids:
+            ids = ", ".join(f"{k} ({v} px)" for k, v in sorted(self.unknown_ids.items()))
+            lines.append(f"  warning: {len(self.unknown_files)} label files hold ids outside the dataset's label "
+                         f"table, trained as ignore (255): ids {ids}; e.g. {self.unknown_files[0]}")
         if self.resized_pairs:
             lines.append(f"  {self.resized_pairs} image/label pairs of different sizes, both resized to the base size "
                          "(image bicubic, label nearest)")
@@ -157,13 +164,16 @@ def _reject(ds, i: int, stem: str, err: Exception) -> dict[str, str]:
 def convert_one(i: int) -> tuple[str, dict[str, Any]]:
     """Convert image i: ('ok', sidecar) or ('reject', record). Only unreadable input files become rejects."""
     ds, out, opt, stem = _STATE["dataset"], _STATE["out"], _STATE["options"], _STATE["stems"][i]
+    unknown: dict[int, int] = {}
     try:
-        image, label = ds[i]  # the reader's checks, including a pair of different sizes where the reader refuses it
+        # the reader's checks, including a pair of different sizes where the reader refuses it
+        image, label = ds.read_pair(i, unknown)
     except (DatasetError, OSError) as e:
         return "reject", _reject(ds, i, stem, e)
     h, w = image.shape[:2]
     mismatch = label is not None and (h, w) != label.shape
-    side: dict[str, Any] = {"stem": stem, "source_size": [w, h], "resized_pair": mismatch}
+    side: dict[str, Any] = {"stem": stem, "source_size": [w, h], "resized_pair": mismatch,
+                            "unknown_ids": {str(k): v for k, v in sorted(unknown.items())}}
     if label is not None and opt.long_tail_size is not None:
         # which long-tail classes this image holds at the long-tail size (nearest upsampling keeps every class)
         lt_label = resize_label(label, opt.long_tail_size)
@@ -258,12 +268,20 @@ def prepare_set(dataset, out: str, options: Options, workers: int = 0, progress:
     prepared.build_manifest(out, options.to_dict(), done, rejects,
                             long_tail=prepared.LONG_TAIL_DIR if long_tail is not None else None)
     nbytes = resized = 0
-    for s in done:
+    unknown: dict[int, int] = {}
+    unknown_files: list[str] = []
+    for i, s in enumerate(stems):
+        if s in rejected:
+            continue
         side = _sidecar(out, s)
         nbytes += side["bytes"]
         resized += bool(side.get("resized_pair"))
+        if side.get("unknown_ids") and not options.is_long_tail:  # the long-tail pass reads the same labels again
+            unknown_files.append(dataset.label_paths[i])
+            for k, v in side["unknown_ids"].items():
+                unknown[int(k)] = unknown.get(int(k), 0) + v
     return Summary(out, len(stems), len(todo) - len(rejects), len(stems) - len(todo), rejects, nbytes,
-                   time.perf_counter() - start, long_tail, resized)
+                   time.perf_counter() - start, long_tail, resized, unknown, unknown_files)
 
 
 def _sidecar(out: str, stem: str) -> dict[str, Any]:
@@ -281,6 +299,9 @@ class Subset:
 
     def __getitem__(self, j: int):
         return self.dataset[self.indices[j]]
+
+    def read_pair(self, j: int, unknown: dict[int, int] | None = None):
+        return self.dataset.read_pair(self.indices[j], unknown)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -338,7 +359,17 @@ def main(argv: list[str] | None = None) -> int:
                           tuple(args.long_tail_classes or LONG_TAIL_CLASSES.get(args.dataset, ())),
                           tuple(args.long_tail_size) if source else None, tuple(args.crop))
         out = os.path.join(args.out, split) if split else args.out
-        summary = prepare_set(ds, out, options, args.workers, progress=not args.no_progress)
+        try:
+            summary = prepare_set(ds, out, options, args.workers, progress=not args.no_progress)
+        except OSError as e:
+            # a full disk: one line naming the file and the free space, exit 4 as the trainers (imported here:
+            # checkpoint_file brings torch, which a preparation does not need otherwise)
+            from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, data_write_error
+
+            if (failed := data_write_error(e)) is None:
+                raise
+            print(f"error: {failed}; the images done so far are kept (run again to continue)", file=sys.stderr)
+            return EXIT_WRITE_FAILED
         print(summary.report())
         rejected += len(summary.rejects)
     if rejected:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dsp_fast.checkpoint_file import read_checkpoint_file
-from dsp_fast.config import Config, load_config
+from dsp_fast.config import Config, ConfigError, load_config
 from dsp_fast.run_io import PROVENANCE
 
 FIXED = (("model", "arch"), ("model", "num_classes"), ("dsp", "enabled"), ("train", "max_steps"), ("train", "seed"),
@@ -66,6 +66,18 @@ def _is_free(folder: str) -> bool:
     """Nothing of an earlier run in it (the reference trainer's own `reference*` subfolders do not count)."""
     return not os.path.exists(folder) or (os.path.isdir(folder) and
                                           not [n for n in os.listdir(folder) if not n.startswith("reference")])
+
+
+def check_out_dir(out_dir: str, field: str = "train.out_dir") -> None:
+    """Before any data is prepared: `out_dir` can hold run folders (it, or its nearest existing parent, is a folder
+    this process may write in); a ConfigError naming `field` and the path otherwise."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"config field '{field}': {out_dir} cannot be a folder: {path} is a file")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"config field '{field}': {out_dir}: no permission to write in {path}")
 
 
 def new_run_dir(out_dir: str) -> str:

@@ -24,6 +24,7 @@ from dsp_fast.checkpoint_file import (  # noqa: F401 - re-exported: the referenc
     RunWriteError,
     atomic_torch_save,
     atomic_write_text,
+    data_write_error,
     write_error,
 )
 from dsp_fast.config import Config, ConfigError, save_config
@@ -174,6 +175,30 @@ def write_provenance(folder: str, device: torch.device) -> str:
     return atomic_write_text(path, json.dumps(record, indent=1))
 
 
+def _read_records(path: str) -> list[tuple[str, dict[str, Any] | None]]:
+    """(line, record) of each line of a metrics.jsonl (None: a line cut by a kill mid-write); [] without the file."""
+    if not os.path.isfile(path):
+        return []
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    with open(path) as f:
+        for line in f.read().splitlines():
+            try:
+                out.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                out.append((line, None))
+    return out
+
+
+def recorded_seconds(folder: str, step: int) -> float:
+    """The training seconds a model's metrics.jsonl in `folder` records up to `step` (the elapsed_s of its last
+    progress record at or before it; 0 when none): what earlier starts of a resumed run spent."""
+    elapsed = 0.0
+    for _, record in _read_records(os.path.join(folder, "metrics.jsonl")):
+        if record is not None and record.get("step", 0) <= step:
+            elapsed = record.get("elapsed_s", elapsed)
+    return elapsed
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -197,11 +222,29 @@ class RunLog:
         return os.path.join(self.dir, name)
 
     def start(self, total_steps: int, images_per_step: int, start_step: int = 0) -> None:
-        """Begin timing; a resumed run passes the step it continues from, so img/s and ETA stay right."""
+        """Begin timing; a resumed run passes the step it continues from, so img/s and ETA stay right, the records
+        of the steps it trains again are dropped (`keep_records_until`), and elapsed_s counts on from the kept
+        ones."""
         self.total, self.images_per_step = total_steps, images_per_step
+        self._elapsed_before = self.keep_records_until(start_step)
         self._t_start = self._t_last = time.perf_counter()
         self._steps_at_last = start_step
         self._step_s: float | None = None  # moving average of the seconds per step
+
+    def keep_records_until(self, step: int) -> float:
+        """Drop the records of metrics.jsonl after `step` (a run killed after its last checkpoint logged steps it
+        trains again; kept, every later step would appear twice), rewriting the file atomically; returns the
+        training seconds recorded up to `step` (the last kept record's elapsed_s; 0 when none)."""
+        path = self.path("metrics.jsonl")
+        records = _read_records(path)
+        kept = [line for line, record in records if record is not None and record.get("step", 0) <= step]
+        if len(kept) < len(records):
+            self._file.close()
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+            self._file = open(path, "a")
+            print(f"[{self.title}] {path}: {len(records) - len(kept)} records after step {step} dropped (the steps "
+                  "trained again from the checkpoint log anew)", flush=True)
+        return recorded_seconds(self.dir, step)
 
     def step(self, step: int, losses: dict[str, float], data_s: float = 0.0, lr: dict[str, float] | None = None
              ) -> None:
@@ -223,7 +266,8 @@ class RunLog:
         eta = (self.total - step) * self._step_s
         means = {k: v / self._count for k, v in self._sums.items()}
         record = {"step": step, **means, **self._lr, "img_per_s": img_s, "step_ms": 1000 * elapsed / max(steps, 1),
-                  "data_wait_pct": 100 * self._data_s / max(elapsed, 1e-9)}
+                  "data_wait_pct": 100 * self._data_s / max(elapsed, 1e-9),
+                  "elapsed_s": round(self._elapsed_before + now - self._t_start, 3)}
         if torch.cuda.is_available():
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         terms = " ".join([*(f"{k} {v:.4f}" for k, v in means.items()), *(f"{k} {v:.3g}" for k, v in self._lr.items())])
@@ -247,14 +291,9 @@ class RunLog:
     def recorded_final(self, step: int) -> dict[str, Any] | None:
         """The final record metrics.jsonl already holds for `step` (a finished run resumed), else None."""
         found = None
-        with open(self.path("metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill mid-write
-                    continue
-                if record.get("final") and record.get("step") == step:
-                    found = record
+        for _, record in _read_records(self.path("metrics.jsonl")):
+            if record is not None and record.get("final") and record.get("step") == step:
+                found = record
         if found is None:
             return None
         return {k: v for k, v in found.items() if k not in ("step", "final", "eval/mIoU")}

@@ -236,7 +236,8 @@ def test_load_deeplab_style_init(tmp_path):
     assert torch.equal(dst.layer4[0].conv3.weight, src.layer4[0].conv3.weight)
     assert torch.equal(dst.bn1.running_var, src.bn1.running_var)
     assert torch.equal(dst.layer5.conv2d_list[0].weight, head_before)  # 21 != 19 classes: kept
-    assert any("classifier" in n and "ignored" in n for n in dst.weights_notes)
+    assert any("the classifier (layer5.*) does not fit" in n and "(21, " in n for n in dst.weights_refit)
+    assert dst.weights_refit[0] in dst.weights_notes
 
 
 def test_load_dacs_checkpoint_copies_head(tmp_path):

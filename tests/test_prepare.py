@@ -178,3 +178,30 @@ def test_gta5_pairs_of_different_sizes_are_resized_and_counted(tmp_path, capsys)
     assert run_prepare(root, str(out), "--size", "64", "36") == 0
     assert "1 image/label pairs of different sizes, both resized" in capsys.readouterr().out
     assert Image.open(out / "labels" / "00000.png").size == (64, 36)
+
+
+def test_label_ids_outside_the_table_are_counted_and_named_in_one_line(tmp_path, capsys):
+    """Ids no GTA5 / Cityscapes label holds (not 0..33 nor 255) train as ignore, as before, but are said; ids of the
+    table that map to ignore (0 'unlabeled', 5 'dynamic') stay silent."""
+    root = make_gta5(str(tmp_path / "gta5"), 4, (30, 18))
+    for stem, ids in (("00001", (200, 40)), ("00003", (99, 0, 5))):
+        path = os.path.join(root, "labels", f"{stem}.png")
+        with Image.open(path) as im:
+            raw, palette = np.asarray(im).copy(), im.getpalette()
+        for k, i in enumerate(ids):
+            raw[k, :3] = i  # 3 pixels of each
+        pal = Image.fromarray(raw, mode="P")
+        pal.putpalette(palette)
+        pal.save(path)
+    assert run_prepare(root, str(tmp_path / "out"), "--size", "30", "18") == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "warning:" in line]
+    assert len(warnings) == 1, out  # the long-tail pass reads these labels again: not said twice
+    assert "2 label files hold ids outside the dataset's label table, trained as ignore (255): ids 40 (3 px), " \
+           "99 (3 px), 200 (3 px); e.g. " + os.path.join(root, "labels", "00001.png") in warnings[0], warnings[0]
+    with Image.open(prepared.label_path(str(tmp_path / "out"), "00001")) as im:
+        assert (np.asarray(im)[:2, :3] == 255).all()  # ignored, as the table says
+    clean = make_cityscapes(str(tmp_path / "cs"), {"train": 2}, (30, 18))
+    assert run_prepare(clean, str(tmp_path / "cs_out"), "--split", "train", "--size", "30", "18",
+                       dataset="cityscapes") == 0
+    assert "warning:" not in capsys.readouterr().out

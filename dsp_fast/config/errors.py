@@ -32,12 +32,16 @@ def _field(default: Any, *, choices: tuple[str, ...] = (), within: str = "") -> 
 
 def _check_fields(section: Any, name: str) -> None:
     """The `choices` and `within` of every `_field` of `section` (the `name:` section); [width, height] fields made
-    tuples of two positive ints."""
+    tuples of two positive ints; every float finite (inf or nan would train, or fail far from the setting)."""
     for f in dataclasses.fields(section):
         dotted, choices, within = f"{name}.{f.name}", f.metadata.get("choices"), f.metadata.get("within")
         if f.type == "tuple[int, int]":
             setattr(section, f.name, _pair(getattr(section, f.name), dotted))
         value = getattr(section, f.name)
+        if "float" in f.type:
+            numbers = value if isinstance(value, (list, tuple)) else [value]
+            _check(all(not isinstance(v, (int, float)) or math.isfinite(v) for v in numbers), dotted,
+                   f"must be a finite number, got {value!r}")
         _check(not choices or value in choices, dotted, f"must be one of {', '.join(choices or ())}, got {value!r}")
         if within:
             left, low, high, right = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", within).groups()

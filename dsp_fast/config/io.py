@@ -11,8 +11,8 @@ import yaml
 
 from dsp_fast.config.errors import ConfigError, _check
 from dsp_fast.config.overrides import config_from_dict, parse_override
-from dsp_fast.config.presets import resolve_config
-from dsp_fast.config.schema import Config
+from dsp_fast.config.presets import preset_names, resolve_config
+from dsp_fast.config.schema import _SECTION_TYPES, Config
 
 PAPER_BATCH = 2  # images per domain per step in the paper: the batch optim.lr_scaling scales from
 RESOLVED = "resolved"
@@ -28,11 +28,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         path = resolve_config(path)
         with open(path) as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        # an empty file would silently train every default (DeepLabv2 ResNet-101 at full size): say what it lacks
+        if not raw or not isinstance(raw, dict):
+            what = "empty config file" if not raw else f"a YAML {type(raw).__name__}, not a mapping of sections"
+            raise ConfigError(f"config file {path}: {what}; name a preset ({', '.join(preset_names())}) or give "
+                              f"sections ({', '.join(f'{k}:' for k in _SECTION_TYPES)}) with the fields to set")
         raw.pop(RESOLVED, None)
     for text in overrides:
         (section, key), value = parse_override(text)

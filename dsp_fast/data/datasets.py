@@ -6,10 +6,13 @@ Every reader: `len(ds)`, `ds[i] -> (image uint8 HxWx3 RGB, label int64 HxW train
 built (missing or empty folders, images without labels), each file when it is read. An "unexpected id":
 - Cityscapes `*_gtFine_labelIds.png`, GTA5 labels (8-bit L or P): ids index a 256-entry table in which every id
   outside the 19 evaluated classes is ignore (255), as in cityscapesScripts; only an id that does not fit the
-  table (> 255, from a 16-bit file) is an error. Colour (RGB) label images are rejected outright.
+  table (> 255, from a 16-bit file) is an error. Colour (RGB) label images are rejected outright. An id that is
+  no Cityscapes labelId at all (34..254) is ignored too, and counted where the caller asks (`read_pair`): the
+  preparation names them, one line per dataset.
 - Cityscapes `*_gtFine_labelTrainIds.png`: already train ids; anything but 0..18 or 255 is an error.
 - SYNTHIA GT/LABELS (16-bit, class id in the first channel): ids index a 256-entry table (raw ids 0..22 are the
-  SYNTHIA classes); an id > 255 is an error (it means the file is not a SYNTHIA class-id image).
+  SYNTHIA classes; 23..254, ignored, are counted as above); an id > 255 is an error (it means the file is not a
+  SYNTHIA class-id image).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from dsp_fast.data.errors import DatasetError
 from dsp_fast.data.labels import (
     CITYSCAPES19_TO_SYNTHIA16,
     CITYSCAPES_ID_TO_TRAIN_ID,
+    CITYSCAPES_LABEL_IDS,
     SYNTHIA_ID_TO_TRAIN_ID,
+    SYNTHIA_LABEL_IDS,
     apply_lut,
     check_train_ids,
+    count_unknown_ids,
 )
 from dsp_fast.data.pngio import read_label_ids, read_rgb
 
@@ -86,22 +92,27 @@ class SegmentationDataset:
         """Image i as uint8 HxWx3 RGB."""
         return read_rgb(self.image_paths[self._check_index(i)])
 
-    def read_label(self, i: int) -> np.ndarray:
-        """Label i as int64 HxW train ids (255 = ignore)."""
+    def read_label(self, i: int, unknown: dict[int, int] | None = None) -> np.ndarray:
+        """Label i as int64 HxW train ids (255 = ignore). `unknown`: the raw ids no label of this format should hold
+        (labels.count_unknown_ids; ignored like the ids of unevaluated classes) are added to it, id -> pixels."""
         i = self._check_index(i)
         if not self.label_paths:
             raise DatasetError(f"{self.root}: this {self.name} reader was built without labels")
-        return self._map_label(self.label_paths[i]).astype(np.int64)
+        return self._map_label(self.label_paths[i], unknown).astype(np.int64)
 
-    def _map_label(self, path: str) -> np.ndarray:
+    def _map_label(self, path: str, unknown: dict[int, int] | None = None) -> np.ndarray:
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.read_pair(i)
+
+    def read_pair(self, i: int, unknown: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """`ds[i]`, with the label's unknown ids added to `unknown` (read_label)."""
         i = self._check_index(i)
         image = self.read_image(i)
         if not self.label_paths:
             return image, None
-        label = self.read_label(i)
+        label = self.read_label(i, unknown)
         if image.shape[:2] != label.shape and not self.resizes_mismatched_pairs:
             raise DatasetError(f"{self.label_paths[i]}: label is {label.shape[1]}x{label.shape[0]} but its image "
                                f"{self.image_paths[i]} is {image.shape[1]}x{image.shape[0]} (width x height)")
@@ -158,13 +169,14 @@ class Cityscapes(SegmentationDataset):
                               chosen in label_names))
         self._finish(pairs, image_dir, labels)
 
-    def _map_label(self, path: str) -> np.ndarray:
+    def _map_label(self, path: str, unknown: dict[int, int] | None = None) -> np.ndarray:
         raw = read_label_ids(path)
         if path.endswith("_labelTrainIds.png"):
             check_train_ids(raw, 19, path)
             train = raw.astype(np.uint8)
         else:
             train = apply_lut(raw, CITYSCAPES_ID_TO_TRAIN_ID, path)
+            count_unknown_ids(raw, CITYSCAPES_LABEL_IDS, unknown)
         return CITYSCAPES19_TO_SYNTHIA16[train] if self.num_classes == 16 else train
 
 
@@ -181,8 +193,11 @@ class GTA5(SegmentationDataset):
         super().__init__(root, 19)
         self._same_names("images", "labels", "GTA5")
 
-    def _map_label(self, path: str) -> np.ndarray:
-        return apply_lut(read_label_ids(path), CITYSCAPES_ID_TO_TRAIN_ID, path)
+    def _map_label(self, path: str, unknown: dict[int, int] | None = None) -> np.ndarray:
+        raw = read_label_ids(path)
+        train = apply_lut(raw, CITYSCAPES_ID_TO_TRAIN_ID, path)
+        count_unknown_ids(raw, CITYSCAPES_LABEL_IDS, unknown)
+        return train
 
 
 class SYNTHIA(SegmentationDataset):
@@ -196,5 +211,8 @@ class SYNTHIA(SegmentationDataset):
         super().__init__(root, 16)
         self._same_names("RGB", "GT/LABELS", "SYNTHIA")
 
-    def _map_label(self, path: str) -> np.ndarray:
-        return apply_lut(read_label_ids(path, allow_multichannel=True), SYNTHIA_ID_TO_TRAIN_ID, path)
+    def _map_label(self, path: str, unknown: dict[int, int] | None = None) -> np.ndarray:
+        raw = read_label_ids(path, allow_multichannel=True)
+        train = apply_lut(raw, SYNTHIA_ID_TO_TRAIN_ID, path)
+        count_unknown_ids(raw, SYNTHIA_LABEL_IDS, unknown)
+        return train

@@ -62,6 +62,32 @@ CITYSCAPES19_TO_SYNTHIA16: np.ndarray = _make_lut({**_CS19_TO_SYNTHIA16, IGNORE_
 `check_train_ids`)."""
 
 
+def _known(ids: range) -> np.ndarray:
+    known = np.zeros(256, dtype=bool)
+    known[list(ids)] = True
+    known[IGNORE_LABEL] = True  # the usual "no label" value of any label format
+    known.setflags(write=False)
+    return known
+
+
+CITYSCAPES_LABEL_IDS: np.ndarray = _known(range(34))
+"""256 entries: the ids a Cityscapes labelIds (or GTA5) label may hold: cityscapesScripts' 0..33, and 255."""
+
+SYNTHIA_LABEL_IDS: np.ndarray = _known(range(23))
+"""256 entries: the ids a SYNTHIA-RAND-CITYSCAPES label may hold: its classes 0..22, and 255."""
+
+
+def count_unknown_ids(raw: np.ndarray, known: np.ndarray, into: dict[int, int] | None) -> None:
+    """Add to `into` (id -> pixels) the ids of `raw` (already checked to lie in 0..255) that `known` does not list:
+    their table maps them to ignore like any id outside the evaluated classes, but no such label should hold them
+    (a wrong file, a converter's bug), so a preparation counts and names them. None: nothing counted."""
+    if into is None or raw.size == 0:
+        return
+    counts = np.bincount(raw.ravel(), minlength=256)[:256]
+    for i in np.flatnonzero(counts * ~known).tolist():
+        into[i] = into.get(i, 0) + int(counts[i])
+
+
 def class_names(num_classes: int) -> list[str]:
     """Names of the model's output classes: 19 (Cityscapes / GTA5) or 16 (SYNTHIA)."""
     if num_classes == 19:

@@ -196,13 +196,22 @@ def _sample_paths(out: str, spec: SyntheticSpec) -> list[tuple[str, int, str, st
     return jobs
 
 
+def _save(image: Image.Image, path: str, **kwargs) -> None:
+    try:
+        image.save(path, **kwargs)
+    except OSError as e:
+        if e.errno and not e.filename:  # a failed write (a full disk) names no file: name it
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+
+
 def _write_samples(spec: SyntheticSpec, jobs: list[tuple[str, int, str, str]]) -> None:
     for domain, index, image_path, label_path in jobs:
         image, label = make_sample(spec, domain, index)
         # compress_level 1: noisy images barely compress better at higher levels, and saving is most of the time
-        Image.fromarray(image).save(image_path, compress_level=1)
+        _save(Image.fromarray(image), image_path, compress_level=1)
         # the source labels are palette PNGs like GTA5's, the target ones 8-bit gray like Cityscapes' labelIds
-        (_palette_png(label) if domain == "source" else Image.fromarray(label)).save(label_path)
+        _save(_palette_png(label) if domain == "source" else Image.fromarray(label), label_path)
 
 
 def _generate_into(out: str, spec: SyntheticSpec, workers: int) -> None:

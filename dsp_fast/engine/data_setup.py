@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from dsp_fast.checkpoint_file import RunWriteError, data_write_error
 from dsp_fast.config import Config, ConfigError, FastConfig
 from dsp_fast.data import GTA5, SYNTHIA, Cityscapes, DatasetError
 from dsp_fast.data.build import check_data, dataset_roots
@@ -188,11 +189,11 @@ def prepared_dirs(cfg: Config, info: DistInfo, check_eval: bool = True) -> tuple
     if info.is_main:
         try:
             answer = ("ok", resolve_data(cfg, lambda msg: print(msg, flush=True), check_eval))
-        except (DatasetError, OSError) as e:
-            answer = ("error", str(e))
+        except (DatasetError, OSError) as e:  # a full disk is the run's write error (exit 4), not the data's
+            answer = ("write", str(failed)) if (failed := data_write_error(e)) else ("error", str(e))
     answer = broadcast_object(answer, info)
-    if answer[0] == "error":
-        raise DatasetError(str(answer[1]))
+    if answer[0] != "ok":
+        raise (RunWriteError if answer[0] == "write" else DatasetError)(str(answer[1]))
     return tuple(answer[1])  # type: ignore[return-value]
 
 

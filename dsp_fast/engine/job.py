@@ -22,8 +22,15 @@ from dsp_fast.engine.signals import StopRequested, StopSignals
 from dsp_fast.engine.trainer import Trainer, configure_backends, graphs_on, resolved_settings
 from dsp_fast.evaluate import format_iou_table
 from dsp_fast.models import check_weights_file
-from dsp_fast.resume import find_checkpoints, has_checkpoint, new_run_dir
-from dsp_fast.run_io import format_final_report, format_final_table, resolve_device, write_provenance, write_summary
+from dsp_fast.resume import check_out_dir, find_checkpoints, has_checkpoint, new_run_dir
+from dsp_fast.run_io import (
+    format_final_report,
+    format_final_table,
+    recorded_seconds,
+    resolve_device,
+    write_provenance,
+    write_summary,
+)
 
 
 def plan_runs(cfg: Config) -> list[tuple[str, Config, str]]:
@@ -66,7 +73,11 @@ def resume_command(run_dir: str, world_size: int) -> str:
 def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | None]) -> dict[str, float]:
     t0 = time.time()
     device = resolve_device(cfg.train.device)
-    check_weights_file(cfg.model)  # before any data is prepared or any folder made
+    # before any data is prepared or any folder made: the weights against model.arch, the folder runs go to
+    for line in check_weights_file(cfg.model):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {line}", flush=True)
+    check_out_dir(cfg.train.out_dir)
     runs = plan_runs(cfg)
     # a bad --resume fails here, before any data is generated or any process group joined; nothing is created
     # before init_distributed, so every rank finds the same folder
@@ -90,6 +101,8 @@ def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | Non
             write_provenance(top, info.device)
         results: dict[str, float] = {}
         summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
+        # the training seconds of earlier starts, up to the checkpoints continued from, count in the run's total
+        earlier = sum(recorded_seconds(os.path.join(top, sub), hit[1]["step"]) for sub, hit in resumes.items() if hit)
         for name, run_cfg, sub in runs:
             folder = os.path.join(top, sub) if sub else top
             record = _train_one(run_cfg, info, data_dirs, folder, name, resumes.pop(sub), signals)
@@ -99,9 +112,12 @@ def _run_all(cfg: Config, resume: str, signals: StopSignals, box: list[str | Non
                                            **record}
         if info.is_main:
             print(format_final_table(summary["models"], cfg.model.num_classes))
-            summary.update(total_s=round(time.time() - t0, 1), world_size=info.world_size, device=str(info.device))
+            total = earlier + time.time() - t0
+            summary.update(total_s=round(total, 1), earlier_s=round(earlier, 1), world_size=info.world_size,
+                           device=str(info.device))
             path = write_summary(top, summary)
-            print(f"total time {time.time() - t0:.0f} s (world size {info.world_size}, {info.device})")
+            before = f", {earlier:.0f} s of it before the resume" if earlier else ""
+            print(f"total time {total:.0f} s{before} (world size {info.world_size}, {info.device})")
             print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(path)})", flush=True)
         return results
     finally:

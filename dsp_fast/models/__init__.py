@@ -39,11 +39,17 @@ __all__ = [
 ]
 
 
-def check_weights_file(cfg: ModelConfig) -> None:
-    """Before a trainer prepares data or makes a run folder: model.pretrained, when set, names a file (what the file
-    holds is checked when build_model loads it)."""
-    if cfg.pretrained and not os.path.isfile(cfg.pretrained):
+def check_weights_file(cfg: ModelConfig) -> list[str]:
+    """Before a trainer prepares data or makes a run folder: model.pretrained, when set, is a weights file of
+    model.arch (read, and matched against the model built on the meta device: no memory, no copy), else a
+    WeightsError naming the file and the mismatch. Returns the lines the trainers print: the heads the file has with
+    other shapes (16-class weights into a 19-class model), which start fresh."""
+    if not cfg.pretrained:
+        return []
+    if not os.path.isfile(cfg.pretrained):
         raise WeightsError(f"config field 'model.pretrained': no such weights file: {cfg.pretrained}")
+    with torch.device("meta"):
+        return build_model(cfg).weights_refit
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

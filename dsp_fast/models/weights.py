@@ -105,10 +105,11 @@ def _check_fits(head: str, problems: list[tuple[str, list[str]]]) -> None:
 
 
 def _copy_heads(state: Mapping[str, Tensor], target: Mapping[str, Tensor], heads: tuple[tuple[str, str], ...],
-                to_load: dict[str, Tensor]) -> list[str]:
+                to_load: dict[str, Tensor], path: str) -> tuple[list[str], list[str]]:
     """Each head (root module, name) goes whole into `to_load` when the file has all of it with the model's shapes;
-    returns the notes on the heads that keep their initialisation."""
-    notes = []
+    returns the notes on the heads that keep their initialisation, and among them the heads the file has with
+    other shapes (another class count: worth telling the user, the trainers print them)."""
+    notes, refit = [], []
     for root, what in heads:
         keys = [k for k in target if k.startswith(f"{root}.") and not k.endswith("num_batches_tracked")]
         if not any(k in state for k in keys):
@@ -116,18 +117,21 @@ def _copy_heads(state: Mapping[str, Tensor], target: Mapping[str, Tensor], heads
         elif all(k in state and state[k].shape == target[k].shape for k in keys):
             to_load.update({k: state[k] for k in keys})
         else:
-            found = [f"{k} {tuple(state[k].shape)}" for k in keys if k in state]
-            notes.append(f"{what} ({root}.*) ignored, shapes do not fit the model ({_fmt(found)}): kept its "
-                         "initialisation")
-    return notes
+            k = next(k for k in keys if k in state and state[k].shape != target[k].shape)
+            refit.append(f"{path}: the {what} ({root}.*) does not fit this model ({k} is {tuple(state[k].shape)} in "
+                         f"the file, {tuple(target[k].shape)} in the model): the {what} starts fresh (random "
+                         "initialisation), the rest is loaded")
+    return notes + refit, refit
 
 
 def _finish_load(model: nn.Module, path: str, to_load: dict[str, Tensor], kind: str, notes: list[str],
-                 what: str) -> str:
-    # strict=False because a head may be skipped; the completeness of the backbone was checked before
-    model.load_state_dict(to_load, strict=False)
+                 refit: list[str], what: str) -> str:
+    # strict=False because a head may be skipped; the completeness of the backbone was checked before. A model on
+    # the meta device is only being checked against the file (models.check_weights_file): nothing to copy into.
+    if not any(p.is_meta for p in model.parameters()):
+        model.load_state_dict(to_load, strict=False)
     model.input_kind = kind
-    model.weights_notes = notes
+    model.weights_notes, model.weights_refit = notes, refit
     log.info("loaded %s weights from %s (%d tensors)", what, path, len(to_load))
     for note in notes:
         log.info("weights %s: %s", path, note)
@@ -149,19 +153,20 @@ def load_pretrained(model: nn.Module, path: str, kind: str | None = None) -> str
     missing = [k for k in backbone if k not in state]
     wrong = [f"{k} file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
              for k in backbone if k in state and state[k].shape != target[k].shape]
-    _check_fits(f"{path}: does not fit this model ({type(model).__name__}): ",
+    _check_fits(f"{path}: not weights of model.arch={getattr(model, 'arch', type(model).__name__)!r}: ",
                 [("backbone keys missing", missing), ("backbone tensors with wrong shapes", wrong)])
     kind = kind or _detect_kind(state, declared, saw_scale, path)
 
     to_load = {k: state[k] for k in target if k.split(".", 1)[0] in BACKBONE_ROOTS and k in state
                and state[k].shape == target[k].shape}
-    notes = _copy_heads(state, target, ((CLASSIFIER_ROOT, "classifier"), (PROJECTION_ROOT, "MMD projection")), to_load)
+    notes, refit = _copy_heads(state, target, ((CLASSIFIER_ROOT, "classifier"), (PROJECTION_ROOT, "MMD projection")),
+                               to_load, path)
     if any(k.startswith("fc.") for k in state):
         notes.append("torchvision ImageNet head (fc.*) ignored")
     others = sorted(k for k in state if k not in target and not k.startswith("fc."))
     if others:
         notes.append(f"{len(others)} keys unknown to the model ignored ({_fmt(others)})")
-    return _finish_load(model, path, to_load, kind, notes, kind)
+    return _finish_load(model, path, to_load, kind, notes, refit, kind)
 
 
 def normalize_input(x_BCHW: Tensor, kind: str) -> Tensor:
@@ -213,11 +218,11 @@ def load_mit_pretrained(model: nn.Module, path: str) -> str:
     missing = [k for k in encoder_target if k not in file_encoder]
     wrong = [f"{k} file {tuple(file_encoder[k].shape)} vs model {tuple(v.shape)}"
              for k, v in encoder_target.items() if k in file_encoder and file_encoder[k].shape != v.shape]
-    _check_fits(f"{path}: not a {getattr(model, 'arch', 'MiT')} weights file: ",
+    _check_fits(f"{path}: not weights of model.arch={getattr(model, 'arch', 'MiT')!r}: ",
                 [("encoder keys missing", missing), (f"keys unknown to {getattr(model, 'arch', 'the model')}", unknown),
                  ("tensors with wrong shapes", wrong)])
     to_load = dict(file_encoder)
     notes = ["ImageNet classifier (head.*) ignored"] if any(k.startswith(_MIT_IMAGENET_HEAD) for k in state) else []
-    notes += _copy_heads(state, target, (("decode_head", "decoder"), ("c1", "MMD projection")), to_load)
+    heads, refit = _copy_heads(state, target, (("decode_head", "decoder"), ("c1", "MMD projection")), to_load, path)
     # MiT's ImageNet weights expect the ImageNet mean/std on RGB
-    return _finish_load(model, path, to_load, "torchvision", notes, "MiT")
+    return _finish_load(model, path, to_load, "torchvision", notes + heads, refit, "MiT")

@@ -32,14 +32,16 @@ from dsp_fast.reference.data import LongTailSource, RandomCrops, forever
 from dsp_fast.reference.optim import build_optimizer
 from dsp_fast.reference.resume import CHECKPOINTS, restore, save_state
 from dsp_fast.reference.step import train_step
-from dsp_fast.resume import ResumeError, find_checkpoints, new_run_dir, resume_config
+from dsp_fast.resume import ResumeError, check_out_dir, find_checkpoints, new_run_dir, resume_config
 from dsp_fast.run_io import (
     EXIT_WRITE_FAILED,
     RunLog,
     RunWriteError,
+    data_write_error,
     format_final_report,
     format_final_table,
     lr_figures,
+    recorded_seconds,
     resolve_device,
     write_provenance,
     write_summary,
@@ -164,7 +166,10 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
     table; the run gets a new folder `<train.out_dir>/reference[_<n>]`, with summary.json at the end. `resume`
     ('auto', a run folder or its last.pt) continues that folder instead: each model from its last.pt (a model
     without one starts at step 0)."""
-    check_weights_file(cfg.model)  # the weights file and every data root, split and layout now, before any folder
+    # the weights file against model.arch, the runs' folder, every data root, split and layout now, before any folder
+    for line in check_weights_file(cfg.model):
+        print(f"note: {line}", flush=True)
+    check_out_dir(os.path.join(cfg.train.out_dir, "reference"))
     check_data(cfg)
     runs = [("adapted (DSP)", cfg)]
     if cfg.train.compare_source_only and cfg.dsp.enabled:
@@ -180,6 +185,8 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
     print(f"run folder: {os.path.abspath(top)}{' (resumed)' if any(states.values()) else ''}", flush=True)
     write_provenance(top, resolve_device(cfg.train.device))
     summary: dict = {"run_dir": os.path.abspath(top), "models": {}}
+    # the training seconds of earlier starts, up to the checkpoints continued from, count in the run's total
+    earlier = sum(recorded_seconds(os.path.join(top, leaves[name]), s["step"]) for name, s in states.items() if s)
     for name, run_cfg in runs:
         leaf = leaves[name]
         log = RunLog(run_cfg, os.path.join(top, leaf) if leaf else top, f"reference {name}", resolved_settings(run_cfg))
@@ -193,8 +200,9 @@ def run(cfg: Config, resume: str = "") -> dict[str, float]:
         results[name] = mean_iou(iou)
         summary["models"][name] = {"folder": os.path.abspath(log.dir), "steps": run_cfg.train.max_steps, **record}
     print(format_final_table(summary["models"], cfg.model.num_classes))
-    summary["total_s"] = round(time.time() - t0, 1)
-    print(f"total time {time.time() - t0:.0f} s")
+    total = earlier + time.time() - t0
+    summary.update(total_s=round(total, 1), earlier_s=round(earlier, 1))
+    print(f"total time {total:.0f} s{f', {earlier:.0f} s of it before the resume' if earlier else ''}")
     print(f"run folder: {os.path.abspath(top)} (summary: {os.path.abspath(write_summary(top, summary))})")
     return results
 
@@ -232,5 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunWriteError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except OSError as e:  # a full disk while the synthetic data is generated: the run's write error, naming the file
+        if (failed := data_write_error(e)) is None:
+            raise
+        print(f"error: {failed}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     return 0
