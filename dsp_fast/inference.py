@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -84,6 +85,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [min(i * stride, size - window) for i in range(count)]
 
 
+@torch.no_grad()
 def slide_logits(model: torch.nn.Module, x_BCHW: torch.Tensor, window: tuple[int, int],
                  stride: tuple[int, int]) -> torch.Tensor:
     """Logits (B, K, H, W) at the input's size: the windows of every image in one forward, overlaps averaged."""
@@ -110,26 +112,32 @@ def _resize(logits: torch.Tensor, size: tuple[int, int], align: bool) -> torch.T
 
 
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, images_uint8_HWC: list[np.ndarray], device: torch.device,
-                  out_sizes: list[tuple[int, int]] | None = None, how: Inference = Inference()) -> list[torch.Tensor]:
-    """Predictions of equal-size images: train ids (H, W) on the device, at the input size, or at each image's
-    `out_sizes` (width, height) entry, the logits resized as the model's losses resize them (the model class's
-    `logits_align_corners`: DeepLab True, MiT + DAFormer False). The evaluation's preprocessing: [0, 1] floats
-    normalised for the model's weights (`input_kind`). `how`: whole or slide, flip or not."""
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images_uint8_HWC])
-    x = normalize_input(x.float().div(255).to(device), getattr(model, "input_kind", "torchvision"))
+def image_logits(model: torch.nn.Module, x_BCHW: torch.Tensor, sizes_HW: list[tuple[int, int]],
+                 how: Inference = Inference()) -> Iterator[torch.Tensor]:
+    """Logits (1, K, H, W) of each image of the normalised batch `x_BCHW` at its (height, width) in `sizes_HW`,
+    one image at a time (a 2048x1024 frame's 19 logit planes take 160 MB), resized as the model's losses resize
+    them (the model class's `logits_align_corners`: DeepLab True, MiT + DAFormer False)."""
     align = unwrap(model).logits_align_corners
 
     def logits_of(inputs: torch.Tensor) -> torch.Tensor:  # whole: at the model's stride; slide: at the input size
         return slide_logits(model, inputs, how.window, how.stride) if how.mode == "slide" else model(inputs)[0]
 
-    logits = logits_of(x)
-    mirrored = logits_of(x.flip(-1)) if how.flip else None
-    preds = []
-    for i in range(len(images_uint8_HWC)):
-        size = tuple(x.shape[-2:]) if out_sizes is None else (out_sizes[i][1], out_sizes[i][0])
+    logits = logits_of(x_BCHW)
+    mirrored = logits_of(x_BCHW.flip(-1)) if how.flip else None
+    for i, size in enumerate(sizes_HW):
         up = _resize(logits[i:i + 1], size, align)
-        if mirrored is not None:  # mirrored back at the output size: resizing commutes with the mirror
+        if mirrored is not None:  # mirrored back at the output size: a bilinear resize commutes with the mirror
             up = (up + _resize(mirrored[i:i + 1], size, align).flip(-1)) / 2
-        preds.append(up.argmax(1)[0])
-    return preds
+        yield up
+
+
+@torch.no_grad()
+def predict_batch(model: torch.nn.Module, images_uint8_HWC: list[np.ndarray], device: torch.device,
+                  out_sizes: list[tuple[int, int]] | None = None, how: Inference = Inference()) -> list[torch.Tensor]:
+    """Predictions of equal-size images: train ids (H, W) on the device, at the input size, or at each image's
+    `out_sizes` (width, height) entry. The evaluation's preprocessing: [0, 1] floats normalised for the model's
+    weights (`input_kind`). `how`: whole or slide, flip or not."""
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images_uint8_HWC])
+    x = normalize_input(x.float().div(255).to(device), getattr(model, "input_kind", "torchvision"))
+    sizes = [tuple(x.shape[-2:])] * len(x) if out_sizes is None else [(h, w) for w, h in out_sizes]
+    return [up.argmax(1)[0] for up in image_logits(model, x, sizes, how)]
