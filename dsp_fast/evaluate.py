@@ -1,8 +1,9 @@
 """Evaluation: confusion matrix, per-class IoU, mIoU (19, 16 and 13-class variants) and the eval loop.
 
-`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` prints the IoU table (docs/evaluate.md). Exit code 2:
-missing, unreadable or corrupt checkpoint, bad config or data, the file named. Images are evaluated single scale at
-`data.eval_size`, labels resized to it with nearest neighbour, as the authors' evaluation does at 1024x512.
+`python -m dsp_fast.evaluate --checkpoint RUN/ckpt_<step>.pt` (or a run folder: its newest good checkpoint) prints
+the IoU table (docs/evaluate.md). Exit code 2: missing, unreadable or corrupt checkpoint, bad config or data, the
+file named. Images are evaluated single scale at `data.eval_size`, labels resized to it with nearest neighbour, as
+the authors' evaluation does at 1024x512; whole or sliding-window, flipped or not: dsp_fast/inference.py.
 """
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dsp_fast.checkpoint_file import read_checkpoint_file
 from dsp_fast.config import Config, ConfigError, config_from_dict, load_config, parse_override, split_overrides
 from dsp_fast.data import IGNORE_LABEL, SYNTHIA13_INDICES, DatasetError, class_names, resize_image, resize_label
-from dsp_fast.data.build import target_dataset
-from dsp_fast.models import build_model, normalize_input, unwrap
-from dsp_fast.run_io import resolve_device
+from dsp_fast.data.build import dataset_roots, target_dataset
+from dsp_fast.inference import Inference, add_inference_flags, inference_from_flags, predict_batch
+from dsp_fast.models import build_model
+from dsp_fast.run_io import PROVENANCE, resolve_device
 
 
 class InputError(ValueError):
@@ -90,34 +93,17 @@ def format_iou_table(iou: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, images_uint8_HWC: list[np.ndarray], device: torch.device,
-                  out_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
-    """Single-scale predictions of equal-size images in one forward: train ids (H, W) on the device, at the input
-    size, or at each image's `out_sizes` (width, height) entry, the logits resized as the model's losses resize them
-    (the model class's `logits_align_corners`: DeepLab True, MiT + DAFormer False). The evaluation's
-    preprocessing: [0, 1] floats normalised for the model's weights (`input_kind`)."""
-    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images_uint8_HWC])
-    x = x.float().div(255).to(device)
-    logits, _ = model(normalize_input(x, getattr(model, "input_kind", "torchvision")))
-    align = unwrap(model).logits_align_corners
-    preds = []
-    for i in range(len(images_uint8_HWC)):
-        size = x.shape[-2:] if out_sizes is None else (out_sizes[i][1], out_sizes[i][0])
-        up = F.interpolate(logits[i:i + 1], size=size, mode="bilinear", align_corners=align)
-        preds.append(up.argmax(1)[0])
-    return preds
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, image_uint8_HWC: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Single-scale prediction (H, W) at the image's own size."""
-    return predict_batch(model, [image_uint8_HWC], device)[0]
+def predict(model: torch.nn.Module, image_uint8_HWC: np.ndarray, device: torch.device,
+            how: Inference = Inference()) -> torch.Tensor:
+    """Single-scale prediction (H, W) at the image's own size (`how`: whole by default)."""
+    return predict_batch(model, [image_uint8_HWC], device, how=how)[0]
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_classes: int,
-             device: torch.device, max_images: int = 0) -> torch.Tensor:
-    """Confusion matrix of `model` over `dataset` at eval_size (width, height). BN runs in eval mode here."""
+             device: torch.device, max_images: int = 0, how: Inference = Inference()) -> torch.Tensor:
+    """Confusion matrix of `model` over `dataset` at eval_size (width, height), each image segmented as `how` says
+    (whole by default, as the trainers' periodic evaluation). BN runs in eval mode here."""
     was_training = model.training
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -125,7 +111,7 @@ def evaluate(model: torch.nn.Module, dataset, eval_size: tuple[int, int], num_cl
     try:
         for i in range(count):
             image, label = dataset[i]
-            pred = predict(model, resize_image(image, eval_size), device).cpu()
+            pred = predict(model, resize_image(image, eval_size), device, how).cpu()
             conf += confusion_matrix(pred, torch.from_numpy(np.array(resize_label(label, eval_size))), num_classes)
     finally:
         model.train(was_training)
@@ -153,6 +139,52 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "config" not in ckpt and "student" not in ckpt:
         raise InputError(f"{path} is not a dsp_fast checkpoint (no student weights, no config)")
     return ckpt
+
+
+_PERIODIC = re.compile(r"^ckpt_(\d+)\.pt$")  # the fast trainer's ckpt_<step>.pt (engine/checkpoint.py)
+_LAST = "last.pt"  # the reference trainer's one checkpoint per model (reference/resume.py)
+_ADAPTED = "dsp"  # a train.compare_source_only run keeps the adapted model in this subfolder
+
+
+def open_checkpoint(spec: str) -> tuple[str, dict]:
+    """(path, contents) of `spec`: a checkpoint file, or a run folder's newest checkpoint that reads and verifies
+    (ckpt_<step>.pt by step, or last.pt; in the folder itself, else in its dsp/ subfolder, the adapted model of a
+    train.compare_source_only run). Bad newer files are passed over and named on stderr."""
+    if not os.path.isdir(spec):
+        return spec, read_checkpoint(spec)
+    for folder in (spec, os.path.join(spec, _ADAPTED)):
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        steps = sorted((int(m.group(1)), n) for n in names if (m := _PERIODIC.match(n)))
+        found = [os.path.join(folder, n) for _, n in steps] + ([os.path.join(folder, _LAST)] if _LAST in names else [])
+        bad = []
+        for path in reversed(found):
+            try:
+                ckpt = read_checkpoint(path)
+            except InputError as e:
+                bad.append(str(e))
+                continue
+            if bad:
+                print(f"warning: passed over {len(bad)} bad checkpoint(s) in {folder}: {'; '.join(bad)}",
+                      file=sys.stderr)
+            print(f"checkpoint: {path} (the newest good one in {spec})")
+            return path, ckpt
+        if bad:
+            raise InputError(f"{folder}: no good checkpoint: {'; '.join(bad)}")
+    raise InputError(f"{spec}: no checkpoint (ckpt_<step>.pt, last.pt) in this folder or its {_ADAPTED}/ subfolder")
+
+
+def training_folder(checkpoint_path: str) -> str | None:
+    """The folder the run of a checkpoint was started from (provenance.json's `cwd`, in the checkpoint's folder or
+    the run folder above a model's subfolder), when it still exists; its config's relative paths mean paths there."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    for candidate in (folder, os.path.dirname(folder)):
+        try:
+            with open(os.path.join(candidate, PROVENANCE)) as f:
+                cwd = json.load(f).get("cwd")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return cwd if isinstance(cwd, str) and os.path.isdir(cwd) else None
+    return None
 
 
 def load_checkpoint_model(cfg: Config, ckpt: dict, path: str, which: str, device: torch.device) -> torch.nn.Module:
@@ -186,11 +218,17 @@ def _state_dict_difference(want: dict, got: dict) -> str:
     return "weights: " + ", ".join(p for p in parts if p) if any(parts) else "the weights do not load"
 
 
-def checkpoint_config(ckpt: dict, config: str | None, overrides: list[str]) -> Config:
-    """The config a checkpoint was trained with (`--config` instead when given), the overrides on top."""
+def checkpoint_config(ckpt: dict, config: str | None, overrides: list[str], base: str | None = None) -> Config:
+    """The config a checkpoint was trained with (`--config` instead when given), the overrides on top. `base`: the
+    folder its relative data roots are resolved against (training_folder), before the overrides, which are the
+    current folder's."""
     if config is None and "config" in ckpt:
         raw = ckpt["config"]
         raw["model"]["pretrained"] = ""  # the checkpoint holds the weights; the init file may be gone
+        data = raw.get("data", {})
+        for key in ("source_root", "target_root", "synthetic_root"):
+            if base and data.get(key) and not os.path.isabs(data[key]):
+                data[key] = os.path.join(base, data[key])
         for text in overrides:
             (section, key), value = parse_override(text)
             raw.setdefault(section, {})[key] = value
@@ -200,27 +238,35 @@ def checkpoint_config(ckpt: dict, config: str | None, overrides: list[str]) -> C
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by a dsp_fast trainer")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint written by a dsp_fast trainer, or a run folder (its newest good one)")
     parser.add_argument("--config", default=None, help="YAML preset (default: the config saved in the checkpoint)")
     parser.add_argument("--which", default="student", choices=["student", "teacher"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", default=None, help="also write the IoU figures to this JSON file")
+    add_inference_flags(parser)
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(flags)
     args.overrides = [*args.overrides, *overrides]
     try:
-        ckpt = read_checkpoint(args.checkpoint)
-        cfg = checkpoint_config(ckpt, args.config, args.overrides)
+        path, ckpt = open_checkpoint(args.checkpoint)
+        base = training_folder(path) if args.config is None else None
+        cfg = checkpoint_config(ckpt, args.config, args.overrides, base)
+        how = inference_from_flags(args, cfg)
         device = resolve_device(args.device, "--device")
-        model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.which, device)
+        model = load_checkpoint_model(cfg, ckpt, path, args.which, device)
         dataset = target_dataset(cfg, cfg.data.eval_split, labels=True)
     except (ConfigError, InputError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    moved = base and os.path.abspath(base) != os.getcwd()
+    where = f" (the run's relative data paths resolved against {base}, where it ran)" if moved else ""
+    print(f"evaluating the {cfg.data.eval_split} split of {os.path.abspath(dataset_roots(cfg)[1])}{where}, "
+          f"{how.describe()}")
     t0 = time.time()
     iou = iou_from_confusion(evaluate(model, dataset, cfg.data.eval_size, cfg.model.num_classes, device,
-                                      cfg.data.max_eval_images))
+                                      cfg.data.max_eval_images, how))
     print(format_iou_table(iou))
     print(f"evaluated {len(dataset) if not cfg.data.max_eval_images else cfg.data.max_eval_images} images "
           f"in {time.time() - t0:.1f} s")

@@ -1,8 +1,10 @@
 """Segment images with a trained checkpoint: colour PNGs and the Cityscapes benchmark's submission format.
 
-    python -m dsp_fast.predict --checkpoint RUN/ckpt_<step>.pt INPUTS... --out DIR [--model student|teacher]
+    python -m dsp_fast.predict --checkpoint RUN/ckpt_<step>.pt|RUN INPUTS... --out DIR [--model student|teacher]
+        [--mode whole|slide] [--window W H] [--stride W H] [--flip]
 
-INPUTS are image files or folders (searched recursively for .png / .jpg / .jpeg). Each image gets
+INPUTS are image files or folders (searched recursively for .png / .jpg / .jpeg), of any size and colour mode
+(gray, palette, RGBA and 16-bit images are converted to 8-bit RGB). Each image gets
 `DIR/labelIds/<name>.png` (Cityscapes label ids, the benchmark's format) and `DIR/color/<name>.png`, <name> being its
 path below the folder given (its file name for a file given alone), so the benchmark's city folders and names are
 kept; docs/evaluate.md, "Predict". Exit code 2: missing or unreadable checkpoint or image, no image found, bad
@@ -26,7 +28,8 @@ from dsp_fast.config import ConfigError, split_overrides
 from dsp_fast.data import DatasetError, resize_image
 from dsp_fast.data.labels import CITYSCAPES_PALETTE, train_id_to_cityscapes19, train_id_to_label_id
 from dsp_fast.data.pngio import read_rgb
-from dsp_fast.evaluate import InputError, checkpoint_config, load_checkpoint_model, predict_batch, read_checkpoint
+from dsp_fast.evaluate import InputError, checkpoint_config, load_checkpoint_model, open_checkpoint
+from dsp_fast.inference import Inference, add_inference_flags, inference_from_flags, predict_batch
 from dsp_fast.run_io import resolve_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -69,9 +72,10 @@ def _save(path: str, array: np.ndarray) -> None:
 
 def predict_files(model: torch.nn.Module, files: list[tuple[str, str]], out_dir: str, num_classes: int,
                   eval_size: tuple[int, int], device: torch.device, batch_size: int = 4, keep_size: bool = True,
-                  progress: bool = True) -> int:
+                  progress: bool = True, how: Inference = Inference()) -> int:
     """Write the labelIds and colour PNGs of `files` (from collect_inputs) under `out_dir`; returns the count.
-    Images are read and PNGs written by threads while the model runs on the next batch."""
+    Each image is resized to `eval_size` and segmented as `how` says (whole, slide, flip). Images are read and
+    PNGs written by threads while the model runs on the next batch."""
     to_label_id = train_id_to_label_id(num_classes)
     colours = CITYSCAPES_PALETTE[train_id_to_cityscapes19(num_classes)]
     model.eval()
@@ -86,7 +90,7 @@ def predict_files(model: torch.nn.Module, files: list[tuple[str, str]], out_dir:
                 read_next = pool.map(read_rgb, [p for p, _ in batches[k + 1]])
             sizes = [(im.shape[1], im.shape[0]) for im in images]
             preds = predict_batch(model, [resize_image(im, eval_size) for im in images], device,
-                                  sizes if keep_size else None)
+                                  sizes if keep_size else None, how)
             for (_, name), pred in zip(batch, preds):
                 ids = pred.to(torch.uint8).cpu().numpy()
                 pending.append(pool.submit(_save, os.path.join(out_dir, "labelIds", output_name(name)),
@@ -100,7 +104,8 @@ def predict_files(model: torch.nn.Module, files: list[tuple[str, str]], out_dir:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsp_fast.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by a dsp_fast trainer")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint written by a dsp_fast trainer, or a run folder (its newest good one)")
     parser.add_argument("inputs", nargs="+", help="image files or folders (a Cityscapes split folder)")
     parser.add_argument("--out", required=True, help="output folder (labelIds/ and color/ below it)")
     parser.add_argument("--model", default="student", choices=["student", "teacher"],
@@ -111,23 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="original", choices=["original", "eval"],
                         help="write each prediction at its image's size (default) or at data.eval_size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_inference_flags(parser)
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(flags)
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         files = collect_inputs(args.inputs)
-        ckpt = read_checkpoint(args.checkpoint)
+        path, ckpt = open_checkpoint(args.checkpoint)
         cfg = checkpoint_config(ckpt, args.config, overrides)
+        how = inference_from_flags(args, cfg)
         device = resolve_device(args.device, "--device")
-        model = load_checkpoint_model(cfg, ckpt, args.checkpoint, args.model, device)
+        model = load_checkpoint_model(cfg, ckpt, path, args.model, device)
         n = predict_files(model, files, args.out, cfg.model.num_classes, cfg.data.eval_size, device,
-                          args.batch_size, keep_size=args.size == "original", progress=not args.no_progress)
+                          args.batch_size, keep_size=args.size == "original", progress=not args.no_progress, how=how)
     except (ConfigError, InputError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out)
-    print(f"{n} images segmented by the {args.model} of {args.checkpoint} ({cfg.model.arch}, {device}):\n"
+    print(f"{n} images segmented by the {args.model} of {path} ({cfg.model.arch}, {device}, {how.describe()}):\n"
           f"  {os.path.join(out, 'labelIds')}  Cityscapes label ids (the benchmark's submission format)\n"
           f"  {os.path.join(out, 'color')}  Cityscapes colours")
     return 0

@@ -131,12 +131,18 @@ def decode_png16(path: str) -> np.ndarray:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """An image file as uint8 HxWx3 RGB (palette, gray and RGBA images are converted)."""
+    """An image file as uint8 HxWx3 RGB: palette, gray and RGBA images converted (alpha dropped), 16-bit samples
+    reduced to their high byte (PIL does so for 16-bit colour; its 16-bit gray would saturate at 255)."""
     try:
         with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found") from None
+    except Image.UnidentifiedImageError:
+        raise DatasetError(f"{path}: not an image file (no known image format)") from None
     except _DECODE_ERRORS as e:
         raise DatasetError(f"{path}: corrupt or truncated image ({e})") from None
 
