@@ -30,7 +30,8 @@ class DSPConfig:
     long_tail_classes: list[int] = field(default_factory=lambda: [12, 15, 16, 17, 18])
     """Train ids of the long-tail classes (GTA5: rider, bus, train, motorcycle, bicycle)."""
     num_long_tail: int = 2
-    """Long-tail classes hard-pasted onto the template per step; 0: no long-tail paste (no class index, no crops)."""
+    """Long-tail classes hard-pasted onto the template per step; 0: no long-tail paste (no class drawn, no crop
+    loaded; the reference builds no class index)."""
     drop_target_soft_term: bool = False
     """True restores the authors' script, which computes the (1-lam) target term and throws it away."""
     train_mmd_projection: bool = True
