@@ -41,6 +41,18 @@ SCRIPT_DSP = {"long_tail_paste": "columns", "share_first_mask": True, "paste_ign
 """Every dsp.* switch of the gta2cs_script preset at the script's value (test_script_switches.py checks the preset
 against it)."""
 
+DACS_DSP = {"template": "source", "source_mix": False, "lam": 1.0, "num_long_tail": 0, "mmd_weight": 0.0}
+"""DACS's switches (the gta2cs_dacs preset's, its paste_ignore_label aside)."""
+
+ABLATION_ROWS = {
+    "dacs": DACS_DSP,
+    "+soft_paste": {**DACS_DSP, "lam": 0.9},
+    "+dual": {"num_long_tail": 0, "mmd_weight": 0.0},
+    "+long_tail": {"mmd_weight": 0.0},
+    "+mmd (dsp)": {},
+}
+"""The ablation from DACS to DSP, one switch group added per row; the last row is DSP's defaults."""
+
 LT_PRESENT = 12  # a long-tail class already present in the template
 
 
@@ -81,6 +93,18 @@ def make_choices(cfg: Config, y_m: torch.Tensor, gen: torch.Generator, jitter: b
     return reference.StepChoices(sel, crops, aug_src, aug_tgt)
 
 
+def row_inputs(cfg: Config, gen: torch.Generator, jitter: bool = True, blur: bool = True
+               ) -> tuple[tuple[torch.Tensor, ...], reference.StepChoices]:
+    """make_batch and make_choices as a config reads them: with dsp.template 'source' the template is the source
+    batch (x_m, y_m = x_s, y_s), with dsp.num_long_tail 0 no long-tail crops."""
+    x_s, y_s, x_m, y_m, x_t = make_batch(gen)
+    if cfg.dsp.template == "source":
+        x_m, y_m = x_s, y_s
+    choices = make_choices(cfg, y_m, gen, jitter, blur)
+    choices.long_tail = [crops[:cfg.dsp.num_long_tail] for crops in choices.long_tail]
+    return (x_s, y_s, x_m, y_m, x_t), choices
+
+
 def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
     sel = ch.class_sel[:, :K]
     class_u = torch.where(sel, 0.1, 0.9)  # the chosen classes rank first among the present ones
@@ -89,11 +113,12 @@ def to_device_choices(ch: reference.StepChoices) -> method.DeviceChoices:
         keys = torch.zeros(a.order.shape).scatter_(1, a.order, torch.arange(4.0).expand(a.order.shape[0], 4))
         return torch.cat([a.jitter[:, None].float(), a.factors, a.blur[:, None].float(), a.sigma[:, None], keys], 1)
 
+    crops = [crop for per_image in ch.long_tail for crop in per_image]
+    lt_img = torch.stack([img for _, img, _ in crops]) if crops else torch.zeros(0, 3, H, W)  # dsp.num_long_tail 0
+    lt_label = torch.stack([lab for _, _, lab in crops]) if crops else torch.zeros(0, H, W, dtype=torch.int64)
     return method.DeviceChoices(
-        class_u=class_u,
-        lt_img=torch.stack([img for crops in ch.long_tail for _, img, _ in crops]),
-        lt_label=torch.stack([lab for crops in ch.long_tail for _, _, lab in crops]),
-        lt_cls=torch.tensor([c for c, _, _ in ch.long_tail[0]]),
+        class_u=class_u, lt_img=lt_img, lt_label=lt_label,
+        lt_cls=torch.tensor([c for c, _, _ in ch.long_tail[0]], dtype=torch.int64),
         aug_src=aug_tensor(ch.aug_src), aug_tgt=aug_tensor(ch.aug_tgt))
 
 

@@ -277,3 +277,24 @@ def test_the_data_backends_have_one_home():
     from dsp_fast.pipelines import BACKENDS
 
     assert DATA_BACKENDS[0] == "auto" and set(DATA_BACKENDS[1:]) <= set(BACKENDS)
+
+
+def test_dacs_switches_and_the_errors_naming_them():
+    """DACS's switches (dsp.template, dsp.source_mix) and the combinations they rule out, each error naming the
+    field it rejects and the one it conflicts with; the gta2cs_dacs preset is DACS's code where a field exists."""
+    with pytest.raises(ConfigError, match=r"'dsp\.template'"):
+        load_config(None, ["dsp.template=target"])
+    with pytest.raises(ConfigError, match=r"'dsp\.source_mix'.*dsp\.template 'source'"):
+        load_config(None, ["dsp.template=source", "dsp.mmd_weight=0"])  # source_mix left true
+    with pytest.raises(ConfigError, match=r"'dsp\.mmd_weight'.*dsp\.source_mix false"):
+        load_config(None, ["dsp.source_mix=false"])  # the MMD left on
+    assert load_config(None, ["dsp.num_long_tail=0"]).dsp.num_long_tail == 0
+    dacs = load_config("gta2cs_dacs").dsp
+    assert (dacs.template, dacs.source_mix, dacs.lam, dacs.num_long_tail, dacs.mmd_weight) == (
+        "source", False, 1.0, 0, 0.0)
+    assert (dacs.conf_threshold, dacs.ema_max, dacs.paste_ignore_label, dacs.jitter_strength) == (
+        0.968, 0.99, True, 0.25)
+    assert dacs.batches_per_step() == 2 and load_config("gta2cs").dsp.batches_per_step() == 3
+    small = load_config("synthetic_dacs")
+    assert {k: getattr(small.dsp, k) for k in ("template", "source_mix", "lam", "num_long_tail", "mmd_weight")} == {
+        k: getattr(dacs, k) for k in ("template", "source_mix", "lam", "num_long_tail", "mmd_weight")}

@@ -8,7 +8,17 @@ after one SGD step at lr 1e-2.
 
 import pytest
 import torch
-from helpers_step import K, assert_fast_math_matches_reference, make_batch, make_cfg, make_choices, to_device_choices
+from helpers_step import (
+    ABLATION_ROWS,
+    K,
+    assert_fast_math_matches_reference,
+    assert_fast_step_matches_reference,
+    make_batch,
+    make_cfg,
+    make_choices,
+    row_inputs,
+    to_device_choices,
+)
 
 from dsp_fast import method
 
@@ -32,3 +42,22 @@ def test_fast_step_matches_reference(dsp, coins):
     batch = make_batch(gen)
     choices = make_choices(cfg, batch[3], gen, *coins)
     assert_fast_math_matches_reference(cfg, batch, choices, to_device_choices(choices))
+
+
+@pytest.mark.parametrize("row", list(ABLATION_ROWS))
+def test_fast_math_matches_reference_on_each_ablation_row(row):
+    """DACS to DSP one switch group at a time (dsp.template, dsp.source_mix, dsp.lam, dsp.num_long_tail,
+    dsp.mmd_weight): the fast path's three student calls against the reference step, the same terms (no srcmix
+    without the source mix, no mmd at weight 0)."""
+    cfg = make_cfg(**ABLATION_ROWS[row])
+    batch, choices = row_inputs(cfg, torch.Generator().manual_seed(1))
+    assert_fast_math_matches_reference(cfg, batch, choices, to_device_choices(choices))
+
+
+@pytest.mark.parametrize("row", list(ABLATION_ROWS))
+def test_fast_train_step_matches_reference_on_each_ablation_row(row):
+    """The same rows through the fast trainer's train_step: the batched student (2 per-group BN groups without the
+    source mix, 3 with it), the engine's optimizer and buffers (x_m aliasing x_s with dsp.template 'source')."""
+    cfg = make_cfg(**ABLATION_ROWS[row])
+    batch, choices = row_inputs(cfg, torch.Generator().manual_seed(1))
+    assert_fast_step_matches_reference(cfg, batch, choices, to_device_choices(choices))

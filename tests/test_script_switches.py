@@ -197,3 +197,18 @@ def test_step_with_script_switches_issues_no_host_sync():
     rec = record_next_step(ctx, lambda: buffers(batch, ch))
     assert "dsp_fast::dual_soft_paste" in {op for op, _ in rec.ops}
 
+
+
+def test_fast_train_step_matches_reference_with_gta2cs_dacs_switches():
+    """The gta2cs_dacs preset's dsp and optim sections (the source batch as template, hard paste, the ignore label
+    pasteable, no source mix, no long-tail paste, no MMD, DACS's repeated SGD updates) on the tiny model: the fast
+    trainer's step (batched student over 2 groups) against the reference's, fp32, losses and updated weights."""
+    small, preset = make_cfg(), load_config("gta2cs_dacs")
+    assert preset.dsp.template == "source" and preset.dsp.paste_ignore_label and preset.optim.script_param_repeats
+    cfg = Config(data=small.data, model=dataclasses.replace(preset.model, arch="tiny", pretrained=""),
+                 dsp=preset.dsp, optim=dataclasses.replace(preset.optim, lr=small.optim.lr), train=small.train)
+    gen = torch.Generator().manual_seed(1)
+    x_s, y_s, _, _, x_t = make_batch(gen)
+    choices = script_choices(cfg, y_s, gen)
+    choices.long_tail = [[] for _ in range(B)]  # dsp.num_long_tail 0
+    assert_fast_step_matches_reference(cfg, (x_s, y_s, x_s, y_s, x_t), choices, device_choices(cfg, choices))

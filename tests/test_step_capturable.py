@@ -12,6 +12,7 @@ import torch
 from helpers_capture import OpRecorder, cuda_like_context, record_next_step
 from helpers_step import (
     CPU,
+    DACS_DSP,
     SCRIPT_DSP,
     H,
     W,
@@ -174,17 +175,19 @@ def cuda_autocast_allowed():
         common.amp_definitely_not_available, torch.cuda.is_bf16_supported = real
 
 
-@pytest.mark.parametrize("amp,script,repeats", [("bf16", False, False), ("fp32", False, False),
-                                                ("bf16", True, False), ("bf16", True, True)])
-def test_whole_step_on_fake_cuda(amp, script, repeats, value_checks_off, fake_cuda_support):
+@pytest.mark.parametrize("amp,script,repeats,dacs", [("bf16", False, False, False), ("fp32", False, False, False),
+                                                     ("bf16", True, False, False), ("bf16", True, True, False),
+                                                     ("bf16", False, False, True)])
+def test_whole_step_on_fake_cuda(amp, script, repeats, dacs, value_checks_off, fake_cuda_support):
     """Student, teacher, losses (fused operators through their fake implementations), fused SGD with a device lr
     and the EMA, on fake `cuda` tensors: any cuda/cpu mix raises, and no operator takes tensors of two devices
     (a CPU scalar tensor beside cuda ones would be baked into a graph). torch built without CUDA cannot record
     autograd on cuda tensors (autograd asks the CUDA runtime for a stream), so the forward runs without grad and
     the update half gets fake gradients; the backward's operators mirror the forward's devices. script: with the
     authors'-script switches (column paste, shared mask, ignore label pasteable, HSV quirk); repeats: with
-    optim.script_param_repeats as well (every pass of the repeated SGD binds the device-lr overload)."""
-    cfg = with_repeats(make_cfg(**(SCRIPT_DSP if script else {})), repeats)
+    optim.script_param_repeats as well (every pass of the repeated SGD binds the device-lr overload); dacs: DACS's
+    switches (the source batch as template, two student groups, no long-tail crop, no MMD)."""
+    cfg = with_repeats(make_cfg(**(SCRIPT_DSP if script else DACS_DSP if dacs else {})), repeats)
     student, teacher = build_models(cfg, CPU)
     cuda = torch.device("cuda")
     with FakeTensorMode(allow_non_fake_inputs=True), OpRecorder() as rec:
@@ -202,7 +205,9 @@ def test_whole_step_on_fake_cuda(amp, script, repeats, value_checks_off, fake_cu
                                 aug_tgt=torch.zeros(b, AUG_COLS, device=cuda))
         img = [torch.zeros(b, 3, H, W, device=cuda) for _ in range(3)]
         lab = [torch.zeros(b, H, W, dtype=torch.int64, device=cuda) for _ in range(2)]
-        buf = StepBuffers(img[0], lab[0], img[1], lab[1], img[2], choices)
+        # dsp.template 'source': x_m, y_m alias x_s, y_s, as StepBuffers.like makes them
+        buf = (StepBuffers(img[0], lab[0], img[0], lab[0], img[2], choices) if dacs else
+               StepBuffers(img[0], lab[0], img[1], lab[1], img[2], choices))
         with torch.no_grad(), cuda_autocast_allowed():
             losses = compute_losses(ctx, buf)
         for p in ctx.student_params:
@@ -210,7 +215,7 @@ def test_whole_step_on_fake_cuda(amp, script, repeats, value_checks_off, fake_cu
         apply_update(ctx, losses)
     assert {t.device.type for t in [*losses.values(), *ctx.sums.values(), *ctx.teacher_params]} == {"cuda"}
     names = [op for op, _ in rec.ops]
-    assert "dsp_fast::dual_soft_paste" in names and "dsp_fast::adjoint_map" in names
+    assert "dsp_fast::dual_soft_paste" in names and ("dsp_fast::adjoint_map" in names) != dacs  # no MMD in DACS
     # one call per group: with repeats backbone_x1/_x3/_x4 and the head groups on pass 1, _x3/_x4 on passes 2
     # and 3, _x4 on pass 4 (the script switches leave the projection out of the optimizer)
     head_groups = 1 + cfg.dsp.train_mmd_projection

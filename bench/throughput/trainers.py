@@ -34,7 +34,7 @@ class ReferenceTrainer:
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.run = ref.build_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device.type)))
-        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size
+        self.images_per_step = cfg.dsp.batches_per_step() * cfg.data.batch_size
         self.step_index = 0
         self.last_loss = float("nan")
 
