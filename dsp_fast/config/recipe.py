@@ -8,6 +8,7 @@ from typing import Any
 
 from dsp_fast.config.errors import _check, _check_fields, _field
 
+TEMPLATES = ("separate", "source")
 OPTIM_ALGORITHMS = ("sgd", "adamw")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
@@ -17,19 +18,26 @@ class DSPConfig:
     enabled: bool = True
     """False trains source-only (L_src alone): the baseline adaptation is compared against."""
     lam: float = _field(0.9, within="[0, 1]")
-    """Fusion weight of the soft paste (0.9 for GTA5, 0.8 for SYNTHIA)."""
+    """Fusion weight of the soft paste (0.9 for GTA5, 0.8 for SYNTHIA); 1.0: a hard paste (DACS's ClassMix)."""
+    template: str = _field("separate", choices=TEMPLATES)
+    """Whose pixels are pasted: 'separate' (DSP) a second source batch x_m, y_m; 'source' (DACS) the source batch
+    x_s, y_s itself, half of y_s[i]'s classes pasted onto x_t[i], and no second source batch loaded or forwarded."""
+    source_mix: bool = True
+    """The dual part of the paste: the template also pasted onto x_s (xs_mix) and trained on (L_srcmix). False: no
+    xs_mix, no L_srcmix, no student forward on it (DACS); required with dsp.template 'source'."""
     conf_threshold: float = _field(0.968, within="[0, 1]")
     """Pseudo-label confidence threshold for the target pixel weight q."""
     long_tail_classes: list[int] = field(default_factory=lambda: [12, 15, 16, 17, 18])
     """Train ids of the long-tail classes (GTA5: rider, bus, train, motorcycle, bicycle)."""
     num_long_tail: int = 2
-    """Long-tail classes hard-pasted onto the template per step."""
+    """Long-tail classes hard-pasted onto the template per step; 0: no long-tail paste (no class index, no crops)."""
     drop_target_soft_term: bool = False
     """True restores the authors' script, which computes the (1-lam) target term and throws it away."""
     train_mmd_projection: bool = True
     """False restores the authors' script, where the MMD projection is never given to the optimizer."""
     mmd_weight: float = _field(1e-4, within="[0, inf)")
-    """Weight c of the MMD loss."""
+    """Weight c of the MMD loss; 0: no MMD computed (the MMD projection then takes no gradient). Needs
+    dsp.source_mix: the MMD compares the student's features of xs_mix and xt_mix."""
     mmd_kernel_mul: float = 2.0
     """Ratio between successive Gaussian bandwidths of the MMD."""
     mmd_kernel_num: int = _field(5, within="[1, inf)")
@@ -73,6 +81,12 @@ class DSPConfig:
                f"must be train ids in [0, 255), got {self.long_tail_classes!r}")
         _check(0 <= self.num_long_tail <= len(self.long_tail_classes), "dsp.num_long_tail",
                f"must be in [0, {len(self.long_tail_classes)}] (the long-tail list's length), got {self.num_long_tail}")
+        _check(not (self.template == "source" and self.source_mix), "dsp.source_mix",
+               "must be false with dsp.template 'source' (the source batch is the template: a source mix would paste "
+               "x_s onto itself)")
+        _check(self.source_mix or self.mmd_weight == 0, "dsp.mmd_weight",
+               f"must be 0 with dsp.source_mix false (the MMD compares the features of xs_mix and xt_mix), got "
+               f"{self.mmd_weight}")
 
 
 @dataclass
