@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 
 import pytest
 from PIL import Image
@@ -147,7 +148,9 @@ def test_the_same_command_continues_a_partly_finished_ablation(tmp_path, capsys)
 def test_two_ablations_at_once_never_share_a_folder(tmp_path):
     args = ["--config", "synthetic", "--seeds", "0", "--out", str(tmp_path / "abl")]
     assert ablate.main(args, runner=FakeTrainer(fail_at=1)) == 3
-    lock = ablate._lock(str(tmp_path / "abl"))  # as an ablation still running in it holds it
+    plan = json.loads((tmp_path / "abl" / "ablation.json").read_text())["plan"]
+    folder, lock, earlier = ablate.claim_folder(str(tmp_path / "abl"), plan)  # as a second start of it would
+    assert folder == str(tmp_path / "abl") and earlier is not None  # continued, and held while this one runs
     try:
         assert ablate.main(args, runner=FakeTrainer()) == 0
     finally:
@@ -168,7 +171,7 @@ def test_bad_settings_stop_before_anything_is_made(tmp_path, capsys):
 
 
 def test_matplotlib_missing_is_one_line_and_the_table_is_still_written(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     assert ablate.main(["--seeds", "0", "--out", str(tmp_path / "abl")], runner=FakeTrainer()) == 0
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert (tmp_path / "abl" / "ablation.md").exists() and not (tmp_path / "abl" / "ablation.png").exists()
