@@ -297,7 +297,7 @@ def _ablate(folder: str, planned: list[PlannedRow], models: dict[str, str], plan
                           "before it are written", file=sys.stderr)
                     break
                 done = [folder_run]
-            runs[key][seed] = done[0]
+            runs[key][seed] = os.path.abspath(done[0])  # the JSON names it from anywhere
             summary = read_summary(done[0])["models"]
             for p in planned:
                 if (p.row.trained_in or p.row.key) == key:
