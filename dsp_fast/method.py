@@ -158,8 +158,9 @@ class Ranks:
 
 
 def batched_student(cfg: Config) -> bool:
-    """Step 5 as one student call over 3B images (fast.batched_student; DSP only): its BN layers must then take
-    statistics per group of B images (engine/batchnorm.py), or the result is not the three calls'."""
+    """Step 5 as one student call over 3B images, 2B without dsp.source_mix (fast.batched_student; DSP only): its BN
+    layers must then take statistics per group of B images (engine/batchnorm.py), or the result is not the separate
+    calls'."""
     return cfg.fast.batched_student and cfg.dsp.enabled
 
 
@@ -171,7 +172,7 @@ class Mixed:
     mask: torch.Tensor  # M (B, H, W) bool: the paste mask
     weight_mask: torch.Tensor  # where W = 1 in L_tgtmix (M, but with dsp.share_first_mask)
     mmd_mask: torch.Tensor  # the masked MMD's mask (M, but with dsp.share_first_mask)
-    xs_mix: torch.Tensor  # strongly augmented mixed source images
+    xs_mix: torch.Tensor  # mixed source images, strongly augmented with dsp.source_mix (else not trained on)
     ys_mix: torch.Tensor
     xt_mix: torch.Tensor  # strongly augmented mixed target images
     yt_mix: torch.Tensor
@@ -181,7 +182,8 @@ class Mixed:
 
 def dsp_mix(cfg: Config, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: DeviceChoices, *,
             ranks: Ranks | None = None) -> Mixed:
-    """Steps 1-4 on the device: pseudo-labels, class selection, long-tail paste, dual soft paste, augmentation."""
+    """Steps 1-4 on the device: pseudo-labels, class selection, long-tail paste, dual soft paste, augmentation.
+    With dsp.template 'source' the caller passes x_s, y_s as x_m, y_m (DACS's ClassMix of the source batch)."""
     d, num_classes = cfg.dsp, cfg.model.num_classes
     with torch.no_grad():
         prob = torch.softmax(seg_forward(teacher, x_t, normalize)[0].float(), dim=1)
@@ -207,7 +209,8 @@ def dsp_mix(cfg: Config, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: Device
     xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m_pasted, y_m_pasted, class_sel, x_s, y_s, x_t, yhat_t,
                                                            d.lam, pasted)
     kernel = blur_kernel_shape(*x_s.shape[-2:])
-    xs_mix = strong_augment(xs_mix, ch.aug_src, kernel, d.kornia_hsv_quirk)
+    if d.source_mix:
+        xs_mix = strong_augment(xs_mix, ch.aug_src, kernel, d.kornia_hsv_quirk)
     xt_mix = strong_augment(xt_mix, ch.aug_tgt, kernel, d.kornia_hsv_quirk)
     weight_mask, mmd_mask = (mask, mask) if weight_mask is None else (weight_mask, mmd_mask)
     return Mixed(x_m_pasted, mask, weight_mask, mmd_mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
@@ -220,33 +223,38 @@ def dsp_losses(cfg: Config, student, teacher, normalize, x_s, y_s, x_m, y_m, x_t
     if not cfg.dsp.enabled:
         l_src = source_loss(seg_forward(student, x_s, normalize)[0], y_s, cfg.dsp, ranks=ranks)
         return {"loss": l_src, "src": l_src}
-    if batched_student(cfg):  # step 5 as one call: the mixing first, then x_s, xs_mix, xt_mix in the calls' order
+    d, lam = cfg.dsp, cfg.dsp.lam
+    # step 5: the student on x_s, xs_mix (dsp.source_mix only) and xt_mix; as one call over the groups with the
+    # batched student (the mixing first), else as separate calls in that order
+    if batched_student(cfg):
         mix = dsp_mix(cfg, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch, ranks=ranks)
-        logits, feat = seg_forward(student, torch.cat([x_s, mix.xs_mix, mix.xt_mix]), normalize)
-        logits_s, logits_sm, logits_tm = logits.chunk(3)
-        feat_sm, feat_tm = feat.chunk(3)[1:]
+        groups = [x_s, mix.xs_mix, mix.xt_mix] if d.source_mix else [x_s, mix.xt_mix]
+        logits, feat = seg_forward(student, torch.cat(groups), normalize)
+        outs = list(zip(logits.chunk(len(groups)), feat.chunk(len(groups))))
     else:
-        logits_s, _ = seg_forward(student, x_s, normalize)
+        outs = [seg_forward(student, x_s, normalize)]
         mix = dsp_mix(cfg, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch, ranks=ranks)
-        logits_sm, feat_sm = seg_forward(student, mix.xs_mix, normalize)
-        logits_tm, feat_tm = seg_forward(student, mix.xt_mix, normalize)
-    d = cfg.dsp
+        outs += [seg_forward(student, x, normalize) for x in ([mix.xs_mix] if d.source_mix else []) + [mix.xt_mix]]
+    (logits_s, _), (logits_tm, feat_tm) = outs[0], outs[-1]
     terms = {"src": source_loss(logits_s, y_s, d, ranks=ranks)}
     # the losses and the MMD in fp32 whatever the run's autocast: a .float() alone is not enough, autocast would
-    # cast the MMD's pooling matmul back to bf16
+    # cast the MMD's pooling matmul back to bf16. The (1-lam) terms are skipped at lam 1 (a hard paste): they are 0
     with torch.autocast(x_s.device.type, enabled=False):
-        logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
-        logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
-        lam = d.lam
         # the mixed losses' mean runs over all B*H*W pixels; every rank holds the same number, so a rank's own mean
         # is its share of the global mean times world_size, which DDP's mean over ranks divides back out
-        terms["srcmix"] = (lam * nll(logp_sm, mix.ys_mix) + (1 - lam) * nll(logp_sm, y_s)).mean()
+        if d.source_mix:
+            logits_sm, feat_sm = outs[1]
+            logp_sm = torch.log_softmax(logits_sm.float(), dim=1)
+            src = lam * nll(logp_sm, mix.ys_mix)
+            terms["srcmix"] = (src if lam == 1 else src + (1 - lam) * nll(logp_sm, y_s)).mean()
+        logp_tm = torch.log_softmax(logits_tm.float(), dim=1)
         weight = torch.where(mix.weight_mask, 1.0, mix.q)
         tgt = lam * nll(logp_tm, mix.yt_mix)
-        if not d.drop_target_soft_term:
+        if lam != 1 and not d.drop_target_soft_term:
             tgt = tgt + (1 - lam) * nll(logp_tm, mix.yhat_t)
         terms["tgtmix"] = (weight * tgt).mean()
-        terms["mmd"] = mmd_term(d, feat_sm, feat_tm, mix.mmd_mask, tuple(x_s.shape[-2:]), ranks=ranks)
+        if d.mmd_weight:  # 0: no MMD term at all (its projection then takes no gradient: engine/trainer.py)
+            terms["mmd"] = mmd_term(d, feat_sm, feat_tm, mix.mmd_mask, tuple(x_s.shape[-2:]), ranks=ranks)
     # a new term: terms["name"] = value (a 0-d tensor); it joins the loss and the logs
     loss = sum(terms.values())
     return {"loss": loss, **terms, "q": mix.q}

@@ -25,8 +25,8 @@ def _nchw(images_NHWC: torch.Tensor) -> torch.Tensor:
 class StepLoader:
     """Endless iterator over training steps. `next(loader)` returns a dict of tensors on `device`:
 
-        src_img, tmpl_img  (B, 3, H, W) uint8, channels_last    source batch and template batch
-        src_label, tmpl_label (B, H, W) uint8                  train ids, 255 = ignore
+        src_img, tmpl_img  (B, 3, H, W) uint8, channels_last    source batch and template batch (no tmpl_* keys
+        src_label, tmpl_label (B, H, W) uint8                  without a template); train ids, 255 = ignore
         lt_img (B*L, 3, H, W) uint8, lt_label (B*L, H, W) uint8 long-tail crops: crop b*L + l is template b's
                                                                crop of class lt_class[l] (it holds that class)
         lt_class (L,) int64                                    L = min(num_long_tail, classes present), fixed
@@ -51,8 +51,8 @@ class StepLoader:
             lt_img, classes = _nchw(lt_img), lt_plan.classes
         else:  # no long-tail crops: empty tensors of the right shapes
             lt_img, lt_label, classes = s_img[:0], s_label[:0], []
-        return {"src_img": s_img[:b], "src_label": s_label[:b], "tmpl_img": s_img[b:2 * b],
-                "tmpl_label": s_label[b:2 * b], "lt_img": lt_img, "lt_label": lt_label,
+        template = {"tmpl_img": s_img[b:2 * b], "tmpl_label": s_label[b:2 * b]} if self.planner.template else {}
+        return {"src_img": s_img[:b], "src_label": s_label[:b], **template, "lt_img": lt_img, "lt_label": lt_label,
                 "lt_class": torch.tensor(classes, dtype=torch.int64).to(self.device, non_blocking=True),
                 "tgt_img": _nchw(t_img)}
 
@@ -65,7 +65,8 @@ class StepLoader:
 def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int] = (512, 512), batch_size: int = 2,
                   backend: str = "dali", device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                   seed: int = 0, num_threads: int = 4, long_tail_classes: Sequence[int] = (), num_long_tail: int = 0,
-                  flip: bool = False, start_step: int = 0, prefetch: int = 2, dali_roi: bool = True) -> StepLoader:
+                  flip: bool = False, start_step: int = 0, prefetch: int = 2, dali_roi: bool = True,
+                  template: bool = True) -> StepLoader:
     """The step loader over prepared folders (`python -m dsp_fast.prepare`).
 
     source_dir: a prepared GTA5 / SYNTHIA folder (with labels); target_dir: a prepared Cityscapes split folder.
@@ -76,7 +77,8 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     long_tail_classes, num_long_tail: the classes long-tail crops are drawn from, and how many per step.
     flip: random horizontal flips (False: the reference trainer does none). start_step: resume point.
     prefetch: steps prepared ahead (DALI's queue depth; the DataLoader's prefetch_factor per worker).
-    dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks)."""
+    dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks).
+    template: a second source batch per step (tmpl_img, tmpl_label); False (dsp.template 'source'): none read."""
     if backend not in BACKENDS:
         raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
@@ -88,7 +90,7 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     long_tail = load_prepared(source.long_tail) if source.long_tail and num_long_tail > 0 else None
     crop = (int(crop_size[0]), int(crop_size[1]))
     planner = Planner(source, target, crop, batch_size, rank, world_size, seed, tuple(long_tail_classes),
-                      num_long_tail, flip, long_tail)
+                      num_long_tail, flip, long_tail, template)
     if backend == "dali":
         from .dali_backend import DaliCropStream as Stream
 

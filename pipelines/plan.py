@@ -72,19 +72,21 @@ class CropPlan:
 
 
 class Planner:
-    """Plans for every step of the source side (source + template crops), the long-tail crops (from the source
-    set's longtail/ set, `long_tail`) and the target side."""
+    """Plans for every step of the source side (source + template crops; source crops alone without `template`,
+    dsp.template 'source'), the long-tail crops (from the source set's longtail/ set, `long_tail`) and the target
+    side."""
 
     def __init__(self, source: PreparedSet, target: PreparedSet, crop: tuple[int, int], batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, long_tail_classes: tuple[int, ...] = (),
-                 num_long_tail: int = 0, flip: bool = False, long_tail: PreparedSet | None = None) -> None:
+                 num_long_tail: int = 0, flip: bool = False, long_tail: PreparedSet | None = None,
+                 template: bool = True) -> None:
         for s in (source, target):
             if crop[0] > s.size[0] or crop[1] > s.size[1]:
                 raise ValueError(f"crop {crop[0]}x{crop[1]} is larger than {s.root} ({s.size[0]}x{s.size[1]})")
         if not source.has_labels:
             raise ValueError(f"{source.root}: the source set was prepared without labels")
         self.source, self.target, self.crop, self.batch_size = source, target, tuple(crop), batch_size
-        self.rank, self.seed, self.flip = rank, seed, flip
+        self.rank, self.seed, self.flip, self.template = rank, seed, flip, template
         streams = ((source, STREAM_SOURCE), (source, STREAM_TEMPLATE), (target, STREAM_TARGET))
         self.samplers = [ShardedSampler(len(ds), rank, world_size, seed, stream) for ds, stream in streams]
         bad = [c for c in long_tail_classes if not 0 <= c < source.num_classes]
@@ -135,9 +137,9 @@ class Planner:
         return CropPlan(indices, windows, self._flips(rng, len(indices)), classes)
 
     def source_plan(self, step: int) -> CropPlan:
-        """Crops 0..B-1: source batch; B..2B-1: template batch."""
+        """Crops 0..B-1: source batch; B..2B-1: template batch (none without a template)."""
         b, rng = self.batch_size, self._rng(step, SIDE_SOURCE)
-        indices = self.samplers[0].take(step * b, b) + self.samplers[1].take(step * b, b)
+        indices = self.samplers[0].take(step * b, b) + (self.samplers[1].take(step * b, b) if self.template else [])
         windows = [random_window(rng, self.source.size, self.crop) for _ in indices]
         return CropPlan(indices, windows, self._flips(rng, len(indices)), [])
 

@@ -75,6 +75,11 @@ class DSPConfig:
     none is), 'all' over every pixel of the batch, an ignored one counting 0 (DAFormer's decode head: the mit_*
     presets)."""
 
+    def batches_per_step(self) -> int:
+        """Batches of data.batch_size images a step reads: source, template (dsp.template 'separate'), target; the
+        source alone when source-only."""
+        return 1 if not self.enabled else 2 + (self.template == "separate")
+
     def __post_init__(self) -> None:
         _check_fields(self, "dsp")
         _check(all(isinstance(c, int) and 0 <= c < 255 for c in self.long_tail_classes), "dsp.long_tail_classes",

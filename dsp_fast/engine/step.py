@@ -25,7 +25,8 @@ from dsp_fast.method import DeviceChoices, Ranks, batched_student, dsp_losses, e
 
 @dataclasses.dataclass
 class StepBuffers:
-    """The step's inputs, at fixed addresses: images float RGB 0..1 (B, 3, H, W), labels int64 (B, H, W)."""
+    """The step's inputs, at fixed addresses: images float RGB 0..1 (B, 3, H, W), labels int64 (B, H, W). With
+    dsp.template 'source' the loader has no template batch: x_m, y_m are x_s, y_s themselves."""
 
     x_s: torch.Tensor
     y_s: torch.Tensor
@@ -38,7 +39,8 @@ class StepBuffers:
     def like(cls, batch: dict[str, torch.Tensor], num_classes: int, channels_last: bool,
              paste_ignore_label: bool = False) -> StepBuffers:
         """Buffers shaped after one loader batch (the loader's shapes are fixed for a run); paste_ignore_label: one
-        more class rank column, the ignore label's (dsp.paste_ignore_label)."""
+        more class rank column, the ignore label's (dsp.paste_ignore_label). A batch without a template (tmpl_img)
+        gets x_m, y_m aliasing x_s, y_s."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         b, _, h, w = batch["src_img"].shape
         lt = batch["lt_class"].shape[0]  # long-tail classes per step; lt_img holds B * lt crops, image-major
@@ -55,16 +57,20 @@ class StepBuffers:
                                 lt_label=lab(b * lt), lt_cls=torch.full((lt,), -1, dtype=torch.int64, device=dev),
                                 aug_src=torch.zeros(b, AUG_COLS, device=dev),
                                 aug_tgt=torch.zeros(b, AUG_COLS, device=dev))
-        return cls(img(b), lab(b), img(b), lab(b), img(b), choices)
+        x_s, y_s = img(b), lab(b)
+        x_m, y_m = (img(b), lab(b)) if "tmpl_img" in batch else (x_s, y_s)
+        return cls(x_s, y_s, x_m, y_m, img(b), choices)
 
     def load_(self, batch: dict[str, torch.Tensor]) -> None:
         """Copy a loader batch (uint8 images and labels) in place; images / 255 as the reference's to_tensor."""
         pairs = ((self.x_s, "src_img"), (self.x_m, "tmpl_img"), (self.x_t, "tgt_img"), (self.choices.lt_img, "lt_img"))
         for dst, key in pairs:
-            dst.copy_(batch[key], non_blocking=True)
-            dst.div_(255)
+            if key in batch:  # no tmpl_img with dsp.template 'source'
+                dst.copy_(batch[key], non_blocking=True)
+                dst.div_(255)
         self.y_s.copy_(batch["src_label"], non_blocking=True)
-        self.y_m.copy_(batch["tmpl_label"], non_blocking=True)
+        if "tmpl_label" in batch:
+            self.y_m.copy_(batch["tmpl_label"], non_blocking=True)
         self.choices.lt_label.copy_(batch["lt_label"], non_blocking=True)
         self.choices.lt_cls.copy_(batch["lt_class"], non_blocking=True)
 

@@ -73,7 +73,8 @@ def step_ranks(world_size: int) -> Ranks | None:
 
 
 def freeze_projection(student: nn.Module) -> None:
-    """Source-only training drops the MMD features: no gradient reaches the projection (the optimizer skips it).
+    """Source-only training and dsp.mmd_weight 0 drop the MMD features: no gradient reaches the projection (the
+    optimizer skips it; it stays in the checkpoints).
     Frozen, it needs no DDP hook and no find_unused_parameters traversal (its cost, and its warning)."""
     inner = unwrap(student)
     root = getattr(inner, "param_roots", (None, None, PROJECTION_ROOT))[2]
@@ -96,7 +97,7 @@ class Trainer:
         device, fast = info.device, cfg.fast
         self.batch = per_rank_batch(cfg.data.batch_size, info.world_size)
         self.backend = resolve_backend(fast, info)
-        self.images_per_step = (3 if cfg.dsp.enabled else 1) * cfg.data.batch_size  # the global batch
+        self.images_per_step = cfg.dsp.batches_per_step() * cfg.data.batch_size  # the global batch
         self.student, self.teacher = build_models(cfg, device) if models is None else models
         if info.enabled:  # BN statistics over the global batch, the teacher's too (docs/distributed.md)
             convert_global_bn(self.student, device)
@@ -116,7 +117,7 @@ class Trainer:
         self._scaler = scaler
         if resume is not None:
             self.load_state_dict(resume[1])
-        if not cfg.dsp.enabled:
+        if not cfg.dsp.enabled or not cfg.dsp.mmd_weight:
             freeze_projection(self.student)
         ddp = apply_ddp(self.student, info, find_unused=False)
         self.ctx = StepContext(cfg, ddp, self.teacher, self.optimizer,

@@ -36,12 +36,16 @@ def select_classes(y_m: torch.Tensor, num_classes: int, paste_ignore_label: bool
     return sel
 
 
-def draw_choices(cfg: Config, y_m: torch.Tensor, long_tail: LongTailSource, gen: torch.Generator) -> StepChoices:
+def draw_choices(cfg: Config, y_m: torch.Tensor, long_tail: LongTailSource | None, gen: torch.Generator
+                 ) -> StepChoices:
+    """The step's choices; `long_tail` None (dsp.num_long_tail 0): no long-tail draw at all."""
     d = cfg.dsp
     class_sel = select_classes(y_m, cfg.model.num_classes, d.paste_ignore_label, gen)
     # step 3: the classes once per step, as the script; then each template image its own crops
-    candidates = [c for c in d.long_tail_classes if long_tail.class_index[c]]  # a class no image holds is skipped
-    classes = [candidates[p] for p in torch.randperm(len(candidates), generator=gen)[: d.num_long_tail].tolist()]
+    classes = []
+    if long_tail is not None:
+        candidates = [c for c in d.long_tail_classes if long_tail.class_index[c]]  # a class no image holds: skipped
+        classes = [candidates[p] for p in torch.randperm(len(candidates), generator=gen)[: d.num_long_tail].tolist()]
     crops = []
     for _ in range(len(y_m)):
         drawn = [(cls, long_tail.draw(cls, d.long_tail_search, gen)) for cls in classes]

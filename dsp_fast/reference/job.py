@@ -50,15 +50,14 @@ class ReferenceRun:
     cfg: Config
     device: torch.device
     source: Dataset
-    class_index: list[list[int]]
     gen: torch.Generator
     src_iter: Iterator
-    tmpl_iter: Iterator
+    tmpl_iter: Iterator | None  # None with dsp.template 'source': the source batch is the template
     tgt_iter: Iterator
     student: torch.nn.Module
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    long_tail: LongTailSource | None = None  # step 3's crops (set by build_run)
+    long_tail: LongTailSource | None = None  # step 3's crops (set by build_run); None with dsp.num_long_tail 0
 
 
 def build_run(cfg: Config) -> ReferenceRun:
@@ -67,7 +66,6 @@ def build_run(cfg: Config) -> ReferenceRun:
     device = resolve_device(cfg.train.device)
     source = source_dataset(cfg)
     target = target_dataset(cfg, "train", labels=False)
-    class_index = load_or_build_class_index(source, cfg.model.num_classes)
     d = cfg.data
 
     def loader(dataset, base_size, seed):
@@ -77,18 +75,30 @@ def build_run(cfg: Config) -> ReferenceRun:
                                   generator=torch.Generator().manual_seed(seed)))
 
     src_iter = loader(source, d.source_size, cfg.train.seed + 10)
-    tmpl_iter = loader(source, d.source_size, cfg.train.seed + 20)  # a second, independently shuffled source stream
+    tmpl_iter = None
+    if cfg.dsp.template == "separate":  # a second, independently shuffled source stream
+        tmpl_iter = loader(source, d.source_size, cfg.train.seed + 20)
     tgt_iter = loader(target, d.target_size, cfg.train.seed + 30)
     student, teacher = build_student_teacher(cfg.model, device)
     optimizer = build_optimizer(cfg, student)
-    long_tail = LongTailSource(source, class_index, cfg.dsp.long_tail_size, d.crop_size)
-    return ReferenceRun(cfg, device, source, class_index, gen, src_iter, tmpl_iter, tgt_iter, student, teacher,
-                        optimizer, long_tail)
+    long_tail = None
+    if cfg.dsp.num_long_tail > 0:  # the class -> images index is built (or read) only when crops are drawn
+        class_index = load_or_build_class_index(source, cfg.model.num_classes)
+        long_tail = LongTailSource(source, class_index, cfg.dsp.long_tail_size, d.crop_size)
+    return ReferenceRun(cfg, device, source, gen, src_iter, tmpl_iter, tgt_iter, student, teacher, optimizer,
+                        long_tail)
+
+
+def next_data(run: ReferenceRun) -> tuple[torch.Tensor, ...]:
+    """One step's crops (x_s, y_s, x_m, y_m, x_t); with dsp.template 'source' the template is the source batch."""
+    x_s, y_s = next(run.src_iter)
+    x_m, y_m = (x_s, y_s) if run.tmpl_iter is None else next(run.tmpl_iter)  # before the target: the crops' RNG order
+    return x_s, y_s, x_m, y_m, next(run.tgt_iter)
 
 
 def next_batch(run: ReferenceRun) -> tuple[list[torch.Tensor], StepChoices]:
     """One step's data: source, template and target crops, and the step's random choices, on the device."""
-    (x_s, y_s), (x_m, y_m), x_t = next(run.src_iter), next(run.tmpl_iter), next(run.tgt_iter)
+    x_s, y_s, x_m, y_m, x_t = next_data(run)
     choices = draw_choices(run.cfg, y_m, run.long_tail, run.gen)
     if run.device.type != "cpu":
         choices.long_tail = [[(c, i.to(run.device), lb.to(run.device)) for c, i, lb in crops]
@@ -116,12 +126,11 @@ def train(cfg: Config, log: RunLog, resume: dict | None = None) -> tuple[torch.n
     (BadInputStop)."""
     run = build_run(cfg)
     student, teacher, optimizer = run.student, run.teacher, run.optimizer
-    start = 0 if resume is None else restore(run, resume, lambda: (next(run.src_iter), next(run.tmpl_iter),
-                                                                   next(run.tgt_iter)))
+    start = 0 if resume is None else restore(run, resume, lambda: next_data(run))
     if resume is not None:
         print(f"[{log.title}] resumed from {log.path('last.pt')} at step {start}", flush=True)
     # a source-only step reads and trains on the source batch alone
-    log.start(cfg.train.max_steps, images_per_step=(3 if cfg.dsp.enabled else 1) * cfg.data.batch_size,
+    log.start(cfg.train.max_steps, images_per_step=cfg.dsp.batches_per_step() * cfg.data.batch_size,
               start_step=start)
     for step in range(start, cfg.train.max_steps):
         t_data = time.perf_counter()

@@ -116,23 +116,25 @@ def dsp_losses(cfg: Config, student, teacher, x_s, y_s, x_m, y_m, x_t, choices: 
     chosen = class_mask(y_m, choices.class_sel)
     x_m, y_m, pasted = paste_long_tail(x_m, y_m, choices.long_tail, d.long_tail_paste == "columns")
     mix_mask, weight_mask, mmd_mask = step_masks(cfg, chosen, pasted)
-    # 4. dual soft paste + strong augmentation
+    # 4. dual soft paste + strong augmentation (the source mix only with dsp.source_mix)
     xs_mix, ys_mix, xt_mix, yt_mix = soft_paste(cfg, x_s, y_s, x_m, y_m, x_t, yhat_t, mix_mask)
-    xs_mix = strong_augment(xs_mix, choices.aug_src, d.kornia_hsv_quirk)
     xt_mix = strong_augment(xt_mix, choices.aug_tgt, d.kornia_hsv_quirk)
-    # 5. student forwards (separate calls: BN batch statistics differ per call)
-    logits_sm, feat_sm = seg_forward(student, xs_mix)
+    terms = {"src": l_src}
+    # 5.-6. student forwards (separate calls: BN batch statistics differ per call) and the losses; an ignored pixel
+    # contributes 0 but still counts in the mean over B*H*W
+    if d.source_mix:
+        xs_mix = strong_augment(xs_mix, choices.aug_src, d.kornia_hsv_quirk)
+        logits_sm, feat_sm = seg_forward(student, xs_mix)
+        terms["srcmix"] = (lam * ce(logits_sm, ys_mix) + (1 - lam) * ce(logits_sm, y_s)).mean()
     logits_tm, feat_tm = seg_forward(student, xt_mix)
-    # 6. losses; an ignored pixel contributes 0 but still counts in the mean over B*H*W
-    l_srcmix = (lam * ce(logits_sm, ys_mix) + (1 - lam) * ce(logits_sm, y_s)).mean()
     weight = torch.where(weight_mask, torch.ones_like(conf), q)
     tgt_terms = lam * weight * ce(logits_tm, yt_mix)
     if not d.drop_target_soft_term:
         tgt_terms = tgt_terms + (1 - lam) * weight * ce(logits_tm, yhat_t)
-    l_tgtmix = tgt_terms.mean()
-    l_mmd = d.mmd_weight * weighted_mmd(feat_sm, feat_tm, mmd_mask, tuple(x_s.shape[-2:]))
-    loss = l_src + l_srcmix + l_tgtmix + l_mmd
-    return {"loss": loss, "src": l_src, "srcmix": l_srcmix, "tgtmix": l_tgtmix, "mmd": l_mmd, "q": q}
+    terms["tgtmix"] = tgt_terms.mean()
+    if d.mmd_weight > 0:  # 0: no MMD at all (dsp.source_mix false requires it)
+        terms["mmd"] = d.mmd_weight * weighted_mmd(feat_sm, feat_tm, mmd_mask, tuple(x_s.shape[-2:]))
+    return {"loss": sum(terms.values()), **terms, "q": q}
 
 
 def train_step(cfg: Config, student, teacher, optimizer, step: int, batch, choices: StepChoices) -> dict[str, float]:
