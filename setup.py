@@ -18,7 +18,8 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=10", "pyyaml>=6", "tqdm>=4.60"],
     extras_require={
         "gpu": ["triton>=3.0", "nvidia-dali-cuda130>=1.40"],
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "plot": ["matplotlib>=3.7"],  # python -m dsp_fast.ablate's chart
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],  # fast.tensorboard: scalars beside metrics.jsonl when installed
     },
 )

@@ -33,21 +33,22 @@ def aggregate(values: list[float | None]) -> dict[str, Any]:
             "std": statistics.stdev(present) if len(present) >= 2 else None, "n": len(present), "values": values}
 
 
+def summarise_model(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's final records (summary.json's `models` entries, one per seed): mIoU, teacher mIoU and per-class
+    IoU over the seeds."""
+    classes = list(records[0]["iou"])
+    return {
+        "mIoU": aggregate([r["mIoU"] for r in records]),
+        "teacher_mIoU": aggregate([r.get("teacher_mIoU") for r in records]),
+        "classes_evaluated": [r["classes_evaluated"] for r in records],
+        "iou": {c: aggregate([r["iou"].get(c) for r in records]) for c in classes},
+    }
+
+
 def summarise(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Per model of the runs' summary.json files ({seed: summary}): mIoU, teacher mIoU and per-class IoU over the
-    seeds."""
-    models: dict[str, Any] = {}
+    """Per model of the runs' summary.json files ({seed: summary}): `summarise_model` over the seeds."""
     names = list(next(iter(summaries.values()))["models"]) if summaries else []
-    for name in names:
-        records = [s["models"][name] for s in summaries.values()]
-        classes = list(records[0]["iou"])
-        models[name] = {
-            "mIoU": aggregate([r["mIoU"] for r in records]),
-            "teacher_mIoU": aggregate([r.get("teacher_mIoU") for r in records]),
-            "classes_evaluated": [r["classes_evaluated"] for r in records],
-            "iou": {c: aggregate([r["iou"].get(c) for r in records]) for c in classes},
-        }
-    return models
+    return {name: summarise_model([s["models"][name] for s in summaries.values()]) for name in names}
 
 
 def _cell(a: dict[str, Any]) -> str:
@@ -91,12 +92,42 @@ def write_results(folder: str, seeds: list[int], runs: dict[int, str], summaries
     return table
 
 
-def _run_folder(out_dir: str, stdout: str) -> str:
-    """The run folder the trainer printed last ('run folder: PATH (summary: ...)'), else out_dir itself."""
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("run folder: "):
-            return line[len("run folder: "):].split(" (")[0]
-    return out_dir
+def check_runs(seeds: list[int], overrides: list[str], trainer_flags: list[str], prog: str,
+               fields: tuple[str, ...] = ("train.seed", "train.out_dir")) -> None:
+    """ConfigError unless each seed is given once, no override sets a field `prog` sets per run (`fields`), and the
+    trainer flags start fresh runs (`prog` resumes its runs itself, or not at all)."""
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: each seed once, got {seeds}")
+    for text in overrides:
+        if text.split("=", 1)[0] in fields:
+            raise ConfigError(f"{text}: the {prog} sets {', '.join(fields)} of each run itself (--seeds, --out)")
+    if "--resume" in trainer_flags:
+        raise ConfigError(f"--resume: the {prog} starts its runs itself (resume a run folder with dsp_fast.train)")
+
+
+def train_command(config: str, trainer_flags: list[str], overrides: list[str], seed: int, out_dir: str) -> list[str]:
+    """The `python -m dsp_fast.train` command of one seed's run in `out_dir`."""
+    return [sys.executable, "-m", "dsp_fast.train", "--config", config, *trainer_flags, *overrides,
+            f"train.seed={seed}", f"train.out_dir={out_dir}"]
+
+
+def train_once(cmd: list[str], out_dir: str) -> tuple[int, str]:
+    """Run one trainer command, its output streaming through; (exit code, the run folder it printed last, else
+    `out_dir`)."""
+    print(f"\n=== {shlex.join(cmd[1:])}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+    folder = out_dir
+    for line in proc.stdout:  # type: ignore[union-attr]
+        sys.stdout.write(line)
+        if line.startswith("run folder: "):  # 'run folder: PATH (summary: ...)', the trainer's last lines
+            folder = line[len("run folder: "):].split(" (")[0].rstrip("\n")
+    return proc.wait(), folder
+
+
+def read_summary(run_folder: str) -> dict[str, Any]:
+    """A finished run's summary.json."""
+    with open(os.path.join(run_folder, "summary.json")) as f:
+        return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,14 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else list(argv))
     args, trainer_flags = parser.parse_known_args(flags)
     try:
-        if len(set(args.seeds)) != len(args.seeds):
-            raise ConfigError(f"--seeds: each seed once, got {args.seeds}")
-        for text in overrides:
-            if text.split("=", 1)[0] in ("train.seed", "train.out_dir"):
-                raise ConfigError(f"{text}: the sweep sets train.seed and train.out_dir of each run itself "
-                                  "(--seeds, --out)")
-        if "--resume" in trainer_flags:
-            raise ConfigError("--resume: a sweep starts fresh runs (resume a seed's run folder with dsp_fast.train)")
+        check_runs(args.seeds, overrides, trainer_flags, "sweep")
         cfg = load_config(args.config, overrides)  # a bad config fails here, before the first seed
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -127,23 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     for seed in args.seeds:
         out = os.path.join(folder, f"seed_{seed}")
-        cmd = [sys.executable, "-m", "dsp_fast.train", "--config", args.config, *trainer_flags, *overrides,
-               f"train.seed={seed}", f"train.out_dir={out}"]
-        print(f"\n=== seed {seed}: {shlex.join(cmd[1:])}", flush=True)
-        # the trainer's output streams through; its last lines name the run folder
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
-        lines = []
-        for line in proc.stdout:  # type: ignore[union-attr]
-            sys.stdout.write(line)
-            lines.append(line)
-        code = proc.wait()
-        runs[seed] = _run_folder(out, "".join(lines))
+        code, runs[seed] = train_once(train_command(args.config, trainer_flags, overrides, seed, out), out)
         if code != 0:
             print(f"error: seed {seed} failed (exit code {code}); the figures of the seeds before it are written",
                   file=sys.stderr)
             break
-        with open(os.path.join(runs[seed], "summary.json")) as f:
-            summaries[seed] = json.load(f)
+        summaries[seed] = read_summary(runs[seed])
     table = write_results(folder, args.seeds, runs, summaries, command)
     print(f"\n{table}\n\nsweep: {os.path.abspath(os.path.join(folder, 'sweep.json'))} and sweep.md", flush=True)
     return code
