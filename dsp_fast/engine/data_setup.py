@@ -226,4 +226,5 @@ def build_step_loader(cfg: Config, info: DistInfo, dirs: tuple[str, str], start_
                          batch_size=batch, backend=backend, device=info.device, rank=info.rank,
                          world_size=info.world_size, seed=cfg.train.seed, num_threads=threads,
                          long_tail_classes=cfg.dsp.long_tail_classes,
-                         num_long_tail=cfg.dsp.num_long_tail if cfg.dsp.enabled else 0, start_step=start_step)
+                         num_long_tail=cfg.dsp.num_long_tail if cfg.dsp.enabled else 0, start_step=start_step,
+                         producer=cfg.fast.data_producer)
