@@ -366,6 +366,21 @@ def test_producer_gives_the_batches_read_on_demand_bit_for_bit(sets, workers):
         plain.close(), ahead.close()
 
 
+def test_the_trainer_ends_the_same_with_and_without_the_producer(synthetic_root, tmp_path):
+    """Four steps of the fast trainer reading ahead and reading on demand: the same weights, momenta and choice
+    generator, bit for bit (the same batches, and nothing else of the step depends on when they were read)."""
+    from helpers_run import assert_same_state, quiet_args, read
+
+    from dsp_fast import train  # after conftest's TRITON_INTERPRET
+
+    ends = []
+    for producer in (0, 2):
+        out = str(tmp_path / f"producer{producer}")
+        assert train.main(quiet_args(synthetic_root, out, 4, f"fast.data_producer={producer}")) == 0
+        ends.append(read(os.path.join(out, "ckpt_00000004.pt")))
+    assert_same_state(*ends)
+
+
 def test_a_resume_loses_no_batch_read_ahead(sets):
     """The checkpoint holds the steps consumed; the batches the thread had read beyond them are read again by the
     resumed loader: steps 3.. follow steps 0..2 with none lost or skipped."""
