@@ -36,6 +36,8 @@ class Producer:
     def __init__(self, read: Callable[[], dict[str, torch.Tensor]], depth: int, device: torch.device) -> None:
         if depth < 1:
             raise ValueError(f"a producer keeps at least one batch ready, got depth {depth}")
+        if device.type == "cuda" and device.index is None:  # set_device in the thread wants an index
+            device = torch.device("cuda", torch.cuda.current_device())
         self.read, self.device = read, device
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
