@@ -20,6 +20,13 @@ import contextlib
 import os
 import sys
 
+# OpenMP threads sleep while they wait for work instead of spinning: on a CPU shared with another job, a spinning
+# thread takes the core from a descheduled one and every operator stalls. libgomp reads this once, when torch loads
+# it (the imports below); `python -m` runs only the package's __init__ (no torch) before this line. KMP_BLOCKTIME is
+# the same switch for Intel's OpenMP (some torch builds). A value the user set wins (docs/performance.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+
 from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
 from dsp_fast.config import (
     Config,

@@ -7,7 +7,8 @@
     batch = next(loader)  # dict: src_img, src_label, tmpl_img, tmpl_label, lt_img, lt_label, lt_class, tgt_img
 
 Modules: `prepared` (the on-disk format), `plan` (host-side random choices, sharding), `dali_backend`,
-`torch_backend`, `loader`, whose names are imported lazily: `dsp_fast.prepare` imports neither torch nor DALI.
+`torch_backend`, `producer` (the read-ahead thread), `loader`, whose names are imported lazily: `dsp_fast.prepare`
+imports neither torch nor DALI.
 """
 
 from __future__ import annotations

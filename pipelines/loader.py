@@ -5,6 +5,8 @@ Legend: B = batch_size (per domain), L = long-tail classes per step, H, W = crop
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -13,8 +15,20 @@ from dsp_fast.config import LOADER_BACKENDS as BACKENDS  # one home, which fast.
 
 from .plan import Planner
 from .prepared import load_prepared
+from .producer import Producer
 
 STEP_KEYS = ("src_img", "src_label", "tmpl_img", "tmpl_label", "lt_img", "lt_label", "lt_class", "tgt_img")
+
+
+# Loaders not closed when the interpreter exits are closed before it finalizes: a producer thread still running
+# then would abort the process, and DataLoader workers (they ignore SIGTERM) would hold up multiprocessing's exit.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
 
 
 def _nchw(images_NHWC: torch.Tensor) -> torch.Tensor:
@@ -34,15 +48,21 @@ class StepLoader:
 
     Everything random (images, windows, flips, long-tail classes) is planned on the host from (seed, rank, step)
     and prefetched by the backend, so the choice never waits on the GPU and a run resumed at `start_step`
-    continues the same sequence. Images stay uint8: the trainer converts and normalises on the device."""
+    continues the same sequence. Images stay uint8: the trainer converts and normalises on the device.
+    `producer` > 0: a background thread reads that many steps ahead (producer.py); the same batches."""
 
-    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device) -> None:
+    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device, producer: int = 0) -> None:
         self.planner, self.source, self.target, self.long_tail, self.device = planner, source, target, long_tail, device
+        self._producer = Producer(self._read, producer, device) if producer > 0 else None
+        _OPEN.add(self)
 
     def __iter__(self) -> StepLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        return self._read() if self._producer is None else next(self._producer)
+
+    def _read(self) -> dict[str, torch.Tensor]:
         s_img, s_label, _ = next(self.source)
         t_img, _, _ = next(self.target)
         s_img, b = _nchw(s_img), self.planner.batch_size
@@ -57,6 +77,9 @@ class StepLoader:
                 "tgt_img": _nchw(t_img)}
 
     def close(self) -> None:
+        _OPEN.discard(self)
+        if self._producer is not None:  # first: the thread reads the streams
+            self._producer.close()
         for stream in (self.source, self.target, self.long_tail):
             if stream is not None:
                 stream.close()
@@ -66,7 +89,7 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
                   backend: str = "dali", device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                   seed: int = 0, num_threads: int = 4, long_tail_classes: Sequence[int] = (), num_long_tail: int = 0,
                   flip: bool = False, start_step: int = 0, prefetch: int = 2, dali_roi: bool = True,
-                  template: bool = True) -> StepLoader:
+                  template: bool = True, producer: int = 0) -> StepLoader:
     """The step loader over prepared folders (`python -m dsp_fast.prepare`).
 
     source_dir: a prepared GTA5 / SYNTHIA folder (with labels); target_dir: a prepared Cityscapes split folder.
@@ -78,14 +101,17 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     flip: random horizontal flips (False: the reference trainer does none). start_step: resume point.
     prefetch: steps prepared ahead (DALI's queue depth; the DataLoader's prefetch_factor per worker).
     dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks).
-    template: a second source batch per step (tmpl_img, tmpl_label); False (dsp.template 'source'): none read."""
+    template: a second source batch per step (tmpl_img, tmpl_label); False (dsp.template 'source'): none read.
+    producer: steps a background thread keeps ready (0: none; read when asked). DALI ignores it: its own threads
+    decode `prefetch` steps ahead."""
     if backend not in BACKENDS:
         raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available")
-    if batch_size < 1 or num_threads < 0:
-        raise ValueError(f"batch_size must be >= 1 and num_threads >= 0, got {batch_size} and {num_threads}")
+    if batch_size < 1 or num_threads < 0 or producer < 0:
+        raise ValueError(f"batch_size must be >= 1, num_threads and producer >= 0, got {batch_size}, {num_threads} "
+                         f"and {producer}")
     source, target = load_prepared(source_dir), load_prepared(target_dir)
     long_tail = load_prepared(source.long_tail) if source.long_tail and num_long_tail > 0 else None
     crop = (int(crop_size[0]), int(crop_size[1]))
@@ -106,4 +132,4 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
         assert long_tail is not None  # the planner checked it
         lt = Stream(long_tail, planner.long_tail_plan, crop, True, device, start_step=start_step, prefetch=prefetch,
                     **kwargs)
-    return StepLoader(planner, src, tgt, lt, device)
+    return StepLoader(planner, src, tgt, lt, device, producer=0 if backend == "dali" else producer)

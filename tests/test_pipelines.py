@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import subprocess
 import sys
 import time
 import weakref
@@ -342,3 +343,128 @@ def test_dali_roi_decode_is_the_full_decode_then_slice_bit_for_bit(tmp_path, siz
             diff = (got.int() - whole.int()).abs()
             assert torch.equal(got, whole), f"step {step}: {int((diff > 0).sum())} values differ, max {int(diff.max())}"
             np.testing.assert_array_equal(got.numpy(), np.stack(exp))
+
+
+# The producer thread (producer.py): the same batches, the errors, the shutdown.
+
+def _same_batches(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # uint8 crops, int ids: tolerance 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_producer_gives_the_batches_read_on_demand_bit_for_bit(sets, workers):
+    """With the thread reading ahead (over the main process's reads or a DataLoader worker's), every step's crops,
+    labels and long-tail classes are those read when asked, for the same seed."""
+    plain = make_loader(sets, "torch", num_threads=workers)
+    ahead = make_loader(sets, "torch", num_threads=workers, producer=2)
+    try:
+        assert ahead._producer is not None and plain._producer is None
+        for step in range(6):
+            assert _same_batches(next(plain), next(ahead)), step
+            assert ahead.planner.long_tail_plan(step) == plain.planner.long_tail_plan(step)
+    finally:
+        plain.close(), ahead.close()
+
+
+def test_the_trainer_ends_the_same_with_and_without_the_producer(synthetic_root, tmp_path):
+    """Four steps of the fast trainer reading ahead and reading on demand: the same weights, momenta and choice
+    generator, bit for bit (the same batches, and nothing else of the step depends on when they were read)."""
+    from helpers_run import assert_same_state, quiet_args, read
+
+    from dsp_fast import train  # after conftest's TRITON_INTERPRET
+
+    ends = []
+    for producer in (0, 2):
+        out = str(tmp_path / f"producer{producer}")
+        assert train.main(quiet_args(synthetic_root, out, 4, f"fast.data_producer={producer}")) == 0
+        ends.append(read(os.path.join(out, "ckpt_00000004.pt")))
+    assert_same_state(*ends)
+
+
+def test_a_resume_loses_no_batch_read_ahead(sets):
+    """The checkpoint holds the steps consumed; the batches the thread had read beyond them are read again by the
+    resumed loader: steps 3.. follow steps 0..2 with none lost or skipped."""
+    plain = make_loader(sets, "torch")
+    expected = [next(plain) for _ in range(6)]
+    plain.close()
+    first = make_loader(sets, "torch", producer=2)
+    got = [next(first) for _ in range(3)]
+    deadline = time.monotonic() + 60
+    while not first._producer._queue.full():  # steps 3 and 4 read but not consumed when the run stops
+        assert time.monotonic() < deadline, "the producer never filled its queue"
+        time.sleep(0.01)
+    first.close()
+    resumed = make_loader(sets, "torch", producer=2, start_step=3)
+    got += [next(resumed) for _ in range(3)]
+    resumed.close()
+    assert all(_same_batches(a, b) for a, b in zip(expected, got))
+
+
+def test_producer_error_reaches_the_step_that_reads_the_bad_file(sets, tmp_path):
+    """A file first read at step 2, made garbage: steps 0 and 1 arrive, step 2's next() raises the DatasetError
+    naming the file in the consumer's thread (no hang), and the thread is gone."""
+    src = str(tmp_path / "src")
+    shutil.copytree(sets["png"], src)
+    loader = make_loader(sets, "torch", source=src, producer=2)
+    plans = [loader.planner.source_plan(s).indices for s in range(3)]
+    i = next(i for i in plans[2] if i not in plans[0] + plans[1])
+    path = loader.planner.source.image_path(i)
+    loader.close()
+    open(path, "wb").write(os.urandom(500))
+    loader = make_loader(sets, "torch", source=src, producer=2)
+    try:
+        next(loader), next(loader)
+        with pytest.raises(DatasetError, match=path):
+            next(loader)
+        with pytest.raises(DatasetError, match=path):  # and again: the stream ended there
+            next(loader)
+        loader._producer._thread.join(30)
+        assert not loader._producer._thread.is_alive()
+    finally:
+        loader.close()
+
+
+def test_close_stops_the_producer_thread(sets):
+    """close() with the thread blocked on a full queue: the thread ends within the join (it polls its stop flag
+    every 0.1 s; the bound only catches a hang), and a later next() ends the iteration."""
+    loader = make_loader(sets, "torch", producer=1)
+    next(loader)
+    deadline = time.monotonic() + 60
+    while not loader._producer._queue.full():
+        assert time.monotonic() < deadline, "the producer never filled its queue"
+        time.sleep(0.01)
+    loader.close()
+    assert not loader._producer._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(loader)
+
+
+_EXIT_SCRIPT = """
+import os, signal, sys
+from dsp_fast.pipelines import build_loaders
+how, workers = sys.argv[1], int(sys.argv[2])
+loader = build_loaders({src!r}, {tgt!r}, crop_size={crop!r}, batch_size=2, backend="torch", producer=2,
+                       num_threads=workers)
+next(loader)
+if how == "raise":
+    raise RuntimeError("the step failed")
+if how == "sigint":  # KeyboardInterrupt in the main thread, with the interpreter's usual exit
+    os.kill(os.getpid(), signal.SIGINT)
+    signal.pause()
+print("end of script", flush=True)  # "exit": the loader left open, the thread running
+"""
+
+
+@pytest.mark.parametrize("how, workers, rc", [("exit", 0, 0), ("exit", 1, 0), ("raise", 0, 1), ("sigint", 0, -2)])
+def test_the_producer_never_holds_up_the_process_exit(sets, tmp_path, how, workers, rc):
+    """A loader left open with its thread running (and its DataLoader worker, which ignores SIGTERM) is closed at
+    exit; the process ends with its own status after a normal end, an exception or Ctrl-C (the subprocess timeout
+    only catches a hang)."""
+    script = tmp_path / "run.py"
+    script.write_text(_EXIT_SCRIPT.format(src=sets["png"], tgt=sets["tgt"], crop=CROP))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    out = subprocess.run([sys.executable, str(script), how, str(workers)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == rc, out.stderr
+    assert ("the step failed" in out.stderr) == (how == "raise")
+    assert "terminate called" not in out.stderr  # a thread alive during finalization aborts the process

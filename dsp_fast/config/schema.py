@@ -150,6 +150,13 @@ class FastConfig:
     """'dali', 'torch', or 'auto': DALI on CUDA when it imports, the torch backend otherwise."""
     data_threads: int = _field(-1, within="[-1, inf)")
     """DALI threads or DataLoader workers per stream; -1 takes data.num_workers."""
+    data_producer: int = _field(2, within="[0, inf)")
+    """Steps a background thread of the torch backend keeps ready (decoded, cropped, on the device) while the step
+    runs; 0: the step reads its batch when it needs it (from data.num_workers processes, or itself). The same
+    batches either way; DALI decodes ahead on its own threads and ignores it."""
+    cpu_threads: int = _field(0, within="[0, inf)")
+    """torch's intra-op CPU threads; 0: one per CPU this process may run on (its affinity mask, as `taskset` or a
+    container's cpuset leave it), not the machine's count."""
     optimizer: str = _field("auto", choices=OPTIMIZERS)
     """'fused' torch SGD / AdamW (device-side lr and skip flag; 'auto'), 'foreach', or 'apex' FusedSGD (if
     importable); foreach and apex skip a non-finite step on the host: they need cuda_graphs false."""

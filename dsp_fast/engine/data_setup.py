@@ -228,4 +228,5 @@ def build_step_loader(cfg: Config, info: DistInfo, dirs: tuple[str, str], start_
                          world_size=info.world_size, seed=cfg.train.seed, num_threads=threads,
                          long_tail_classes=cfg.dsp.long_tail_classes,
                          num_long_tail=cfg.dsp.num_long_tail if cfg.dsp.enabled else 0, start_step=start_step,
-                         template=cfg.dsp.enabled and cfg.dsp.template == "separate")
+                         template=cfg.dsp.enabled and cfg.dsp.template == "separate",
+                         producer=cfg.fast.data_producer)

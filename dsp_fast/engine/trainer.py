@@ -66,8 +66,20 @@ def value_checks_wanted(fast: FastConfig, device: torch.device) -> bool:
     return device.type != "cuda" and fast.compile == "off"
 
 
+def cpu_threads(fast: FastConfig) -> int:
+    """torch's intra-op threads: fast.cpu_threads, or with 0 the CPUs this process may run on (its affinity mask:
+    `taskset`, a container's cpuset), unless OMP_NUM_THREADS says otherwise (torchrun sets 1 per process)."""
+    if fast.cpu_threads > 0:
+        return fast.cpu_threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def configure_backends(fast: FastConfig, device: torch.device) -> None:
-    """The process-wide switches a fast run sets: determinism or cuDNN autotuning, and the kernels' value checks."""
+    """The process-wide switches a fast run sets: CPU threads, determinism or cuDNN autotuning, and the kernels'
+    value checks. (OpenMP's passive waiting is set in the environment by train.py, before torch loads.)"""
+    torch.set_num_threads(cpu_threads(fast))
     if fast.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # a few CUDA backward ops have no deterministic twin
@@ -158,7 +170,8 @@ class Trainer:
         """`configure_backends` for the span of the block, restored after: a benchmark that alternates trainers in
         one process gives each the switches its own run would set."""
         saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
-                 torch.is_deterministic_algorithms_warn_only_enabled(), kernel_flags._value_checks)
+                 torch.is_deterministic_algorithms_warn_only_enabled(), kernel_flags._value_checks,
+                 torch.get_num_threads())
         torch.backends.cudnn.benchmark = False
         configure_backends(self.cfg.fast, self.info.device)
         try:
@@ -167,6 +180,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = saved[0]
             torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
             set_value_checks(saved[3])
+            torch.set_num_threads(saved[4])
 
     def step(self) -> float:
         """One training step (at self.step_index, then advanced); returns the seconds blocked on the loader (the
