@@ -4,7 +4,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,11 +19,9 @@ SCENE_TRAIN_IDS = {0, 1, 2, 8, 10, 11, 12, 13, 15, 16, 17, 18, 255}
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    """The default dataset, generated once for the module; (gta5_root, cityscapes_root, seconds)."""
+    """The default dataset, generated once for the module; (gta5_root, cityscapes_root)."""
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    start = time.perf_counter()
-    gta5, cityscapes = ensure_synthetic(str(root), seed=0)
-    return gta5, cityscapes, time.perf_counter() - start
+    return ensure_synthetic(str(root), seed=0)
 
 
 def _files(root):
@@ -36,10 +33,8 @@ def _files(root):
     return out
 
 
-def test_generated_in_a_few_seconds_and_readable_by_the_real_readers(full):
-    gta5_root, cs_root, seconds = full
-    # about 4 s on 2 CPU cores; the bound leaves room for a loaded CI machine
-    assert seconds < 20, f"generation took {seconds:.1f} s"
+def test_generated_and_readable_by_the_real_readers(full):
+    gta5_root, cs_root = full
     gta5 = GTA5(gta5_root)
     train, val = Cityscapes(cs_root, "train"), Cityscapes(cs_root, "val")
     assert (len(gta5), len(train), len(val)) == (300, 150, 60)
