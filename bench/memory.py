@@ -150,7 +150,7 @@ def cuda_settings(cfg: Config) -> Config:
     batch norm where CUDA takes it."""
     amp = next(k for k, v in AMP_DTYPES.items() if v == amp_dtype(cfg.fast, CUDA))
     optimizer = "fused" if cfg.fast.optimizer == "apex" else cfg.fast.optimizer
-    fused_bn = "on" if fused_bn_wanted(cfg.fast.fused_bn, CUDA) else "off"
+    fused_bn = "always" if fused_bn_wanted(cfg.fast.fused_bn, CUDA) else "never"
     fast = dataclasses.replace(cfg.fast, amp=amp, compile="off", data_backend="torch", optimizer=optimizer,
                                fused_bn=fused_bn)
     return dataclasses.replace(cfg, fast=fast, model=dataclasses.replace(cfg.model, pretrained=""))

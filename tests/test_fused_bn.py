@@ -99,14 +99,14 @@ def _apply(mode: str, info: DistInfo) -> tuple[bool, list[str], torch.nn.Module]
 def test_modes_and_the_fallbacks(monkeypatch):
     on, said, student = _apply("auto", DistInfo())  # auto: CUDA only
     assert not on and not said and type(student) is not FusedDeepLabV2
-    on, said, student = _apply("on", DistInfo())  # a CPU tensor runs the twin
+    on, said, student = _apply("always", DistInfo())  # a CPU tensor runs the twin
     assert on and not said and type(student) is FusedDeepLabV2
-    on, said, student = _apply("on", DistInfo(world_size=2))
+    on, said, student = _apply("always", DistInfo(world_size=2))
     assert not on and type(student) is not FusedDeepLabV2
     assert said == ["fast.fused_bn: off with 2 ranks (the fused kernels take one rank's batch statistics; BN over "
                     "ranks runs unfused)"]
     monkeypatch.setattr(model_setup, "fused_bn_unavailable", lambda device: "triton is not installed (the gpu extra)")
-    on, said, student = _apply("on", DistInfo())
+    on, said, student = _apply("always", DistInfo())
     assert not on and type(student) is not FusedDeepLabV2
     assert said == ["fast.fused_bn: off, triton is not installed (the gpu extra)"]
 

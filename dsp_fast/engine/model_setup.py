@@ -32,7 +32,7 @@ def apply_channels_last(*models: nn.Module) -> None:
 
 def fused_bn_wanted(mode: str, device: torch.device) -> bool:
     """fast.fused_bn as a decision: 'auto' is on for CUDA."""
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    return mode == "always" or (mode == "auto" and device.type == "cuda")
 
 
 def apply_fused_bn(mode: str, info: DistInfo, say: Callable[[str], None], *models: nn.Module) -> bool:

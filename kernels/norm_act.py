@@ -20,9 +20,10 @@ import torch
 from . import twins
 from ._common import check_bn_act, interpreting, next_pow2, tl, triton, use_triton
 
-# pixels x channels per program: 64 x 64 on 4 warps keeps the tiles in registers on sm_80/sm_90
-# (python -m bench.compile_kernels); the interpreter pays ~1 ms per program, so it takes big tiles
-_BLOCK_P, _BLOCK_C = 64, 64
+# pixels x channels per program: 32 x 32 on 4 warps compiles without register spills on sm_80/sm_90 (python -m
+# bench.compile_kernels; 64 x 64 spilled in the fp16 backward on either warp count). The partial sums this leaves,
+# 2 fp32 values per 32 pixels and channel, are 1/8 of a bf16 x. The interpreter pays ~1 ms per program: big tiles.
+_BLOCK_P, _BLOCK_C, _WARPS = 32, 32, 4
 
 
 def _blocks(n_pix: int, n_c: int) -> tuple[int, int]:
@@ -59,10 +60,11 @@ def _stats_kernel(x, pmean, pm2, C, W, P, sx_n, sx_c, sx_h, sx_w,
 def _fwd_kernel(x, res, y, mean, scale, shift, C, W, P, GS,
                 sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, sy_n, sy_c, sy_h, sy_w,
                 HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # y = relu((x - mean) * scale + shift + residual), mean/scale/shift of the image's group
+    # y = relu((x - mean) * scale + shift + residual), mean/scale/shift of the image's group (its index in int32:
+    # an int64 division is a PTX subroutine whose stack showed as spills)
     p_blk, c_blk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     h, w, c, ok = _tile(p_blk, c_blk, W, P, C, BLOCK_P, BLOCK_C)
-    gc = (n // GS) * C + c
+    gc = (tl.program_id(2) // GS) * C + c
     v = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
     out = (v - tl.load(mean + gc, mask=c < C, other=0.0)) * tl.load(scale + gc, mask=c < C, other=0.0)
     out += tl.load(shift + gc, mask=c < C, other=0.0)
@@ -86,7 +88,7 @@ def _bwd_reduce_kernel(dy, y, x, dyp, mean, psum, psum_xc, C, W, P, GS,
         g = tl.where(yv > 0, g, 0.0)
         tl.store(dyp + n * so_n + h * so_h + w * so_w + c * so_c, g.to(dyp.dtype.element_ty), mask=ok)
     xc = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
-    xc = tl.where(ok, xc - tl.load(mean + (n // GS) * C + c, mask=c < C, other=0.0), 0.0)
+    xc = tl.where(ok, xc - tl.load(mean + (tl.program_id(2) // GS) * C + c, mask=c < C, other=0.0), 0.0)
     out = (n * tl.num_programs(0) + p_blk) * C + c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c_blk * BLOCK_C + tl.arange(0, BLOCK_C) < C
     tl.store(psum + out, tl.sum(g, axis=0), mask=cm)
@@ -100,12 +102,14 @@ def _bwd_dx_kernel(dyp, x, dx, mean, k1, k2, k3, C, W, P, GS,
     # dx = k1 * dy' + k2 * (x - mean) + k3, the coefficients of the image's group
     p_blk, c_blk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     h, w, c, ok = _tile(p_blk, c_blk, W, P, C, BLOCK_P, BLOCK_C)
-    gc = (n // GS) * C + c
+    gc = (tl.program_id(2) // GS) * C + c
+    mu = tl.load(mean + gc, mask=c < C, other=0.0)
+    a1 = tl.load(k1 + gc, mask=c < C, other=0.0)
+    a2 = tl.load(k2 + gc, mask=c < C, other=0.0)
+    a3 = tl.load(k3 + gc, mask=c < C, other=0.0)
     g = tl.load(dyp + n * sd_n + h * sd_h + w * sd_w + c * sd_c, mask=ok, other=0.0).to(tl.float32)
-    xc = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
-    xc -= tl.load(mean + gc, mask=c < C, other=0.0)
-    out = tl.load(k1 + gc, mask=c < C, other=0.0) * g + tl.load(k2 + gc, mask=c < C, other=0.0) * xc
-    out += tl.load(k3 + gc, mask=c < C, other=0.0)
+    xc = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32) - mu
+    out = a1 * g + a2 * xc + a3
     tl.store(dx + n * so_n + h * so_h + w * so_w + c * so_c, out.to(dx.dtype.element_ty), mask=ok)
 
 
@@ -148,7 +152,7 @@ def _bn_stats_op(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     pm2 = torch.empty_like(pm)
     if x.numel():
         _stats_kernel[grid](x, pm, pm2, x.shape[1], x.shape[3], x.shape[2] * x.shape[3], *x.stride(),
-                            BLOCK_P=bp, BLOCK_C=bc)
+                            BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
     return _combine(pm, pm2, groups, x, bp, stats=True)
 
 
@@ -168,7 +172,7 @@ def _bn_act_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, mean_GC: torc
         res = x if residual is None else residual  # a placeholder pointer when there is none (never read)
         _fwd_kernel[grid](x, res, y, mean_GC, scale_GC, shift_GC, c, w, h * w, n // mean_GC.shape[0],
                           *x.stride(), *res.stride(), *y.stride(), HAS_RES=residual is not None, RELU=relu,
-                          BLOCK_P=bp, BLOCK_C=bc)
+                          BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
     return y
 
 
@@ -191,7 +195,7 @@ def _bn_bwd_reduce_op(dy: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor,
         yy, out = (y, dyp) if y is not None else (dy, dy)  # placeholders without ReLU (never read or written)
         _bwd_reduce_kernel[grid](dy, yy, x, out, mean_GC, ps, ps_xc, c, w, h * w, n // groups,
                                  *dy.stride(), *yy.stride(), *x.stride(), *out.stride(),
-                                 RELU=y is not None, BLOCK_P=bp, BLOCK_C=bc)
+                                 RELU=y is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
     s, s_xc = _combine(ps, ps_xc, groups, x, bp, stats=False)
     return dyp, s, s_xc
 
@@ -211,7 +215,7 @@ def _bn_bwd_dx_op(dyp: torch.Tensor, x: torch.Tensor, mean_GC: torch.Tensor, k1_
         n, c, h, w = x.shape
         grid, bp, bc = _grid(x)
         _bwd_dx_kernel[grid](dyp, x, dx, mean_GC, k1_GC, k2_GC, k3_GC, c, w, h * w, n // mean_GC.shape[0],
-                             *dyp.stride(), *x.stride(), *dx.stride(), BLOCK_P=bp, BLOCK_C=bc)
+                             *dyp.stride(), *x.stride(), *dx.stride(), BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
     return dx
 
 
@@ -224,9 +228,10 @@ class _BnAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, mean_GC, var_GC, eps, relu, batch_stats):
         rstd_GC = torch.rsqrt(var_GC + eps)
+        # every (G, C) vector made by broadcasting against rstd: contiguous, as the kernels index them
         scale_GC = rstd_GC * weight.float() if weight is not None else rstd_GC
-        shift_GC = (bias.float() if bias is not None else torch.zeros_like(rstd_GC)).expand_as(rstd_GC)
-        y = torch.ops.dsp_fast.bn_act_fwd(x, residual, mean_GC, scale_GC, shift_GC.contiguous(), relu)
+        shift_GC = torch.zeros_like(rstd_GC) + bias.float() if bias is not None else torch.zeros_like(rstd_GC)
+        y = torch.ops.dsp_fast.bn_act_fwd(x, residual, mean_GC, scale_GC, shift_GC, relu)
         ctx.save_for_backward(x, y if relu else None, weight, mean_GC, rstd_GC)
         ctx.batch_stats = batch_stats  # statistics of this batch: their gradient flows into dx
         ctx.has_res = residual is not None
@@ -238,14 +243,13 @@ class _BnAct(torch.autograd.Function):
         dyp, s_GC, s_xc_GC = torch.ops.dsp_fast.bn_act_bwd_reduce(dy, y, x, mean_GC)
         if y is None:
             dyp = dy
-        w = weight.float() if weight is not None else torch.ones_like(rstd_GC)
-        k1 = (w * rstd_GC).expand_as(rstd_GC)
+        k1 = rstd_GC * weight.float() if weight is not None else rstd_GC
         if ctx.batch_stats:
             m = x.numel() // x.shape[1] // rstd_GC.shape[0]
             k2, k3 = -k1 * rstd_GC * rstd_GC * s_xc_GC / m, -k1 * s_GC / m
         else:  # running statistics are constants
             k2 = k3 = torch.zeros_like(rstd_GC)
-        dx = torch.ops.dsp_fast.bn_act_bwd_dx(dyp, x, mean_GC, k1.contiguous(), k2.contiguous(), k3.contiguous())
+        dx = torch.ops.dsp_fast.bn_act_bwd_dx(dyp, x, mean_GC, k1, k2, k3)
         dw = (rstd_GC * s_xc_GC).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = s_GC.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, dyp if ctx.has_res else None, None, None, None, None, None
