@@ -235,6 +235,7 @@ class _BnAct(torch.autograd.Function):
         ctx.save_for_backward(x, y if relu else None, weight, mean_GC, rstd_GC)
         ctx.batch_stats = batch_stats  # statistics of this batch: their gradient flows into dx
         ctx.has_res = residual is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
@@ -251,7 +252,7 @@ class _BnAct(torch.autograd.Function):
             k2 = k3 = torch.zeros_like(rstd_GC)
         dx = torch.ops.dsp_fast.bn_act_bwd_dx(dyp, x, mean_GC, k1, k2, k3)
         dw = (rstd_GC * s_xc_GC).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = s_GC.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        db = s_GC.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, dyp if ctx.has_res else None, None, None, None, None, None
 
 
@@ -277,6 +278,7 @@ def bn_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     if not use_triton(x):
         return twins.bn_act(x, weight, bias, running_mean, running_var, training, momentum, eps, group_size,
                             residual, relu)
+    _check_offsets(x, *([] if residual is None else [residual]))
     batch_stats = training or running_mean is None  # as nn.BatchNorm2d without running statistics
     if batch_stats:
         groups = _group_count(x.shape[0], group_size) if training else 1
