@@ -7,8 +7,8 @@ A stand-in Triton driver names the target and Triton's JIT compiles without laun
 kernel function, called on CPU tensors, goes through its real launcher and is specialised exactly as for CUDA tensors
 of those shapes, strides and dtypes (integer divisibility by 16, pointer alignment, constexprs); Triton's bundled
 ptxas (`-v`) reports the cubin's registers and spills. Nothing is launched. Plans: `step` = what one training step
-launches (paper shapes, NCHW and channels_last); `api` = the dtypes, layouts and odd shapes the tests launch. A
-compile error raises (exit 1) naming the kernel and the arguments.
+launches (paper shapes, NCHW and channels_last; the fused BN at its largest, layer1's); `api` = the dtypes, layouts
+and odd shapes the tests launch. A compile error raises (exit 1) naming the kernel and the arguments.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from bench.kernel_cases import paste_inputs  # noqa: E402
+from bench.kernel_cases import PAPER_BN, bn_inputs, paste_inputs  # noqa: E402
 from dsp_fast import kernels  # noqa: E402
-from dsp_fast.kernels import soft_paste, upsample_pool  # noqa: E402
+from dsp_fast.kernels import norm_act, soft_paste, upsample_pool  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -87,7 +87,7 @@ def compiling_for(arch: int, sink: list[dict]) -> Iterator[None]:
 
 
 def _jit_kernels() -> list[JITFunction]:
-    return [v for m in (soft_paste, upsample_pool) for v in vars(m).values() if isinstance(v, JITFunction)]
+    return [v for m in (soft_paste, upsample_pool, norm_act) for v in vars(m).values() if isinstance(v, JITFunction)]
 
 
 def _describe(args: tuple, kwargs: dict) -> str:
@@ -117,6 +117,17 @@ def ptxas_usage(ptx: str, arch: int) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------------ plans
+def _bn_act_both_ways(shape: tuple[int, int, int, int, int], dtype: torch.dtype, channels_last: bool,
+                     residual: bool, relu: bool) -> None:
+    """bn_act forward and backward (all four kernels) in training mode, per group as `shape` says."""
+    n, c, h, w, group_size = shape
+    inp = bn_inputs(n, c, h, w, dtype=dtype, channels_last=channels_last, residual=residual)
+    x = inp["x"].requires_grad_()
+    y = kernels.bn_act(x, inp["weight"], inp["bias"], inp["running_mean"], inp["running_var"], True,
+                       group_size=group_size, residual=inp["residual"], relu=relu)
+    y.backward(torch.zeros_like(y))
+
+
 def step_plan() -> list[Callable[[], object]]:
     """One DSP step's launches at the paper's shapes: B=2, 512x512 crops, 19 classes, stride-8 features 65x65 of
     256 channels, fp32 images (the loader's /255) and int64 labels, NCHW and channels_last. The pixel weight is not
@@ -130,6 +141,9 @@ def step_plan() -> list[Callable[[], object]]:
         feat = torch.zeros(2, 256, 65, 65).contiguous(memory_format=fmt)
         calls.append(lambda f=feat: kernels.weighted_mmd(f, f, torch.zeros(2, 512, 512, dtype=torch.bool),
                                                          (512, 512)))
+        # the bottlenecks' BN chains under bf16 autocast (fast.fused_bn): BN + ReLU, BN + add + ReLU, BN alone
+        for residual, relu in ((False, True), (True, True), (False, False)):
+            calls.append(lambda cl=cl, r=residual, u=relu: _bn_act_both_ways(PAPER_BN, torch.bfloat16, cl, r, u))
     return calls
 
 
@@ -146,6 +160,9 @@ def api_plan() -> list[Callable[[], object]]:
         calls.append(lambda dt=dt: kernels.masked_upsample_pool(torch.zeros(2, 5, 7, 9, dtype=dt),
                                                                 torch.zeros(2, 33, 49, dtype=torch.bool), (33, 49)))
         calls.append(lambda dt=dt: kernels.masked_upsample_pool(torch.zeros(2, 5, 7, 9, dtype=dt), None, (33, 49)))
+        for cl in (False, True):
+            calls.append(lambda dt=dt, cl=cl: _bn_act_both_ways((3, 17, 5, 7, 1), dt, cl, True, True))
+            calls.append(lambda dt=dt, cl=cl: _bn_act_both_ways((3, 17, 5, 7, 0), dt, cl, False, False))
         calls.append(lambda dt=dt: kernels.weighted_mmd(torch.zeros(2, 8, 7, 9, dtype=dt),
                                                         torch.zeros(2, 8, 7, 9, dtype=dt),
                                                         torch.zeros(2, 33, 49), (33, 49)))

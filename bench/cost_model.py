@@ -10,7 +10,10 @@ takes max(FLOPs / (matrix rate x efficiency), bytes / (bandwidth x efficiency)) 
 matmuls at the matrix rate, the rest bandwidth-bound): the fast step replays one CUDA graph (a small cost per
 kernel), the reference runs eager (Python, dispatch and launch per operator) with cuDNN's default TF32 convolutions
 and takes the slower of its compute and its data loading (PIL PNG decode of the full-size images). The device
-figures and efficiencies are assumptions printed with the result (DEVICES, EFFICIENCY).
+figures and efficiencies are assumptions printed with the result (DEVICES, EFFICIENCY). With fast.fused_bn (the
+CUDA default) the batch-norm class holds the fused kernels' operators (`dsp_fast::bn_*`), each counted as the one pass
+over its tensors it makes, and their small per-channel torch operators; ReLU and the residual add are gone from
+the elementwise class (fast.fused_bn=never predicts the unfused step).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ CONTIGUOUS_INSIDE = {"_softmax", "_log_softmax", "_softmax_backward_data", "_log
 def aten_class(name: str) -> str:
     """The class of an operator: an aten name without 'aten::', or a `dsp_fast::` kernel (bench.profile_step's
     classes too)."""
+    if name.startswith("dsp_fast::bn_"):  # fast.fused_bn: BN, its ReLU and the residual add, one pass each
+        return "batch norm"
     if name.startswith("dsp_fast::"):
         return "DSP ops"
     if "convolution" in name or name.startswith("conv") or name.startswith("_slow_conv2d"):

@@ -154,6 +154,10 @@ fi
 step profile_step 30 "$PY" -m bench.profile_step --config gta2cs --fixed-batch --device cuda --steps 5 --warmup 3 \
     --no-chart --out "$OUT"
 PROFILE="$(ls "$OUT"/profile_step_cuda_*.json 2>/dev/null | head -n 1)"
+# 7b. the same profile with the fused batch norm off (fast.fused_bn; on by default on CUDA): fused against unfused,
+# both eager; its JSON stays outside OUT (the 8 files are taken), its title line goes into summary.txt
+step profile_unfused_bn 25 "$PY" -m bench.profile_step --config gta2cs --fixed-batch --device cuda --steps 5 \
+    --warmup 3 --no-chart --out "${TMPDIR:-/tmp}" fast.fused_bn=never
 step cost_model 40 "$PY" -m bench.cost_model --config gta2cs --profile "${PROFILE:-$OUT/profile_step_cuda_DATE.json}"
 # 8. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
 # graph's warm-up shortened to 2 steps, which changes no allocation of the captured step
@@ -164,6 +168,7 @@ step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --o
 if [[ "$DRY_RUN" != "1" ]]; then
     awk '/^=== /{on = /^=== memory /} on && /^\[memory\]/' "$LOG" >>"$SUMMARY"
     awk '/^=== /{on = /^=== cost_model /} on && !/^=== /' "$LOG" >>"$SUMMARY"
+    awk '/^=== /{name = $2} /^fast step, /{print name ": " $0}' "$LOG" >>"$SUMMARY"
     rm -f "$OUT"/*.tmp
     n_files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
     echo "total $(($(date +%s) - START)) s, $n_files files in $OUT, $([[ $FAILED == 0 ]] && echo 'all steps passed' \

@@ -102,3 +102,31 @@ def mmd_rbf_bytes(x: torch.Tensor) -> int:
 def upsampled_bytes(b: int, c: int, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
     """One feature map upsampled to the crop: what the naive weighted MMD builds (several times) and the fused never."""
     return b * c * size[0] * size[1] * element_size(dtype)
+
+
+# batch norm + residual + ReLU: (n, c, h, w, group_size); odd channel counts, 1x1 maps, per-group statistics
+BN_SHAPES = [(3, 17, 5, 7, 0), (3, 17, 5, 7, 1), (4, 5, 1, 1, 2), (2, 70, 9, 13, 0)]
+BN_VARIANTS = [(False, True), (True, True), (True, False), (False, False)]  # (residual, relu)
+# the largest bottleneck BN of DeepLabv2 at the paper's step: 3 groups of 2 images, 256 x 129 x 129 (layer1)
+PAPER_BN = (6, 256, 129, 129, 2)
+
+
+def bn_inputs(n: int, c: int, h: int, w: int, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+              residual: bool = True, device: str = "cpu", gen: torch.Generator | None = None) -> dict:
+    """bn_act's tensors: x with a mean and spread per channel far from 0 and 1 (so that a wrong statistic shows),
+    affine weight and bias, running statistics, a residual (or None). fp32 drawn, then cast."""
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    x = (randn(n, c, h, w) * (randn(c).abs() + 0.5).view(1, c, 1, 1) + randn(c).view(1, c, 1, 1) * 3).to(dtype)
+    res = randn(n, c, h, w).to(dtype) if residual else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return {"x": x, "weight": randn(c).abs() + 0.5, "bias": randn(c), "running_mean": randn(c) * 0.1,
+            "running_var": randn(c).abs() + 0.5, "residual": res}
+
+
+def bn_act_bytes(x: torch.Tensor, residual: bool) -> int:
+    """bn_act forward + backward as the kernels move them: statistics read x; forward reads x (+ residual), writes
+    y; backward reads dy, y, x and writes dy', then reads dy', x and writes dx (dy' is the residual's gradient)."""
+    return x.numel() * x.element_size() * (3 + residual + 7)

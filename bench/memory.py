@@ -36,7 +36,7 @@ from bench.provenance import parse_args, result_env, stamped, tool_parser, write
 from dsp_fast import reference as ref
 from dsp_fast.config import Config, load_config, preset_names
 from dsp_fast.engine.distributed import DistInfo
-from dsp_fast.engine.model_setup import apply_channels_last
+from dsp_fast.engine.model_setup import apply_channels_last, fused_bn_wanted
 from dsp_fast.engine.trainer import AMP_DTYPES, Trainer, amp_dtype, graphs_on
 from dsp_fast.kernels import HAS_TRITON, force_kernels, set_value_checks
 from dsp_fast.models import build_student_teacher
@@ -146,10 +146,13 @@ class LiveBytes(TorchDispatchMode):
 def cuda_settings(cfg: Config) -> Config:
     """The config whose CPU trainer takes the decisions the CUDA trainer takes: fast.amp as CUDA resolves it,
     torch.compile off (its memory planning is not modelled), no weights file (shapes only), the torch data backend
-    (the loader is replaced), torch's fused SGD for apex's (the same momentum buffer per parameter)."""
+    (the loader is replaced), torch's fused SGD for apex's (the same momentum buffer per parameter), the fused
+    batch norm where CUDA takes it."""
     amp = next(k for k, v in AMP_DTYPES.items() if v == amp_dtype(cfg.fast, CUDA))
     optimizer = "fused" if cfg.fast.optimizer == "apex" else cfg.fast.optimizer
-    fast = dataclasses.replace(cfg.fast, amp=amp, compile="off", data_backend="torch", optimizer=optimizer)
+    fused_bn = "always" if fused_bn_wanted(cfg.fast.fused_bn, CUDA) else "never"
+    fast = dataclasses.replace(cfg.fast, amp=amp, compile="off", data_backend="torch", optimizer=optimizer,
+                               fused_bn=fused_bn)
     return dataclasses.replace(cfg, fast=fast, model=dataclasses.replace(cfg.model, pretrained=""))
 
 

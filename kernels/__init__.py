@@ -6,6 +6,7 @@ tensors and torch.compile); CPU tensors run the twins, unless TRITON_INTERPRET=1
 the masked pool never build the upsampled feature map, on any device. `force_twins()` runs every naive twin (the
 ablation); `force_kernels()` takes the kernels' path on any device (their operators on fake CPU tensors).
 
+    bn_act                batch norm (per group of images) + residual add + ReLU in one pass each way (norm_act.py)
     dual_soft_paste       fused DSP step 4 (soft_paste.py)
     masked_upsample_pool  mean of mask * bilinear_upsample(feat) without the upsampled tensor (upsample_pool.py)
     mmd_rbf               multi-bandwidth Gaussian MMD (mmd.py)
@@ -15,8 +16,9 @@ ablation); `force_kernels()` takes the kernels' path on any device (their operat
 from . import twins
 from ._common import HAS_TRITON, IGNORE_LABEL, force_kernels, force_twins, set_value_checks
 from .mmd import mmd_rbf, weighted_mmd
+from .norm_act import bn_act
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
 
-__all__ = ["HAS_TRITON", "IGNORE_LABEL", "dual_soft_paste", "force_kernels", "force_twins", "masked_upsample_pool",
-           "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]
+__all__ = ["HAS_TRITON", "IGNORE_LABEL", "bn_act", "dual_soft_paste", "force_kernels", "force_twins",
+           "masked_upsample_pool", "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]

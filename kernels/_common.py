@@ -203,3 +203,23 @@ def check_weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.T
     size = check_upsample_pool(feat_s, mask, size)
     _same_device({"feat_s": feat_s, "feat_t": feat_t})
     return size
+
+
+# ------------------------------------------------------------------------------------------ batch norm + act
+def check_bn_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+                 residual: torch.Tensor | None) -> None:
+    """Shape, dtype and device checks of bn_act (no host sync)."""
+    _need(isinstance(x, torch.Tensor) and x.dim() == 4, f"x must be (N, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
+    _need(x.dtype in IMAGE_DTYPES, f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    named = {"x": x}
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
+            _need(tuple(t.shape) == (x.shape[1],), f"{name} must be (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
+            named[name] = t
+    _need((running_mean is None) == (running_var is None), "running_mean and running_var go together")
+    if residual is not None:
+        _need(residual.shape == x.shape, f"residual has shape {tuple(residual.shape)}, x {tuple(x.shape)}")
+        _need(residual.dtype == x.dtype, f"residual is {residual.dtype} but x is {x.dtype}")
+        named["residual"] = residual
+    _same_device(named)

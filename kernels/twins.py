@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ._common import (
     IGNORE_LABEL,
+    check_bn_act,
     check_label_values,
     check_mmd,
     check_soft_paste,
@@ -96,4 +97,26 @@ def weighted_mmd(feat_s: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
     masked_mmd = mmd_rbf(mask_s, mask_t, kernel_mul, kernel_num)
     return global_mmd + masked_mmd
 
-__all__ = ["IGNORE_LABEL", "dual_soft_paste", "masked_upsample_pool", "mmd_rbf", "weighted_mmd"]
+def bn_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+           running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+           momentum: float = 0.1, eps: float = 1e-5, group_size: int = 0, residual: torch.Tensor | None = None,
+           relu: bool = True) -> torch.Tensor:
+    """relu(batch_norm(x) + residual): one F.batch_norm call per group of `group_size` images in training (0: one
+    group), as the per-group BN layers make them; the running statistics move group by group."""
+    check_bn_act(x, weight, bias, running_mean, running_var, training, residual)
+    n = x.shape[0]
+    if training and 0 < group_size < n:
+        if n % group_size:
+            raise ValueError(f"bn_act: a batch of {n} images does not split into groups of {group_size}")
+        parts = x.split(group_size)
+    else:
+        parts = (x,)
+    batch_stats = training or running_mean is None
+    y_NCHW = [F.batch_norm(p, running_mean, running_var, weight, bias, batch_stats, momentum, eps) for p in parts]
+    y_NCHW = y_NCHW[0] if len(y_NCHW) == 1 else torch.cat(y_NCHW)
+    if residual is not None:
+        y_NCHW = y_NCHW + residual
+    return F.relu(y_NCHW) if relu else y_NCHW
+
+
+__all__ = ["IGNORE_LABEL", "bn_act", "dual_soft_paste", "masked_upsample_pool", "mmd_rbf", "weighted_mmd"]

@@ -29,6 +29,7 @@ from helpers_step import (
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsp_fast.augment import AUG_COLS
+from dsp_fast.engine.fused_bn import convert_fused_bn
 from dsp_fast.engine.model_setup import build_models
 from dsp_fast.engine.step import StepBuffers, apply_update, compute_losses
 from dsp_fast.kernels import force_twins
@@ -78,6 +79,25 @@ def test_train_step_issues_no_host_sync(amp, twins, dsp, repeats, value_checks_o
     # one call per group with gradients (source-only: no projection); with repeats the groups backbone_x1/_x3/_x4,
     # classifier, projection: 5 calls on pass 1, 2 on passes 2 and 3, 1 on pass 4
     assert sum(op.startswith("aten::_fused_sgd_") for op, _ in rec.ops) == (10 if repeats else 3 if dsp else 2)
+
+
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_fused_bn_step_issues_no_host_sync(amp, value_checks_off):
+    """fast.fused_bn: the fused BN operators forward and backward (the Triton path, as on CUDA), the running
+    statistics moved per group and the batch-count updates, with no host sync."""
+    cfg = make_cfg()
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(gen)
+    ch = to_device_choices(make_choices(cfg, batch[3], gen))
+    student, teacher = build_models(cfg, CPU)
+    assert convert_fused_bn(student) and convert_fused_bn(teacher)
+    ctx = cuda_like_context(cfg, student, teacher, AMP[amp], CPU)
+    ctx.set_schedule_(3, 1e-3)
+    rec = record_next_step(ctx, lambda: buffers(batch, ch))
+    names = {op for op, _ in rec.ops}
+    assert {"dsp_fast::bn_stats", "dsp_fast::bn_act_fwd", "dsp_fast::bn_act_bwd_reduce",
+            "dsp_fast::bn_act_bwd_dx"} <= names
+    assert not any("batch_norm" in op for op in names)  # every BN of the tiny model went through the kernels
 
 
 @pytest.mark.parametrize("algorithm", ["adamw", "sgd"])
@@ -175,10 +195,10 @@ def cuda_autocast_allowed():
         common.amp_definitely_not_available, torch.cuda.is_bf16_supported = real
 
 
-@pytest.mark.parametrize("amp,script,repeats,dacs", [("bf16", False, False, False), ("fp32", False, False, False),
-                                                     ("bf16", True, False, False), ("bf16", True, True, False),
-                                                     ("bf16", False, False, True)])
-def test_whole_step_on_fake_cuda(amp, script, repeats, dacs, value_checks_off, fake_cuda_support):
+@pytest.mark.parametrize("amp,script,repeats,dacs,fused", [
+    ("bf16", False, False, False, False), ("fp32", False, False, False, False), ("bf16", True, False, False, False),
+    ("bf16", True, True, False, False), ("bf16", False, False, True, False), ("bf16", False, False, False, True)])
+def test_whole_step_on_fake_cuda(amp, script, repeats, dacs, fused, value_checks_off, fake_cuda_support):
     """Student, teacher, losses (fused operators through their fake implementations), fused SGD with a device lr
     and the EMA, on fake `cuda` tensors: any cuda/cpu mix raises, and no operator takes tensors of two devices
     (a CPU scalar tensor beside cuda ones would be baked into a graph). torch built without CUDA cannot record
@@ -186,9 +206,13 @@ def test_whole_step_on_fake_cuda(amp, script, repeats, dacs, value_checks_off, f
     the update half gets fake gradients; the backward's operators mirror the forward's devices. script: with the
     authors'-script switches (column paste, shared mask, ignore label pasteable, HSV quirk); repeats: with
     optim.script_param_repeats as well (every pass of the repeated SGD binds the device-lr overload); dacs: DACS's
-    switches (the source batch as template, two student groups, no long-tail crop, no MMD)."""
+    switches (the source batch as template, two student groups, no long-tail crop, no MMD); fused: with
+    fast.fused_bn's modules (their operators' fake implementations, the running statistics on the device)."""
     cfg = with_repeats(make_cfg(**(SCRIPT_DSP if script else DACS_DSP if dacs else {})), repeats)
     student, teacher = build_models(cfg, CPU)
+    if fused:
+        convert_fused_bn(student)
+        convert_fused_bn(teacher)
     cuda = torch.device("cuda")
     with FakeTensorMode(allow_non_fake_inputs=True), OpRecorder() as rec:
         student.to_empty(device=cuda)
@@ -216,6 +240,7 @@ def test_whole_step_on_fake_cuda(amp, script, repeats, dacs, value_checks_off, f
     assert {t.device.type for t in [*losses.values(), *ctx.sums.values(), *ctx.teacher_params]} == {"cuda"}
     names = [op for op, _ in rec.ops]
     assert "dsp_fast::dual_soft_paste" in names and ("dsp_fast::adjoint_map" in names) != dacs  # no MMD in DACS
+    assert ("dsp_fast::bn_act_fwd" in names) == fused
     # one call per group: with repeats backbone_x1/_x3/_x4 and the head groups on pass 1, _x3/_x4 on passes 2
     # and 3, _x4 on pass 4 (the script switches leave the projection out of the optimizer)
     head_groups = 1 + cfg.dsp.train_mmd_projection

@@ -176,6 +176,10 @@ class FastConfig:
     """torch.compile (inductor): 'off', 'model' (the student's and the teacher's forward) or 'step' (steps 1-6:
     teacher, mixing, the student forward(s) and the losses as one graph; backward compiled with it). Inductor's own
     CUDA graphs stay off: the engine captures the whole step (with SGD and the EMA) itself."""
+    fused_bn: str = _field("auto", choices=("auto", "always", "never"))
+    """Batch norm, its ReLU and the bottleneck's residual add as fused kernels (one pass over memory each way; the
+    DeepLabv2 models): 'auto' (on for CUDA), 'always' (CPU tensors run their plain-PyTorch twin) or 'never'. Falls
+    back to the unfused layers, saying why, with several ranks or when the kernels fail to compile."""
     prepared_source: str = ""
     """A prepared source folder (python -m dsp_fast.prepare) to train from instead of data.source_root; '': the
     trainer prepares data.source_root itself, once, into the cache (see prepared_dir)."""

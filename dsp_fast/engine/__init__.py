@@ -6,6 +6,7 @@
     model_setup  the models built, channels_last, DDP, torch.compile, input normalisation on the device
     optimizer    fused SGD / AdamW with a device lr, the script's repeated updates, lr schedule, GradScaler
     batchnorm    batch norm over ranks (SyncBatchNorm, GlobalBatchNorm2d) and per group (the batched student)
+    fused_bn     DeepLabv2's BN -> ReLU (-> + identity) chains as fused kernels (fast.fused_bn)
     graphs       CUDA-graph capture of the step (CUDA only), eager fallback
     data_setup   the data checked, prepared once (cached) and the step-indexed loader built
     distributed  torchrun process group (gloo / NCCL), teardown, the per-rank batch and the collectives

@@ -1,5 +1,6 @@
 """The models as the fast step runs them, one function each, in the order engine/trainer.py's `Trainer` applies them:
-built (student and teacher), channels_last, DDP, torch.compile, and the input normalisation made on the device.
+built (student and teacher), channels_last, fused batch norm, DDP, torch.compile, and the input normalisation made
+on the device.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 
 from dsp_fast.config import Config
 from dsp_fast.engine.distributed import DistInfo
+from dsp_fast.engine.fused_bn import convert_fused_bn, fused_bn_unavailable
 from dsp_fast.engine.step import compute_losses
 from dsp_fast.models import build_student_teacher
 from dsp_fast.models.weights import DEEPLAB_MEAN_BGR, IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
@@ -26,6 +28,30 @@ def build_models(cfg: Config, device: torch.device) -> tuple[nn.Module, nn.Modul
 def apply_channels_last(*models: nn.Module) -> None:
     for m in models:
         m.to(memory_format=torch.channels_last)
+
+
+def fused_bn_wanted(mode: str, device: torch.device) -> bool:
+    """fast.fused_bn as a decision: 'auto' is on for CUDA."""
+    return mode == "always" or (mode == "auto" and device.type == "cuda")
+
+
+def apply_fused_bn(mode: str, info: DistInfo, say: Callable[[str], None], *models: nn.Module) -> bool:
+    """fast.fused_bn: the models' BN -> ReLU (-> + identity) chains as fused kernels ('auto': on CUDA). Falls back
+    to the unfused layers with one line naming the cause: several ranks (the fused statistics are one rank's) or
+    kernels that fail at their first use (checked here, before any step or capture). Returns whether it is on."""
+    if not fused_bn_wanted(mode, info.device):
+        return False
+    if info.enabled:
+        say(f"fast.fused_bn: off with {info.world_size} ranks (the fused kernels take one rank's batch statistics; "
+            "BN over ranks runs unfused)")
+        return False
+    reason = fused_bn_unavailable(info.device)
+    if reason:
+        say(f"fast.fused_bn: off, {reason}")
+        return False
+    for m in models:
+        convert_fused_bn(m)
+    return True
 
 
 def apply_compile(mode: str, student: nn.Module, teacher: nn.Module) -> Callable | None:

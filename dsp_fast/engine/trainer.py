@@ -23,7 +23,14 @@ from dsp_fast.engine.batchnorm import apply_group_bn, convert_global_bn
 from dsp_fast.engine.data_setup import build_step_loader, resolve_backend
 from dsp_fast.engine.distributed import DistInfo, gather_objects, gather_rows, per_rank_batch, sum_over_ranks
 from dsp_fast.engine.graphs import GraphedStep
-from dsp_fast.engine.model_setup import apply_channels_last, apply_compile, apply_ddp, build_models, make_normalize
+from dsp_fast.engine.model_setup import (
+    apply_channels_last,
+    apply_compile,
+    apply_ddp,
+    apply_fused_bn,
+    build_models,
+    make_normalize,
+)
 from dsp_fast.engine.monitor import NullLog, tensorboard_on
 from dsp_fast.engine.optimizer import build_grad_scaler, build_optimizer, scheduled_lr
 from dsp_fast.engine.step import StepBuffers, StepContext, train_step
@@ -128,6 +135,7 @@ class Trainer:
             apply_group_bn(self.student, self.batch)
         if fast.channels_last and models is None:
             apply_channels_last(self.student, self.teacher)
+        apply_fused_bn(fast.fused_bn, info, self.say, self.student, self.teacher)
         self.optimizer, device_skip = build_optimizer(cfg, self.student, fast, device)
         dtype = amp_dtype(fast, device)
         scaler = build_grad_scaler(dtype, device)
