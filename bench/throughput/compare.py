@@ -41,7 +41,7 @@ from dsp_fast.engine.trainer import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
-ABLATIONS = ("dali", "kernels", "channels_last", "batched_student", "amp", "graphs")
+ABLATIONS = ("dali", "producer", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
 def ablation_variant(key: str, fast: FastBench) -> tuple[str, dict, bool] | str:
@@ -53,6 +53,10 @@ def ablation_variant(key: str, fast: FastBench) -> tuple[str, dict, bool] | str:
         if fast.trainer.backend != "dali":
             return f"n/a {where}: the fast trainer reads with the {fast.trainer.backend!r} backend here"
         return "DALI off (torch backend)", {"data_backend": "torch"}, False
+    if key == "producer":
+        if fast.trainer.backend != "torch" or not o.data_producer:
+            return "n/a: no read-ahead thread here (the DALI backend, or fast.data_producer 0)"
+        return "read-ahead thread off (read when asked)", {"data_producer": 0}, False
     if key == "kernels":
         if fast.twins:
             return "n/a: --twins, the fast trainer already runs the twins"
