@@ -126,7 +126,7 @@ if ((TOOLCHAIN)); then
     # 3. the kernels through this machine's Triton and ptxas
     step compile_kernels 20 "$PY" -W ignore -m bench.compile_kernels --arch 90 --only step
     # 4. GPU tests (TRITON_INTERPRET=0: conftest would otherwise turn the interpreter on)
-    step gpu_tests 70 env TRITON_INTERPRET=0 "$PY" -m pytest tests -q -p no:cacheprovider -x \
+    step gpu_tests 60 env TRITON_INTERPRET=0 "$PY" -m pytest tests -q -p no:cacheprovider -x \
         -k "gpu or cuda or graph or bf16"
     THROUGHPUT_KERNELS=(--ablations graphs amp kernels batched_student)
 else
@@ -158,10 +158,10 @@ PROFILE="$(ls "$OUT"/profile_step_cuda_*.json 2>/dev/null | head -n 1)"
 # both eager; its JSON stays outside OUT (the 8 files are taken), its title line goes into summary.txt
 step profile_unfused_bn 25 "$PY" -m bench.profile_step --config gta2cs --fixed-batch --device cuda --steps 5 \
     --warmup 3 --no-chart --out "${TMPDIR:-/tmp}" fast.fused_bn=never
-step cost_model 40 "$PY" -m bench.cost_model --config gta2cs --profile "${PROFILE:-$OUT/profile_step_cuda_DATE.json}"
+step cost_model 30 "$PY" -m bench.cost_model --config gta2cs --profile "${PROFILE:-$OUT/profile_step_cuda_DATE.json}"
 # 8. the memory prediction beside the measured peaks (no file: the 8 are taken; the lines go into summary.txt); the
 # graph's warm-up shortened to 2 steps, which changes no allocation of the captured step
-step memory 30 "$PY" -m bench.memory --config gta2cs --measure-cuda fast.graph_warmup=2
+step memory 25 "$PY" -m bench.memory --config gta2cs --measure-cuda fast.graph_warmup=2
 # 9. the nvJPEG data path
 step data_throughput 30 "$PY" -m bench.data_throughput --quick --device cuda --out "$OUT"
 
