@@ -256,9 +256,14 @@ def main(argv: list[str] | None = None, runner: Runner = train_once) -> int:
         return 2
     plan = {"config": args.config, "seeds": args.seeds, "overrides": overrides, "trainer_flags": trainer_flags}
     folder, lock, earlier = claim_folder(args.out or f"{os.path.normpath(cfg.train.out_dir)}_ablation", plan)
+    command = [sys.executable, "-m", "dsp_fast.ablate", *words]
     with contextlib.closing(lock):
-        return _ablate(folder, planned, models, plan, earlier, runner,
-                       [sys.executable, "-m", "dsp_fast.ablate", *words])
+        try:
+            return _ablate(folder, planned, models, plan, earlier, runner, command)
+        except KeyboardInterrupt:  # the run in flight wrote its checkpoint (sweep.train_once waits for it)
+            print(f"\ninterrupted: the finished runs' figures are in {os.path.abspath(folder)}; the same command "
+                  f"continues the ablation from there:\n{shlex.join(command)}", file=sys.stderr, flush=True)
+            return 130
 
 
 def _model_name(run_cfg: Config, row_cfg: Config) -> str:

@@ -117,10 +117,18 @@ def train_once(cmd: list[str], out_dir: str) -> tuple[int, str]:
     print(f"\n=== {shlex.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
     folder = out_dir
-    for line in proc.stdout:  # type: ignore[union-attr]
-        sys.stdout.write(line)
-        if line.startswith("run folder: "):  # 'run folder: PATH (summary: ...)', the trainer's last lines
-            folder = line[len("run folder: "):].split(" (")[0].rstrip("\n")
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            sys.stdout.write(line)
+            if line.startswith("run folder: "):  # 'run folder: PATH (summary: ...)', the trainer's last lines
+                folder = line[len("run folder: "):].split(" (")[0].rstrip("\n")
+    except KeyboardInterrupt:
+        # Ctrl-C reached the trainer too (one process group): it finishes its step and writes a checkpoint, which
+        # needs its stdout open; a second Ctrl-C stops both at once
+        for line in proc.stdout:  # type: ignore[union-attr]
+            sys.stdout.write(line)
+        proc.wait()
+        raise
     return proc.wait(), folder
 
 
@@ -151,7 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     for seed in args.seeds:
         out = os.path.join(folder, f"seed_{seed}")
-        code, runs[seed] = train_once(train_command(args.config, trainer_flags, overrides, seed, out), out)
+        try:
+            code, runs[seed] = train_once(train_command(args.config, trainer_flags, overrides, seed, out), out)
+        except KeyboardInterrupt:  # the seed's run wrote its checkpoint; the figures of the seeds before it stand
+            print(f"\ninterrupted at seed {seed}; its run continues with: python -m dsp_fast.train --resume "
+                  f"{shlex.quote(os.path.abspath(out))}", file=sys.stderr, flush=True)
+            code = 130
+            break
         if code != 0:
             print(f"error: seed {seed} failed (exit code {code}); the figures of the seeds before it are written",
                   file=sys.stderr)

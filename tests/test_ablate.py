@@ -145,6 +145,21 @@ def test_the_same_command_continues_a_partly_finished_ablation(tmp_path, capsys)
     assert "ablation folder" in capsys.readouterr().out
 
 
+def test_ctrl_c_names_the_command_that_continues(tmp_path, capsys):
+    class Interrupted(FakeTrainer):
+        def __call__(self, cmd, out):
+            if len(self.calls) == 2:  # Ctrl-C while the third run trains
+                raise KeyboardInterrupt
+            return super().__call__(cmd, out)
+
+    args = ["--config", "synthetic", "--seeds", "0", "--out", str(tmp_path / "abl")]
+    assert ablate.main(args, runner=Interrupted()) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "-m dsp_fast.ablate" in err and "--seeds 0" in err
+    again = FakeTrainer()
+    assert ablate.main(args, runner=again) == 0 and len(again.calls) == TRAINED - 2  # the two finished runs stand
+
+
 def test_two_ablations_at_once_never_share_a_folder(tmp_path):
     args = ["--config", "synthetic", "--seeds", "0", "--out", str(tmp_path / "abl")]
     assert ablate.main(args, runner=FakeTrainer(fail_at=1)) == 3
