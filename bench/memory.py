@@ -121,6 +121,10 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func.namespace == "dsp_fast" and os.environ.get("TRITON_INTERPRET") == "1":
+            # the Triton interpreter keeps a launch's arguments in reference cycles: collected now, as a GPU
+            # launch frees them, or the real CPU step counts them alive until the next collection
+            gc.collect()
         if torch._C._current_graph_task_id() != -1:
             phase = "backward"
         else:
