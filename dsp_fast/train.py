@@ -20,12 +20,14 @@ import contextlib
 import os
 import sys
 
-# OpenMP threads sleep while they wait for work instead of spinning: on a CPU shared with another job, a spinning
-# thread takes the core from a descheduled one and every operator stalls. libgomp reads this once, when torch loads
-# it (the imports below); `python -m` runs only the package's __init__ (no torch) before this line. KMP_BLOCKTIME is
-# the same switch for Intel's OpenMP (some torch builds). A value the user set wins (docs/performance.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("KMP_BLOCKTIME", "0")
+# OpenMP threads spin 1000 times, not libgomp's 300000, before they sleep while they wait for work: on a CPU shared
+# with another job a spinning thread takes the core from a descheduled one and every operator stalls (two main jobs
+# at once: 201 s with 1000 spins, over 20 minutes with 300000), while sleeping at once (OMP_WAIT_POLICY=PASSIVE)
+# costs each of the step's operators a wake-up (the main job alone: 113 s with 1000 spins, 95 s with 300000, 175 s
+# passive; docs/performance.md). libgomp reads this once, when torch loads it (the imports below); `python -m`
+# runs only the package's __init__ (no torch) before this line. A spin count or wait policy the user set wins.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 from dsp_fast.checkpoint_file import EXIT_WRITE_FAILED, RunWriteError
 from dsp_fast.config import (

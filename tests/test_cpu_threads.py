@@ -1,5 +1,5 @@
-"""The fast trainer's CPU thread policy for a shared machine: OpenMP threads that wait passively (set before torch
-loads libgomp, unless the user chose), and torch's thread count from the CPUs this process may use."""
+"""The fast trainer's CPU thread policy for a shared machine: OpenMP threads that spin briefly before they sleep
+(set before torch loads libgomp, unless the user chose), and torch's thread count from the CPUs this process may use."""
 
 from __future__ import annotations
 
@@ -28,15 +28,18 @@ def _libgomp_settings(**env: str) -> str:
     return out.stderr
 
 
-def test_the_trainer_makes_openmp_threads_wait_passively():
-    """Without the setting, libgomp spins 300000 times before it sleeps; the trainer's process must start with 0
+def test_the_trainer_makes_openmp_threads_spin_briefly():
+    """Without the setting, libgomp spins 300000 times before it sleeps; the trainer's process must start with 1000
     spins, so the environment was set before torch loaded libgomp."""
-    assert "GOMP_SPINCOUNT = '0'" in _libgomp_settings()
+    assert "GOMP_SPINCOUNT = '1000'" in _libgomp_settings()
 
 
-def test_a_wait_policy_the_user_set_wins():
-    settings = _libgomp_settings(OMP_WAIT_POLICY="ACTIVE")
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in settings and "GOMP_SPINCOUNT = '0'" not in settings
+@pytest.mark.parametrize("env, expected", [({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY = 'ACTIVE'"),
+                                           ({"OMP_WAIT_POLICY": "PASSIVE"}, "GOMP_SPINCOUNT = '0'"),
+                                           ({"GOMP_SPINCOUNT": "300000"}, "GOMP_SPINCOUNT = '300000'")])
+def test_a_wait_policy_the_user_set_wins(env, expected):
+    settings = _libgomp_settings(**env)
+    assert expected in settings and "GOMP_SPINCOUNT = '1000'" not in settings
 
 
 def test_cpu_threads_count_the_cpus_this_process_may_use(monkeypatch):

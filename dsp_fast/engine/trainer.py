@@ -85,7 +85,7 @@ def cpu_threads(fast: FastConfig) -> int:
 
 def configure_backends(fast: FastConfig, device: torch.device) -> None:
     """The process-wide switches a fast run sets: CPU threads, determinism or cuDNN autotuning, and the kernels'
-    value checks. (OpenMP's passive waiting is set in the environment by train.py, before torch loads.)"""
+    value checks. (OpenMP's spin count is set in the environment by train.py, before torch loads.)"""
     torch.set_num_threads(cpu_threads(fast))
     if fast.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
