@@ -200,13 +200,14 @@ def write_chart(path: str, rows: list[dict[str, Any]], config: str, seeds: list[
                 fontweight="bold")
         if r["step"] is not None:  # in the gap between this bar and the one above, at the right
             ax.annotate(_pct(r["step"], sign=True), (0.99, y + 0.5),
-                        xycoords=("axes fraction", "data"), ha="right", va="center", color="#2a7d3b", fontsize=9)
+                        xycoords=("axes fraction", "data"), ha="right", va="center", fontsize=9,
+                        color="#2a7d3b" if r["step"] >= 0 else "#c44e52")
     top = max((100 * (r["mIoU"]["mean"] + (r["mIoU"]["std"] or 0)) for r in done), default=1.0)
     top = max([top, *(100 * v for r in done for v in r["mIoU"]["values"] if v is not None)])
     ax.set_xlim(0, top * 1.25)  # room for the steps at the right
     ax.set_yticks(ys, [r["name"] for r in rows])
     ax.set_xlabel("target mIoU (%): bar the mean, whisker the sample std, dots the seeds\n"
-                  "green: the change of the mean from the row above")
+                  "right: the change of the mean from the row above (green a gain, red a loss)")
     ax.set_title(f"DSP ablation: {config}, seeds {' '.join(map(str, seeds))}")
     fig.savefig(path, dpi=120)
     return None
