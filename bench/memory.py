@@ -38,7 +38,7 @@ from dsp_fast.config import Config, load_config, preset_names
 from dsp_fast.engine.distributed import DistInfo
 from dsp_fast.engine.model_setup import apply_channels_last, fused_bn_wanted
 from dsp_fast.engine.trainer import AMP_DTYPES, Trainer, amp_dtype, graphs_on
-from dsp_fast.kernels import HAS_TRITON, force_kernels, set_value_checks
+from dsp_fast.kernels import HAS_TRITON, force_kernels, interpreting, set_value_checks
 from dsp_fast.models import build_student_teacher
 
 # weights: both models' parameters and buffers; optimizer: its state and lr tensors; gradients: the student's .grad;
@@ -121,7 +121,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.namespace == "dsp_fast" and os.environ.get("TRITON_INTERPRET") == "1":
+        if func.namespace == "dsp_fast" and interpreting():
             # the Triton interpreter keeps a launch's arguments in reference cycles: collected now, as a GPU
             # launch frees them, or the real CPU step counts them alive until the next collection
             gc.collect()

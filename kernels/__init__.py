@@ -14,11 +14,11 @@ ablation); `force_kernels()` takes the kernels' path on any device (their operat
 """
 
 from . import twins
-from ._common import HAS_TRITON, IGNORE_LABEL, force_kernels, force_twins, set_value_checks
+from ._common import HAS_TRITON, IGNORE_LABEL, force_kernels, force_twins, interpreting, set_value_checks
 from .mmd import mmd_rbf, weighted_mmd
 from .norm_act import bn_act
 from .soft_paste import dual_soft_paste
 from .upsample_pool import masked_upsample_pool
 
 __all__ = ["HAS_TRITON", "IGNORE_LABEL", "bn_act", "dual_soft_paste", "force_kernels", "force_twins",
-           "masked_upsample_pool", "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]
+           "interpreting", "masked_upsample_pool", "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]
