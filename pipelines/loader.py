@@ -13,8 +13,9 @@ import torch
 
 from dsp_fast.config import LOADER_BACKENDS as BACKENDS  # one home, which fast.data_backend's choices derive from
 
+from .pixels import decoded_mib
 from .plan import Planner
-from .prepared import load_prepared
+from .prepared import PreparedSet, load_prepared
 from .producer import Producer
 
 STEP_KEYS = ("src_img", "src_label", "tmpl_img", "tmpl_label", "lt_img", "lt_label", "lt_class", "tgt_img")
@@ -51,8 +52,10 @@ class StepLoader:
     continues the same sequence. Images stay uint8: the trainer converts and normalises on the device.
     `producer` > 0: a background thread reads that many steps ahead (producer.py); the same batches."""
 
-    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device, producer: int = 0) -> None:
+    def __init__(self, planner: Planner, source, target, long_tail, device: torch.device, producer: int = 0,
+                 in_memory: dict[str, str] | None = None) -> None:
         self.planner, self.source, self.target, self.long_tail, self.device = planner, source, target, long_tail, device
+        self.in_memory = in_memory or {}  # set name -> 'held' or why not (pixels.py); empty for DALI
         self._producer = Producer(self._read, producer, device) if producer > 0 else None
         _OPEN.add(self)
 
@@ -89,7 +92,7 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
                   backend: str = "dali", device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                   seed: int = 0, num_threads: int = 4, long_tail_classes: Sequence[int] = (), num_long_tail: int = 0,
                   flip: bool = False, start_step: int = 0, prefetch: int = 2, dali_roi: bool = True,
-                  template: bool = True, producer: int = 0) -> StepLoader:
+                  template: bool = True, producer: int = 0, cache_mib: float = 0) -> StepLoader:
     """The step loader over prepared folders (`python -m dsp_fast.prepare`).
 
     source_dir: a prepared GTA5 / SYNTHIA folder (with labels); target_dir: a prepared Cityscapes split folder.
@@ -103,20 +106,27 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
     dali_roi: DALI decodes only each crop's window (the same pixels; False: whole file, then slice, for benchmarks).
     template: a second source batch per step (tmpl_img, tmpl_label); False (dsp.template 'source'): none read.
     producer: steps a background thread keeps ready (0: none; read when asked). DALI ignores it: its own threads
-    decode `prefetch` steps ahead."""
+    decode `prefetch` steps ahead.
+    cache_mib: the torch backend decodes each set (source, target, long-tail, in that order) whose decoded pixels
+    fit what is left of this budget once, now, and crops it from memory (pixels.py); 0: every read decodes."""
     if backend not in BACKENDS:
         raise ValueError(f"data backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available")
-    if batch_size < 1 or num_threads < 0 or producer < 0:
-        raise ValueError(f"batch_size must be >= 1, num_threads and producer >= 0, got {batch_size}, {num_threads} "
-                         f"and {producer}")
+    if batch_size < 1 or num_threads < 0 or producer < 0 or cache_mib < 0:
+        raise ValueError(f"batch_size must be >= 1, num_threads, producer and cache_mib >= 0, got {batch_size}, "
+                         f"{num_threads}, {producer} and {cache_mib}")
     source, target = load_prepared(source_dir), load_prepared(target_dir)
     long_tail = load_prepared(source.long_tail) if source.long_tail and num_long_tail > 0 else None
     crop = (int(crop_size[0]), int(crop_size[1]))
     planner = Planner(source, target, crop, batch_size, rank, world_size, seed, tuple(long_tail_classes),
                       num_long_tail, flip, long_tail, template)
+    sets = {"source": (source, True), "target": (target, False)}  # (set, read with labels)
+    if planner.num_long_tail > 0:
+        assert long_tail is not None  # the planner checked it
+        sets["long-tail"] = (long_tail, True)
+    in_memory = held_in_memory(sets, cache_mib) if backend == "torch" else {}
     if backend == "dali":
         from .dali_backend import DaliCropStream as Stream
 
@@ -125,11 +135,26 @@ def build_loaders(source_dir: str, target_dir: str, *, crop_size: tuple[int, int
         from .torch_backend import TorchCropStream as Stream
 
         kwargs = {"num_threads": num_threads, "gpu_decode": backend == "torchvision"}
-    src = Stream(source, planner.source_plan, crop, True, device, start_step=start_step, prefetch=prefetch, **kwargs)
-    tgt = Stream(target, planner.target_plan, crop, False, device, start_step=start_step, prefetch=prefetch, **kwargs)
-    lt = None
-    if planner.num_long_tail > 0:
-        assert long_tail is not None  # the planner checked it
-        lt = Stream(long_tail, planner.long_tail_plan, crop, True, device, start_step=start_step, prefetch=prefetch,
-                    **kwargs)
-    return StepLoader(planner, src, tgt, lt, device, producer=0 if backend == "dali" else producer)
+
+    def stream(name: str, plan_fn):
+        ds, labels = sets[name]
+        memory = {"in_memory": in_memory[name] == "held"} if in_memory else {}
+        return Stream(ds, plan_fn, crop, labels, device, start_step=start_step, prefetch=prefetch, **kwargs, **memory)
+
+    src, tgt = stream("source", planner.source_plan), stream("target", planner.target_plan)
+    lt = stream("long-tail", planner.long_tail_plan) if "long-tail" in sets else None
+    return StepLoader(planner, src, tgt, lt, device, producer=0 if backend == "dali" else producer,
+                      in_memory=in_memory)
+
+
+def held_in_memory(sets: dict[str, tuple[PreparedSet, bool]], cache_mib: float) -> dict[str, str]:
+    """Which sets the torch backend decodes once and holds: {name: 'held' or why not}, in the order given, each
+    set (with its labels if read with them) whole or not at all, within `cache_mib` MiB together."""
+    left, answer = cache_mib, {}
+    for name, (ds, labels) in sets.items():
+        need = decoded_mib(ds, labels)
+        if need <= left:
+            answer[name], left = "held", left - need
+        else:
+            answer[name] = f"{need:.1f} MiB decoded, {left:.1f} MiB of the budget left"
+    return answer

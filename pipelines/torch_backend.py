@@ -8,32 +8,17 @@ training process as the same exception type, naming the file.
 
 from __future__ import annotations
 
-import io
 import itertools
 import signal
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dsp_fast.data.errors import DatasetError
-
 from . import prepared
+from .pixels import FilePixels, MemoryPixels, decode
 from .plan import CropPlan
-
-# What PIL raises on a corrupt or truncated file.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def decode(data: np.ndarray, path: str, gray: bool) -> np.ndarray:
-    """PIL decode of checked bytes: uint8 HxW (gray) or HxWx3 RGB; DatasetError naming `path` if corrupt."""
-    try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:
-            return np.asarray(im if gray else im.convert("RGB"))
-    except _DECODE_ERRORS as e:
-        raise DatasetError(f"{path}: corrupt or truncated image ({e})") from None
 
 
 def crop_flip(x: np.ndarray, window: tuple[int, int], crop: tuple[int, int], flip: bool) -> np.ndarray:
@@ -43,11 +28,12 @@ def crop_flip(x: np.ndarray, window: tuple[int, int], crop: tuple[int, int], fli
 
 
 class _CropSteps(Dataset):
-    """Item `step`: the crops of that step's plan, as (images, labels or None, plan)."""
+    """Item `step`: the crops of that step's plan, as (images, labels or None, plan). decode_images False (the
+    torchvision backend): the images are the files' checked bytes, decoded later on the GPU."""
 
-    def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
+    def __init__(self, pixels: FilePixels, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
                  with_labels: bool, decode_images: bool) -> None:
-        self.ds, self.plan_fn, self.crop = ds, plan_fn, crop
+        self.pixels, self.plan_fn, self.crop = pixels, plan_fn, crop
         self.with_labels, self.decode_images = with_labels, decode_images
 
     def __len__(self) -> int:
@@ -56,19 +42,16 @@ class _CropSteps(Dataset):
     def __getitem__(self, step: int):
         plan = self.plan_fn(step)
         cw, ch = self.crop
+        ds = self.pixels.ds
         images: list = []
         labels = np.empty((len(plan.indices), ch, cw), dtype=np.uint8) if self.with_labels else None
         for j, (i, window, flip) in enumerate(zip(plan.indices, plan.windows, plan.flips)):
-            path = self.ds.image_path(i)
-            data = prepared.read_checked(path, self.ds.size)
             if self.decode_images:
-                images.append(crop_flip(decode(data, path, gray=False), window, self.crop, flip))
+                images.append(crop_flip(self.pixels.image(i), window, self.crop, flip))
             else:
-                images.append(torch.from_numpy(data))
+                images.append(torch.from_numpy(prepared.read_checked(ds.image_path(i), ds.size)))
             if labels is not None:
-                path = self.ds.label_path(i)
-                data = prepared.read_checked(path, self.ds.size, gray8=True)
-                labels[j] = crop_flip(decode(data, path, gray=True), window, self.crop, flip)
+                labels[j] = crop_flip(self.pixels.label(i), window, self.crop, flip)
         if self.decode_images:
             images = torch.from_numpy(np.stack(images))
         return images, None if labels is None else torch.from_numpy(labels), plan
@@ -84,17 +67,21 @@ def leave_stop_signals_to_the_trainer(_: int) -> None:
 
 class TorchCropStream:
     """Yields (img_NHWC uint8, label_NHW uint8 or None, plan) per step on `device`, like DaliCropStream.
-    num_threads: DataLoader workers (0: decode in the calling process); gpu_decode: the `torchvision` backend."""
+    num_threads: DataLoader workers (0: decode in the calling process); gpu_decode: the `torchvision` backend;
+    in_memory: decode every image and label of the set now and crop from memory after (pixels.py)."""
 
     def __init__(self, ds: prepared.PreparedSet, plan_fn: Callable[[int], CropPlan], crop: tuple[int, int],
                  with_labels: bool, device: torch.device, num_threads: int, start_step: int = 0,
-                 prefetch: int = 2, gpu_decode: bool = False) -> None:
+                 prefetch: int = 2, gpu_decode: bool = False, in_memory: bool = False) -> None:
         if gpu_decode:
             self._decode_jpeg = import_decode_jpeg()
             if ds.format != "jpeg":
                 raise ValueError(f"{ds.root}: the torchvision backend decodes JPEG only; prepare with --format jpeg")
+            if in_memory:
+                raise ValueError("the torchvision backend decodes on the GPU at each step: it holds no pixels")
         self.ds, self.device, self.crop, self.gpu_decode = ds, device, crop, gpu_decode
-        steps = _CropSteps(ds, plan_fn, crop, with_labels, decode_images=not gpu_decode)
+        pixels = MemoryPixels(ds, with_labels) if in_memory else FilePixels(ds)  # before workers fork: shared
+        steps = _CropSteps(pixels, plan_fn, crop, with_labels, decode_images=not gpu_decode)
         loader = DataLoader(steps, batch_size=None, sampler=itertools.count(start_step), num_workers=num_threads,
                             pin_memory=device.type == "cuda", prefetch_factor=prefetch if num_threads else None,
                             worker_init_fn=leave_stop_signals_to_the_trainer)

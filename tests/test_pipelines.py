@@ -183,7 +183,7 @@ def test_resume_at_a_step_continues_the_same_sequence(sets):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, str]:
+def _plant(sets, tmp_path, fmt: str, what: str, backend: str, **kw) -> tuple[object, str]:
     """A copy of the prepared source with one bad file in the first step's plan; (loader, its path)."""
     src = str(tmp_path / "src")
     shutil.copytree(sets[fmt], src)
@@ -204,7 +204,7 @@ def _plant(sets, tmp_path, fmt: str, what: str, backend: str) -> tuple[object, s
         os.remove(path)
     else:
         Image.fromarray(np.zeros((40, 63), np.uint8), mode="L").save(path)
-    return make_loader(sets, backend, fmt, source=src, num_threads=1), path
+    return make_loader(sets, backend, fmt, source=src, num_threads=1, **kw), path
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -216,6 +216,44 @@ def test_bad_file_raises_an_error_naming_it(sets, tmp_path, backend, what):
             next(loader)
     finally:
         loader.close()
+
+
+# Sets held in memory (pixels.py): the same batches, the budget, the errors.
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sets_held_in_memory_give_the_batches_read_from_files_bit_for_bit(sets, workers):
+    files = make_loader(sets, "torch", num_threads=workers)
+    held = make_loader(sets, "torch", num_threads=workers, cache_mib=100)
+    try:
+        assert files.in_memory == {k: files.in_memory[k] for k in ("source", "target", "long-tail")}
+        assert "held" not in files.in_memory.values()
+        assert set(held.in_memory.values()) == {"held"}
+        for step in range(6):
+            assert _same_batches(next(files), next(held)), step
+    finally:
+        files.close(), held.close()
+
+
+def test_the_budget_holds_whole_sets_in_order(sets):
+    from dsp_fast.pipelines.loader import held_in_memory
+    from dsp_fast.pipelines.pixels import decoded_mib
+
+    src, tgt = prepared.load_prepared(sets["png"]), prepared.load_prepared(sets["tgt"])
+    lt = prepared.load_prepared(src.long_tail)
+    assert decoded_mib(src, True) == len(src) * 64 * 40 * 4 / 2**20  # RGB and the label
+    assert decoded_mib(tgt, False) == len(tgt) * 48 * 32 * 3 / 2**20  # the target's labels are not read
+    sizes = {"source": (src, True), "target": (tgt, False), "long-tail": (lt, True)}
+    mib = [decoded_mib(*v) for v in sizes.values()]
+    got = held_in_memory(sizes, mib[0] + mib[1] / 2)  # the source, and half the target: not held, the next if it fits
+    assert got["source"] == "held"
+    assert got["target"] == f"{mib[1]:.1f} MiB decoded, {mib[1] / 2:.1f} MiB of the budget left"
+    assert (got["long-tail"] == "held") == (mib[2] <= mib[1] / 2)
+    assert set(held_in_memory(sizes, 0).values()) != {"held"} and "held" not in held_in_memory(sizes, 0).values()
+
+
+def test_a_bad_file_of_a_held_set_is_named_when_the_loader_is_built(sets, tmp_path):
+    with pytest.raises(DatasetError, match=f"^{tmp_path}/src/images/[^/]+\\.jpg: truncated file"):
+        _plant(sets, tmp_path, "jpeg", "tail cut", "torch", cache_mib=100)
 
 
 def test_dali_absent_names_the_gpu_extra(sets, monkeypatch):

@@ -41,7 +41,7 @@ from dsp_fast.engine.trainer import amp_dtype
 from dsp_fast.kernels._common import HAS_TRITON, interpreting
 from dsp_fast.run_io import resolve_device
 
-ABLATIONS = ("dali", "producer", "kernels", "channels_last", "batched_student", "amp", "graphs")
+ABLATIONS = ("dali", "producer", "cache", "kernels", "channels_last", "batched_student", "amp", "graphs")
 
 
 def ablation_variant(key: str, fast: FastBench) -> tuple[str, dict, bool] | str:
@@ -57,6 +57,11 @@ def ablation_variant(key: str, fast: FastBench) -> tuple[str, dict, bool] | str:
         if fast.trainer.backend != "torch" or not o.data_producer:
             return "n/a: no read-ahead thread here (the DALI backend, or fast.data_producer 0)"
         return "read-ahead thread off (read when asked)", {"data_producer": 0}, False
+    if key == "cache":
+        held = getattr(fast.trainer.loader, "in_memory", {})
+        if "held" not in held.values():
+            return "n/a: no prepared set held in memory here (the DALI backend, or over fast.data_cache_mib)"
+        return "decoded pixels not held (decode at each read)", {"data_cache_mib": 0}, False
     if key == "kernels":
         if fast.twins:
             return "n/a: --twins, the fast trainer already runs the twins"

@@ -154,6 +154,11 @@ class FastConfig:
     """Steps a background thread of the torch backend keeps ready (decoded, cropped, on the device) while the step
     runs; 0: the step reads its batch when it needs it (from data.num_workers processes, or itself). The same
     batches either way; DALI decodes ahead on its own threads and ignores it."""
+    data_cache_mib: int = _field(1024, within="[0, inf)")
+    """The torch backend decodes each prepared set (source, target, long-tail) whose pixels fit what is left of this
+    many MiB once, at the start, and crops it from memory after: the same batches, without a decode per read (the
+    built-in synthetic data: 88 MiB). A larger set is read from its files at each step; 0: no set is held. Per
+    process (each DDP rank holds its own); DALI ignores it."""
     cpu_threads: int = _field(0, within="[0, inf)")
     """torch's intra-op CPU threads; 0: one per CPU this process may run on (its affinity mask, as `taskset` or a
     container's cpuset leave it), not the machine's count."""

@@ -229,4 +229,4 @@ def build_step_loader(cfg: Config, info: DistInfo, dirs: tuple[str, str], start_
                          long_tail_classes=cfg.dsp.long_tail_classes,
                          num_long_tail=cfg.dsp.num_long_tail if cfg.dsp.enabled else 0, start_step=start_step,
                          template=cfg.dsp.enabled and cfg.dsp.template == "separate",
-                         producer=cfg.fast.data_producer)
+                         producer=cfg.fast.data_producer, cache_mib=cfg.fast.data_cache_mib)

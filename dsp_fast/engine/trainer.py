@@ -196,6 +196,7 @@ class Trainer:
         cfg = self.cfg
         if self.loader is None:
             self.loader = build_step_loader(cfg, self.info, self.data_dirs, self.step_index, self.batch, self.backend)
+            self._say_held_sets(self.loader.in_memory)
         t0 = time.perf_counter()
         batch = next(self.loader)
         wait = time.perf_counter() - t0
@@ -211,6 +212,15 @@ class Trainer:
         self.step_fn()
         self.step_index += 1
         return wait
+
+    def _say_held_sets(self, in_memory: dict[str, str]) -> None:
+        """One line on which prepared sets the torch backend holds decoded (none said with the budget at 0)."""
+        mib, held = self.cfg.fast.data_cache_mib, [n for n, why in in_memory.items() if why == "held"]
+        if held:
+            self.say(f"data: {', '.join(held)} decoded once and held in memory (fast.data_cache_mib {mib})")
+        if mib and len(held) < len(in_memory):
+            self.say(f"data: decoded at each read, over fast.data_cache_mib {mib}: "
+                     + "; ".join(f"{n} ({why})" for n, why in in_memory.items() if why != "held"))
 
     def state_dict(self, all_ranks: bool = True) -> dict[str, Any]:
         """The checkpoint payload at the step reached. all_ranks: every rank hands over its RNG states (a
