@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dsp_fast.augment import blur_kernel_shape, strong_augment
 from dsp_fast.config import Config, DSPConfig
 from dsp_fast.data import IGNORE_LABEL
-from dsp_fast.kernels import dual_soft_paste, weighted_mmd
+from dsp_fast.kernels import dual_soft_paste, upsample_bilinear, weighted_mmd
 from dsp_fast.models import unwrap
 
 
@@ -128,7 +128,7 @@ def seg_forward(model: torch.nn.Module, x: torch.Tensor, normalize: Callable[[to
     and the model's MMD features at their own stride. `model` may be a DDP wrapper (the student when distributed)."""
     logits, feat = model(normalize(x))
     align = unwrap(model).logits_align_corners  # a class attribute: no device read, capturable
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align), feat
+    return upsample_bilinear(logits, tuple(x.shape[-2:]), align), feat
 
 
 def nll(logp_BKHW: torch.Tensor, label_BHW: torch.Tensor) -> torch.Tensor:
@@ -209,9 +209,12 @@ def dsp_mix(cfg: Config, teacher, normalize, x_s, y_s, x_m, y_m, x_t, ch: Device
     xs_mix, ys_mix, xt_mix, yt_mix, mask = dual_soft_paste(x_m_pasted, y_m_pasted, class_sel, x_s, y_s, x_t, yhat_t,
                                                            d.lam, pasted)
     kernel = blur_kernel_shape(*x_s.shape[-2:])
-    if d.source_mix:
-        xs_mix = strong_augment(xs_mix, ch.aug_src, kernel, d.kornia_hsv_quirk)
-    xt_mix = strong_augment(xt_mix, ch.aug_tgt, kernel, d.kornia_hsv_quirk)
+    if d.source_mix:  # both mixed batches in one call: each image keeps its own draws, with half the operators
+        both = strong_augment(torch.cat([xs_mix, xt_mix]), torch.cat([ch.aug_src, ch.aug_tgt]), kernel,
+                              d.kornia_hsv_quirk)
+        xs_mix, xt_mix = both.chunk(2)
+    else:
+        xt_mix = strong_augment(xt_mix, ch.aug_tgt, kernel, d.kornia_hsv_quirk)
     weight_mask, mmd_mask = (mask, mask) if weight_mask is None else (weight_mask, mmd_mask)
     return Mixed(x_m_pasted, mask, weight_mask, mmd_mask, xs_mix, ys_mix, xt_mix, yt_mix, yhat_t, q)
 

@@ -10,6 +10,7 @@ ablation); `force_kernels()` takes the kernels' path on any device (their operat
     dual_soft_paste       fused DSP step 4 (soft_paste.py)
     masked_upsample_pool  mean of mask * bilinear_upsample(feat) without the upsampled tensor (upsample_pool.py)
     mmd_rbf               multi-bandwidth Gaussian MMD (mmd.py)
+    upsample_bilinear     F.interpolate's bilinear upsampling; on CPU as two matrix products (upsample_pool.py)
     weighted_mmd          DSP's global + masked MMD of upsampled features (mmd.py)
 """
 
@@ -18,7 +19,8 @@ from ._common import HAS_TRITON, IGNORE_LABEL, force_kernels, force_twins, inter
 from .mmd import mmd_rbf, weighted_mmd
 from .norm_act import bn_act
 from .soft_paste import dual_soft_paste
-from .upsample_pool import masked_upsample_pool
+from .upsample_pool import masked_upsample_pool, upsample_bilinear
 
 __all__ = ["HAS_TRITON", "IGNORE_LABEL", "bn_act", "dual_soft_paste", "force_kernels", "force_twins",
-           "interpreting", "masked_upsample_pool", "mmd_rbf", "set_value_checks", "twins", "weighted_mmd"]
+           "interpreting", "masked_upsample_pool", "mmd_rbf", "set_value_checks", "twins", "upsample_bilinear",
+           "weighted_mmd"]

@@ -47,6 +47,11 @@ def dual_soft_paste(tmpl_img: torch.Tensor, tmpl_label: torch.Tensor, class_sel:
     return src_mix_img, src_mix_label, tgt_mix_img, tgt_mix_label, mask_BHW
 
 
+def upsample_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, H, W), bilinear: F.interpolate itself."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
 def masked_upsample_pool(feat: torch.Tensor, mask: torch.Tensor | None, size: tuple[int, int],
                          align_corners: bool = True) -> torch.Tensor:
     """mean over the H*W pixels of mask * bilinear_upsample(feat, size): (B, C). mask=None means all ones."""

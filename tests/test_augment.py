@@ -231,6 +231,22 @@ def test_strong_augment_follows_each_images_coins():
     assert torch.equal(out[[0, 1, 3]], x[[0, 1, 3]])
 
 
+@pytest.mark.parametrize("quirk", [False, True])
+def test_one_call_over_both_mixed_batches_is_two_calls_bit_for_bit(quirk):
+    """dsp_mix augments the mixed source and target batches in one call over their concatenation: every image's
+    colour jitter and blur (odd crop, coins on for both) come out as from its own batch's call. The jitter is
+    elementwise; the blur's grouped convolution sums each channel alone, which on the CPUs tried gives the same bits,
+    and the tolerance leaves a vectorised library room to sum in another order."""
+    xs, xt = torch.rand(3, 3, 21, 19), torch.rand(3, 3, 21, 19)
+    ch = _choices(3)
+    for seed in range(4):
+        draw_choices_(ch, torch.Generator().manual_seed(seed), DSPConfig())
+        ch.aug_src[:, [0, 5]], ch.aug_tgt[:, [0, 5]] = 1.0, 1.0
+        both = strong_augment(torch.cat([xs, xt]), torch.cat([ch.aug_src, ch.aug_tgt]), (3, 5), quirk)
+        torch.testing.assert_close(both[:3], strong_augment(xs, ch.aug_src, (3, 5), quirk), rtol=0, atol=1e-6)
+        torch.testing.assert_close(both[3:], strong_augment(xt, ch.aug_tgt, (3, 5), quirk), rtol=0, atol=1e-6)
+
+
 @both
 def test_kornia_hsv_quirk_overwrites_sector_0_values_of_exactly_one_in_channel_0(aug):
     # kornia's own channel order: (1, 0.5, 0): V = 1, S = 1, H = 1/12 turn (sector 0, f = 0.5): kornia 0.2.0's sector
