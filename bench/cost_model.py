@@ -43,6 +43,10 @@ EFFICIENCY = {
     "eager_op_s": 12e-6,  # per operator in eager PyTorch: Python, dispatch and launch, not overlapped at batch 2
     "png_decode_s": 0.030,  # one full-size GTA5/Cityscapes PNG decoded and resized by PIL, one core
 }
+# operators of dsp_fast.kernels that launch more than one kernel: the fused BN's tile partials, then their
+# per-channel combination (kernels/norm_act.py). The partials (1/8 of a bf16 x, written once, read once) are not
+# counted in the bytes: an operator's bytes are its inputs and outputs.
+KERNEL_LAUNCHES = {"dsp_fast::bn_stats": 2, "dsp_fast::bn_act_bwd_reduce": 2}
 CLASSES = ("convolution", "batch norm", "matmul", "elementwise / reduction", "DSP ops", "optimizer + EMA")
 MATRIX_OPS = {"convolution", "convolution_backward", "mm", "bmm", "addmm", "baddbmm"}
 FREE_OPS = {"detach", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
@@ -121,7 +125,8 @@ class Counter(TorchDispatchMode):
             if func.overloadpacket in flop_registry else 0
         hidden = hidden_copy_bytes(name, args)
         cls = aten_class(f"{func.namespace}::{name}" if func.namespace != "aten" else name)
-        self.ops.append(Op(name, cls, float(flops), sum(map(_nbytes, ins + outs)) + hidden, 1 + (hidden > 0)))
+        launches = KERNEL_LAUNCHES.get(f"{func.namespace}::{name}", 1) + (hidden > 0)
+        self.ops.append(Op(name, cls, float(flops), sum(map(_nbytes, ins + outs)) + hidden, launches))
         return out
 
 

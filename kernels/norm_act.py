@@ -24,6 +24,8 @@ from ._common import check_bn_act, interpreting, next_pow2, tl, triton, use_trit
 # bench.compile_kernels; 64 x 64 spilled in the fp16 backward on either warp count). The partial sums this leaves,
 # 2 fp32 values per 32 pixels and channel, are 1/8 of a bf16 x. The interpreter pays ~1 ms per program: big tiles.
 _BLOCK_P, _BLOCK_C, _WARPS = 32, 32, 4
+_FIN_R, _FIN_C = 64, 32  # the finalize kernels' (rows, channels) per step: partial rows of one group, channels
+_TILES = 8  # pixel tiles per program of the two reductions (their partial rows: 8 x 32 pixels each)
 
 
 def _blocks(n_pix: int, n_c: int) -> tuple[int, int]:
@@ -42,18 +44,29 @@ def _tile(p_blk, c_blk, W, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _stats_kernel(x, pmean, pm2, C, W, P, sx_n, sx_c, sx_h, sx_w,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # grid (pixel blocks, channel blocks, N): the tile's per-channel mean and sum of squared deviations
-    p_blk, c_blk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    h, w, c, ok = _tile(p_blk, c_blk, W, P, C, BLOCK_P, BLOCK_C)
-    v = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
-    cnt = tl.maximum(tl.sum(ok.to(tl.float32), axis=0), 1.0)  # channels past C: 0 pixels, never stored
-    mean = tl.sum(v, axis=0) / cnt
-    d = tl.where(ok, v - mean[None, :], 0.0)
-    out = (n * tl.num_programs(0) + p_blk) * C + c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+                  TILES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid (pixel rows of TILES tiles, channel blocks, N): per channel, the mean and sum of squared deviations of
+    # the row's pixels, tile by tile combined by Chan's formula (fewer partial rows for the finalize to read)
+    p_row, c_blk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n_acc = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(TILES):
+        h, w, c, ok = _tile(p_row * TILES + t, c_blk, W, P, C, BLOCK_P, BLOCK_C)
+        v = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
+        n_t = tl.sum(ok.to(tl.float32), axis=0)  # 0 past C or past the last pixel
+        mean_t = tl.sum(v, axis=0) / tl.maximum(n_t, 1.0)
+        d = tl.where(ok, v - mean_t[None, :], 0.0)
+        n_new = n_acc + n_t
+        frac = n_t / tl.maximum(n_new, 1.0)
+        delta = mean_t - mean
+        mean += delta * frac
+        m2 += tl.sum(d * d, axis=0) + delta * delta * n_acc * frac
+        n_acc = n_new
+    out = (n * tl.num_programs(0) + p_row) * C + c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c_blk * BLOCK_C + tl.arange(0, BLOCK_C) < C
     tl.store(pmean + out, mean, mask=cm)
-    tl.store(pm2 + out, tl.sum(d * d, axis=0), mask=cm)
+    tl.store(pm2 + out, m2, mask=cm)
 
 
 @triton.jit
@@ -78,21 +91,29 @@ def _fwd_kernel(x, res, y, mean, scale, shift, C, W, P, GS,
 @triton.jit
 def _bwd_reduce_kernel(dy, y, x, dyp, mean, psum, psum_xc, C, W, P, GS,
                        sd_n, sd_c, sd_h, sd_w, sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w,
-                       so_n, so_c, so_h, so_w, RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # per tile: sum dy' and sum dy' * (x - mean), dy' = dy where y > 0 (written once: the residual's gradient)
-    p_blk, c_blk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    h, w, c, ok = _tile(p_blk, c_blk, W, P, C, BLOCK_P, BLOCK_C)
-    g = tl.load(dy + n * sd_n + h * sd_h + w * sd_w + c * sd_c, mask=ok, other=0.0).to(tl.float32)
-    if RELU:
-        yv = tl.load(y + n * sy_n + h * sy_h + w * sy_w + c * sy_c, mask=ok, other=0.0)
-        g = tl.where(yv > 0, g, 0.0)
-        tl.store(dyp + n * so_n + h * so_h + w * so_w + c * so_c, g.to(dyp.dtype.element_ty), mask=ok)
-    xc = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
-    xc = tl.where(ok, xc - tl.load(mean + (tl.program_id(2) // GS) * C + c, mask=c < C, other=0.0), 0.0)
-    out = (n * tl.num_programs(0) + p_blk) * C + c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+                       so_n, so_c, so_h, so_w, RELU: tl.constexpr, TILES: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    # per row of TILES tiles: sum dy' and sum dy' * (x - mean), dy' = dy where y > 0 (written once: the residual's
+    # gradient)
+    p_row, c_blk, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     cm = c_blk * BLOCK_C + tl.arange(0, BLOCK_C) < C
-    tl.store(psum + out, tl.sum(g, axis=0), mask=cm)
-    tl.store(psum_xc + out, tl.sum(g * xc, axis=0), mask=cm)
+    mu = tl.load(mean + (tl.program_id(2) // GS) * C + c_blk * BLOCK_C + tl.arange(0, BLOCK_C), mask=cm, other=0.0)
+    s = tl.zeros([BLOCK_C], tl.float32)
+    s_xc = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(TILES):
+        h, w, c, ok = _tile(p_row * TILES + t, c_blk, W, P, C, BLOCK_P, BLOCK_C)
+        g = tl.load(dy + n * sd_n + h * sd_h + w * sd_w + c * sd_c, mask=ok, other=0.0).to(tl.float32)
+        if RELU:
+            yv = tl.load(y + n * sy_n + h * sy_h + w * sy_w + c * sy_c, mask=ok, other=0.0)
+            g = tl.where(yv > 0, g, 0.0)
+            tl.store(dyp + n * so_n + h * so_h + w * so_w + c * so_c, g.to(dyp.dtype.element_ty), mask=ok)
+        xc = tl.load(x + n * sx_n + h * sx_h + w * sx_w + c * sx_c, mask=ok, other=0.0).to(tl.float32)
+        xc = tl.where(ok, xc - mu[None, :], 0.0)
+        s += tl.sum(g, axis=0)
+        s_xc += tl.sum(g * xc, axis=0)
+    out = (n * tl.num_programs(0) + p_row) * C + c_blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(psum + out, s, mask=cm)
+    tl.store(psum_xc + out, s_xc, mask=cm)
 
 
 @triton.jit
@@ -113,10 +134,106 @@ def _bwd_dx_kernel(dyp, x, dx, mean, k1, k2, k3, C, W, P, GS,
     tl.store(dx + n * so_n + h * so_h + w * so_w + c * so_c, out.to(dx.dtype.element_ty), mask=ok)
 
 
-def _grid(x: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
+@triton.jit
+def _stats_finalize_kernel(pmean, pm2, weight, bias, rmean, rvar, mean_out, rstd_out, scale_out, shift_out,
+                           C, P, NBLK, ROWS_G, G, momentum, eps, unbias,
+                           HAS_W: tl.constexpr, HAS_B: tl.constexpr, RUNNING: tl.constexpr, LERP_HIGH: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # grid (channel blocks,): per group, the tiles' partial means and squared deviations (rows g*ROWS_G.. of
+    # (N * NBLK, C)) combined by Chan's formula, BLOCK_R rows at a time; then rstd, scale, shift, and the running
+    # statistics moved group by group as torch's lerp_ moves them. One launch instead of ~20 small torch operators.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    w = tl.load(weight + c, mask=cm, other=1.0).to(tl.float32) if HAS_W else tl.full([BLOCK_C], 1.0, tl.float32)
+    b = tl.load(bias + c, mask=cm, other=0.0).to(tl.float32) if HAS_B else tl.zeros([BLOCK_C], tl.float32)
+    if RUNNING:
+        rm = tl.load(rmean + c, mask=cm, other=0.0).to(tl.float32)
+        rv = tl.load(rvar + c, mask=cm, other=0.0).to(tl.float32)
+    for g in range(G):
+        n_acc = tl.zeros([BLOCK_C], tl.float32)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        for r0 in range(0, ROWS_G, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rok = r < ROWS_G
+            cnt = tl.where(rok, tl.minimum(P - (r % NBLK) * BLOCK_P, BLOCK_P), 0).to(tl.float32)
+            idx = (g * ROWS_G + r)[:, None] * C + c[None, :]
+            ok = rok[:, None] & cm[None, :]
+            a = tl.load(pmean + idx, mask=ok, other=0.0)
+            n_t = tl.sum(cnt, axis=0)
+            mean_t = tl.sum(a * cnt[:, None], axis=0) / n_t
+            d = a - mean_t[None, :]
+            m2_t = tl.sum(tl.load(pm2 + idx, mask=ok, other=0.0) + cnt[:, None] * d * d, axis=0)
+            n_new = n_acc + n_t
+            delta = mean_t - mean
+            mean += delta * (n_t / n_new)
+            m2 += m2_t + delta * delta * (n_acc * n_t / n_new)
+            n_acc = n_new
+        var = m2 / n_acc
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(mean_out + g * C + c, mean, mask=cm)
+        tl.store(rstd_out + g * C + c, rstd, mask=cm)
+        tl.store(scale_out + g * C + c, rstd * w, mask=cm)
+        tl.store(shift_out + g * C + c, b, mask=cm)
+        if RUNNING:  # torch's lerp_(end, weight): weight < 0.5 from self, else from end
+            if LERP_HIGH:
+                rm = mean - (mean - rm) * (1.0 - momentum)
+                rv = var * unbias - (var * unbias - rv) * (1.0 - momentum)
+            else:
+                rm = rm + momentum * (mean - rm)
+                rv = rv + momentum * (var * unbias - rv)
+    if RUNNING:
+        tl.store(rmean + c, rm.to(rmean.dtype.element_ty), mask=cm)
+        tl.store(rvar + c, rv.to(rvar.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _bwd_finalize_kernel(psum, psum_xc, rstd, weight, k1, k2, k3, dw, db, C, ROWS_G, G, m,
+                         HAS_W: tl.constexpr, BATCH_STATS: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    # grid (channel blocks,): per group, the tiles' sums of dy' and dy' * (x - mean) summed, BLOCK_R rows at a time;
+    # then dx's coefficients k1..k3 of the group, and the weight and bias gradients summed over the groups
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    w = tl.load(weight + c, mask=cm, other=1.0).to(tl.float32) if HAS_W else tl.full([BLOCK_C], 1.0, tl.float32)
+    dw_acc = tl.zeros([BLOCK_C], tl.float32)
+    db_acc = tl.zeros([BLOCK_C], tl.float32)
+    for g in range(G):
+        s = tl.zeros([BLOCK_C], tl.float32)
+        s_xc = tl.zeros([BLOCK_C], tl.float32)
+        for r0 in range(0, ROWS_G, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            idx = (g * ROWS_G + r)[:, None] * C + c[None, :]
+            ok = (r < ROWS_G)[:, None] & cm[None, :]
+            s += tl.sum(tl.load(psum + idx, mask=ok, other=0.0), axis=0)
+            s_xc += tl.sum(tl.load(psum_xc + idx, mask=ok, other=0.0), axis=0)
+        rs = tl.load(rstd + g * C + c, mask=cm, other=0.0)
+        a1 = rs * w
+        tl.store(k1 + g * C + c, a1, mask=cm)
+        if BATCH_STATS:  # the statistics are this batch's: their gradient flows into dx
+            tl.store(k2 + g * C + c, -a1 * rs * rs * s_xc / m, mask=cm)
+            tl.store(k3 + g * C + c, -a1 * s / m, mask=cm)
+        else:  # running statistics are constants
+            tl.store(k2 + g * C + c, tl.zeros([BLOCK_C], tl.float32), mask=cm)
+            tl.store(k3 + g * C + c, tl.zeros([BLOCK_C], tl.float32), mask=cm)
+        dw_acc += rs * s_xc
+        db_acc += s
+    tl.store(dw + c, dw_acc, mask=cm)
+    tl.store(db + c, db_acc, mask=cm)
+
+
+def _reduce_tiles() -> int:
+    """Pixel tiles one program of the reductions sums (each partial row covers TILES x BLOCK_P pixels): 8 on a GPU,
+    so that the finalize reads 8 times fewer rows (at the stem's 257 x 257 maps, 65 steps of 64 rows per group
+    become 9); 1 in the interpreter, whose tiles are large already."""
+    return 1 if interpreting() else _TILES
+
+
+def _grid(x: torch.Tensor, tiles: int = 1) -> tuple[tuple[int, int, int], int, int]:
+    """(pixel rows of `tiles` tiles, channel blocks, N), BLOCK_P, BLOCK_C."""
     n, c, h, w = x.shape
     bp, bc = _blocks(h * w, c)
-    return (triton.cdiv(h * w, bp), triton.cdiv(c, bc), n), bp, bc
+    return (triton.cdiv(h * w, bp * tiles), triton.cdiv(c, bc), n), bp, bc
 
 
 def _check_offsets(*tensors: torch.Tensor) -> None:
@@ -125,41 +242,48 @@ def _check_offsets(*tensors: torch.Tensor) -> None:
             raise ValueError(f"bn_act: one image spans more than 2**31 elements, shape {tuple(t.shape)}")
 
 
-def _combine(part_a: torch.Tensor, part_b: torch.Tensor, groups: int, x: torch.Tensor, block_p: int, stats: bool
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partials (N, pixel blocks, C) -> per group (G, C). stats: Chan's combination of block means and squared
-    deviations into the group mean and biased variance; else plain sums."""
+def _finalize_blocks(rows: int, n_c: int) -> tuple[int, int]:
+    """(rows, channels) a finalize program reads per step: 64 x 32 fp32 on 4 warps (16 values per thread each)."""
+    if interpreting():
+        return min(next_pow2(rows), 256), min(next_pow2(n_c), 64)
+    return _FIN_R, _FIN_C
+
+
+def _opt(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    return placeholder if t is None else t  # a pointer the kernel never reads (its HAS_* flag is off)
+
+
+@torch.library.custom_op("dsp_fast::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats_op(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group and channel (G, C) fp32: mean, 1/sqrt(var + eps), scale = rstd * weight, shift = bias; the running
+    statistics (when given) moved group by group. Two launches: the tiles' partials, then their combination."""
     n, c, h, w = x.shape
-    a = part_a.view(groups, -1, c)
-    b = part_b.view(groups, -1, c)
-    if not stats:
-        return a.sum(1), b.sum(1)
-    n_blk = part_a.shape[1]
-    # pixels per block (the last block is partial), from the shapes alone: no host read
-    cnt = (h * w - block_p * torch.arange(n_blk, device=x.device, dtype=torch.float32)).clamp(max=block_p)
-    cnt = cnt.repeat(n // groups)[None, :, None]
-    total = float(n // groups * h * w)
-    mean = (a * cnt).sum(1) / total
-    var = (b + cnt * (a - mean[:, None]) ** 2).sum(1) / total
-    return mean, var
-
-
-@torch.library.custom_op("dsp_fast::bn_stats", mutates_args=())
-def _bn_stats_op(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group and channel: mean and biased variance (fp32)."""
-    grid, bp, bc = _grid(x)
-    pm = torch.empty((x.shape[0], grid[0], x.shape[1]), dtype=torch.float32, device=x.device)
+    tiles = _reduce_tiles()
+    grid, bp, bc = _grid(x, tiles)
+    pm = torch.empty((n, grid[0], c), dtype=torch.float32, device=x.device)
     pm2 = torch.empty_like(pm)
-    if x.numel():
-        _stats_kernel[grid](x, pm, pm2, x.shape[1], x.shape[3], x.shape[2] * x.shape[3], *x.stride(),
-                            BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
-    return _combine(pm, pm2, groups, x, bp, stats=True)
+    out = [torch.empty((groups, c), dtype=torch.float32, device=x.device) for _ in range(4)]
+    if not x.numel():
+        return tuple(t.fill_(float("nan")) for t in out)
+    _stats_kernel[grid](x, pm, pm2, c, w, h * w, *x.stride(), TILES=tiles, BLOCK_P=bp, BLOCK_C=bc,
+                        num_warps=_WARPS)
+    rows = n // groups * grid[0]
+    br, bcf = _finalize_blocks(rows, c)
+    m = n // groups * h * w
+    running = running_mean is not None and running_var is not None
+    _stats_finalize_kernel[(triton.cdiv(c, bcf),)](
+        pm, pm2, _opt(weight, pm), _opt(bias, pm), _opt(running_mean, pm), _opt(running_var, pm), *out,
+        c, h * w, grid[0], rows, groups, momentum, eps, m / max(m - 1, 1),
+        HAS_W=weight is not None, HAS_B=bias is not None, RUNNING=running, LERP_HIGH=momentum >= 0.5,
+        BLOCK_P=bp * tiles, BLOCK_R=br, BLOCK_C=bcf, num_warps=_WARPS)
+    return tuple(out)
 
 
 @_bn_stats_op.register_fake
-def _(x, groups):
-    return x.new_empty((groups, x.shape[1]), dtype=torch.float32), x.new_empty((groups, x.shape[1]),
-                                                                               dtype=torch.float32)
+def _(x, groups, weight, bias, running_mean, running_var, momentum, eps):
+    return tuple(x.new_empty((groups, x.shape[1]), dtype=torch.float32) for _ in range(4))
 
 
 @torch.library.custom_op("dsp_fast::bn_act_fwd", mutates_args=())
@@ -182,29 +306,40 @@ def _(x, residual, mean_GC, scale_GC, shift_GC, relu):
 
 
 @torch.library.custom_op("dsp_fast::bn_act_bwd_reduce", mutates_args=())
-def _bn_bwd_reduce_op(dy: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor, mean_GC: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dy' (empty without ReLU: dy' is dy), sum dy' (G, C), sum dy' * (x - mean) (G, C)); y given = ReLU."""
-    groups = mean_GC.shape[0]
+def _bn_bwd_reduce_op(dy: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor, mean_GC: torch.Tensor,
+                      rstd_GC: torch.Tensor, weight: torch.Tensor | None, batch_stats: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy' (empty without ReLU: dy' is dy), dx's coefficients k1, k2, k3 (G, C), the weight and bias gradients
+    (C,) fp32); y given = ReLU. Two launches: the tiles' sums, then their combination."""
+    groups, c = mean_GC.shape
     dyp = torch.empty_like(dy) if y is not None else dy.new_empty(0)
-    grid, bp, bc = _grid(x)
-    ps = torch.empty((x.shape[0], grid[0], x.shape[1]), dtype=torch.float32, device=x.device)
+    tiles = _reduce_tiles()
+    grid, bp, bc = _grid(x, tiles)
+    ps = torch.empty((x.shape[0], grid[0], c), dtype=torch.float32, device=x.device)
     ps_xc = torch.empty_like(ps)
-    if x.numel():
-        n, c, h, w = x.shape
-        yy, out = (y, dyp) if y is not None else (dy, dy)  # placeholders without ReLU (never read or written)
-        _bwd_reduce_kernel[grid](dy, yy, x, out, mean_GC, ps, ps_xc, c, w, h * w, n // groups,
-                                 *dy.stride(), *yy.stride(), *x.stride(), *out.stride(),
-                                 RELU=y is not None, BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
-    s, s_xc = _combine(ps, ps_xc, groups, x, bp, stats=False)
-    return dyp, s, s_xc
+    k = [torch.empty((groups, c), dtype=torch.float32, device=x.device) for _ in range(3)]
+    dw, db = (torch.zeros(c, dtype=torch.float32, device=x.device) for _ in range(2))
+    if not x.numel():
+        return dyp, *k, dw, db
+    n, _, h, w = x.shape
+    yy, out = (y, dyp) if y is not None else (dy, dy)  # placeholders without ReLU (never read or written)
+    _bwd_reduce_kernel[grid](dy, yy, x, out, mean_GC, ps, ps_xc, c, w, h * w, n // groups,
+                             *dy.stride(), *yy.stride(), *x.stride(), *out.stride(),
+                             RELU=y is not None, TILES=tiles, BLOCK_P=bp, BLOCK_C=bc, num_warps=_WARPS)
+    rows = n // groups * grid[0]
+    br, bcf = _finalize_blocks(rows, c)
+    _bwd_finalize_kernel[(triton.cdiv(c, bcf),)](
+        ps, ps_xc, rstd_GC, _opt(weight, ps), *k, dw, db, c, rows, groups, float(n // groups * h * w),
+        HAS_W=weight is not None, BATCH_STATS=batch_stats, BLOCK_R=br, BLOCK_C=bcf, num_warps=_WARPS)
+    return dyp, *k, dw, db
 
 
 @_bn_bwd_reduce_op.register_fake
-def _(dy, y, x, mean_GC):
+def _(dy, y, x, mean_GC, rstd_GC, weight, batch_stats):
     g, c = mean_GC.shape
-    return (torch.empty_like(dy) if y is not None else dy.new_empty(0), x.new_empty((g, c), dtype=torch.float32),
-            x.new_empty((g, c), dtype=torch.float32))
+    return (torch.empty_like(dy) if y is not None else dy.new_empty(0),
+            *(x.new_empty((g, c), dtype=torch.float32) for _ in range(3)),
+            x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32))
 
 
 @torch.library.custom_op("dsp_fast::bn_act_bwd_dx", mutates_args=())
@@ -226,11 +361,7 @@ def _(dyp, x, mean_GC, k1_GC, k2_GC, k3_GC):
 
 class _BnAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean_GC, var_GC, eps, relu, batch_stats):
-        rstd_GC = torch.rsqrt(var_GC + eps)
-        # every (G, C) vector made by broadcasting against rstd: contiguous, as the kernels index them
-        scale_GC = rstd_GC * weight.float() if weight is not None else rstd_GC
-        shift_GC = torch.zeros_like(rstd_GC) + bias.float() if bias is not None else torch.zeros_like(rstd_GC)
+    def forward(ctx, x, weight, bias, residual, mean_GC, rstd_GC, scale_GC, shift_GC, relu, batch_stats):
         y = torch.ops.dsp_fast.bn_act_fwd(x, residual, mean_GC, scale_GC, shift_GC, relu)
         ctx.save_for_backward(x, y if relu else None, weight, mean_GC, rstd_GC)
         ctx.batch_stats = batch_stats  # statistics of this batch: their gradient flows into dx
@@ -241,19 +372,14 @@ class _BnAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, y, weight, mean_GC, rstd_GC = ctx.saved_tensors
-        dyp, s_GC, s_xc_GC = torch.ops.dsp_fast.bn_act_bwd_reduce(dy, y, x, mean_GC)
+        dyp, k1, k2, k3, dw, db = torch.ops.dsp_fast.bn_act_bwd_reduce(dy, y, x, mean_GC, rstd_GC, weight,
+                                                                       ctx.batch_stats)
         if y is None:
             dyp = dy
-        k1 = rstd_GC * weight.float() if weight is not None else rstd_GC
-        if ctx.batch_stats:
-            m = x.numel() // x.shape[1] // rstd_GC.shape[0]
-            k2, k3 = -k1 * rstd_GC * rstd_GC * s_xc_GC / m, -k1 * s_GC / m
-        else:  # running statistics are constants
-            k2 = k3 = torch.zeros_like(rstd_GC)
         dx = torch.ops.dsp_fast.bn_act_bwd_dx(dyp, x, mean_GC, k1, k2, k3)
-        dw = (rstd_GC * s_xc_GC).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = s_GC.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, dyp if ctx.has_res else None, None, None, None, None, None
+        dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, dyp if ctx.has_res else None, None, None, None, None, None, None
 
 
 def _group_count(n: int, group_size: int) -> int:
@@ -280,15 +406,15 @@ def bn_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
                             residual, relu)
     _check_offsets(x, *([] if residual is None else [residual]))
     batch_stats = training or running_mean is None  # as nn.BatchNorm2d without running statistics
+    w, b = (None if t is None else t.detach() for t in (weight, bias))  # the backward computes their gradients
     if batch_stats:
         groups = _group_count(x.shape[0], group_size) if training else 1
-        mean_GC, var_GC = torch.ops.dsp_fast.bn_stats(x.detach(), groups)
-        if training and running_mean is not None and running_var is not None:
-            m = x.numel() // x.shape[1] // groups
-            with torch.no_grad():
-                for g in range(groups):  # as separate calls: group by group, unbiased variance
-                    running_mean.lerp_(mean_GC[g], momentum)
-                    running_var.lerp_(var_GC[g] * (m / max(m - 1, 1)), momentum)
+        moved = training and running_mean is not None and running_var is not None
+        mean_GC, rstd_GC, scale_GC, shift_GC = torch.ops.dsp_fast.bn_stats(
+            x.detach(), groups, w, b, running_mean if moved else None, running_var if moved else None, momentum, eps)
     else:
-        mean_GC, var_GC = running_mean.float()[None], running_var.float()[None]
-    return _BnAct.apply(x, weight, bias, residual, mean_GC, var_GC, eps, relu, batch_stats)
+        mean_GC, rstd_GC = running_mean.float()[None], torch.rsqrt(running_var.float()[None] + eps)
+        # every (G, C) vector made by broadcasting against rstd: contiguous, as the kernels index them
+        scale_GC = rstd_GC * w.float() if w is not None else rstd_GC
+        shift_GC = torch.zeros_like(rstd_GC) + b.float() if b is not None else torch.zeros_like(rstd_GC)
+    return _BnAct.apply(x, weight, bias, residual, mean_GC, rstd_GC, scale_GC, shift_GC, relu, batch_stats)

@@ -24,8 +24,8 @@ def test_step_and_api_kernels_compile_for_sm90_and_sm80(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_dual_soft_paste_kernel", "_adjoint_linear_kernel", "_stats_kernel", "_fwd_kernel",
-                       "_bwd_reduce_kernel", "_bwd_dx_kernel"}
+    assert kernels == {"_dual_soft_paste_kernel", "_adjoint_linear_kernel", "_stats_kernel", "_stats_finalize_kernel",
+                       "_fwd_kernel", "_bwd_reduce_kernel", "_bwd_finalize_kernel", "_bwd_dx_kernel"}
     assert {r["arch"] for r in rows} == {"sm_90", "sm_80"}
     assert all(r["cubin_bytes"] > 0 and r["registers"] > 0 for r in rows)
     # fp16 and bf16 images were compiled too (the api plan)

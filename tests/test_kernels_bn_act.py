@@ -148,6 +148,32 @@ def test_matches_eager_per_group_module():
     torch.testing.assert_close(rv, bn.running_var, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.7])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_finalize_combines_many_partial_rows(monkeypatch, momentum, channels_last):
+    """Small tiles, as on a GPU (the interpreter's defaults make one partial row per image): 99 pixels in tiles of
+    16, two tiles per partial row (the last row: one tile of 3 pixels, one empty), give 4 partial rows per image, 12
+    per group of 3, read 8 at a time (the second step partial), 5 channels in blocks of 4; the running statistics
+    with a momentum on either side of torch's lerp_ switch (0.5)."""
+    from dsp_fast.kernels import norm_act
+
+    monkeypatch.setattr(norm_act, "_blocks", lambda n_pix, n_c: (16, 4))
+    monkeypatch.setattr(norm_act, "_reduce_tiles", lambda: 2)
+    monkeypatch.setattr(norm_act, "_finalize_blocks", lambda rows, n_c: (8, 4))
+    inp = bn_inputs(6, 5, 9, 11, channels_last=channels_last)
+
+    def twin_with(m):
+        return lambda *a: kernels.twins.bn_act(*a[:6], m, *a[7:])
+
+    def kernel_with(m):
+        return lambda *a: kernels.bn_act(*a[:6], m, *a[7:])
+
+    got = run(kernel_with(momentum), inp, True, 3, True)
+    want = run(twin_with(momentum), inp, True, 3, True)
+    assert_matches(got, want, torch.float32)
+    assert not torch.equal(got["running_mean"], inp["running_mean"])
+
+
 def test_rejects_bad_inputs():
     inp = bn_inputs(3, 17, 5, 7)
     with pytest.raises(ValueError, match="residual has shape"):
