@@ -8,8 +8,12 @@ Passes over HBM (x, residual, y, dy, dx the size of x):
   forward   statistics: read x                      elementwise: read x (+ residual), write y
   backward  reductions: read dy, y, x (write dy')   elementwise: read dy', x, write dx
 where dy' = dy * (y > 0) is also the residual's gradient (no pass of its own). Eager torch makes a pass per
-operator (BN's two, ReLU's, the add's, and their backwards). Statistics are per-block partial means and squared
-deviations combined in fp32 (Chan's formula): no cancellation of sum(x^2) - sum(x)^2, no atomics (deterministic).
+operator (BN's two, ReLU's, the add's, and their backwards). Each reduction writes per-row partials (a row: TILES
+tiles of BLOCK_P pixels of one image), and one small finalize kernel per direction turns them into what the
+elementwise pass needs (forward: mean, rstd, scale, shift, and the running statistics moved; backward: dx's
+coefficients and the weight and bias gradients), where torch's per-channel operators would take ~15 launches a
+layer. Statistics are partial means and squared deviations combined in fp32 (Chan's formula): no cancellation of
+sum(x^2) - sum(x)^2, no atomics (deterministic).
 Layout: any strides (NCHW and channels_last), no copy; offsets inside one image in int32, the image offset in int64.
 """
 
