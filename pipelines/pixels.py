@@ -52,9 +52,9 @@ class MemoryPixels(FilePixels):
 
     def __init__(self, ds: prepared.PreparedSet, labels: bool) -> None:
         super().__init__(ds)
-        files = FilePixels(ds)
-        self._images = [files.image(i) for i in range(len(ds))]
-        self._labels = [files.label(i) for i in range(len(ds))] if labels else None
+        read_image, read_label = super().image, super().label  # the file reads this class replaces
+        self._images = [read_image(i) for i in range(len(ds))]
+        self._labels = [read_label(i) for i in range(len(ds))] if labels else None
 
     def image(self, i: int) -> np.ndarray:
         return self._images[i]
