@@ -322,9 +322,9 @@ def _bn_bwd_reduce_op(dy: torch.Tensor, y: torch.Tensor | None, x: torch.Tensor,
     ps = torch.empty((x.shape[0], grid[0], c), dtype=torch.float32, device=x.device)
     ps_xc = torch.empty_like(ps)
     k = [torch.empty((groups, c), dtype=torch.float32, device=x.device) for _ in range(3)]
-    dw, db = (torch.zeros(c, dtype=torch.float32, device=x.device) for _ in range(2))
+    dw, db = (torch.empty(c, dtype=torch.float32, device=x.device) for _ in range(2))  # the finalize writes them
     if not x.numel():
-        return dyp, *k, dw, db
+        return dyp, *k, dw.zero_(), db.zero_()
     n, _, h, w = x.shape
     yy, out = (y, dyp) if y is not None else (dy, dy)  # placeholders without ReLU (never read or written)
     _bwd_reduce_kernel[grid](dy, yy, x, out, mean_GC, ps, ps_xc, c, w, h * w, n // groups,
