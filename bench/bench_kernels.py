@@ -131,6 +131,22 @@ def test_mmd_rbf_fwd_bwd(benchmark, copy_gbs, impl):
              copy_gbs)
 
 
+@pytest.mark.parametrize("impl", ["twin", "fast"])
+def test_upsample_bilinear_fwd_bwd(benchmark, copy_gbs, impl):
+    """The logits' resize of the CPU step (`synthetic`: 3 x 2 images, 19 classes, 16 x 16 -> 128 x 128,
+    channels_last): F.interpolate against the matrix products (on a GPU both run F.interpolate). Assumed bytes:
+    fp32 input and output, each read or written once forward and once backward."""
+    fn = kernels.twins.upsample_bilinear if impl == "twin" else kernels.upsample_bilinear
+    x = torch.randn(6, 19, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def step() -> None:
+        x.grad = None
+        fn(x, (128, 128), True).sum().backward()
+
+    nbytes = 2 * 4 * (x.numel() + 6 * 19 * 128 * 128)
+    run_case(benchmark, "upsample_bilinear_fwd_bwd", impl, torch.float32, step, nbytes, copy_gbs)
+
+
 def test_copy(benchmark, copy_gbs):
     """The ceiling itself, timed like the cases: a 256 MiB float32 copy (read + write), larger than any cache."""
     src = torch.rand(64 * 2**20, device=DEVICE)

@@ -121,10 +121,11 @@ def upsample_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: boo
 
     On CPU in fp32 as two matrix products, up = Ry x Rx^T with the interpolation matrices above: aten's CPU
     backward of the bilinear upsample scatters into the input gradient one output pixel at a time, while the
-    products' backward is two more products (6 x 19 x 32 x 32 logits to 128 x 128, forward and backward: 2.5 ms
-    against 6.7 on the 2-core CI VM). The values agree with aten's to rounding (each output sums the same four
-    weighted inputs, rows then columns). On CUDA, in half precision or under autocast (where the products would
-    round the weights to the autocast type), and inside `force_twins()`, F.interpolate."""
+    products' backward is two more products (6 x 19 x 16 x 16 logits to 128 x 128, forward and backward: 2.97 ms
+    against 7.07 on the 2-core CPU VM; bench/bench_kernels.py, rows in bench/results/kernels_cpu.csv). The values
+    agree with aten's to rounding (each output sums the same four weighted inputs, rows then columns). On CUDA, in
+    half precision or under autocast (where the products would round the weights to the autocast type), and
+    inside `force_twins()`, F.interpolate."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") or twins_forced()
             or x.dim() != 4):
         return twins.upsample_bilinear(x, size, align_corners)

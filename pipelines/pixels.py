@@ -1,11 +1,11 @@
 """Where the torch backend gets a prepared image's pixels: decoded from its file at each read, or held in memory.
 
-A small dataset is decoded once: on a CPU, PNG decoding was 20 of the fast step's 120 ms on the built-in synthetic
-data (550 images, 88 MiB decoded), and a read-ahead thread only moves that work onto the cores the step computes
-on. `build_loaders(cache_mib=...)` decodes each set that fits the budget when the loader is built and cuts the
-crops from memory after: the same `decode`, so the same batches bit for bit. A set that does not fit (GTA5
-prepared at 1280x720 decodes to about 86 GiB) is read from its files at each step. The budget is per process
-(DataLoader workers started by fork share their parent's copy).
+A small dataset is decoded once: on a 2-core CPU, reading and PNG decoding were 24.6 of the fast step's 119.5 ms
+on the built-in synthetic data (550 images, 88 MiB decoded; docs/performance.md), and a read-ahead thread only
+moves that work onto the cores the step computes on. `build_loaders(cache_mib=...)` decodes each set that fits the
+budget when the loader is built and cuts the crops from memory after: the same `decode`, so the same batches bit
+for bit. A set that does not fit (GTA5 prepared at 1280x720 decodes to about 86 GiB) is read from its files at
+each step. The budget is per process (DataLoader workers started by fork share their parent's copy).
 """
 
 from __future__ import annotations
